@@ -1,0 +1,3 @@
+from sinkhole.cli import main
+
+main()

@@ -1,0 +1,279 @@
+"""The `sinkhole` command: thin click commands over the library, grouped by noun."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import re
+import sqlite3
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import click
+
+from sinkhole import __version__
+from sinkhole.domains import normalize
+from sinkhole.errors import ConfigError, DomainError, ListFormatError, SinkholeError
+from sinkhole.model import RuleKind
+from sinkhole.store import Store, default_db_path
+
+USAGE_ERRORS = (ConfigError, DomainError, ListFormatError)
+FORMATS = click.Choice(["table", "json", "csv"])
+
+
+class SinkholeGroup(click.Group):
+    """Turns errors into one line on stderr and the contract's exit codes (2 bad input, 1 failure)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except USAGE_ERRORS as exc:
+            click.echo(f"sinkhole: {exc}", err=True)
+            ctx.exit(2)
+        except (SinkholeError, sqlite3.Error, OSError) as exc:
+            click.echo(f"sinkhole: {exc}", err=True)
+            ctx.exit(1)
+
+
+class Env:
+    def __init__(self, db: Path | None) -> None:
+        self.db_path = db or default_db_path()
+
+    def store(self) -> Store:
+        from sinkhole.server import open_store
+
+        return open_store(self.db_path)
+
+
+pass_env = click.make_pass_decorator(Env)
+
+
+@click.group(cls=SinkholeGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--db", type=click.Path(dir_okay=False, path_type=Path), envvar="SINKHOLE_DB",
+              help="SQLite database shared by the server and the CLI [env SINKHOLE_DB; "
+                   "default: ~/.local/state/sinkhole/sinkhole.db].")
+@click.version_option(__version__, prog_name="sinkhole")
+@click.pass_context
+def cli(ctx: click.Context, db: Path | None) -> None:
+    """DNS sinkhole for generative-AI services, with an audit log of every blocked query."""
+    ctx.obj = Env(db)
+
+
+# ---------------------------------------------------------------------------- output
+
+
+def emit(rows: list[dict], columns: list[str], fmt: str) -> None:
+    if fmt == "json":
+        for row in rows:
+            click.echo(json.dumps(row, ensure_ascii=False, default=str))
+    elif fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        click.echo(buf.getvalue(), nl=False)
+    else:
+        cells = [[("" if r.get(c) is None else str(r.get(c))) for c in columns] for r in rows]
+        widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+        click.echo("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=False)).rstrip())
+        for row in cells:
+            click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=False)).rstrip())
+
+
+_RELATIVE = re.compile(r"(\d+)\s*([smhdw])\Z")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_when(text: str | None, option: str) -> str | None:
+    """'15m', '2h', '7d', '1w', '2026-11-01' or an ISO 8601 time -> ISO UTC text as stored in the log."""
+    if text is None:
+        return None
+    now = datetime.now(UTC)
+    m = _RELATIVE.match(text.strip().lower())
+    if m:
+        when = now - timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
+    else:
+        try:
+            when = datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
+        except ValueError:
+            raise click.BadParameter(f"{text!r} is neither a duration like 15m/2h/7d nor an ISO 8601 time",
+                                     param_hint=option) from None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _domains(names: tuple[str, ...]) -> list[str]:
+    return [normalize(n) for n in names]
+
+
+# ---------------------------------------------------------------------------- serve
+
+
+@cli.command()
+@click.option("--listen", multiple=True, metavar="HOST:PORT",
+              help="Address to serve UDP and TCP on; repeatable [default 127.0.0.1:5353].")
+@click.option("--upstream", multiple=True, metavar="HOST[:PORT]",
+              help="Resolver to forward to, in order of preference; repeatable [default: /etc/resolv.conf].")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+              envvar="SINKHOLE_CONFIG", help="TOML file with settings (flags and SINKHOLE_* override it).")
+@click.option("--mode", type=click.Choice(["sinkhole", "nxdomain"]), default=None,
+              help="Answer blocked names with the sinkhole address (A/AAAA; NODATA otherwise) or NXDOMAIN.")
+@click.option("--block-a", default=None, metavar="IPV4|none", help="Address for blocked A queries [0.0.0.0].")
+@click.option("--block-aaaa", default=None, metavar="IPV6|none", help="Address for blocked AAAA queries [::].")
+@click.option("--block-ttl", type=int, default=None, help="TTL of sinkhole answers in seconds [60].")
+@click.option("--timeout", type=float, default=None, help="Seconds until SERVFAIL when no upstream answers [2].")
+@click.option("--log-queries", type=click.Choice(["blocked", "all", "none"]), default=None,
+              help="Which queries the audit log keeps [blocked].")
+@click.option("--node", default=None, help="Node name written in every audit row [host name].")
+@click.option("--shipped-lists/--no-shipped-lists", default=None,
+              help="Load the shipped lists into a new database [yes].")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=None)
+@pass_env
+def serve(env: Env, config_file: Path | None, **flags: Any) -> None:
+    """Serve DNS: sinkhole listed names, forward the rest, audit every block."""
+    from sinkhole import config, server
+
+    cfg = config.load(config_file, flags=flags)
+    logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s sinkhole %(levelname)s %(message)s")
+    server.run(cfg, env.db_path)
+
+
+# ---------------------------------------------------------------------------- block / allow
+
+
+def _rule_group(kind: RuleKind, verb: str) -> click.Group:
+    group = click.Group(kind.value, help=f"Manage {kind.value} rules (a rule covers the name and every subdomain).")
+
+    @group.command("add")
+    @click.argument("names", nargs=-1, required=True)
+    @click.option("--category", default="manual", show_default=True, help="Category to file the rule under.")
+    @click.option("--note", default=None, help="Why: a ticket number, a policy reference.")
+    @pass_env
+    def add(env: Env, names: tuple[str, ...], category: str, note: str | None) -> None:
+        domains = _domains(names)
+        store = env.store()
+        try:
+            added, present = store.add_rules(kind, domains, category=category, note=note)
+        finally:
+            store.close()
+        for d in added:
+            click.echo(f"{verb}: {d} (category {category})")
+        for d in present:
+            click.echo(f"already {verb}: {d} (category {category})")
+
+    add.help = f"{kind.value.capitalize()} NAMES and all their subdomains."
+
+    @group.command("remove")
+    @click.argument("names", nargs=-1, required=True)
+    @click.option("--category", default=None, help="Remove only from this category [all].")
+    @pass_env
+    def remove(env: Env, names: tuple[str, ...], category: str | None) -> None:
+        domains = _domains(names)
+        store = env.store()
+        try:
+            removed, missing = store.remove_rules(kind, domains, category)
+        finally:
+            store.close()
+        for d in removed:
+            click.echo(f"removed {kind.value} rule: {d}")
+        if missing:
+            click.echo(f"sinkhole: no {kind.value} rule for {', '.join(missing)}", err=True)
+            sys.exit(1)
+
+    remove.help = f"Remove {kind.value} rules for NAMES."
+
+    @group.command("list")
+    @click.option("--category", default=None, help="Only this category.")
+    @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
+    @pass_env
+    def list_(env: Env, category: str | None, fmt: str) -> None:
+        store = env.store()
+        try:
+            rows = store.list_rules(kind, category)
+        finally:
+            store.close()
+        emit(rows, ["domain", "category", "source", "added_at", "added_by", "note"], fmt)
+
+    list_.help = f"List {kind.value} rules."
+    return group
+
+
+cli.add_command(_rule_group(RuleKind.BLOCK, "blocked"))
+cli.add_command(_rule_group(RuleKind.ALLOW, "allowed"))
+
+
+# ---------------------------------------------------------------------------- log / stats
+
+LOG_TABLE_COLUMNS = ["time", "client", "transport", "qname", "qtype", "action", "rule", "answer"]
+LOG_COLUMNS = ["seq", "time", "client", "transport", "qname", "qtype", "action", "rule", "category", "rcode",
+               "answer", "policy_version", "upstream", "latency_ms", "node"]
+
+
+@cli.command("log")
+@click.option("--since", help="Start: a duration back from now (15m, 2h, 7d) or an ISO 8601 time (UTC if no zone).")
+@click.option("--until", help="End (exclusive), same forms as --since.")
+@click.option("--client", help="Client IP address or CIDR network.")
+@click.option("--domain", help="A name and all its subdomains.")
+@click.option("--action", help="blocked, forwarded, servfail, refused, formerr ...")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="At most this many rows (the latest).")
+@click.option("--format", "fmt", type=FORMATS, default="table", show_default=True,
+              help="json is JSON Lines: one object a row.")
+@pass_env
+def log_(env: Env, since: str | None, until: str | None, client: str | None, domain: str | None,
+         action: str | None, limit: int | None, fmt: str) -> None:
+    """Show the audit log, oldest first."""
+    import ipaddress
+
+    if client:
+        try:
+            ipaddress.ip_network(client, strict=False)
+        except ValueError:
+            raise click.BadParameter(f"{client!r} is not an IP address or CIDR", param_hint="--client") from None
+    store = env.store()
+    try:
+        rows = list(store.query_log(parse_when(since, "--since"), parse_when(until, "--until"), client,
+                                    normalize(domain) if domain else None, action, limit))
+    finally:
+        store.close()
+    emit(rows, LOG_TABLE_COLUMNS if fmt == "table" else LOG_COLUMNS, fmt)
+
+
+@cli.command()
+@click.option("--since", default="24h", show_default=True, help="Duration back from now or ISO 8601 time.")
+@click.option("--until", help="End (exclusive).")
+@click.option("--top", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@pass_env
+def stats(env: Env, since: str, until: str | None, top: int, fmt: str) -> None:
+    """Totals, top blocked rules and names, top clients."""
+    since_iso = parse_when(since, "--since")
+    store = env.store()
+    try:
+        result = store.stats(since_iso, parse_when(until, "--until"), top)
+    finally:
+        store.close()
+    if fmt == "json":
+        click.echo(json.dumps({"since": since_iso, **result}, indent=2))
+        return
+    t = result["totals"]
+    click.echo(f"since {since_iso}: {t['blocked']} blocked queries from {t['clients']} clients "
+               f"for {t['domains']} names ({t['queries_logged']} rows in the log)")
+    for title, rows, cols in (("top blocked rules", result["top_rules"], ["rule", "category", "queries", "clients"]),
+                              ("top blocked names", result["top_names"], ["qname", "queries"]),
+                              ("top clients", result["top_clients"], ["client", "queries", "names"])):
+        click.echo(f"\n{title}:")
+        emit(rows, cols, "table")
+
+
+def main() -> None:
+    cli(prog_name="sinkhole")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+"""Wire format: decode the header and question of a query by hand, encode replies.
+
+The fast path never builds a full message object: a query is validated and cut into
+the parts the pipeline needs; replies are assembled from the client's own question
+bytes. dnslib is used where a whole message must be read or shown (`render`).
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+
+import dnslib
+
+from sinkhole.model import Edns, Query
+
+# Header flag bits
+QR = 0x8000
+AA = 0x0400
+TC = 0x0200
+RD = 0x0100
+RA = 0x0080
+CD = 0x0010
+OPCODE_MASK = 0x7800
+
+# RCODEs
+NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED = 0, 1, 2, 3, 4, 5
+BADVERS = 16
+RCODE_NAMES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED", 16: "BADVERS"}
+
+# Types
+T_A, T_NS, T_SOA, T_AAAA, T_OPT = 1, 2, 6, 28, 41
+T_TKEY, T_TSIG, T_IXFR, T_AXFR, T_ANY = 249, 250, 251, 252, 255
+META_QTYPES = frozenset({0, T_OPT, T_TKEY, T_TSIG})
+
+OUR_UDP_SIZE = 1232  # DNS flag day 2020 recommendation
+_HEADER = struct.Struct("!HHHHHH")
+_RR_FIXED = struct.Struct("!HHIH")
+_PLAIN_LABEL = re.compile(rb"[a-z0-9_-]+\Z")
+
+
+class Drop(Exception):
+    """The packet deserves no answer at all (too short to carry an ID, or itself a response)."""
+
+
+class BadQuery(Exception):
+    """The packet is a query we answer with an error rcode; carries what is needed to echo."""
+
+    def __init__(self, rcode: int, reason: str, qid: int, flags: int, question: bytes = b"",
+                 edns: Edns | None = None) -> None:
+        super().__init__(reason)
+        self.rcode = rcode
+        self.reason = reason
+        self.qid = qid
+        self.flags = flags
+        self.question = question
+        self.edns = edns
+
+
+def qtype_name(qtype: int) -> str:
+    return dnslib.QTYPE.get(qtype, f"TYPE{qtype}")
+
+
+def rcode_name(rcode: int) -> str:
+    return RCODE_NAMES.get(rcode) or dnslib.RCODE.get(rcode, f"RCODE{rcode}")
+
+
+def _escape_label(raw: bytes) -> str:
+    """Presentation form of one lower-cased label: plain when LDH, else \\DDD escapes."""
+    if _PLAIN_LABEL.match(raw):
+        return raw.decode("ascii")
+    out = []
+    for b in raw:
+        if b in b"abcdefghijklmnopqrstuvwxyz0123456789-_":
+            out.append(chr(b))
+        else:
+            out.append(f"\\{b:03d}")
+    return "".join(out)
+
+
+def decode_query(wire: bytes) -> Query:
+    """Validate a client's query and return its parts.
+
+    Raises Drop for packets that get no answer, BadQuery for those answered with an
+    error rcode (FORMERR, NOTIMP, BADVERS).
+    """
+    if len(wire) < 12:
+        raise Drop("shorter than a DNS header")
+    qid, flags, qdcount, ancount, nscount, arcount = _HEADER.unpack_from(wire)
+    if flags & QR:
+        raise Drop("QR set: a response, not a query")
+    if flags & OPCODE_MASK:
+        raise BadQuery(NOTIMP, f"opcode {(flags & OPCODE_MASK) >> 11} not implemented", qid, flags)
+    if qdcount != 1:
+        raise BadQuery(FORMERR, f"QDCOUNT is {qdcount}, not 1", qid, flags)
+    # Question name: plain labels only (nothing earlier in the message to point to).
+    pos = 12
+    end = len(wire)
+    labels: list[str] = []
+    wire_len = 1
+    while True:
+        if pos >= end:
+            raise BadQuery(FORMERR, "question name runs past the end", qid, flags)
+        length = wire[pos]
+        if length == 0:
+            pos += 1
+            break
+        if length & 0xC0:
+            raise BadQuery(FORMERR, "compressed or extended label in the question", qid, flags)
+        raw = wire[pos + 1: pos + 1 + length]
+        if len(raw) != length:
+            raise BadQuery(FORMERR, "question label runs past the end", qid, flags)
+        if b"." in raw or b"\x00" in raw:
+            raise BadQuery(FORMERR, "label holds a literal dot or NUL", qid, flags)
+        wire_len += length + 1
+        if wire_len > 255:
+            raise BadQuery(FORMERR, "question name longer than 255 octets", qid, flags)
+        labels.append(_escape_label(raw.lower()))
+        pos += 1 + length
+    if pos + 4 > end:
+        raise BadQuery(FORMERR, "question has no type and class", qid, flags)
+    qtype, qclass = struct.unpack_from("!HH", wire, pos)
+    pos += 4
+    question = wire[12:pos]
+    if flags & TC:
+        raise BadQuery(FORMERR, "TC set in a query", qid, flags, question)
+    if ancount or nscount:
+        raise BadQuery(FORMERR, "answer or authority records in a query", qid, flags, question)
+    if qtype in META_QTYPES:
+        raise BadQuery(FORMERR, f"meta type {qtype} asked as a question", qid, flags, question)
+    edns = None
+    for _ in range(arcount):
+        name_start = pos
+        pos = _skip_name(wire, pos, qid, flags, question)
+        if pos + 10 > end:
+            raise BadQuery(FORMERR, "additional record runs past the end", qid, flags, question)
+        rtype, rclass, ttl, rdlen = _RR_FIXED.unpack_from(wire, pos)
+        pos += 10
+        if pos + rdlen > end:
+            raise BadQuery(FORMERR, "additional record data runs past the end", qid, flags, question)
+        if rtype == T_OPT:
+            if edns is not None:
+                raise BadQuery(FORMERR, "two OPT records", qid, flags, question)
+            if wire[name_start] != 0:
+                raise BadQuery(FORMERR, "OPT record not owned by the root", qid, flags, question)
+            _check_options(wire, pos, pos + rdlen, qid, flags, question)
+            edns = Edns(udp_size=rclass, version=(ttl >> 16) & 0xFF, do=bool(ttl & 0x8000))
+        pos += rdlen
+    if edns is not None and edns.version != 0:
+        raise BadQuery(BADVERS, f"EDNS version {edns.version}", qid, flags, question,
+                       Edns(edns.udp_size, 0, edns.do))
+    return Query(wire=wire, id=qid, flags=flags, labels=tuple(labels), qtype=qtype, qclass=qclass,
+                 question=question, edns=edns)
+
+
+def _skip_name(wire: bytes, pos: int, qid: int, flags: int, question: bytes) -> int:
+    end = len(wire)
+    while True:
+        if pos >= end:
+            raise BadQuery(FORMERR, "record name runs past the end", qid, flags, question)
+        length = wire[pos]
+        if length == 0:
+            return pos + 1
+        if length & 0xC0 == 0xC0:
+            if pos + 2 > end:
+                raise BadQuery(FORMERR, "compression pointer runs past the end", qid, flags, question)
+            if ((length & 0x3F) << 8 | wire[pos + 1]) >= pos:
+                raise BadQuery(FORMERR, "compression pointer does not point backwards", qid, flags, question)
+            return pos + 2
+        if length & 0xC0:
+            raise BadQuery(FORMERR, "extended label type", qid, flags, question)
+        pos += 1 + length
+
+
+def _check_options(wire: bytes, pos: int, end: int, qid: int, flags: int, question: bytes) -> None:
+    while pos < end:
+        if pos + 4 > end:
+            raise BadQuery(FORMERR, "EDNS option header runs past the record", qid, flags, question)
+        (olen,) = struct.unpack_from("!H", wire, pos + 2)
+        pos += 4 + olen
+        if pos > end:
+            raise BadQuery(FORMERR, "EDNS option data runs past the record", qid, flags, question)
+
+
+# ---------------------------------------------------------------------------- encoding
+
+
+def reply_flags(query_flags: int, rcode: int, aa: bool = False) -> int:
+    """QR and RA set; opcode, RD and CD copied from the query; rcode's low four bits."""
+    flags = QR | RA | (query_flags & (OPCODE_MASK | RD | CD)) | (rcode & 0xF)
+    return flags | AA if aa else flags
+
+
+def encode_name(name: str) -> bytes:
+    """Wire form of a normalized (LDH, dot-separated) name."""
+    if name in ("", "."):
+        return b"\x00"
+    return b"".join(bytes([len(p)]) + p.encode("ascii") for p in name.split(".")) + b"\x00"
+
+
+def opt_record(edns: Edns, rcode: int = 0, ede: tuple[int, str] | None = None) -> bytes:
+    """An OPT RR for a reply: our UDP size, the extended rcode bits, DO copied, optional EDE."""
+    options = b""
+    if ede is not None:
+        info, text = ede
+        payload = struct.pack("!H", info) + text.encode("utf-8")
+        options = struct.pack("!HH", 15, len(payload)) + payload
+    ttl = ((rcode >> 4) & 0xFF) << 24 | (0x8000 if edns.do else 0)
+    return b"\x00" + _RR_FIXED.pack(T_OPT, OUR_UDP_SIZE, ttl, len(options)) + options
+
+
+def error_reply(qid: int, query_flags: int, rcode: int, question: bytes = b"",
+                edns: Edns | None = None, ede: tuple[int, str] | None = None) -> bytes:
+    """A reply with no records but the echoed question (when known) and OPT (when asked)."""
+    arcount = 1 if edns is not None else 0
+    head = _HEADER.pack(qid, reply_flags(query_flags, rcode), 1 if question else 0, 0, 0, arcount)
+    tail = opt_record(edns, rcode, ede) if edns is not None else b""
+    return head + question + tail
+
+
+def set_id(wire: bytes, qid: int) -> bytes:
+    return struct.pack("!H", qid) + wire[2:]
+
+
+def header_rcode(wire: bytes) -> int:
+    return wire[3] & 0xF if len(wire) >= 4 else SERVFAIL
+
+
+def is_truncated(wire: bytes) -> bool:
+    return len(wire) >= 4 and bool(wire[2] & 0x02)
+
+
+def render(wire: bytes) -> str:
+    """A whole message in zone-file presentation, for people (CLI, logs, tests)."""
+    return str(dnslib.DNSRecord.parse(wire))

@@ -1,0 +1,141 @@
+"""Settings for `sinkhole serve`: defaults < TOML file < SINKHOLE_* environment < command-line flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import socket
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sinkhole.answer import AnswerConfig
+from sinkhole.audit import MODES as LOG_MODES
+from sinkhole.errors import ConfigError
+from sinkhole.upstream import Upstream, parse_hostport, parse_upstream, system_upstreams
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    listen: tuple[str, ...] = ("127.0.0.1:5353",)
+    upstream: tuple[str, ...] = ()  # empty: the nameservers of /etc/resolv.conf
+    timeout: float = 2.0  # seconds until a client gets SERVFAIL when no upstream answers
+    mode: str = "sinkhole"  # or "nxdomain"
+    block_a: str = "0.0.0.0"  # "none": NODATA for A
+    block_aaaa: str = "::"
+    block_ttl: int = 60
+    log_queries: str = "blocked"  # blocked | all | none
+    tcp_idle_timeout: float = 10.0
+    tcp_max_clients: int = 1000
+    reload_interval: float = 0.25
+    node: str = field(default_factory=socket.gethostname)
+    shipped_lists: bool = True
+    log_level: str = "info"
+
+    def answers(self) -> AnswerConfig:
+        return AnswerConfig(mode=self.mode, a=_addr(self.block_a, 4, "block_a"),
+                            aaaa=_addr(self.block_aaaa, 6, "block_aaaa"), ttl=self.block_ttl)
+
+    def upstreams(self) -> list[Upstream]:
+        if self.upstream:
+            return [parse_upstream(u) for u in self.upstream]
+        return system_upstreams()
+
+    def listen_addresses(self) -> list[tuple[str, int]]:
+        return [parse_hostport(x, 53) for x in self.listen]
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(ServeConfig)}
+
+
+def _addr(text: str, version: int, name: str) -> Any:
+    if text.lower() in ("", "none"):
+        return None
+    try:
+        addr = ipaddress.ip_address(text)
+    except ValueError:
+        raise ConfigError(f"{name}: {text!r} is not an IP address") from None
+    if addr.version != version:
+        raise ConfigError(f"{name}: {text!r} is not an IPv{version} address")
+    return addr
+
+
+def _coerce(name: str, value: Any, origin: str) -> Any:
+    f = FIELDS[name]
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        if kind.startswith("tuple"):
+            if isinstance(value, str):
+                return tuple(v.strip() for v in value.split(",") if v.strip())
+            if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+                return tuple(value)
+            raise ValueError("expected a list of strings")
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected true or false")
+        if kind == "int":
+            if isinstance(value, bool):
+                raise ValueError("expected a whole number")
+            return int(value)
+        if kind == "float":
+            return float(value)
+        if not isinstance(value, str | int | float):
+            raise ValueError("expected a string")
+        return str(value)
+    except ValueError as exc:
+        raise ConfigError(f"{origin}: {name}: {exc}") from None
+
+
+def _validate(cfg: ServeConfig) -> ServeConfig:
+    if cfg.mode not in AnswerConfig.MODES:
+        raise ConfigError(f"mode must be one of {', '.join(AnswerConfig.MODES)}, not {cfg.mode!r}")
+    if cfg.log_queries not in LOG_MODES:
+        raise ConfigError(f"log_queries must be one of {', '.join(LOG_MODES)}, not {cfg.log_queries!r}")
+    if cfg.timeout <= 0 or cfg.tcp_idle_timeout <= 0 or cfg.reload_interval <= 0:
+        raise ConfigError("timeouts and intervals must be above zero")
+    if not 0 <= cfg.block_ttl <= 86400:
+        raise ConfigError("block_ttl must be from 0 to 86400 seconds")
+    if not cfg.listen:
+        raise ConfigError("listen: at least one address is needed")
+    cfg.answers()
+    cfg.listen_addresses()
+    if cfg.upstream:
+        cfg.upstreams()
+    return cfg
+
+
+def load(file: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None,
+         flags: Mapping[str, Any] | None = None) -> ServeConfig:
+    values: dict[str, Any] = {}
+    if file is not None:
+        path = Path(file)
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"{path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        data = data.get("server", data)
+        for key, value in data.items():
+            name = key.replace("-", "_")
+            if name not in FIELDS:
+                raise ConfigError(f"{path}: unknown setting {key!r}")
+            values[name] = _coerce(name, value, str(path))
+    env = os.environ if env is None else env
+    for name in FIELDS:
+        var = f"SINKHOLE_{name.upper()}"
+        if var in env:
+            values[name] = _coerce(name, env[var], var)
+    for name, value in (flags or {}).items():
+        if value is None or value == ():
+            continue
+        values[name] = _coerce(name, value, "--" + name.replace("_", "-"))
+    return _validate(ServeConfig(**values))

@@ -1,0 +1,81 @@
+"""Domain names as sinkhole compares them: lower case, no trailing dot, IDNA A-labels."""
+
+from __future__ import annotations
+
+import re
+
+from sinkhole.errors import DomainError
+
+MAX_NAME = 253  # presentation length without the trailing dot (RFC 1035: 255 octets on the wire)
+MAX_LABEL = 63
+_LABEL_OK = re.compile(r"[a-z0-9_-]+\Z")
+
+
+def normalize(name: str) -> str:
+    """Return `name` in the canonical form used by rules and lookups, or raise DomainError.
+
+    Accepts Unicode (turned into punycode A-labels), any case, and one trailing dot.
+    """
+    text = name.strip()
+    if not text:
+        raise DomainError("empty domain name")
+    if text.endswith("."):
+        text = text[:-1]
+    if not text:
+        raise DomainError("the root '.' is not a domain that can be listed")
+    labels = text.split(".")
+    out = []
+    for label in labels:
+        if not label:
+            raise DomainError(f"invalid domain {name!r}: empty label")
+        label = label.lower()
+        if not label.isascii():
+            try:
+                label = label.encode("idna").decode("ascii")
+            except UnicodeError as exc:
+                raise DomainError(f"invalid domain {name!r}: label {label!r} is not valid IDNA") from exc
+        if len(label) > MAX_LABEL:
+            raise DomainError(f"invalid domain {name!r}: label {label[:20]!r}... is {len(label)} bytes, over 63")
+        if not _LABEL_OK.match(label):
+            raise DomainError(
+                f"invalid domain {name!r}: label {label!r} may hold only letters, digits, '-' and '_'"
+            )
+        out.append(label)
+    result = ".".join(out)
+    if len(result) > MAX_NAME:
+        raise DomainError(f"invalid domain {name[:40]!r}...: {len(result)} characters, over 253")
+    return result
+
+
+def is_subdomain(name: str, parent: str) -> bool:
+    """True when `name` equals `parent` or lies under it, at a label boundary."""
+    return name == parent or name.endswith("." + parent)
+
+
+class SuffixTable:
+    """Maps domains to values; `lookup` finds the most specific entry covering a name.
+
+    One dict probe per label of the queried name, whatever the table size.
+    """
+
+    __slots__ = ("_map",)
+
+    def __init__(self, items: dict[str, object] | None = None) -> None:
+        self._map: dict[str, object] = dict(items or {})
+
+    def __len__(self) -> int:
+        return len(self._map)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._map
+
+    def lookup(self, labels: tuple[str, ...]) -> tuple[str, object] | None:
+        """Most specific (longest) entry equal to or a parent of the name given as labels."""
+        get = self._map.get
+        n = len(labels)
+        for i in range(n):
+            key = ".".join(labels[i:])
+            hit = get(key)
+            if hit is not None:
+                return key, hit
+        return None

@@ -1,0 +1,93 @@
+"""Values that flow through the pipeline: a decoded query, a policy verdict, an audit event."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Action(enum.StrEnum):
+    """What the server did with one query; this is the `action` column of the audit log."""
+
+    BLOCKED = "blocked"
+    FORWARDED = "forwarded"
+    REFUSED = "refused"
+    SERVFAIL = "servfail"
+    FORMERR = "formerr"
+    NOTIMP = "notimp"
+
+
+class RuleKind(enum.StrEnum):
+    BLOCK = "block"
+    ALLOW = "allow"
+
+
+@dataclass(frozen=True, slots=True)
+class Edns:
+    udp_size: int
+    version: int
+    do: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """The parts of a client's query that the pipeline needs; `wire` is the packet as received."""
+
+    wire: bytes
+    id: int
+    flags: int
+    labels: tuple[str, ...]  # lower case, presentation-escaped, no root label
+    qtype: int
+    qclass: int
+    question: bytes  # the question section exactly as the client sent it
+    edns: Edns | None
+
+    @property
+    def qname(self) -> str:
+        return ".".join(self.labels) if self.labels else "."
+
+    @property
+    def max_udp(self) -> int:
+        """Largest UDP reply this client accepts (RFC 6891: below 512 counts as 512)."""
+        return max(512, self.edns.udp_size) if self.edns else 512
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One block or allow rule as the policy holds it."""
+
+    domain: str
+    kind: RuleKind
+    category: str
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    action: Action
+    rule: Rule | None = None
+
+    @property
+    def blocked(self) -> bool:
+        return self.action is Action.BLOCKED
+
+
+FORWARD = Verdict(Action.FORWARDED)
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEvent:
+    """One row for the audit log, made on the hot path and formatted by the writer thread."""
+
+    time: float
+    client: str
+    transport: str
+    qname: str
+    qtype: int
+    action: str
+    rule: str | None
+    category: str | None
+    rcode: int
+    answer: str | None
+    policy_version: int
+    upstream: str | None = None
+    latency_ms: float | None = None

@@ -1,0 +1,101 @@
+"""The one place the order of a query's stages is written.
+
+    decode -> policy.decide -+- blocked --> answer.blocked ------------------+
+                             +- forward --> upstream.forward (or SERVFAIL) --+--> reply
+                                            audit.submit (non-blocking) <----+
+
+`begin` runs every stage that needs no I/O and returns the reply bytes, None (drop), or
+a Pending forward; `forward` finishes those. Listeners call
+`begin` inline and only schedule a task for forwards, so a blocked name never costs a task.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sinkhole import answer, codec
+from sinkhole.audit import AuditLog
+from sinkhole.errors import UpstreamError
+from sinkhole.model import Action, AuditEvent, Query, Verdict
+from sinkhole.policy import Policy
+from sinkhole.upstream import Forwarder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """A query that passed the policy and must go upstream."""
+
+    query: Query
+    verdict: Verdict
+    version: int
+
+
+class Pipeline:
+    def __init__(self, get_policy: Callable[[], Policy], forwarder: Forwarder, audit: AuditLog,
+                 answers: answer.AnswerConfig) -> None:
+        self.get_policy = get_policy
+        self.forwarder = forwarder
+        self.audit = audit
+        self.answers = answers
+        self.counts: dict[str, int] = {}
+
+    def _record(self, action: Action, client: str, proto: str, qname: str, qtype: int, rcode: int,
+                verdict: Verdict | None = None, summary: str | None = None, version: int = 0,
+                upstream: str | None = None, latency_ms: float | None = None) -> None:
+        self.counts[action.value] = self.counts.get(action.value, 0) + 1
+        if self.audit.wants(action):
+            rule = verdict.rule if verdict is not None else None
+            self.audit.submit(AuditEvent(
+                time.time(), client, proto, qname, qtype, action.value,
+                rule.domain if rule else None, rule.category if rule else None, rcode, summary, version,
+                upstream, latency_ms))
+
+    def begin(self, wire: bytes, client: str, proto: str) -> bytes | Pending | None:
+        try:
+            query = codec.decode_query(wire)
+        except codec.Drop:
+            self.counts["dropped"] = self.counts.get("dropped", 0) + 1
+            return None
+        except codec.BadQuery as bad:
+            action = Action.NOTIMP if bad.rcode == codec.NOTIMP else Action.FORMERR
+            self._record(action, client, proto, "", 0, bad.rcode, summary=bad.reason)
+            return codec.error_reply(bad.qid, bad.flags, bad.rcode, bad.question, bad.edns)
+        policy = self.get_policy()
+        verdict = policy.decide(query)
+        if verdict.blocked:
+            assert verdict.rule is not None
+            built = answer.blocked(query, verdict.rule, self.answers, policy.version or 1)
+            self._record(Action.BLOCKED, client, proto, query.qname, query.qtype, built.rcode, verdict,
+                         built.summary, policy.version)
+            return built.wire
+        if query.qtype in (codec.T_AXFR, codec.T_IXFR):
+            self._record(Action.REFUSED, client, proto, query.qname, query.qtype, codec.REFUSED, verdict,
+                         "zone transfer", policy.version)
+            return answer.refused(query)
+        return Pending(query, verdict, policy.version)
+
+    async def forward(self, pending: Pending, client: str, proto: str) -> bytes:
+        query, verdict, version = pending.query, pending.verdict, pending.version
+        started = time.perf_counter()
+        try:
+            reply, upstream = await self.forwarder.forward(query, client_tcp=proto == "tcp")
+        except UpstreamError as exc:
+            log.warning("SERVFAIL for %s %s: %s", query.qname, codec.qtype_name(query.qtype), exc)
+            self._record(Action.SERVFAIL, client, proto, query.qname, query.qtype, codec.SERVFAIL, verdict,
+                         None, version, None, (time.perf_counter() - started) * 1000)
+            return answer.servfail(query, "no upstream answered")
+        self._record(Action.FORWARDED, client, proto, query.qname, query.qtype, codec.header_rcode(reply),
+                     verdict, None, version, str(upstream), (time.perf_counter() - started) * 1000)
+        return reply
+
+    async def handle(self, wire: bytes, client: str, proto: str) -> bytes | None:
+        """Both halves in one call, for callers that are already in a task."""
+        result = self.begin(wire, client, proto)
+        if isinstance(result, Pending):
+            return await self.forward(result, client, proto)
+        return result

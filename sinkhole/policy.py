@@ -1,0 +1,51 @@
+"""The decision for one name. Pure: a Policy is an immutable snapshot, swapped whole on reload."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from sinkhole.domains import SuffixTable
+from sinkhole.model import FORWARD, Action, Query, Rule, RuleKind, Verdict
+
+
+class Policy:
+    """Block and allow rules, each covering a name and all its subdomains.
+
+    The most specific rule wins; at equal specificity an allow rule beats a block rule.
+    """
+
+    __slots__ = ("_table", "allows", "blocks", "version")
+
+    def __init__(self, rules: Iterable[Rule] = (), version: int = 0) -> None:
+        table: dict[str, Rule] = {}
+        blocks = allows = 0
+        for rule in rules:
+            if rule.kind is RuleKind.ALLOW:
+                allows += 1
+                table[rule.domain] = rule
+            else:
+                blocks += 1
+                # a block never displaces an allow of the same name; first category wins
+                table.setdefault(rule.domain, rule)
+        self._table = SuffixTable(table)
+        self.version = version
+        self.blocks = blocks
+        self.allows = allows
+
+    def match(self, labels: tuple[str, ...]) -> Rule | None:
+        hit = self._table.lookup(labels)
+        return hit[1] if hit is not None else None  # type: ignore[return-value]
+
+    def decide_labels(self, labels: tuple[str, ...]) -> Verdict:
+        rule = self.match(labels)
+        if rule is None:
+            return FORWARD
+        if rule.kind is RuleKind.ALLOW:
+            return Verdict(Action.FORWARDED, rule)
+        return Verdict(Action.BLOCKED, rule)
+
+    def decide(self, query: Query) -> Verdict:
+        return self.decide_labels(query.labels)
+
+    def __repr__(self) -> str:
+        return f"<Policy v{self.version}: {self.blocks} block, {self.allows} allow>"

@@ -1,0 +1,146 @@
+"""Wires the parts together; reloads the policy when the database changes; SIGTERM drains and flushes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+
+from sinkhole import lists
+from sinkhole.audit import AuditLog
+from sinkhole.config import ServeConfig
+from sinkhole.listener import Listener, _Tasks
+from sinkhole.pipeline import Pipeline
+from sinkhole.policy import Policy
+from sinkhole.store import Store
+from sinkhole.upstream import Forwarder
+
+log = logging.getLogger(__name__)
+
+
+def open_store(db: str | Path, shipped_lists: bool = True) -> Store:
+    """The database, with the shipped default lists loaded if it is new."""
+    return Store(db, seed=lists.seed() if shipped_lists else None)
+
+
+class PolicyReloader(threading.Thread):
+    """Polls the change journal; a new policy version is loaded off the event loop and swapped in whole."""
+
+    def __init__(self, server: Server, db: Path, interval: float) -> None:
+        super().__init__(name="policy-reloader", daemon=True)
+        self.server = server
+        self.db = db
+        self.interval = interval
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        store = Store(self.db)
+        try:
+            while not self.stopping.wait(self.interval):
+                try:
+                    version = store.policy_version()
+                    if version != self.server.policy.version:
+                        self.server.load_policy(store)
+                except Exception as exc:  # a locked or broken database must not stop DNS
+                    log.warning("policy reload failed, keeping version %d: %s", self.server.policy.version, exc)
+        finally:
+            store.close()
+
+
+class Server:
+    def __init__(self, cfg: ServeConfig, db: str | Path) -> None:
+        self.cfg = cfg
+        self.db = Path(db)
+        self.policy = Policy()
+        self.listeners: list[Listener] = []
+        self.tasks = _Tasks()
+        self._stop = asyncio.Event()
+        self.audit = AuditLog(self.db, cfg.node, cfg.log_queries)
+        self.forwarder = Forwarder(cfg.upstreams(), cfg.timeout)
+        self.pipeline = Pipeline(lambda: self.policy, self.forwarder, self.audit, cfg.answers())
+        self.reloader: PolicyReloader | None = None
+
+    def load_policy(self, store: Store) -> None:
+        started = time.perf_counter()
+        rules, version = store.load_rules()
+        policy = Policy(rules, version)
+        self.policy = policy  # one assignment: every query sees the old or the new policy, never a mix
+        log.info("policy version %d in force: %d block and %d allow rules (loaded in %.0f ms)",
+                 version, policy.blocks, policy.allows, (time.perf_counter() - started) * 1000)
+
+    @property
+    def addresses(self) -> list[str]:
+        return [str(x) for x in self.listeners]
+
+    async def start(self) -> None:
+        store = open_store(self.db, self.cfg.shipped_lists)
+        try:
+            self.load_policy(store)
+        finally:
+            store.close()
+        self.audit.start()
+        for host, port in self.cfg.listen_addresses():
+            listener = Listener(host, port)
+            await listener.start(self.pipeline, self.tasks, self.cfg.tcp_idle_timeout, self.cfg.tcp_max_clients)
+            self.listeners.append(listener)
+            log.info("listening on udp+tcp %s", listener)
+        self.reloader = PolicyReloader(self, self.db, self.cfg.reload_interval)
+        self.reloader.start()
+        log.info("forwarding to %s; audit log %s in %s", ", ".join(map(str, self.forwarder.upstreams)),
+                 self.cfg.log_queries, self.db)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def wait(self) -> None:
+        await self._stop.wait()
+        await self.shutdown()
+
+    async def shutdown(self) -> None:
+        """Stop accepting, answer what is in hand, flush the audit log."""
+        for listener in self.listeners:
+            listener.stop_tcp()
+        # answer the datagrams already queued in the kernel: keep reading until a quiet moment
+        deadline = time.monotonic() + 1.0
+        last = -1
+        while time.monotonic() < deadline:
+            seen = sum(self.pipeline.counts.values())
+            if seen == last:
+                break
+            last = seen
+            await asyncio.sleep(0.05)
+        for listener in self.listeners:
+            listener.stop_udp()
+        if self.tasks.tasks:
+            await asyncio.wait(set(self.tasks.tasks), timeout=self.cfg.timeout + 1.0)
+        for listener in self.listeners:
+            listener.close()
+        if self.reloader is not None:
+            self.reloader.stopping.set()
+            self.reloader.join(5)
+        await asyncio.get_running_loop().run_in_executor(None, self.audit.close)
+        log.info("stopped: %s; audit rows written %d, dropped %d",
+                 ", ".join(f"{k} {v}" for k, v in sorted(self.pipeline.counts.items())) or "no queries",
+                 self.audit.written, self.audit.dropped)
+
+
+async def _serve(cfg: ServeConfig, db: Path) -> None:
+    server = Server(cfg, db)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, server.request_stop)
+    await server.start()
+    await server.wait()
+
+
+def run(cfg: ServeConfig, db: Path) -> None:
+    """Serve until SIGTERM or SIGINT; uses uvloop when it is installed."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(_serve(cfg, db))
+    else:
+        uvloop.run(_serve(cfg, db))

@@ -1,0 +1,285 @@
+"""The one SQLite database (WAL) shared by the server and the CLI: rules, change journal, audit log."""
+
+from __future__ import annotations
+
+import getpass
+import ipaddress
+import json
+import os
+import shlex
+import socket
+import sqlite3
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import sqlite_utils
+
+from sinkhole.model import Rule, RuleKind
+
+SCHEMA_VERSION = 1
+Seed = tuple[str, list[tuple[str, str]], str]  # (category, [(domain, note)], source)
+BUSY_TIMEOUT_S = 10.0
+
+AUDIT_COLUMNS = {
+    "seq": int,
+    "time": str,  # ISO 8601 UTC with microseconds, sortable as text
+    "client": str,
+    "transport": str,
+    "qname": str,
+    "qtype": str,
+    "action": str,
+    "rule": str,
+    "category": str,
+    "rcode": str,
+    "answer": str,
+    "policy_version": int,
+    "upstream": str,
+    "latency_ms": float,
+    "node": str,
+}
+
+
+def iso(ts: float) -> str:
+    """Seconds since the epoch -> '2026-11-22T18:03:04.123456Z'."""
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def default_db_path() -> Path:
+    """$SINKHOLE_DB, else the user's state directory (XDG), as the CLI contract says."""
+    env = os.environ.get("SINKHOLE_DB")
+    if env:
+        return Path(env)
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "sinkhole" / "sinkhole.db"
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who made a change, for the journal."""
+
+    user: str = field(default_factory=lambda: _safe_user())
+    sudo_user: str | None = field(default_factory=lambda: os.environ.get("SUDO_USER"))
+    host: str = field(default_factory=socket.gethostname)
+    command: str = field(default_factory=lambda: shlex.join(["sinkhole", *sys.argv[1:]]))
+
+
+def _safe_user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return str(os.getuid())
+
+
+def _in_cidr(address: str | None, network: str) -> bool:
+    if not address:
+        return False
+    try:
+        return ipaddress.ip_address(address) in ipaddress.ip_network(network, strict=False)
+    except ValueError:
+        return False
+
+
+class Store:
+    def __init__(self, path: str | os.PathLike[str], *, seed: Iterable[Seed] | None = None,
+                 synchronous: str = "NORMAL") -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_S, check_same_thread=False)
+        self.db = sqlite_utils.Database(conn)
+        self.conn = conn
+        with self.db.ensure_autocommit_on():
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={synchronous}")
+        conn.create_function("in_cidr", 2, _in_cidr, deterministic=True)
+        self._migrate(seed)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # ------------------------------------------------------------------ schema
+
+    def _migrate(self, seed: Iterable[Seed] | None) -> None:
+        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        if version >= SCHEMA_VERSION:
+            return
+        with self.db.atomic():
+            # re-read inside the write transaction: another process may have won the race
+            if self.conn.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+                return
+            db = self.db
+            db["rules"].create(
+                {"id": int, "domain": str, "kind": str, "category": str, "source": str,
+                 "added_at": str, "added_by": str, "note": str},
+                pk="id", not_null={"domain", "kind", "category"}, if_not_exists=True)
+            db["rules"].create_index(["domain", "kind", "category"], unique=True, if_not_exists=True)
+            db["rules"].create_index(["category"], if_not_exists=True)
+            db["journal"].create(
+                {"id": int, "time": str, "user": str, "sudo_user": str, "host": str, "command": str,
+                 "action": str, "kind": str, "category": str, "domains": str, "detail": str},
+                pk="id", if_not_exists=True)
+            db["audit"].create(AUDIT_COLUMNS, pk="seq", if_not_exists=True)
+            for cols in (["time"], ["client", "time"], ["qname"], ["action", "time"]):
+                db["audit"].create_index(cols, if_not_exists=True)
+            self.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            if seed is not None:
+                actor = Actor(command="first start: load shipped lists")
+                for category, entries, source in seed:
+                    self._replace_category(category, entries, source, actor, action="lists load")
+
+    # ------------------------------------------------------------------ rules
+
+    def _journal(self, actor: Actor, action: str, kind: str | None, category: str | None,
+                 domains: list[str], detail: str = "") -> int:
+        cur = self.conn.execute(
+            "INSERT INTO journal (time, user, sudo_user, host, command, action, kind, category, domains, detail)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (iso(time.time()), actor.user, actor.sudo_user, actor.host, actor.command, action, kind,
+             category, json.dumps(domains), detail))
+        return int(cur.lastrowid or 0)
+
+    def add_rules(self, kind: RuleKind, domains: list[str], category: str = "manual", source: str = "cli",
+                  note: str | None = None, actor: Actor | None = None) -> tuple[list[str], list[str]]:
+        """Add rules; returns (added, already_present). One journal entry for the whole call."""
+        actor = actor or Actor()
+        now = iso(time.time())
+        added, present = [], []
+        with self.db.atomic():
+            for domain in dict.fromkeys(domains):
+                cur = self.conn.execute(
+                    "INSERT OR IGNORE INTO rules (domain, kind, category, source, added_at, added_by, note)"
+                    " VALUES (?,?,?,?,?,?,?)", (domain, kind.value, category, source, now, actor.user, note))
+                (added if cur.rowcount else present).append(domain)
+            if added:
+                self._journal(actor, f"{kind.value} add", kind.value, category, added, note or "")
+        return added, present
+
+    def remove_rules(self, kind: RuleKind, domains: list[str], category: str | None = None,
+                     actor: Actor | None = None) -> tuple[list[str], list[str]]:
+        """Remove rules (of every category unless one is named); returns (removed, missing)."""
+        actor = actor or Actor()
+        removed, missing = [], []
+        with self.db.atomic():
+            for domain in dict.fromkeys(domains):
+                sql = "DELETE FROM rules WHERE domain = ? AND kind = ?"
+                args: list[str] = [domain, kind.value]
+                if category is not None:
+                    sql += " AND category = ?"
+                    args.append(category)
+                cur = self.conn.execute(sql, args)
+                (removed if cur.rowcount else missing).append(domain)
+            if removed:
+                self._journal(actor, f"{kind.value} remove", kind.value, category, removed)
+        return removed, missing
+
+    def _replace_category(self, category: str, entries: list[tuple[str, str]], source: str, actor: Actor,
+                          action: str) -> int:
+        now = iso(time.time())
+        self.conn.execute("DELETE FROM rules WHERE category = ? AND kind = 'block'", (category,))
+        self.conn.executemany(
+            "INSERT OR IGNORE INTO rules (domain, kind, category, source, added_at, added_by, note)"
+            " VALUES (?, 'block', ?, ?, ?, ?, ?)",
+            [(d, category, source, now, actor.user, note) for d, note in entries])
+        self._journal(actor, action, "block", category, [], f"{len(entries)} rules from {source}")
+        return len(entries)
+
+    def replace_category(self, category: str, entries: list[tuple[str, str]], source: str,
+                         actor: Actor | None = None) -> int:
+        """Make `category` hold exactly `entries` (domain, note), in one transaction."""
+        with self.db.atomic():
+            return self._replace_category(category, entries, source, actor or Actor(), "lists import")
+
+    def list_rules(self, kind: RuleKind | None = None, category: str | None = None) -> list[dict]:
+        where, args = [], []
+        if kind is not None:
+            where.append("kind = ?")
+            args.append(kind.value)
+        if category is not None:
+            where.append("category = ?")
+            args.append(category)
+        return list(self.db["rules"].rows_where(" AND ".join(where) or None, args,
+                                                order_by="category, domain"))
+
+    def policy_version(self) -> int:
+        row = self.conn.execute("SELECT max(id) FROM journal").fetchone()
+        return int(row[0] or 0)
+
+    def load_rules(self) -> tuple[list[Rule], int]:
+        """Every rule and the policy version they make, read in one snapshot."""
+        with self.db.atomic():
+            version = self.policy_version()
+            rows = self.conn.execute("SELECT domain, kind, category FROM rules").fetchall()
+        kinds = {k.value: k for k in RuleKind}
+        return [Rule(d, kinds[k], c) for d, k, c in rows], version
+
+    def journal(self, since: str | None = None) -> list[dict]:
+        where = "time >= ?" if since else None
+        return list(self.db["journal"].rows_where(where, [since] if since else [], order_by="id"))
+
+    # ------------------------------------------------------------------ audit
+
+    def insert_audit(self, rows: list[dict]) -> None:
+        with self.db.atomic():
+            self.conn.executemany(
+                "INSERT INTO audit (time, client, transport, qname, qtype, action, rule, category, rcode,"
+                " answer, policy_version, upstream, latency_ms, node) VALUES (:time, :client, :transport,"
+                " :qname, :qtype, :action, :rule, :category, :rcode, :answer, :policy_version, :upstream,"
+                " :latency_ms, :node)", rows)
+
+    def _log_where(self, since: str | None, until: str | None, client: str | None, domain: str | None,
+                   action: str | None) -> tuple[str, dict]:
+        where, args = [], {}
+        if since:
+            where.append("time >= :since")
+            args["since"] = since
+        if until:
+            where.append("time < :until")
+            args["until"] = until
+        if client:
+            if "/" in client:
+                where.append("in_cidr(client, :client)")
+            else:
+                where.append("client = :client")
+            args["client"] = client
+        if domain:
+            where.append("(qname = :domain OR substr(qname, -length(:domain) - 1) = '.' || :domain)")
+            args["domain"] = domain
+        if action:
+            where.append("action = :action")
+            args["action"] = action
+        return (" WHERE " + " AND ".join(where)) if where else "", args
+
+    def query_log(self, since: str | None = None, until: str | None = None, client: str | None = None,
+                  domain: str | None = None, action: str | None = None,
+                  limit: int | None = None) -> Iterator[dict]:
+        where, args = self._log_where(since, until, client, domain, action)
+        sql = f"SELECT * FROM audit{where} ORDER BY seq DESC"
+        if limit:
+            sql += " LIMIT :limit"
+            args["limit"] = limit
+        rows = list(self.db.query(sql, args))
+        return iter(reversed(rows))
+
+    def stats(self, since: str | None = None, until: str | None = None, top: int = 10) -> dict:
+        where, args = self._log_where(since, until, None, None, None)
+        blocked = where + (" AND " if where else " WHERE ") + "action = 'blocked'"
+        one = self.conn.execute
+        totals = {
+            "queries_logged": one(f"SELECT count(*) FROM audit{where}", args).fetchone()[0],
+            "blocked": one(f"SELECT count(*) FROM audit{blocked}", args).fetchone()[0],
+            "clients": one(f"SELECT count(DISTINCT client) FROM audit{blocked}", args).fetchone()[0],
+            "domains": one(f"SELECT count(DISTINCT qname) FROM audit{blocked}", args).fetchone()[0],
+        }
+        top_domains = [dict(r) for r in self.db.query(
+            f"SELECT rule, category, count(*) AS queries, count(DISTINCT client) AS clients FROM audit{blocked}"
+            f" GROUP BY rule, category ORDER BY queries DESC, rule LIMIT {int(top)}", args)]
+        top_names = [dict(r) for r in self.db.query(
+            f"SELECT qname, count(*) AS queries FROM audit{blocked}"
+            f" GROUP BY qname ORDER BY queries DESC, qname LIMIT {int(top)}", args)]
+        top_clients = [dict(r) for r in self.db.query(
+            f"SELECT client, count(*) AS queries, count(DISTINCT qname) AS names FROM audit{blocked}"
+            f" GROUP BY client ORDER BY queries DESC, client LIMIT {int(top)}", args)]
+        return {"totals": totals, "top_rules": top_domains, "top_names": top_names, "top_clients": top_clients}

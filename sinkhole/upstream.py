@@ -1,0 +1,181 @@
+"""Forwarding to the agency's resolvers: failover, RFC 5452 reply matching, TC -> TCP.
+
+The client's query bytes go upstream unchanged but for a fresh random ID, from a fresh
+socket (a random source port chosen by the kernel); a reply counts only when it comes
+from the upstream's address and port (connected socket), has QR set, our ID and the
+same question. Anything else is ignored while we keep waiting for the real reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import secrets
+import socket
+import struct
+import time
+from dataclasses import dataclass
+
+from sinkhole import codec
+from sinkhole.errors import ConfigError, UpstreamError
+from sinkhole.model import Query
+
+log = logging.getLogger(__name__)
+
+DOWN_FOR = 5.0  # seconds an upstream that timed out is tried after the healthy ones
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    host: str
+    port: int = 53
+
+    @property
+    def family(self) -> int:
+        return socket.AF_INET6 if ":" in self.host else socket.AF_INET
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_hostport(text: str, default_port: int) -> tuple[str, int]:
+    """'1.2.3.4', '1.2.3.4:53', '::1', '[::1]:53' -> (host, port). Hosts must be IP addresses."""
+    text = text.strip()
+    host, port = text, default_port
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0:
+            raise ConfigError(f"bad address {text!r}: missing ']'")
+        host, rest = text[1:close], text[close + 1:]
+        if rest:
+            if not rest.startswith(":"):
+                raise ConfigError(f"bad address {text!r}: expected ':PORT' after ']'")
+            port = _port(rest[1:], text)
+    elif text.count(":") == 1:
+        host, p = text.split(":")
+        port = _port(p, text)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError as exc:
+        raise ConfigError(f"bad address {text!r}: {host!r} is not an IP address") from exc
+    return host, port
+
+
+def _port(text: str, whole: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise ConfigError(f"bad address {whole!r}: port must be a number from 0 to 65535")
+    return int(text)
+
+
+def parse_upstream(text: str) -> Upstream:
+    host, port = parse_hostport(text, 53)
+    if port == 0:
+        raise ConfigError(f"bad upstream {text!r}: port 0")
+    return Upstream(host, port)
+
+
+def system_upstreams(path: str = "/etc/resolv.conf") -> list[Upstream]:
+    """The nameservers of resolv.conf, read with dnspython's parser."""
+    import dns.resolver
+
+    try:
+        resolver = dns.resolver.Resolver(filename=path, configure=True)
+    except (OSError, dns.resolver.NoResolverConfiguration) as exc:
+        raise ConfigError(f"no upstream given and none found in {path}: {exc}") from exc
+    ups = [Upstream(str(ns), resolver.port) for ns in resolver.nameservers]
+    if not ups:
+        raise ConfigError(f"no upstream given and none found in {path}")
+    return ups
+
+
+def _matches(reply: bytes, qid: int, question: bytes) -> bool:
+    if len(reply) < 12 + len(question):
+        return False
+    rid, flags, qdcount = struct.unpack_from("!HHH", reply)
+    if rid != qid or not flags & codec.QR or qdcount != 1:
+        return False
+    name_end = 12 + len(question) - 4
+    return (reply[12:name_end].lower() == question[:-4].lower()
+            and reply[name_end:name_end + 4] == question[-4:])
+
+
+class Forwarder:
+    def __init__(self, upstreams: list[Upstream], timeout: float = 2.0) -> None:
+        if not upstreams:
+            raise ConfigError("at least one upstream is needed")
+        self.upstreams = list(upstreams)
+        self.timeout = timeout
+        self._down_until: dict[Upstream, float] = {}
+
+    def _order(self) -> list[Upstream]:
+        now = time.monotonic()
+        healthy = [u for u in self.upstreams if self._down_until.get(u, 0.0) <= now]
+        return healthy + [u for u in self.upstreams if u not in healthy]
+
+    async def forward(self, query: Query, client_tcp: bool) -> tuple[bytes, Upstream]:
+        """Relay `query` and return the upstream's reply, carrying the client's ID.
+
+        Raises UpstreamError when no upstream answered within the timeout.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        order = self._order()
+        question = query.question
+        fallback: tuple[bytes, Upstream] | None = None
+        errors = []
+        for i, up in enumerate(order):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            # share what is left among the upstreams not yet tried
+            budget = remaining / (len(order) - i)
+            qid = secrets.randbits(16)
+            out = codec.set_id(query.wire, qid)
+            try:
+                reply = await self._udp(up, out, qid, question, budget)
+                if codec.is_truncated(reply):
+                    fallback = (reply, up)
+                    reply = await self._tcp(up, out, qid, question, deadline - loop.time())
+                    if not client_tcp and len(reply) > query.max_udp:
+                        reply = fallback[0]
+            except (TimeoutError, OSError, asyncio.IncompleteReadError, UpstreamError) as exc:
+                reason = type(exc).__name__ if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
+                errors.append(f"{up}: {reason}")
+                self._down_until[up] = time.monotonic() + DOWN_FOR
+                continue
+            self._down_until.pop(up, None)
+            return codec.set_id(reply, query.id), up
+        if fallback is not None:
+            return codec.set_id(fallback[0], query.id), fallback[1]
+        raise UpstreamError("; ".join(errors) or "no time left to ask an upstream")
+
+    async def _udp(self, up: Upstream, out: bytes, qid: int, question: bytes, timeout: float) -> bytes:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(up.family, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            async with asyncio.timeout(timeout):
+                await loop.sock_connect(sock, (up.host, up.port))
+                await loop.sock_sendall(sock, out)
+                while True:
+                    reply = await loop.sock_recv(sock, 65535)
+                    if _matches(reply, qid, question):
+                        return reply
+                    log.debug("ignored a reply from %s that does not match the query", up)
+        finally:
+            sock.close()
+
+    async def _tcp(self, up: Upstream, out: bytes, qid: int, question: bytes, timeout: float) -> bytes:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(up.host, up.port)
+            try:
+                writer.write(struct.pack("!H", len(out)) + out)
+                await writer.drain()
+                while True:
+                    (length,) = struct.unpack("!H", await reader.readexactly(2))
+                    reply = await reader.readexactly(length)
+                    if _matches(reply, qid, question):
+                        return reply
+            finally:
+                writer.close()

@@ -1,0 +1,203 @@
+"""Fixtures: a local stub upstream, the real server in-process or as a subprocess, DNS clients."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import dns.edns
+import dns.flags
+import dns.message
+import dns.query
+import dns.rdatatype
+import pytest
+
+from sinkhole import config
+from sinkhole.server import Server
+from tests.dnsstub import StubResolver
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def stub() -> Iterator[StubResolver]:
+    with StubResolver() as s:
+        yield s
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "sinkhole.db"
+
+
+class RunningServer:
+    """The real Server on its own event loop in a thread, on an ephemeral loopback port."""
+
+    def __init__(self, db: Path, **settings: object) -> None:
+        settings.setdefault("listen", ("127.0.0.1:0",))
+        settings.setdefault("reload_interval", 0.1)
+        settings.setdefault("node", "test-node")
+        self.cfg = config.load(env={}, flags=settings)
+        self.db = db
+        self.server: Server | None = None
+        self.loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+
+        async def main() -> None:
+            self.server = Server(self.cfg, self.db)
+            try:
+                await self.server.start()
+            except BaseException as exc:
+                self._error = exc
+                self._ready.set()
+                raise
+            self._ready.set()
+            await self.server.wait()
+
+        try:
+            self.loop.run_until_complete(main())
+        except BaseException:
+            pass
+
+    def start(self) -> RunningServer:
+        self.thread.start()
+        self._ready.wait(10)
+        if self._error is not None:
+            raise self._error
+        assert self.server is not None
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None and self.thread.is_alive():
+            self.loop.call_soon_threadsafe(self.server.request_stop)
+        self.thread.join(15)
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return self.server.listeners[0].port
+
+    @property
+    def host(self) -> str:
+        assert self.server is not None
+        return self.server.listeners[0].host
+
+
+@pytest.fixture
+def make_server(db: Path) -> Iterator:
+    started: list[RunningServer] = []
+
+    def make(**settings: object) -> RunningServer:
+        s = RunningServer(settings.pop("db", db), **settings).start()  # type: ignore[arg-type]
+        started.append(s)
+        return s
+
+    yield make
+    for s in started:
+        s.stop()
+
+
+@pytest.fixture
+def server(make_server, stub: StubResolver) -> RunningServer:
+    return make_server(upstream=(stub.address,))
+
+
+def ask(server: RunningServer, qname: str, qtype: str = "A", tcp: bool = False, edns: bool = True,
+        timeout: float = 5.0, **kw: object) -> dns.message.Message:
+    """Send one real query with dnspython (a client nobody here wrote) and return the reply."""
+    q = dns.message.make_query(qname, qtype, use_edns=0 if edns else False, **kw)
+    send = dns.query.tcp if tcp else dns.query.udp
+    return send(q, server.host, port=server.port, timeout=timeout)
+
+
+def ede_of(reply: dns.message.Message) -> list[tuple[int, str]]:
+    return [(o.code, o.text or "") for o in reply.options if isinstance(o, dns.edns.EDEOption)]
+
+
+def wait_for(predicate, timeout: float = 5.0, interval: float = 0.02):
+    """Poll `predicate` until it returns something true; return it, or the last value on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
+class ServerProcess:
+    """`sinkhole serve` as a separate process, for signals and the console script."""
+
+    LISTENING = re.compile(r"listening on udp\+tcp (\S+):(\d+)")
+
+    def __init__(self, db: Path, *args: str, env: dict | None = None) -> None:
+        exe = shutil.which("sinkhole", path=str(Path(sys.executable).parent)) or "sinkhole"
+        self.cmd = [exe, "--db", str(db), "serve", "--listen", "127.0.0.1:0", *args]
+        full_env = {**os.environ, **(env or {})}
+        self.proc = subprocess.Popen(self.cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     env=full_env)
+        self.lines: list[str] = []
+        self.port = 0
+        self.host = "127.0.0.1"
+        deadline = time.monotonic() + 20
+        assert self.proc.stderr is not None
+        while time.monotonic() < deadline:
+            line = self.proc.stderr.readline()
+            if not line:
+                break
+            self.lines.append(line)
+            m = self.LISTENING.search(line)
+            if m:
+                self.port = int(m.group(2))
+                break
+        if not self.port:
+            self.proc.kill()
+            raise RuntimeError("server did not start: " + "".join(self.lines))
+        self._drain = threading.Thread(target=self._read_rest, daemon=True)
+        self._drain.start()
+
+    def _read_rest(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line)
+
+    def terminate(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        self.proc.send_signal(sig)
+        code = self.proc.wait(timeout)
+        self._drain.join(5)
+        return code
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def server_process(db: Path) -> Iterator:
+    procs: list[ServerProcess] = []
+
+    def start(*args: str, **kw: object) -> ServerProcess:
+        p = ServerProcess(kw.pop("db", db), *args, **kw)  # type: ignore[arg-type]
+        procs.append(p)
+        return p
+
+    yield start
+    for p in procs:
+        p.kill()
+
+
+__all__ = ["RunningServer", "ServerProcess", "ask", "dns", "ede_of", "wait_for"]

@@ -1,0 +1,122 @@
+"""End to end over real sockets: sinkhole answers for blocked names, over UDP and TCP."""
+
+from __future__ import annotations
+
+import dns.flags
+import dns.rcode
+import dns.rdatatype
+import pytest
+
+from sinkhole.model import RuleKind
+from sinkhole.store import Store
+from tests.conftest import ask, ede_of
+
+TRANSPORTS = [pytest.param(False, id="udp"), pytest.param(True, id="tcp")]
+
+
+@pytest.fixture
+def blocking(make_server, stub, db):
+    """A server whose policy holds deepseek.com (block) and an allow exception under it."""
+    store = Store(db)
+    store.add_rules(RuleKind.BLOCK, ["deepseek.com", "gemini.google.com"], category="test")
+    store.add_rules(RuleKind.ALLOW, ["status.deepseek.com"], category="test")
+    store.close()
+    return make_server(upstream=(stub.address,), shipped_lists=False)
+
+
+@pytest.mark.parametrize("tcp", TRANSPORTS)
+@pytest.mark.parametrize("name", ["deepseek.com", "chat.deepseek.com", "a.b.deepseek.com", "CHAT.DeepSeek.COM",
+                                  "chat.deepseek.com."])
+def test_blocked_a_gets_sinkhole_address(blocking, stub, tcp, name):
+    r = ask(blocking, name, "A", tcp=tcp)
+    assert r.rcode() == dns.rcode.NOERROR
+    assert [rr.to_text() for rrset in r.answer for rr in rrset] == ["0.0.0.0"]
+    assert r.answer[0].ttl == 60
+    assert stub.queries() == [], "a blocked name must never reach the upstream"
+
+
+@pytest.mark.parametrize("tcp", TRANSPORTS)
+def test_blocked_aaaa_gets_unspecified_address(blocking, tcp):
+    r = ask(blocking, "chat.deepseek.com", "AAAA", tcp=tcp)
+    assert [rr.to_text() for rrset in r.answer for rr in rrset] == ["::"]
+
+
+@pytest.mark.parametrize("tcp", TRANSPORTS)
+@pytest.mark.parametrize("qtype", ["HTTPS", "SVCB", "MX", "TXT", "ANY", "NS", "CNAME"])
+def test_other_types_of_blocked_name_get_nodata_with_soa(blocking, stub, qtype, tcp):
+    r = ask(blocking, "chat.deepseek.com", qtype, tcp=tcp)
+    assert r.rcode() == dns.rcode.NOERROR
+    assert r.answer == []
+    assert len(r.authority) == 1 and r.authority[0].rdtype == dns.rdatatype.SOA
+    assert r.authority[0].name.to_text() == "deepseek.com."
+    assert stub.queries() == []
+
+
+@pytest.mark.parametrize("tcp", TRANSPORTS)
+def test_reply_echoes_id_question_and_flags(blocking, tcp):
+    r = ask(blocking, "Chat.DeepSeek.com", "A", tcp=tcp)
+    assert r.flags & dns.flags.QR and r.flags & dns.flags.RA and r.flags & dns.flags.RD
+    assert r.question[0].name.to_text() == "Chat.DeepSeek.com."  # case kept as asked (0x20)
+    q = dns.message.make_query("chat.deepseek.com", "A")
+    q.flags &= ~dns.flags.RD
+    r2 = dns.query.udp(q, blocking.host, port=blocking.port, timeout=5)
+    assert r2.id == q.id and not r2.flags & dns.flags.RD
+
+
+@pytest.mark.parametrize("tcp", TRANSPORTS)
+def test_edns_query_gets_opt_and_extended_error_blocked(blocking, tcp):
+    r = ask(blocking, "chat.deepseek.com", "A", tcp=tcp)
+    assert r.edns == 0
+    assert ede_of(r) == [(15, "blocked by sinkhole rule deepseek.com (test)")]
+
+
+def test_query_without_edns_gets_no_opt(blocking):
+    r = ask(blocking, "chat.deepseek.com", "A", edns=False)
+    assert r.edns == -1 and ede_of(r) == []
+    assert [rr.to_text() for rrset in r.answer for rr in rrset] == ["0.0.0.0"]
+
+
+@pytest.mark.parametrize("name", ["notdeepseek.com", "deepseek.com.example.test", "deepseek.co",
+                                  "google.com.example.test"])
+def test_lookalikes_are_forwarded_not_blocked(blocking, stub, name):
+    r = ask(blocking, name, "A")
+    assert r.answer and r.answer[0][0].to_text().startswith("192.0.2.")
+    assert stub.queries(name), f"{name} should have been forwarded"
+
+
+def test_blocking_a_product_host_leaves_its_parent_alone(blocking, stub):
+    assert ask(blocking, "gemini.google.com").answer[0][0].to_text() == "0.0.0.0"
+    r = ask(blocking, "mail.google.com")
+    assert r.answer[0][0].to_text().startswith("192.0.2.")
+
+
+def test_allow_rule_beats_less_specific_block(blocking, stub):
+    r = ask(blocking, "status.deepseek.com")
+    assert r.answer[0][0].to_text().startswith("192.0.2.")
+    r = ask(blocking, "api.status.deepseek.com")
+    assert r.answer[0][0].to_text().startswith("192.0.2.")
+    assert ask(blocking, "api.deepseek.com").answer[0][0].to_text() == "0.0.0.0"
+
+
+def test_nxdomain_mode(make_server, stub, db):
+    s = make_server(upstream=(stub.address,), mode="nxdomain", shipped_lists=True)
+    for qtype in ("A", "AAAA", "TXT"):
+        r = ask(s, "chat.deepseek.com", qtype)
+        assert r.rcode() == dns.rcode.NXDOMAIN
+        assert r.answer == [] and r.authority[0].rdtype == dns.rdatatype.SOA
+        assert ede_of(r)[0][0] == 15
+
+
+def test_configured_block_addresses_and_ttl(make_server, stub):
+    s = make_server(upstream=(stub.address,), block_a="192.0.2.10", block_aaaa="2001:db8::10", block_ttl=5)
+    r = ask(s, "chat.deepseek.com", "A")
+    assert r.answer[0][0].to_text() == "192.0.2.10" and r.answer[0].ttl == 5
+    r = ask(s, "chat.deepseek.com", "AAAA", tcp=True)
+    assert r.answer[0][0].to_text() == "2001:db8::10"
+    assert r.authority == []
+
+
+def test_block_a_none_gives_nodata(make_server, stub):
+    s = make_server(upstream=(stub.address,), block_a="none")
+    r = ask(s, "chat.deepseek.com", "A")
+    assert r.answer == [] and r.authority[0].rdtype == dns.rdatatype.SOA

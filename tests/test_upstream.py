@@ -1,0 +1,178 @@
+"""Forwarding over real sockets to local stub upstreams: faithful relay, RFC 5452, TC->TCP, failover."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import dns.flags
+import dns.message
+import dns.query
+import dns.rcode
+import dns.rdatatype
+import pytest
+
+from sinkhole.errors import ConfigError
+from sinkhole.upstream import parse_hostport, parse_upstream, system_upstreams
+from tests.conftest import ask, ede_of
+from tests.dnsstub import StubResolver, address_for
+
+TRANSPORTS = [pytest.param(False, id="udp"), pytest.param(True, id="tcp")]
+
+
+@pytest.mark.parametrize("tcp", TRANSPORTS)
+def test_allowed_name_is_forwarded_and_answered(server, stub, tcp):
+    r = ask(server, "www.example.test", "A", tcp=tcp)
+    assert r.rcode() == dns.rcode.NOERROR
+    assert r.answer[0][0].to_text() == address_for("www.example.test")
+    assert len(stub.queries("www.example.test")) == 1
+
+
+@pytest.mark.parametrize("tcp", TRANSPORTS)
+def test_nxdomain_and_sections_relayed_faithfully(server, stub, tcp):
+    r = ask(server, "nx.example.test", "A", tcp=tcp)
+    assert r.rcode() == dns.rcode.NXDOMAIN
+    assert r.authority[0].rdtype == dns.rdatatype.SOA and r.authority[0].name.to_text() == "example.test."
+
+
+def test_flags_and_all_sections_relayed_byte_for_byte(server, stub):
+    q = dns.message.make_query("flags.example.test", "A", use_edns=False)
+    wire = dns.query.udp(q, server.host, port=server.port, timeout=5).to_wire()
+    seen = stub.queries("flags.example.test")[0]
+    # what the upstream sent for that exact query, with the client's ID put back
+    expected = stub.respond(seen.wire, "udp", ("127.0.0.1", 0))[0]
+    assert wire[2:] == expected[2:]
+    r = dns.message.from_wire(wire)
+    assert r.flags & dns.flags.AA and r.authority and r.additional
+
+
+def test_upstream_query_uses_fresh_random_id_and_source_port(server, stub):
+    q = dns.message.make_query("www.example.test", "A")
+    for _i in range(8):
+        q.id = 4242
+        dns.query.udp(q, server.host, port=server.port, timeout=5)
+    seen = stub.queries("www.example.test")
+    assert len(seen) == 8
+    assert len({s.qid for s in seen}) >= 7, "upstream IDs must be random, not the client's"
+    assert len({s.src[1] for s in seen}) >= 7, "each upstream query must come from a fresh source port"
+
+
+def test_spoofed_replies_with_wrong_id_or_question_are_ignored(server, stub):
+    r = ask(server, "spoof.example.test", "A")
+    assert [rr.to_text() for rrset in r.answer for rr in rrset] == [address_for("spoof.example.test")]
+
+
+def test_truncated_udp_reply_is_retried_over_tcp(server, stub):
+    r = ask(server, "big.example.test", "TXT", tcp=True)
+    assert len(r.answer[0]) == 40
+    protos = [s.proto for s in stub.queries("big.example.test")]
+    assert protos == ["udp", "tcp"]
+
+
+def test_large_reply_for_udp_client_fits_or_is_truncated(server, stub):
+    small = dns.message.make_query("big.example.test", "TXT", use_edns=0, payload=1232)
+    r = dns.query.udp(small, server.host, port=server.port, timeout=5)
+    assert r.flags & dns.flags.TC and not r.answer
+    big = dns.message.make_query("big.example.test", "TXT", use_edns=0, payload=8192)
+    wire = dns.query.udp(big, server.host, port=server.port, timeout=5)
+    assert len(wire.answer[0]) == 40
+
+
+def test_failover_to_second_upstream_when_first_is_silent(make_server):
+    with StubResolver(silent=True) as dead, StubResolver() as live:
+        s = make_server(upstream=(dead.address, live.address), timeout=2.0)
+        started = time.monotonic()
+        r = ask(s, "www.example.test")
+        elapsed = time.monotonic() - started
+        assert r.answer[0][0].to_text() == address_for("www.example.test")
+        assert dead.queries() and live.queries()
+        assert elapsed < 2.0
+        # the dead upstream is now tried last: the next query goes straight to the live one
+        before = len(dead.queries())
+        ask(s, "two.example.test")
+        assert len(dead.queries()) == before
+
+
+def test_failover_when_first_upstream_refuses_connection(make_server, stub):
+    closed = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there now: ICMP port unreachable
+    s = make_server(upstream=(f"127.0.0.1:{port}", stub.address))
+    r = ask(s, "www.example.test")
+    assert r.answer[0][0].to_text() == address_for("www.example.test")
+
+
+@pytest.mark.parametrize("tcp", TRANSPORTS)
+def test_all_upstreams_down_gives_servfail_within_timeout(make_server, tcp):
+    with StubResolver(silent=True) as dead1, StubResolver(silent=True) as dead2:
+        s = make_server(upstream=(dead1.address, dead2.address), timeout=1.0)
+        started = time.monotonic()
+        r = ask(s, "www.example.test", tcp=tcp, timeout=5)
+        elapsed = time.monotonic() - started
+        assert r.rcode() == dns.rcode.SERVFAIL
+        assert ede_of(r) and ede_of(r)[0][0] == 22  # No Reachable Authority
+        assert 0.5 <= elapsed < 1.9, f"SERVFAIL after {elapsed:.2f}s with a 1 s bound"
+
+
+def test_default_servfail_bound_is_two_seconds(make_server):
+    with StubResolver(silent=True) as dead:
+        s = make_server(upstream=(dead.address,))
+        assert s.cfg.timeout == 2.0
+        started = time.monotonic()
+        r = ask(s, "slow.example.test", timeout=6)
+        assert r.rcode() == dns.rcode.SERVFAIL
+        assert time.monotonic() - started < 2.9
+
+
+def test_ipv6_listener_and_upstream(make_server):
+    try:
+        probe = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        probe.bind(("::1", 0))
+        probe.close()
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    with StubResolver(host="::1") as stub6:
+        s = make_server(listen=("[::1]:0",), upstream=(stub6.address,))
+        for tcp in (False, True):
+            q = dns.message.make_query("www.example.test", "A")
+            send = dns.query.tcp if tcp else dns.query.udp
+            r = send(q, "::1", port=s.port, timeout=5)
+            assert r.answer[0][0].to_text() == address_for("www.example.test")
+            q = dns.message.make_query("chat.deepseek.com", "A")
+            assert send(q, "::1", port=s.port, timeout=5).answer[0][0].to_text() == "0.0.0.0"
+
+
+def test_several_listen_addresses(make_server, stub):
+    s = make_server(listen=("127.0.0.1:0", "127.0.0.2:0"), upstream=(stub.address,))
+    ports = [(x.host, x.port) for x in s.server.listeners]
+    assert [h for h, _ in ports] == ["127.0.0.1", "127.0.0.2"]
+    for host, port in ports:
+        q = dns.message.make_query("chat.deepseek.com", "A")
+        assert dns.query.udp(q, host, port=port, timeout=5).answer[0][0].to_text() == "0.0.0.0"
+        assert dns.query.tcp(q, host, port=port, timeout=5).answer[0][0].to_text() == "0.0.0.0"
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("127.0.0.1", ("127.0.0.1", 53)), ("127.0.0.1:5300", ("127.0.0.1", 5300)),
+    ("::1", ("::1", 53)), ("[::1]:5300", ("::1", 5300)), ("[fe80::1]", ("fe80::1", 53)),
+])
+def test_parse_hostport(text, expected):
+    assert parse_hostport(text, 53) == expected
+
+
+@pytest.mark.parametrize("text", ["dns.example.test", "127.0.0.1:99999", "[::1", "1.2.3.4:x", "127.0.0.1:0"])
+def test_bad_upstream_is_a_config_error(text):
+    with pytest.raises(ConfigError):
+        parse_upstream(text)
+
+
+def test_system_upstreams_read_from_resolv_conf(tmp_path):
+    conf = tmp_path / "resolv.conf"
+    conf.write_text("# comment\nnameserver 127.0.0.53\nnameserver ::1\noptions edns0\n")
+    ups = system_upstreams(str(conf))
+    assert [str(u) for u in ups] == ["127.0.0.53:53", "[::1]:53"]
+    empty = tmp_path / "empty.conf"
+    empty.write_text("# nothing\n")
+    with pytest.raises(ConfigError):
+        system_upstreams(str(empty))
