@@ -18,8 +18,8 @@ import click
 from sinkhole import __version__
 from sinkhole.domains import normalize
 from sinkhole.errors import ConfigError, DomainError, ListFormatError, SinkholeError
-from sinkhole.model import RuleKind
-from sinkhole.store import Store, default_db_path
+from sinkhole.model import Action, RuleKind
+from sinkhole.store import Store, default_db_path, iso_dt
 
 USAGE_ERRORS = (ConfigError, DomainError, ListFormatError)
 FORMATS = click.Choice(["table", "json", "csv"])
@@ -47,6 +47,12 @@ class Env:
         from sinkhole.server import open_store
 
         return open_store(self.db_path)
+
+    def existing_store(self) -> Store:
+        """For commands that only read the log: a missing file is a mistyped path, not a new database."""
+        if not self.db_path.exists():
+            raise SinkholeError(f"no database at {self.db_path} (check --db / SINKHOLE_DB)")
+        return self.store()
 
 
 pass_env = click.make_pass_decorator(Env)
@@ -92,23 +98,33 @@ def parse_when(text: str | None, option: str) -> str | None:
     """'15m', '2h', '7d', '1w', '2026-11-01' or an ISO 8601 time -> ISO UTC text as stored in the log."""
     if text is None:
         return None
-    now = datetime.now(UTC)
     m = _RELATIVE.match(text.strip().lower())
-    if m:
-        when = now - timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
-    else:
-        try:
+    try:
+        if m:
+            when = datetime.now(UTC) - timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
+        else:
             when = datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
-        except ValueError:
-            raise click.BadParameter(f"{text!r} is neither a duration like 15m/2h/7d nor an ISO 8601 time",
-                                     param_hint=option) from None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
-    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+            if when.tzinfo is None:
+                when = when.replace(tzinfo=UTC)
+        return iso_dt(when)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is neither a duration like 15m/2h/7d nor an ISO 8601 time",
+                                 param_hint=option) from None
+    except OverflowError:
+        raise click.BadParameter(f"{text!r} is out of the range of dates", param_hint=option) from None
 
 
 def _domains(names: tuple[str, ...]) -> list[str]:
     return [normalize(n) for n in names]
+
+
+_CATEGORY = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}\Z")
+
+
+def _category(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is not None and not _CATEGORY.match(value):
+        raise click.BadParameter(f"{value!r}: use lower-case letters, digits, '-' and '_'")
+    return value
 
 
 # ---------------------------------------------------------------------------- serve
@@ -152,7 +168,8 @@ def _rule_group(kind: RuleKind, verb: str) -> click.Group:
 
     @group.command("add")
     @click.argument("names", nargs=-1, required=True)
-    @click.option("--category", default="manual", show_default=True, help="Category to file the rule under.")
+    @click.option("--category", default="manual", show_default=True, callback=_category,
+                  help="Category to file the rule under.")
     @click.option("--note", default=None, help="Why: a ticket number, a policy reference.")
     @pass_env
     def add(env: Env, names: tuple[str, ...], category: str, note: str | None) -> None:
@@ -171,7 +188,7 @@ def _rule_group(kind: RuleKind, verb: str) -> click.Group:
 
     @group.command("remove")
     @click.argument("names", nargs=-1, required=True)
-    @click.option("--category", default=None, help="Remove only from this category [all].")
+    @click.option("--category", default=None, callback=_category, help="Remove only from this category [all].")
     @pass_env
     def remove(env: Env, names: tuple[str, ...], category: str | None) -> None:
         domains = _domains(names)
@@ -220,7 +237,7 @@ LOG_COLUMNS = ["seq", "time", "client", "transport", "qname", "qtype", "action",
 @click.option("--until", help="End (exclusive), same forms as --since.")
 @click.option("--client", help="Client IP address or CIDR network.")
 @click.option("--domain", help="A name and all its subdomains.")
-@click.option("--action", help="blocked, forwarded, servfail, refused, formerr ...")
+@click.option("--action", type=click.Choice([a.value for a in Action]), help="Only rows with this action.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="At most this many rows (the latest).")
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True,
               help="json is JSON Lines: one object a row.")
@@ -232,13 +249,15 @@ def log_(env: Env, since: str | None, until: str | None, client: str | None, dom
 
     if client:
         try:
-            ipaddress.ip_network(client, strict=False)
+            client = (str(ipaddress.ip_network(client, strict=False)) if "/" in client
+                      else str(ipaddress.ip_address(client)))
         except ValueError:
             raise click.BadParameter(f"{client!r} is not an IP address or CIDR", param_hint="--client") from None
-    store = env.store()
+    since_iso, until_iso = parse_when(since, "--since"), parse_when(until, "--until")
+    domain = normalize(domain) if domain else None
+    store = env.existing_store()
     try:
-        rows = list(store.query_log(parse_when(since, "--since"), parse_when(until, "--until"), client,
-                                    normalize(domain) if domain else None, action, limit))
+        rows = list(store.query_log(since_iso, until_iso, client, domain, action, limit))
     finally:
         store.close()
     emit(rows, LOG_TABLE_COLUMNS if fmt == "table" else LOG_COLUMNS, fmt)
@@ -252,10 +271,10 @@ def log_(env: Env, since: str | None, until: str | None, client: str | None, dom
 @pass_env
 def stats(env: Env, since: str, until: str | None, top: int, fmt: str) -> None:
     """Totals, top blocked rules and names, top clients."""
-    since_iso = parse_when(since, "--since")
-    store = env.store()
+    since_iso, until_iso = parse_when(since, "--since"), parse_when(until, "--until")
+    store = env.existing_store()
     try:
-        result = store.stats(since_iso, parse_when(until, "--until"), top)
+        result = store.stats(since_iso, until_iso, top)
     finally:
         store.close()
     if fmt == "json":
@@ -272,7 +291,17 @@ def stats(env: Env, since: str, until: str | None, top: int, fmt: str) -> None:
 
 
 def main() -> None:
-    cli(prog_name="sinkhole")
+    """Entry point: click's usage errors, too, become one line on stderr."""
+    try:
+        code = cli.main(prog_name="sinkhole", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("sinkhole: aborted", err=True)
+        sys.exit(1)
+    except click.ClickException as exc:
+        where = exc.ctx.command_path if isinstance(exc, click.UsageError) and exc.ctx else "sinkhole"
+        click.echo(f"{where}: {exc.format_message()} (see --help)", err=True)
+        sys.exit(exc.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import re
 
+import idna
+
 from sinkhole.errors import DomainError
 
 MAX_NAME = 253  # presentation length without the trailing dot (RFC 1035: 255 octets on the wire)
 MAX_LABEL = 63
 _LABEL_OK = re.compile(r"[a-z0-9_-]+\Z")
+_DOTS = str.maketrans(  # ideographic and full-width dots separate labels too (UTS 46)
+    {"\u3002": ".", "\uff0e": ".", "\uff61": "."})
 
 
 def normalize(name: str) -> str:
@@ -16,7 +20,7 @@ def normalize(name: str) -> str:
 
     Accepts Unicode (turned into punycode A-labels), any case, and one trailing dot.
     """
-    text = name.strip()
+    text = name.strip().translate(_DOTS)
     if not text:
         raise DomainError("empty domain name")
     if text.endswith("."):
@@ -30,10 +34,11 @@ def normalize(name: str) -> str:
             raise DomainError(f"invalid domain {name!r}: empty label")
         label = label.lower()
         if not label.isascii():
+            # IDNA 2008 with UTS 46 non-transitional mapping, as browsers look names up (ß stays ß)
             try:
-                label = label.encode("idna").decode("ascii")
-            except UnicodeError as exc:
-                raise DomainError(f"invalid domain {name!r}: label {label!r} is not valid IDNA") from exc
+                label = idna.encode(label, uts46=True, transitional=False).decode("ascii")
+            except idna.IDNAError as exc:
+                raise DomainError(f"invalid domain {name!r}: label {label!r} is not valid IDNA: {exc}") from None
         if len(label) > MAX_LABEL:
             raise DomainError(f"invalid domain {name!r}: label {label[:20]!r}... is {len(label)} bytes, over 63")
         if not _LABEL_OK.match(label):

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import getpass
 import ipaddress
 import json
 import os
+import pwd
 import shlex
 import socket
 import sqlite3
@@ -45,7 +45,12 @@ AUDIT_COLUMNS = {
 
 def iso(ts: float) -> str:
     """Seconds since the epoch -> '2026-11-22T18:03:04.123456Z'."""
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return iso_dt(datetime.fromtimestamp(ts, UTC))
+
+
+def iso_dt(when: datetime) -> str:
+    """An aware datetime -> the sortable text form the log stores (four-digit year, UTC, microseconds)."""
+    return when.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def default_db_path() -> Path:
@@ -68,10 +73,11 @@ class Actor:
 
 
 def _safe_user() -> str:
+    """The account of the effective UID: not $USER or $LOGNAME, which anyone can set."""
     try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return str(os.getuid())
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
 
 
 def _in_cidr(address: str | None, network: str) -> bool:

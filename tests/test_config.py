@@ -1,0 +1,56 @@
+"""Settings: defaults < TOML file < SINKHOLE_* environment < flags; bad values are ConfigErrors."""
+
+from __future__ import annotations
+
+import pytest
+
+from sinkhole import config
+from sinkhole.errors import ConfigError
+
+
+def test_defaults_match_the_contract():
+    cfg = config.load(env={})
+    assert cfg.listen == ("127.0.0.1:5353",) and cfg.timeout == 2.0 and cfg.mode == "sinkhole"
+    assert cfg.log_queries == "blocked" and cfg.block_ttl == 60
+    a = cfg.answers()
+    assert str(a.a) == "0.0.0.0" and str(a.aaaa) == "::"
+
+
+def test_precedence_file_env_flags(tmp_path):
+    f = tmp_path / "sinkhole.toml"
+    f.write_text('listen = ["127.0.0.1:5400"]\nupstream = ["127.0.0.1:5301"]\nblock_ttl = 30\nmode = "nxdomain"\n')
+    cfg = config.load(f, env={})
+    assert cfg.listen == ("127.0.0.1:5400",) and cfg.block_ttl == 30 and cfg.mode == "nxdomain"
+    cfg = config.load(f, env={"SINKHOLE_BLOCK_TTL": "20", "SINKHOLE_LISTEN": "127.0.0.1:1,[::1]:2"})
+    assert cfg.block_ttl == 20 and cfg.listen == ("127.0.0.1:1", "[::1]:2")
+    cfg = config.load(f, env={"SINKHOLE_BLOCK_TTL": "20"}, flags={"block_ttl": 10, "listen": ()})
+    assert cfg.block_ttl == 10 and cfg.listen == ("127.0.0.1:5400",)
+    assert [str(u) for u in cfg.upstreams()] == ["127.0.0.1:5301"]
+
+
+@pytest.mark.parametrize("content,message", [
+    ("bogus = 1\n", "unknown setting 'bogus'"),
+    ("mode = 'drop'\n", "mode must be one of"),
+    ("block_ttl = 'x'\n", "block_ttl"),
+    ("listen = 'nowhere:53'\n", "not an IP address"),
+    ("block_a = '::1'\n", "not an IPv4 address"),
+    ("timeout = 0\n", "above zero"),
+    ("[server\n", "sinkhole.toml"),
+])
+def test_bad_config_file_is_rejected_with_reason(tmp_path, content, message):
+    f = tmp_path / "sinkhole.toml"
+    f.write_text(content)
+    with pytest.raises(ConfigError) as err:
+        config.load(f, env={})
+    assert message in str(err.value)
+
+
+def test_server_table_is_accepted(tmp_path):
+    f = tmp_path / "sinkhole.toml"
+    f.write_text("[server]\nlog_queries = 'all'\n")
+    assert config.load(f, env={}).log_queries == "all"
+
+
+def test_bad_env_value(tmp_path):
+    with pytest.raises(ConfigError, match="SINKHOLE_TIMEOUT"):
+        config.load(env={"SINKHOLE_TIMEOUT": "soon"})

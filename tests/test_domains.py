@@ -1,0 +1,59 @@
+"""Names as rules and lookups compare them; suffix matching at label boundaries."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sinkhole.domains import SuffixTable, is_subdomain, normalize
+from sinkhole.errors import DomainError
+
+
+@pytest.mark.parametrize("raw,expected", [
+    ("DeepSeek.COM", "deepseek.com"), ("chat.deepseek.com.", "chat.deepseek.com"), ("  a.example  ", "a.example"),
+    ("bücher.example", "xn--bcher-kva.example"), ("XN--BCHER-KVA.example", "xn--bcher-kva.example"),
+    ("_dns.resolver.arpa", "_dns.resolver.arpa"), ("ai", "ai"), ("a" * 63 + ".example", "a" * 63 + ".example"),
+])
+def test_normalize(raw, expected):
+    assert normalize(raw) == expected
+
+
+@pytest.mark.parametrize("raw,why", [
+    ("bad..name", "empty label"), ("", "empty"), (".", "root"), (".example", "empty label"),
+    ("a" * 64 + ".example", "over 63"), (".".join(["a" * 60] * 5), "over 253"),
+    ("a b.example", "letters, digits"), ("a/b.example", "letters, digits"), ("*.example", "letters, digits"),
+    ("deepseek.com..", "empty label"),
+])
+def test_normalize_rejects(raw, why):
+    with pytest.raises(DomainError) as err:
+        normalize(raw)
+    assert why in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_is_subdomain_is_label_exact():
+    assert is_subdomain("chat.deepseek.com", "deepseek.com")
+    assert is_subdomain("deepseek.com", "deepseek.com")
+    assert not is_subdomain("notdeepseek.com", "deepseek.com")
+    assert not is_subdomain("deepseek.com.example.net", "deepseek.com")
+
+
+def test_suffix_table_most_specific_wins():
+    t = SuffixTable({"deepseek.com": 1, "status.deepseek.com": 2})
+    assert t.lookup(("a", "b", "deepseek", "com")) == ("deepseek.com", 1)
+    assert t.lookup(("x", "status", "deepseek", "com")) == ("status.deepseek.com", 2)
+    assert t.lookup(("notdeepseek", "com")) is None
+    assert t.lookup(("deepseek", "com", "example", "net")) is None
+    assert t.lookup(()) is None
+
+
+label = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?", fullmatch=True)
+
+
+@given(st.lists(label, min_size=1, max_size=4), st.lists(label, min_size=1, max_size=4))
+def test_lookup_agrees_with_is_subdomain(rule_labels, name_labels):
+    rule = ".".join(rule_labels)
+    name = ".".join(name_labels)
+    t = SuffixTable({rule: True})
+    assert (t.lookup(tuple(name_labels)) is not None) == is_subdomain(name, rule)
