@@ -67,6 +67,21 @@ def blocked(query: Query, rule: Rule, cfg: AnswerConfig, serial: int = 1) -> Bui
     return Built(head + query.question + section + opt, rcode, summary)
 
 
+def minimal_any(query: Query, ttl: int = 3600) -> bytes:
+    """RFC 8482: ANY is answered with one synthesized HINFO record instead of everything."""
+    rdata = b"\x07RFC8482\x00"
+    section = b"\xc0\x0c" + struct.pack("!HHIH", 13, query.qclass, ttl, len(rdata)) + rdata
+    opt = codec.opt_record(query.edns) if query.edns is not None else b""
+    head = _HEADER.pack(query.id, codec.reply_flags(query.flags, codec.NOERROR), 1, 1, 0, 1 if opt else 0)
+    return head + query.question + section + opt
+
+
+def truncated(query: Query, rcode: int = codec.NOERROR) -> bytes:
+    """An empty reply with TC=1: the client must ask again over TCP."""
+    reply = codec.error_reply(query.id, query.flags, rcode, query.question, query.edns)
+    return reply[:2] + bytes([reply[2] | 0x02]) + reply[3:]
+
+
 def refused(query: Query) -> bytes:
     return codec.error_reply(query.id, query.flags, codec.REFUSED, query.question, query.edns)
 

@@ -154,7 +154,8 @@ def serve(env: Env, config_file: Path | None, **flags: Any) -> None:
     """Serve DNS: sinkhole listed names, forward the rest, audit every block."""
     from sinkhole import config, server
 
-    cfg = config.load(config_file, flags=flags)
+    # a repeatable option given no value comes as (): not set, rather than set to nothing
+    cfg = config.load(config_file, flags={k: (None if v == () else v) for k, v in flags.items()})
     logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s sinkhole %(levelname)s %(message)s")
     server.run(cfg, env.db_path)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sinkhole import guard
 from sinkhole.answer import AnswerConfig
 from sinkhole.audit import MODES as LOG_MODES
 from sinkhole.errors import ConfigError
@@ -28,6 +29,15 @@ class ServeConfig:
     block_aaaa: str = "::"
     block_ttl: int = 60
     log_queries: str = "blocked"  # blocked | all | none
+    allow_clients: tuple[str, ...] = guard.DEFAULT_ALLOW  # others get REFUSED
+    rate_limit: float = 200.0  # queries/s per client address (0: off)
+    rate_limit_burst: float = 400.0
+    rate_limit_net: float = 2000.0  # queries/s per client network (/24, /56) (0: off)
+    rate_limit_net_burst: float = 4000.0
+    rate_limit_v4_prefix: int = 24
+    rate_limit_v6_prefix: int = 56
+    rate_limit_action: str = "truncate"  # truncate: TC=1 over UDP (TCP is not limited); refuse: REFUSED
+    rate_limit_exempt: tuple[str, ...] = guard.DEFAULT_EXEMPT
     tcp_idle_timeout: float = 10.0
     tcp_max_clients: int = 1000
     reload_interval: float = 0.25
@@ -38,6 +48,11 @@ class ServeConfig:
     def answers(self) -> AnswerConfig:
         return AnswerConfig(mode=self.mode, a=_addr(self.block_a, 4, "block_a"),
                             aaaa=_addr(self.block_aaaa, 6, "block_aaaa"), ttl=self.block_ttl)
+
+    def make_guard(self) -> guard.Guard:
+        return guard.Guard(self.allow_clients, self.rate_limit, self.rate_limit_burst, self.rate_limit_net,
+                           self.rate_limit_net_burst, self.rate_limit_v4_prefix, self.rate_limit_v6_prefix,
+                           self.rate_limit_action, self.rate_limit_exempt)
 
     def upstreams(self) -> list[Upstream]:
         if self.upstream:
@@ -106,6 +121,7 @@ def _validate(cfg: ServeConfig) -> ServeConfig:
     if not cfg.listen:
         raise ConfigError("listen: at least one address is needed")
     cfg.answers()
+    cfg.make_guard()
     cfg.listen_addresses()
     if cfg.upstream:
         cfg.upstreams()
@@ -135,7 +151,7 @@ def load(file: str | os.PathLike[str] | None = None, env: Mapping[str, str] | No
         if var in env:
             values[name] = _coerce(name, env[var], var)
     for name, value in (flags or {}).items():
-        if value is None or value == ():
+        if value is None:
             continue
         values[name] = _coerce(name, value, "--" + name.replace("_", "-"))
     return _validate(ServeConfig(**values))

@@ -12,6 +12,8 @@ class Action(enum.StrEnum):
     BLOCKED = "blocked"
     FORWARDED = "forwarded"
     REFUSED = "refused"
+    LIMITED = "limited"  # over the rate limit: TC=1 over UDP so that the client comes back over TCP
+    LOCAL = "local"  # answered here without the upstream (ANY per RFC 8482)
     SERVFAIL = "servfail"
     FORMERR = "formerr"
     NOTIMP = "notimp"

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from sinkhole import answer, codec
 from sinkhole.audit import AuditLog
 from sinkhole.errors import UpstreamError
+from sinkhole.guard import Guard, Outcome
 from sinkhole.model import Action, AuditEvent, Query, Verdict
 from sinkhole.policy import Policy
 from sinkhole.upstream import Forwarder
@@ -37,7 +38,8 @@ class Pending:
 
 class Pipeline:
     def __init__(self, get_policy: Callable[[], Policy], forwarder: Forwarder, audit: AuditLog,
-                 answers: answer.AnswerConfig) -> None:
+                 answers: answer.AnswerConfig, guard: Guard | None = None) -> None:
+        self.guard = guard or Guard()
         self.get_policy = get_policy
         self.forwarder = forwarder
         self.audit = audit
@@ -62,9 +64,21 @@ class Pipeline:
             self.counts["dropped"] = self.counts.get("dropped", 0) + 1
             return None
         except codec.BadQuery as bad:
+            if self.guard.check(client, proto) is not Outcome.OK:
+                self._record(Action.REFUSED, client, proto, "", 0, codec.REFUSED, summary=bad.reason)
+                return codec.error_reply(bad.qid, bad.flags, codec.REFUSED, bad.question)
             action = Action.NOTIMP if bad.rcode == codec.NOTIMP else Action.FORMERR
             self._record(action, client, proto, "", 0, bad.rcode, summary=bad.reason)
             return codec.error_reply(bad.qid, bad.flags, bad.rcode, bad.question, bad.edns)
+        outcome = self.guard.check(client, proto)
+        if outcome is not Outcome.OK:
+            if outcome is Outcome.LIMITED:
+                self._record(Action.LIMITED, client, proto, query.qname, query.qtype, codec.NOERROR,
+                             summary="TC=1")
+                return answer.truncated(query)
+            self._record(Action.REFUSED, client, proto, query.qname, query.qtype, codec.REFUSED,
+                         summary="client not allowed or over the limit")
+            return answer.refused(query)
         policy = self.get_policy()
         verdict = policy.decide(query)
         if verdict.blocked:
@@ -77,6 +91,10 @@ class Pipeline:
             self._record(Action.REFUSED, client, proto, query.qname, query.qtype, codec.REFUSED, verdict,
                          "zone transfer", policy.version)
             return answer.refused(query)
+        if query.qtype == codec.T_ANY:
+            self._record(Action.LOCAL, client, proto, query.qname, query.qtype, codec.NOERROR, verdict,
+                         "RFC 8482 HINFO", policy.version)
+            return answer.minimal_any(query)
         return Pending(query, verdict, policy.version)
 
     async def forward(self, pending: Pending, client: str, proto: str) -> bytes:
@@ -89,6 +107,8 @@ class Pipeline:
             self._record(Action.SERVFAIL, client, proto, query.qname, query.qtype, codec.SERVFAIL, verdict,
                          None, version, None, (time.perf_counter() - started) * 1000)
             return answer.servfail(query, "no upstream answered")
+        if proto == "udp" and len(reply) > query.max_udp:
+            reply = answer.truncated(query, codec.header_rcode(reply))  # an upstream that ignored the buffer size
         self._record(Action.FORWARDED, client, proto, query.qname, query.qtype, codec.header_rcode(reply),
                      verdict, None, version, str(upstream), (time.perf_counter() - started) * 1000)
         return reply

@@ -146,7 +146,8 @@ class Forwarder:
                 continue
             self._down_until.pop(up, None)
             return codec.set_id(reply, query.id), up
-        if fallback is not None:
+        if fallback is not None and not client_tcp:
+            # the TCP retry failed: a UDP client gets the truncated reply and may retry over TCP itself
             return codec.set_id(fallback[0], query.id), fallback[1]
         raise UpstreamError("; ".join(errors) or "no time left to ask an upstream")
 

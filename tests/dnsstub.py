@@ -6,10 +6,12 @@ misbehave on purpose (silence, truncation, spoofed replies) for the names that a
 
 from __future__ import annotations
 
+import random
 import socket
 import socketserver
 import struct
 import threading
+import time
 from dataclasses import dataclass
 
 from dnslib import AAAA, CNAME, MX, QTYPE, RCODE, RR, SOA, TXT, A, DNSLabel, DNSRecord
@@ -41,11 +43,17 @@ class StubResolver:
     slow.*   never answered             spoof.*  first a reply with the wrong ID, then the real one
     cname.*  CNAME to target.example.test then A
     flags.*  AA set, an extra TXT in authority and additional sections
+    huge.*   TXT answer > 512 bytes over UDP with no TC, whatever the client's buffer (a broken upstream)
+    garbage.* random bytes            qr0.*     a copy of the query (QR=0)
+    header.* a bare 12-byte header with the right ID
+    spoofport.* a forged answer from another port first, then the real one
+    tcphang.* TC=1 over UDP; over TCP the connection is accepted and never answered
     """
 
-    def __init__(self, host: str = "127.0.0.1", silent: bool = False) -> None:
+    def __init__(self, host: str = "127.0.0.1", silent: bool = False, misbehave: bool = True) -> None:
         self.host = host
         self.silent = silent
+        self.misbehave = misbehave
         self.seen: list[Seen] = []
         self._lock = threading.Lock()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -120,9 +128,22 @@ class StubResolver:
             self.seen.append(Seen(proto, q.header.id, src, qname, QTYPE.get(q.q.qtype), wire))
         if self.silent:
             return []
-        first = qname.split(".")[0]
+        first = qname.split(".")[0] if self.misbehave else ""
         if first == "slow":
             return []
+        if first == "garbage":
+            return [bytes(random.Random(q.header.id).getrandbits(8) for _ in range(40))]
+        if first == "qr0":
+            return [wire]
+        if first == "header":
+            return [wire[:2] + b"\x81\x80" + b"\x00" * 8]
+        if first == "tcphang":
+            if proto == "tcp":
+                time.sleep(10)
+                return []
+            t = q.reply()
+            t.header.tc = 1
+            return [t.pack()]
         r = q.reply()
         name = q.q.qname
         if first == "nx":
@@ -142,6 +163,9 @@ class StubResolver:
                     t.header.tc = 1
                     return [t.pack()]
             return [out]
+        elif first == "huge" and q.q.qtype == QTYPE.TXT:
+            for i in range(20):
+                r.add_answer(RR(name, QTYPE.TXT, ttl=300, rdata=TXT(f"record {i:02d} " + "x" * 90)))
         elif first == "cname":
             target = DNSLabel("target.example.test")
             r.add_answer(RR(name, QTYPE.CNAME, ttl=300, rdata=CNAME(target)))
@@ -162,6 +186,14 @@ class StubResolver:
         else:
             r.add_auth(ZONE_SOA)
         out = r.pack()
+        if first == "spoofport" and proto == "udp":
+            forged = q.reply()
+            forged.add_answer(RR(name, QTYPE.A, ttl=300, rdata=A("203.0.113.99")))
+            with socket.socket(self.udp.family, socket.SOCK_DGRAM) as other:
+                other.bind((self.host, 0))
+                other.sendto(forged.pack(), src)  # right ID and question, wrong source port
+            time.sleep(0.05)
+            return [out]
         if first == "spoof":
             forged = q.reply()
             forged.header.id = (q.header.id + 1) % 65536

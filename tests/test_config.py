@@ -23,7 +23,7 @@ def test_precedence_file_env_flags(tmp_path):
     assert cfg.listen == ("127.0.0.1:5400",) and cfg.block_ttl == 30 and cfg.mode == "nxdomain"
     cfg = config.load(f, env={"SINKHOLE_BLOCK_TTL": "20", "SINKHOLE_LISTEN": "127.0.0.1:1,[::1]:2"})
     assert cfg.block_ttl == 20 and cfg.listen == ("127.0.0.1:1", "[::1]:2")
-    cfg = config.load(f, env={"SINKHOLE_BLOCK_TTL": "20"}, flags={"block_ttl": 10, "listen": ()})
+    cfg = config.load(f, env={"SINKHOLE_BLOCK_TTL": "20"}, flags={"block_ttl": 10, "listen": None})
     assert cfg.block_ttl == 10 and cfg.listen == ("127.0.0.1:5400",)
     assert [str(u) for u in cfg.upstreams()] == ["127.0.0.1:5301"]
 

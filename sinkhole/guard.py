@@ -1,0 +1,141 @@
+"""Who may ask, and how fast: the client ACL and per-client / per-network token buckets."""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import logging
+import time
+from collections.abc import Iterable
+
+from sinkhole.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# loopback, RFC 1918, RFC 6598 (carrier-grade NAT), IPv6 ULA, link-local
+DEFAULT_ALLOW = ("127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10",
+                 "fc00::/7", "169.254.0.0/16", "fe80::/10")
+DEFAULT_EXEMPT = ("127.0.0.0/8", "::1/128")
+_CACHE_MAX = 65536
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class Outcome(enum.Enum):
+    OK = "ok"
+    REFUSED = "refused"  # not an allowed client, or over the limit with action "refuse"
+    LIMITED = "limited"  # over the limit over UDP with action "truncate": answer TC=1 to push it to TCP
+
+
+def parse_networks(items: Iterable[str], setting: str) -> tuple[Network, ...]:
+    nets = []
+    for item in items:
+        try:
+            nets.append(ipaddress.ip_network(item.strip(), strict=False))
+        except ValueError:
+            raise ConfigError(f"{setting}: {item!r} is not an IP network (CIDR)") from None
+    return tuple(nets)
+
+
+class _Buckets:
+    """Token buckets keyed by address or prefix; idle full buckets are forgotten."""
+
+    __slots__ = ("burst", "last_sweep", "rate", "state")
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate = rate
+        self.burst = max(burst, 1.0)
+        self.state: dict[object, list[float]] = {}
+        self.last_sweep = time.monotonic()
+
+    def take(self, key: object, now: float) -> bool:
+        st = self.state.get(key)
+        if st is None:
+            self.state[key] = [self.burst - 1.0, now]
+            return True
+        tokens = min(self.burst, st[0] + (now - st[1]) * self.rate)
+        st[1] = now
+        if tokens >= 1.0:
+            st[0] = tokens - 1.0
+            return True
+        st[0] = tokens
+        return False
+
+    def sweep(self, now: float) -> None:
+        if now - self.last_sweep < 10.0:
+            return
+        self.last_sweep = now
+        full = (self.burst - 1.0) / self.rate if self.rate else 0.0
+        self.state = {k: v for k, v in self.state.items() if now - v[1] < full}
+
+
+class Guard:
+    def __init__(self, allow_clients: Iterable[str] = DEFAULT_ALLOW, rate_limit: float = 200.0,
+                 rate_limit_burst: float = 400.0, net_rate_limit: float = 2000.0, net_rate_limit_burst: float = 4000.0,
+                 v4_prefix: int = 24, v6_prefix: int = 56, action: str = "truncate",
+                 exempt: Iterable[str] = DEFAULT_EXEMPT) -> None:
+        if action not in ("truncate", "refuse"):
+            raise ConfigError(f"rate_limit_action must be truncate or refuse, not {action!r}")
+        if not (0 <= v4_prefix <= 32 and 0 <= v6_prefix <= 128):
+            raise ConfigError("rate_limit prefixes must be 0-32 (IPv4) and 0-128 (IPv6)")
+        self.allow = parse_networks(allow_clients, "allow_clients")
+        self.exempt = parse_networks(exempt, "rate_limit_exempt")
+        self.client = _Buckets(rate_limit, rate_limit_burst) if rate_limit > 0 else None
+        self.network = _Buckets(net_rate_limit, net_rate_limit_burst) if net_rate_limit > 0 else None
+        self.v4_prefix = v4_prefix
+        self.v6_prefix = v6_prefix
+        self.action = action
+        # client address text -> (allowed, exempt, network key), so each address is parsed once
+        self._known: dict[str, tuple[bool, bool, object]] = {}
+        self._last_warning: dict[str, float] = {}
+        self.refused = 0
+        self.limited = 0
+
+    def _classify(self, client: str) -> tuple[bool, bool, object]:
+        known = self._known.get(client)
+        if known is not None:
+            return known
+        try:
+            addr = ipaddress.ip_address(client.split("%", 1)[0])
+        except ValueError:
+            info: tuple[bool, bool, object] = (False, False, client)
+        else:
+            if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+                addr = addr.ipv4_mapped
+            prefix = self.v4_prefix if addr.version == 4 else self.v6_prefix
+            net = ipaddress.ip_network(f"{addr}/{prefix}", strict=False)
+            info = (any(addr in n for n in self.allow), any(addr in n for n in self.exempt), net)
+        if len(self._known) >= _CACHE_MAX:
+            self._known.clear()
+        self._known[client] = info
+        return info
+
+    def check(self, client: str, proto: str) -> Outcome:
+        allowed, exempt, net = self._classify(client)
+        if not allowed:
+            self.refused += 1
+            self._warn("acl", f"refused queries from {client}: not in allow_clients")
+            return Outcome.REFUSED
+        if exempt or (self.action == "truncate" and proto != "udp"):
+            return Outcome.OK
+        now = time.monotonic()
+        ok = True
+        if self.client is not None:
+            ok = self.client.take(client, now)
+            self.client.sweep(now)
+        if ok and self.network is not None:
+            ok = self.network.take(net, now)
+            self.network.sweep(now)
+        if ok:
+            return Outcome.OK
+        self._warn("rate", f"rate limit: {client} (or its network {net}) is over the limit")
+        if self.action == "refuse":
+            self.refused += 1
+            return Outcome.REFUSED
+        self.limited += 1
+        return Outcome.LIMITED
+
+    def _warn(self, kind: str, message: str, every: float = 10.0) -> None:
+        now = time.monotonic()
+        if now - self._last_warning.get(kind, -every) >= every:
+            self._last_warning[kind] = now
+            log.warning("%s (logged at most every %.0f s)", message, every)
