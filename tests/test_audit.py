@@ -12,6 +12,7 @@ import time
 from datetime import UTC, datetime
 
 import dns.message
+import dns.rcode
 import dns.query
 import pytest
 
@@ -167,3 +168,17 @@ def test_cli_log_reads_what_the_server_wrote(server_process, stub, db):
         assert {"time", "client", "qname", "qtype", "action", "rule"} <= set(r)
         assert r["action"] == "blocked" and r["client"] == "127.0.0.1" and r["qtype"] == "A"
     assert [r["rule"] for r in rows] == ["chat.deepseek.com", "chatgpt.com", "claude.ai"]
+
+
+def test_odd_bytes_in_a_name_are_escaped_in_the_log_and_never_a_false_match(server, stub, db):
+    import dns.name
+
+    odd = dns.name.from_text(r"a\032b\059.chat.deepseek.com")  # a space and a ';' in the first label
+    r = dns.query.udp(dns.message.make_query(odd, "A"), server.host, port=server.port, timeout=5)
+    assert r.answer[0][0].to_text() == "0.0.0.0"
+    # one label "deepseek.com" (a literal dot) is FORMERR, never a match for the rule deepseek.com
+    dotted = dns.name.Name([b"deepseek.com", b""])
+    r = dns.query.udp(dns.message.make_query(dotted, "A"), server.host, port=server.port, timeout=5)
+    assert r.rcode() == dns.rcode.FORMERR
+    rows = wait_for(lambda: audit_rows(db))
+    assert [row["qname"] for row in rows] == [r"a\032b\059.chat.deepseek.com"]
