@@ -15,6 +15,7 @@ from typing import Any
 from sinkhole import guard
 from sinkhole.answer import AnswerConfig
 from sinkhole.audit import MODES as LOG_MODES
+from sinkhole.cache import Cache
 from sinkhole.errors import ConfigError
 from sinkhole.upstream import Upstream, parse_hostport, parse_upstream, system_upstreams
 
@@ -38,6 +39,10 @@ class ServeConfig:
     rate_limit_v6_prefix: int = 56
     rate_limit_action: str = "truncate"  # truncate: TC=1 over UDP (TCP is not limited); refuse: REFUSED
     rate_limit_exempt: tuple[str, ...] = guard.DEFAULT_EXEMPT
+    cache_size: int = 100_000  # entries (0: no cache)
+    cache_min_ttl: int = 0
+    cache_max_ttl: int = 86400
+    cache_negative_max_ttl: int = 3600
     tcp_idle_timeout: float = 10.0
     tcp_max_clients: int = 1000
     reload_interval: float = 0.25
@@ -53,6 +58,9 @@ class ServeConfig:
         return guard.Guard(self.allow_clients, self.rate_limit, self.rate_limit_burst, self.rate_limit_net,
                            self.rate_limit_net_burst, self.rate_limit_v4_prefix, self.rate_limit_v6_prefix,
                            self.rate_limit_action, self.rate_limit_exempt)
+
+    def make_cache(self) -> Cache:
+        return Cache(self.cache_size, self.cache_min_ttl, self.cache_max_ttl, self.cache_negative_max_ttl)
 
     def upstreams(self) -> list[Upstream]:
         if self.upstream:
@@ -116,6 +124,8 @@ def _validate(cfg: ServeConfig) -> ServeConfig:
         raise ConfigError(f"log_queries must be one of {', '.join(LOG_MODES)}, not {cfg.log_queries!r}")
     if cfg.timeout <= 0 or cfg.tcp_idle_timeout <= 0 or cfg.reload_interval <= 0:
         raise ConfigError("timeouts and intervals must be above zero")
+    if cfg.cache_size < 0 or not 0 <= cfg.cache_min_ttl <= cfg.cache_max_ttl:
+        raise ConfigError("cache_size must be >= 0 and 0 <= cache_min_ttl <= cache_max_ttl")
     if not 0 <= cfg.block_ttl <= 86400:
         raise ConfigError("block_ttl must be from 0 to 86400 seconds")
     if not cfg.listen:

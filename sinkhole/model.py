@@ -11,6 +11,7 @@ class Action(enum.StrEnum):
 
     BLOCKED = "blocked"
     FORWARDED = "forwarded"
+    CACHED = "cached"
     REFUSED = "refused"
     LIMITED = "limited"  # over the rate limit: TC=1 over UDP so that the client comes back over TCP
     LOCAL = "local"  # answered here without the upstream (ANY per RFC 8482)

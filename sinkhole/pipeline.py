@@ -1,16 +1,18 @@
 """The one place the order of a query's stages is written.
 
-    decode -> policy.decide -+- blocked --> answer.blocked ------------------+
-                             +- forward --> upstream.forward (or SERVFAIL) --+--> reply
-                                            audit.submit (non-blocking) <----+
+    decode -> guard -> policy.decide -+- blocked --> answer.blocked ---------------------------+
+                                      +- forward --> cache.get -- miss --> upstream.forward ---+--> reply
+                                                        (hit) ----------------------------------+
+                                                     audit.submit (non-blocking) <--------------+
 
 `begin` runs every stage that needs no I/O and returns the reply bytes, None (drop), or
-a Pending forward; `forward` finishes those. Listeners call
-`begin` inline and only schedule a task for forwards, so a blocked name never costs a task.
+a Pending forward; `forward` finishes those. Listeners call `begin` inline and only
+schedule a task for forwards, so a blocked name or a cache hit never costs a task.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 
 from sinkhole import answer, codec
 from sinkhole.audit import AuditLog
+from sinkhole.cache import Cache, key_of
 from sinkhole.errors import UpstreamError
 from sinkhole.guard import Guard, Outcome
 from sinkhole.model import Action, AuditEvent, Query, Verdict
@@ -34,12 +37,15 @@ class Pending:
     query: Query
     verdict: Verdict
     version: int
+    key: bytes
 
 
 class Pipeline:
     def __init__(self, get_policy: Callable[[], Policy], forwarder: Forwarder, audit: AuditLog,
-                 answers: answer.AnswerConfig, guard: Guard | None = None) -> None:
+                 answers: answer.AnswerConfig, guard: Guard | None = None, cache: Cache | None = None) -> None:
         self.guard = guard or Guard()
+        self.cache = cache if cache is not None else Cache()
+        self._inflight: dict[bytes, asyncio.Future[tuple[bytes, str]]] = {}
         self.get_policy = get_policy
         self.forwarder = forwarder
         self.audit = audit
@@ -95,13 +101,21 @@ class Pipeline:
             self._record(Action.LOCAL, client, proto, query.qname, query.qtype, codec.NOERROR, verdict,
                          "RFC 8482 HINFO", policy.version)
             return answer.minimal_any(query)
-        return Pending(query, verdict, policy.version)
+        key = key_of(query)
+        hit = self.cache.get(key, query, time.monotonic())
+        if hit is not None:
+            if proto == "udp" and len(hit) > query.max_udp:
+                hit = answer.truncated(query, codec.header_rcode(hit))
+            self._record(Action.CACHED, client, proto, query.qname, query.qtype, codec.header_rcode(hit), verdict,
+                         None, policy.version)
+            return hit
+        return Pending(query, verdict, policy.version, key)
 
     async def forward(self, pending: Pending, client: str, proto: str) -> bytes:
         query, verdict, version = pending.query, pending.verdict, pending.version
         started = time.perf_counter()
         try:
-            reply, upstream = await self.forwarder.forward(query, client_tcp=proto == "tcp")
+            reply, upstream = await self._coalesced(pending, proto == "tcp")
         except UpstreamError as exc:
             log.warning("SERVFAIL for %s %s: %s", query.qname, codec.qtype_name(query.qtype), exc)
             self._record(Action.SERVFAIL, client, proto, query.qname, query.qtype, codec.SERVFAIL, verdict,
@@ -110,8 +124,36 @@ class Pipeline:
         if proto == "udp" and len(reply) > query.max_udp:
             reply = answer.truncated(query, codec.header_rcode(reply))  # an upstream that ignored the buffer size
         self._record(Action.FORWARDED, client, proto, query.qname, query.qtype, codec.header_rcode(reply),
-                     verdict, None, version, str(upstream), (time.perf_counter() - started) * 1000)
+                     verdict, None, version, upstream, (time.perf_counter() - started) * 1000)
         return reply
+
+    async def _coalesced(self, pending: Pending, client_tcp: bool) -> tuple[bytes, str]:
+        """One upstream query for identical questions in flight at once; each client gets its own ID and case."""
+        query, key = pending.query, pending.key
+        if not client_tcp:
+            running = self._inflight.get(key)
+            if running is not None:
+                wire, upstream = await asyncio.shield(running)
+                out = bytearray(wire)
+                out[0:2] = query.wire[0:2]
+                out[12:12 + len(query.question)] = query.question
+                return bytes(out), upstream
+        future: asyncio.Future[tuple[bytes, str]] = asyncio.get_running_loop().create_future()
+        if not client_tcp:
+            self._inflight[key] = future
+        try:
+            reply, up = await self.forwarder.forward(query, client_tcp=client_tcp)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: no "never retrieved" warning when nobody else waited
+            raise
+        else:
+            future.set_result((reply, str(up)))
+            self.cache.put(key, query, reply, time.monotonic())
+            return reply, str(up)
+        finally:
+            if self._inflight.get(key) is future:
+                del self._inflight[key]
 
     async def handle(self, wire: bytes, client: str, proto: str) -> bytes | None:
         """Both halves in one call, for callers that are already in a task."""

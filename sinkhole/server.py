@@ -60,7 +60,8 @@ class Server:
         self._stop = asyncio.Event()
         self.audit = AuditLog(self.db, cfg.node, cfg.log_queries)
         self.forwarder = Forwarder(cfg.upstreams(), cfg.timeout)
-        self.pipeline = Pipeline(lambda: self.policy, self.forwarder, self.audit, cfg.answers(), cfg.make_guard())
+        self.pipeline = Pipeline(lambda: self.policy, self.forwarder, self.audit, cfg.answers(), cfg.make_guard(),
+                                 cfg.make_cache())
         self.reloader: PolicyReloader | None = None
 
     def load_policy(self, store: Store) -> None:

@@ -48,6 +48,7 @@ class StubResolver:
     header.* a bare 12-byte header with the right ID
     spoofport.* a forged answer from another port first, then the real one
     tcphang.* TC=1 over UDP; over TCP the connection is accepted and never answered
+    delay.*  answered after 0.3 s
     """
 
     def __init__(self, host: str = "127.0.0.1", silent: bool = False, misbehave: bool = True) -> None:
@@ -131,6 +132,8 @@ class StubResolver:
         first = qname.split(".")[0] if self.misbehave else ""
         if first == "slow":
             return []
+        if first == "delay":
+            time.sleep(0.3)
         if first == "garbage":
             return [bytes(random.Random(q.header.id).getrandbits(8) for _ in range(40))]
         if first == "qr0":

@@ -12,8 +12,8 @@ import time
 from datetime import UTC, datetime
 
 import dns.message
-import dns.rcode
 import dns.query
+import dns.rcode
 import pytest
 
 from sinkhole.model import RuleKind

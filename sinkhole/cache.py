@@ -1,0 +1,139 @@
+"""A TTL-aware cache of upstream replies, kept as wire bytes.
+
+A hit is the stored reply with the client's ID and question bytes put in and every TTL
+decreased by the time it spent here: no message object is built. Negative answers are
+cached for the SOA's TTL or MINIMUM, whichever is lower (RFC 2308). Entries are keyed
+on the lower-cased question name, type, class and the EDNS/DO/CD bits of the query,
+bounded in number, and evicted least recently used first.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from sinkhole import codec
+from sinkhole.model import Query
+
+_RR = struct.Struct("!HHIH")
+_TTL = struct.Struct("!I")
+
+
+@dataclass(slots=True)
+class Entry:
+    wire: bytes  # the reply as received, ID and question included
+    qlen: int  # length of the question section
+    ttl_offsets: tuple[int, ...]  # where each decrementable TTL is, and its stored value
+    ttls: tuple[int, ...]
+    stored: float
+    expires: float
+
+
+def key_of(query: Query) -> bytes:
+    """Question name lower-cased plus type and class, and one byte of EDNS / DO / CD."""
+    q = query.question
+    flags = (1 if query.edns is not None else 0) | (2 if query.edns and query.edns.do else 0) | (
+        4 if query.flags & codec.CD else 0)
+    return q[:-4].lower() + q[-4:] + bytes([flags])
+
+
+def _skip_name(wire: bytes, pos: int) -> int:
+    while True:
+        length = wire[pos]
+        if length == 0:
+            return pos + 1
+        if length & 0xC0 == 0xC0:
+            return pos + 2
+        pos += 1 + length
+
+
+def scan(wire: bytes, qlen: int) -> tuple[list[int], list[int], int | None, bool]:
+    """TTL offsets and values of every record but OPT; the negative TTL (SOA) if any; answers present."""
+    _, _, _, ancount, nscount, arcount = struct.unpack_from("!HHHHHH", wire)
+    pos = 12 + qlen
+    offsets, ttls = [], []
+    negative_ttl = None
+    for i in range(ancount + nscount + arcount):
+        pos = _skip_name(wire, pos)
+        rtype, _, ttl, rdlen = _RR.unpack_from(wire, pos)
+        if rtype != codec.T_OPT:
+            offsets.append(pos + 4)
+            ttls.append(ttl)
+            if rtype == codec.T_SOA and ancount <= i < ancount + nscount:
+                rdata = pos + 10
+                minimum = _TTL.unpack_from(wire, rdata + rdlen - 4)[0]
+                negative_ttl = min(ttl, minimum)
+        pos += 10 + rdlen
+    if pos > len(wire):
+        raise ValueError("records run past the end")
+    return offsets, ttls, negative_ttl, ancount > 0
+
+
+class Cache:
+    def __init__(self, max_entries: int = 100_000, min_ttl: int = 0, max_ttl: int = 86400,
+                 negative_max_ttl: int = 3600) -> None:
+        self.max_entries = max_entries
+        self.min_ttl = min_ttl
+        self.max_ttl = max_ttl
+        self.negative_max_ttl = negative_max_ttl
+        self._entries: OrderedDict[bytes, Entry] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: bytes, query: Query, now: float) -> bytes | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            self.misses += 1
+            return None
+        if now >= entry.expires:
+            del self._entries[key]
+            self.misses += 1
+            return None
+        self._entries.move_to_end(key)
+        self.hits += 1
+        return self.render(entry, query, now)
+
+    @staticmethod
+    def render(entry: Entry, query: Query, now: float) -> bytes:
+        """The stored reply for this client: its ID, its question bytes (case as asked), TTLs aged."""
+        out = bytearray(entry.wire)
+        struct.pack_into("!H", out, 0, query.id)
+        out[12:12 + entry.qlen] = query.question
+        # RD and CD as the client set them
+        out[2] = (out[2] & ~0x01) | ((query.flags >> 8) & 0x01)
+        out[3] = (out[3] & ~0x10) | (query.flags & 0x10)
+        elapsed = int(now - entry.stored)
+        if elapsed:
+            for off, ttl in zip(entry.ttl_offsets, entry.ttls, strict=True):
+                _TTL.pack_into(out, off, max(0, ttl - elapsed))
+        return bytes(out)
+
+    def put(self, key: bytes, query: Query, reply: bytes, now: float) -> None:
+        """Store a validated upstream reply when it may be reused; anything odd is simply not cached."""
+        if self.max_entries <= 0 or len(reply) < 12 + len(query.question):
+            return
+        flags = reply[2] << 8 | reply[3]
+        rcode = flags & 0xF
+        if flags & codec.TC or rcode not in (codec.NOERROR, codec.NXDOMAIN):
+            return
+        try:
+            offsets, ttls, negative_ttl, has_answer = scan(reply, len(query.question))
+        except (IndexError, struct.error, ValueError):
+            return
+        if has_answer and rcode == codec.NOERROR:
+            ttl = min(ttls)
+            ttl = max(self.min_ttl, min(ttl, self.max_ttl))
+        elif negative_ttl is not None:
+            ttl = max(self.min_ttl, min(negative_ttl, self.negative_max_ttl))
+        else:
+            return  # a negative answer without SOA: RFC 2308 says not to cache it
+        if ttl <= 0:
+            return
+        self._entries[key] = Entry(reply, len(query.question), tuple(offsets), tuple(ttls), now, now + ttl)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)

@@ -1,0 +1,158 @@
+"""The reply cache over real sockets: hits without the upstream, aged TTLs, negative caching, coalescing."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import struct
+import time
+
+import dns.flags
+import dns.message
+import dns.name
+import dns.query
+import dns.rcode
+import dns.rrset
+import pytest
+
+from sinkhole import codec
+from sinkhole.cache import Cache, key_of
+from tests.conftest import ask
+from tests.dnsstub import address_for
+
+
+def test_second_query_is_a_hit_with_client_id_and_case(server, stub):
+    first = ask(server, "www.example.test")
+    q = dns.message.make_query("WWW.Example.TEST", "A", use_edns=0)
+    r = dns.query.udp(q, server.host, port=server.port, timeout=5)
+    assert r.id == q.id and r.question[0].name.to_text() == "WWW.Example.TEST."
+    assert r.answer[0][0].to_text() == first.answer[0][0].to_text() == address_for("www.example.test")
+    assert len(stub.queries("www.example.test")) == 1
+    assert server.server.pipeline.counts.get("cached") == 1
+
+
+def test_hit_over_tcp_and_keys_separate_types_and_edns(server, stub):
+    ask(server, "www.example.test", "A")
+    ask(server, "www.example.test", "A", tcp=True)
+    assert len(stub.queries("www.example.test")) == 1
+    ask(server, "www.example.test", "AAAA")
+    ask(server, "www.example.test", "A", edns=False)  # a reply with OPT must not go to a client without EDNS
+    r = ask(server, "www.example.test", "A", edns=False)
+    assert r.edns == -1
+    assert len(stub.queries("www.example.test")) == 3
+
+
+def test_ttl_decreases_while_cached(server, stub):
+    assert ask(server, "ttl.example.test").answer[0].ttl == 300
+    time.sleep(1.1)
+    ttl = ask(server, "ttl.example.test").answer[0].ttl
+    assert 298 <= ttl <= 299
+    assert len(stub.queries("ttl.example.test")) == 1
+
+
+def test_negative_answer_cached_for_soa_minimum(server, stub):
+    for _ in range(3):
+        r = ask(server, "nx.example.test")
+        assert r.rcode() == dns.rcode.NXDOMAIN and r.authority
+    assert len(stub.queries("nx.example.test")) == 1
+
+
+def test_servfail_is_not_cached(make_server):
+    from tests.dnsstub import StubResolver
+
+    with StubResolver(silent=True) as dead:
+        s = make_server(upstream=(dead.address,), timeout=0.5)
+        assert ask(s, "www.example.test").rcode() == dns.rcode.SERVFAIL
+        assert ask(s, "www.example.test").rcode() == dns.rcode.SERVFAIL
+        assert len(dead.queries()) == 2
+
+
+def test_identical_queries_in_flight_are_coalesced(server, stub):
+    def one(i: int) -> dns.message.Message:
+        q = dns.message.make_query("delay.example.test", "A")
+        return dns.query.udp(q, server.host, port=server.port, timeout=5)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(one, range(8)))
+    assert all(r.answer[0][0].to_text() == address_for("delay.example.test") for r in replies)
+    assert len(stub.queries("delay.example.test")) == 1
+
+
+def test_cache_disabled(make_server, stub):
+    s = make_server(upstream=(stub.address,), cache_size=0)
+    ask(s, "www.example.test")
+    ask(s, "www.example.test")
+    assert len(stub.queries("www.example.test")) == 2
+
+
+# ---------------------------------------------------------------------------- unit
+
+
+def reply_for(name: str, ttl: int = 60, rcode: int = 0, soa: tuple[int, int] | None = None,
+              tc: bool = False) -> tuple[codec.Query, bytes]:
+    q = dns.message.make_query(name, "A")
+    query = codec.decode_query(q.to_wire())
+    r = dns.message.make_response(q)
+    r.set_rcode(rcode)
+    if rcode == 0 and soa is None:
+        r.answer.append(dns.rrset.from_text(name + ".", ttl, "IN", "A", "192.0.2.1"))
+    if soa is not None:
+        r.authority.append(dns.rrset.from_text("example.test.", soa[0], "IN", "SOA",
+                                               f"ns.example.test. host.example.test. 1 2 3 4 {soa[1]}"))
+    if tc:
+        r.flags |= dns.flags.TC
+    return query, r.to_wire()
+
+
+def test_lru_eviction_and_clamps():
+    c = Cache(max_entries=2, max_ttl=100)
+    now = 1000.0
+    for name in ("a.example.test", "b.example.test", "c.example.test"):
+        query, wire = reply_for(name, ttl=5000)
+        c.put(key_of(query), query, wire, now)
+    assert len(c) == 2
+    qa, _ = reply_for("a.example.test")
+    assert c.get(key_of(qa), qa, now) is None  # evicted, least recently used
+    qc, _ = reply_for("c.example.test")
+    assert c.get(key_of(qc), qc, now + 99) is not None
+    assert c.get(key_of(qc), qc, now + 100) is None  # clamped to max_ttl
+
+
+@pytest.mark.parametrize("kwargs,cached", [
+    ({"rcode": 2}, False), ({"tc": True}, False), ({"rcode": 3}, False),
+    ({"rcode": 3, "soa": (300, 30)}, True), ({"rcode": 0, "soa": (10, 600)}, True), ({"ttl": 0}, False),
+])
+def test_what_is_cached(kwargs, cached):
+    c = Cache()
+    query, wire = reply_for("x.example.test", **kwargs)
+    c.put(key_of(query), query, wire, 0.0)
+    assert (len(c) == 1) is cached
+
+
+def test_negative_ttl_is_min_of_soa_ttl_and_minimum():
+    c = Cache()
+    query, wire = reply_for("x.example.test", rcode=3, soa=(300, 30))
+    c.put(key_of(query), query, wire, 0.0)
+    assert c.get(key_of(query), query, 29.0) is not None
+    assert c.get(key_of(query), query, 30.0) is None
+
+
+def test_aged_ttls_never_touch_opt():
+    q = dns.message.make_query("x.example.test", "A", use_edns=0, want_dnssec=True)
+    query = codec.decode_query(q.to_wire())
+    r = dns.message.make_response(q)
+    r.use_edns(0, ednsflags=dns.flags.DO, payload=1232)
+    r.answer.append(dns.rrset.from_text("x.example.test.", 60, "IN", "A", "192.0.2.1"))
+    wire = r.to_wire()
+    c = Cache()
+    c.put(key_of(query), query, wire, 0.0)
+    out = dns.message.from_wire(c.get(key_of(query), query, 10.5))
+    assert out.answer[0].ttl == 50 and out.edns == 0 and out.flags & dns.flags.QR
+    assert out.ednsflags & dns.flags.DO
+    assert struct.unpack("!H", c.get(key_of(query), query, 11.0)[:2])[0] == q.id
+
+
+def test_names_differing_only_in_case_share_a_key():
+    q1 = codec.decode_query(dns.message.make_query("A.Example.TEST", "A").to_wire())
+    q2 = codec.decode_query(dns.message.make_query("a.example.test", "A").to_wire())
+    assert key_of(q1) == key_of(q2)
+    assert dns.name.from_text("a.example.test")  # keep the import used
