@@ -146,6 +146,8 @@ def _category(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 @click.option("--log-queries", type=click.Choice(["blocked", "all", "none"]), default=None,
               help="Which queries the audit log keeps [blocked].")
 @click.option("--node", default=None, help="Node name written in every audit row [host name].")
+@click.option("--user", default=None, metavar="NAME",
+              help="Started as root: bind the ports, then run as this user (e.g. to serve port 53).")
 @click.option("--shipped-lists/--no-shipped-lists", default=None,
               help="Load the shipped lists into a new database [yes].")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=None)

@@ -47,6 +47,7 @@ class ServeConfig:
     tcp_max_clients: int = 1000
     reload_interval: float = 0.25
     node: str = field(default_factory=socket.gethostname)
+    user: str = ""  # when started as root: bind, then run as this user
     shipped_lists: bool = True
     log_level: str = "info"
 

@@ -39,8 +39,9 @@ class UdpProtocol(asyncio.DatagramProtocol):
         self.transport = transport  # type: ignore[assignment]
         sock = transport.get_extra_info("socket")
         if sock is not None:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RCVBUF)
+            try:  # grow the buffer for bursts, never shrink one systemd already set larger
+                if sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) < UDP_RCVBUF:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RCVBUF)
             except OSError:
                 pass
 
@@ -141,9 +142,11 @@ class TcpHandler:
 class Listener:
     """UDP and TCP on one address and port; with port 0 both get the same free port."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, udp_sock: socket.socket | None = None,
+                 tcp_sock: socket.socket | None = None) -> None:
         self.host = host
         self.port = port
+        self.given = (udp_sock, tcp_sock)  # already bound (socket activation, or a parent process)
         self.udp: asyncio.DatagramTransport | None = None
         self.udp_protocol: UdpProtocol | None = None
         self.tcp: asyncio.Server | None = None
@@ -152,6 +155,15 @@ class Listener:
     async def start(self, pipeline: Pipeline, tasks: _Tasks, idle_timeout: float, max_clients: int) -> None:
         loop = asyncio.get_running_loop()
         handler = TcpHandler(pipeline, tasks, idle_timeout, max_clients)
+        udp_sock, tcp_sock = self.given
+        if udp_sock is not None or tcp_sock is not None:
+            if udp_sock is not None:
+                self.udp, self.udp_protocol = await loop.create_datagram_endpoint(
+                    lambda: UdpProtocol(pipeline, tasks), sock=udp_sock)
+            if tcp_sock is not None:
+                self.tcp = await asyncio.start_server(handler, sock=tcp_sock, backlog=socket.SOMAXCONN)
+                self.tcp_handler = handler
+            return
         for _attempt in range(50):
             udp, proto = await loop.create_datagram_endpoint(lambda: UdpProtocol(pipeline, tasks),
                                                              local_addr=(self.host, self.port))
@@ -164,7 +176,7 @@ class Listener:
                     continue  # the free UDP port is taken for TCP: try another
                 raise
             self.udp, self.tcp, self.tcp_handler, self.port = udp, tcp, handler, port
-            self.udp_protocol = proto
+            self.udp_protocol = proto  # type: ignore[assignment]
             return
         raise OSError(errno.EADDRINUSE, f"no port free for both UDP and TCP on {self.host}")
 
@@ -183,6 +195,10 @@ class Listener:
             self.tcp_handler.close_all()
         if self.udp is not None:
             self.udp.close()
+
+    @property
+    def transports(self) -> str:
+        return "+".join(t for t, present in (("udp", self.udp), ("tcp", self.tcp)) if present is not None)
 
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"

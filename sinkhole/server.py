@@ -9,7 +9,9 @@ import threading
 import time
 from pathlib import Path
 
-from sinkhole import lists
+import sqlite_utils
+
+from sinkhole import lists, privileges, systemd
 from sinkhole.audit import AuditLog
 from sinkhole.config import ServeConfig
 from sinkhole.listener import Listener, _Tasks
@@ -63,6 +65,7 @@ class Server:
         self.pipeline = Pipeline(lambda: self.policy, self.forwarder, self.audit, cfg.answers(), cfg.make_guard(),
                                  cfg.make_cache())
         self.reloader: PolicyReloader | None = None
+        self._watchdog: asyncio.Task[None] | None = None
 
     def load_policy(self, store: Store) -> None:
         started = time.perf_counter()
@@ -77,21 +80,41 @@ class Server:
         return [str(x) for x in self.listeners]
 
     async def start(self) -> None:
+        """Bind (or take systemd's sockets), drop privileges, then open the database and serve."""
+        passed = systemd.listen_sockets()
+        if passed:  # socket activation: systemd's sockets, whatever `listen` says
+            listeners = [Listener(host, port, pair["udp"], pair["tcp"])
+                         for (host, port), pair in systemd.group_by_address(passed).items()]
+        else:
+            listeners = [Listener(host, port) for host, port in self.cfg.listen_addresses()]
+        for listener in listeners:
+            await listener.start(self.pipeline, self.tasks, self.cfg.tcp_idle_timeout, self.cfg.tcp_max_clients)
+            self.listeners.append(listener)
+            log.info("listening on %s %s%s", listener.transports, listener, " (from systemd)" if passed else "")
+        if self.cfg.user:
+            # what is imported lazily must be imported now: the new user may not read the install
+            sqlite_utils.Database(memory=True).close()
+            privileges.drop_to(self.cfg.user)
         store = open_store(self.db, self.cfg.shipped_lists)
         try:
             self.load_policy(store)
         finally:
             store.close()
         self.audit.start()
-        for host, port in self.cfg.listen_addresses():
-            listener = Listener(host, port)
-            await listener.start(self.pipeline, self.tasks, self.cfg.tcp_idle_timeout, self.cfg.tcp_max_clients)
-            self.listeners.append(listener)
-            log.info("listening on udp+tcp %s", listener)
         self.reloader = PolicyReloader(self, self.db, self.cfg.reload_interval)
         self.reloader.start()
         log.info("forwarding to %s; audit log %s in %s", ", ".join(map(str, self.forwarder.upstreams)),
                  self.cfg.log_queries, self.db)
+        systemd.notify("READY=1\nSTATUS=serving on " + ", ".join(self.addresses))
+        interval = systemd.watchdog_interval()
+        if interval:
+            self._watchdog = asyncio.get_running_loop().create_task(self._ping_watchdog(interval))
+
+    async def _ping_watchdog(self, interval: float) -> None:
+        """WATCHDOG=1 from the event loop itself: a stuck loop stops the pings and systemd restarts us."""
+        while True:
+            systemd.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -102,6 +125,9 @@ class Server:
 
     async def shutdown(self) -> None:
         """Stop accepting, answer what is in hand, flush the audit log."""
+        systemd.notify("STOPPING=1")
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         for listener in self.listeners:
             listener.stop_tcp()
         # answer the datagrams already queued in the kernel: keep reading until a quiet moment

@@ -1,0 +1,117 @@
+"""The systemd side of a service, stdlib only: socket activation, sd_notify, the watchdog interval.
+
+Each function does nothing (returns an empty result) when not started by systemd, so the
+server can call them unconditionally. The protocols are those of sd_listen_fds(3),
+sd_notify(3) and sd_watchdog_enabled(3).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+log = logging.getLogger(__name__)
+
+LISTEN_FDS_START = 3  # SD_LISTEN_FDS_START: the first file descriptor systemd passes
+
+SocketPair = dict[str, socket.socket | None]
+
+
+def listen_sockets() -> list[socket.socket]:
+    """The sockets systemd passed to this process (socket activation), non-blocking and close-on-exec.
+
+    Empty when LISTEN_PID is not our process id or LISTEN_FDS is unset. The LISTEN_* variables are
+    removed from the environment either way, so that child processes do not take them for theirs.
+    """
+    pid = os.environ.pop("LISTEN_PID", None)
+    fds = os.environ.pop("LISTEN_FDS", None)
+    os.environ.pop("LISTEN_FDNAMES", None)
+    if pid is None or fds is None:
+        return []
+    try:
+        if int(pid) != os.getpid():
+            return []
+        count = int(fds)
+    except ValueError:
+        log.warning("ignoring malformed LISTEN_PID=%r LISTEN_FDS=%r", pid, fds)
+        return []
+    socks: list[socket.socket] = []
+    for fd in range(LISTEN_FDS_START, LISTEN_FDS_START + max(count, 0)):
+        try:
+            sock = socket.socket(fileno=fd)  # the kernel tells family, type and protocol
+        except OSError as exc:
+            log.warning("file descriptor %d passed by systemd is not a usable socket: %s", fd, exc)
+            continue
+        sock.setblocking(False)
+        sock.set_inheritable(False)
+        socks.append(sock)
+    return socks
+
+
+def _address(sock: socket.socket) -> tuple[str, int] | None:
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    host, port = sock.getsockname()[:2]
+    return host, port
+
+
+def group_by_address(socks: list[socket.socket]) -> dict[tuple[str, int], SocketPair]:
+    """Pair the UDP and TCP sockets bound to the same (host, port): {(host, port): {"udp": s, "tcp": s}}.
+
+    A key has None for a transport systemd passed no socket for. Sockets that are not IPv4/IPv6
+    UDP or TCP are left out (and logged); a second socket of one transport on one address too.
+    """
+    groups: dict[tuple[str, int], SocketPair] = {}
+    for sock in socks:
+        address = _address(sock)
+        kind = {socket.SOCK_DGRAM: "udp", socket.SOCK_STREAM: "tcp"}.get(sock.type)
+        if address is None or kind is None:
+            log.warning("ignoring a passed socket that is not IPv4/IPv6 UDP or TCP: %r", sock)
+            continue
+        pair = groups.setdefault(address, {"udp": None, "tcp": None})
+        if pair[kind] is not None:
+            log.warning("ignoring a second %s socket passed for %s:%d", kind, *address)
+            continue
+        pair[kind] = sock
+    return groups
+
+
+def notify(state: str) -> bool:
+    """Send `state` (e.g. "READY=1", "STOPPING=1", "WATCHDOG=1", "STATUS=...") to $NOTIFY_SOCKET.
+
+    True when the message was sent; False when not run by systemd or when sending failed.
+    Never raises: a notification that cannot be sent must not stop the server.
+    """
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address[0] == "@":
+        address = "\0" + address[1:]  # abstract namespace
+    elif address[0] != "/":
+        log.debug("unsupported NOTIFY_SOCKET address %r", address)
+        return False
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto(state.encode(), address)
+    except OSError as exc:
+        log.debug("sd_notify %r to %r failed: %s", state, address, exc)
+        return False
+    return True
+
+
+def watchdog_interval() -> float | None:
+    """Seconds between WATCHDOG=1 pings (half of WatchdogSec=), or None when no watchdog is armed for us."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec:
+        return None
+    try:
+        if pid and int(pid) != os.getpid():
+            return None
+        value = int(usec)
+    except ValueError:
+        return None
+    if value <= 0:
+        return None
+    return value / 2 / 1_000_000
