@@ -146,6 +146,8 @@ def _category(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 @click.option("--log-queries", type=click.Choice(["blocked", "all", "none"]), default=None,
               help="Which queries the audit log keeps [blocked].")
 @click.option("--node", default=None, help="Node name written in every audit row [host name].")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Processes serving the same sockets [0: one per core].")
 @click.option("--user", default=None, metavar="NAME",
               help="Started as root: bind the ports, then run as this user (e.g. to serve port 53).")
 @click.option("--shipped-lists/--no-shipped-lists", default=None,
@@ -160,7 +162,7 @@ def serve(env: Env, config_file: Path | None, **flags: Any) -> None:
     cfg = config.load(config_file, flags={k: (None if v == () else v) for k, v in flags.items()})
     logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s sinkhole %(levelname)s %(message)s")
-    server.run(cfg, env.db_path)
+    sys.exit(server.run(cfg, env.db_path))
 
 
 # ---------------------------------------------------------------------------- block / allow

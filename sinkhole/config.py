@@ -48,6 +48,7 @@ class ServeConfig:
     reload_interval: float = 0.25
     node: str = field(default_factory=socket.gethostname)
     user: str = ""  # when started as root: bind, then run as this user
+    workers: int = 0  # processes serving the same sockets; 0: one per core
     shipped_lists: bool = True
     log_level: str = "info"
 
@@ -125,6 +126,8 @@ def _validate(cfg: ServeConfig) -> ServeConfig:
         raise ConfigError(f"log_queries must be one of {', '.join(LOG_MODES)}, not {cfg.log_queries!r}")
     if cfg.timeout <= 0 or cfg.tcp_idle_timeout <= 0 or cfg.reload_interval <= 0:
         raise ConfigError("timeouts and intervals must be above zero")
+    if cfg.workers < 0:
+        raise ConfigError("workers must be 0 (one per core) or more")
     if cfg.cache_size < 0 or not 0 <= cfg.cache_min_ttl <= cfg.cache_max_ttl:
         raise ConfigError("cache_size must be >= 0 and 0 <= cache_min_ttl <= cache_max_ttl")
     if not 0 <= cfg.block_ttl <= 86400:

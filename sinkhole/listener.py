@@ -13,6 +13,63 @@ from sinkhole.pipeline import Pending, Pipeline
 log = logging.getLogger(__name__)
 
 UDP_RCVBUF = 4 * 1024 * 1024
+Bound = tuple[str, int, socket.socket | None, socket.socket | None]  # host, port, udp, tcp
+
+
+def bind_pair(host: str, port: int) -> Bound:
+    """UDP and TCP sockets on one address; with port 0, the same free port for both."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _attempt in range(50):
+        udp = socket.socket(family, socket.SOCK_DGRAM)
+        tcp = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            if family == socket.AF_INET6:
+                udp.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                tcp.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RCVBUF)
+            except OSError:
+                pass
+            udp.bind((host, port))
+            actual = udp.getsockname()[1]
+            try:
+                tcp.bind((host, actual))
+            except OSError as exc:
+                if port == 0 and exc.errno == errno.EADDRINUSE:
+                    udp.close()
+                    tcp.close()
+                    continue
+                raise
+            tcp.listen(socket.SOMAXCONN)
+            udp.setblocking(False)
+            tcp.setblocking(False)
+            return host, actual, udp, tcp
+        except BaseException:
+            udp.close()
+            tcp.close()
+            raise
+    raise OSError(errno.EADDRINUSE, f"no port free for both UDP and TCP on {host}")
+
+
+def bind_all(addresses: list[tuple[str, int]]) -> tuple[list[Bound], bool]:
+    """systemd's sockets when socket-activated (whatever `addresses` says), else ours; True when systemd's."""
+    from sinkhole import systemd
+
+    passed = systemd.listen_sockets()
+    if passed:
+        return [(h, p, pair["udp"], pair["tcp"]) for (h, p), pair in systemd.group_by_address(passed).items()], True
+    bound: list[Bound] = []
+    try:
+        for host, port in addresses:
+            bound.append(bind_pair(host, port))
+    except BaseException:
+        for _, _, udp, tcp in bound:
+            for sock in (udp, tcp):
+                if sock is not None:
+                    sock.close()
+        raise
+    return bound, False
 
 
 class _Tasks:
@@ -140,45 +197,27 @@ class TcpHandler:
 
 
 class Listener:
-    """UDP and TCP on one address and port; with port 0 both get the same free port."""
+    """Serves one address: the UDP and TCP sockets bound for it (by `bind_pair`, systemd or a supervisor)."""
 
-    def __init__(self, host: str, port: int, udp_sock: socket.socket | None = None,
-                 tcp_sock: socket.socket | None = None) -> None:
+    def __init__(self, host: str, port: int, udp_sock: socket.socket | None, tcp_sock: socket.socket | None) -> None:
         self.host = host
         self.port = port
-        self.given = (udp_sock, tcp_sock)  # already bound (socket activation, or a parent process)
+        self.given = (udp_sock, tcp_sock)
         self.udp: asyncio.DatagramTransport | None = None
         self.udp_protocol: UdpProtocol | None = None
         self.tcp: asyncio.Server | None = None
         self.tcp_handler: TcpHandler | None = None
 
     async def start(self, pipeline: Pipeline, tasks: _Tasks, idle_timeout: float, max_clients: int) -> None:
+        """Serve the bound sockets: from here on, queries are answered."""
         loop = asyncio.get_running_loop()
-        handler = TcpHandler(pipeline, tasks, idle_timeout, max_clients)
         udp_sock, tcp_sock = self.given
-        if udp_sock is not None or tcp_sock is not None:
-            if udp_sock is not None:
-                self.udp, self.udp_protocol = await loop.create_datagram_endpoint(
-                    lambda: UdpProtocol(pipeline, tasks), sock=udp_sock)
-            if tcp_sock is not None:
-                self.tcp = await asyncio.start_server(handler, sock=tcp_sock, backlog=socket.SOMAXCONN)
-                self.tcp_handler = handler
-            return
-        for _attempt in range(50):
-            udp, proto = await loop.create_datagram_endpoint(lambda: UdpProtocol(pipeline, tasks),
-                                                             local_addr=(self.host, self.port))
-            port = udp.get_extra_info("sockname")[1]
-            try:
-                tcp = await asyncio.start_server(handler, self.host, port, reuse_address=True)
-            except OSError as exc:
-                udp.close()
-                if self.port == 0 and exc.errno == errno.EADDRINUSE:
-                    continue  # the free UDP port is taken for TCP: try another
-                raise
-            self.udp, self.tcp, self.tcp_handler, self.port = udp, tcp, handler, port
-            self.udp_protocol = proto  # type: ignore[assignment]
-            return
-        raise OSError(errno.EADDRINUSE, f"no port free for both UDP and TCP on {self.host}")
+        if udp_sock is not None:
+            self.udp, self.udp_protocol = await loop.create_datagram_endpoint(  # type: ignore[assignment]
+                lambda: UdpProtocol(pipeline, tasks), sock=udp_sock)
+        if tcp_sock is not None:
+            self.tcp_handler = TcpHandler(pipeline, tasks, idle_timeout, max_clients)
+            self.tcp = await asyncio.start_server(self.tcp_handler, sock=tcp_sock, backlog=socket.SOMAXCONN)
 
     def stop_tcp(self) -> None:
         """No new TCP connections; open ones go on until `close`."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import threading
 import time
@@ -14,7 +15,7 @@ import sqlite_utils
 from sinkhole import lists, privileges, systemd
 from sinkhole.audit import AuditLog
 from sinkhole.config import ServeConfig
-from sinkhole.listener import Listener, _Tasks
+from sinkhole.listener import Listener, _Tasks, bind_all
 from sinkhole.pipeline import Pipeline
 from sinkhole.policy import Policy
 from sinkhole.store import Store
@@ -26,6 +27,16 @@ log = logging.getLogger(__name__)
 def open_store(db: str | Path, shipped_lists: bool = True) -> Store:
     """The database, with the shipped default lists loaded if it is new."""
     return Store(db, seed=lists.seed() if shipped_lists else None)
+
+
+def drop_privileges(user: str) -> None:
+    """Import now what later code imports lazily (the new user may not be able to read the
+    installation, e.g. a Python under /root), then become `user`."""
+    import concurrent.futures.thread  # noqa: F401  (run_in_executor at shutdown)
+    import importlib.metadata  # noqa: F401  (sqlite-utils plugins)
+
+    sqlite_utils.Database(memory=True).close()
+    privileges.drop_to(user)
 
 
 class PolicyReloader(threading.Thread):
@@ -53,7 +64,11 @@ class PolicyReloader(threading.Thread):
 
 
 class Server:
-    def __init__(self, cfg: ServeConfig, db: str | Path) -> None:
+    def __init__(self, cfg: ServeConfig, db: str | Path, sockets: list | None = None,
+                 worker: int | None = None) -> None:
+        """`sockets`: (host, port, udp, tcp) already bound by a supervisor, which also speaks to systemd."""
+        self.sockets = sockets
+        self.worker = worker
         self.cfg = cfg
         self.db = Path(db)
         self.policy = Policy()
@@ -80,29 +95,33 @@ class Server:
         return [str(x) for x in self.listeners]
 
     async def start(self) -> None:
-        """Bind (or take systemd's sockets), drop privileges, then open the database and serve."""
-        passed = systemd.listen_sockets()
-        if passed:  # socket activation: systemd's sockets, whatever `listen` says
-            listeners = [Listener(host, port, pair["udp"], pair["tcp"])
-                         for (host, port), pair in systemd.group_by_address(passed).items()]
+        """Bind (or take systemd's sockets), drop privileges, load the policy, then serve.
+
+        Nothing is answered before the policy is in force: a query that arrives early waits
+        in the socket's queue rather than being forwarded under an empty policy.
+        """
+        if self.sockets is not None:  # a worker: the supervisor bound them and dropped privileges
+            bound, passed = self.sockets, False
         else:
-            listeners = [Listener(host, port) for host, port in self.cfg.listen_addresses()]
-        for listener in listeners:
-            await listener.start(self.pipeline, self.tasks, self.cfg.tcp_idle_timeout, self.cfg.tcp_max_clients)
-            self.listeners.append(listener)
-            log.info("listening on %s %s%s", listener.transports, listener, " (from systemd)" if passed else "")
-        if self.cfg.user:
-            # what is imported lazily must be imported now: the new user may not read the install
-            sqlite_utils.Database(memory=True).close()
-            privileges.drop_to(self.cfg.user)
+            bound, passed = bind_all(self.cfg.listen_addresses())
+            if self.cfg.user:
+                drop_privileges(self.cfg.user)
         store = open_store(self.db, self.cfg.shipped_lists)
         try:
             self.load_policy(store)
         finally:
             store.close()
+        for host, port, udp, tcp in bound:
+            listener = Listener(host, port, udp, tcp)
+            await listener.start(self.pipeline, self.tasks, self.cfg.tcp_idle_timeout, self.cfg.tcp_max_clients)
+            self.listeners.append(listener)
+            if self.sockets is None:
+                log.info("listening on %s %s%s", listener.transports, listener, " (from systemd)" if passed else "")
         self.audit.start()
         self.reloader = PolicyReloader(self, self.db, self.cfg.reload_interval)
         self.reloader.start()
+        if self.sockets is not None:
+            return
         log.info("forwarding to %s; audit log %s in %s", ", ".join(map(str, self.forwarder.upstreams)),
                  self.cfg.log_queries, self.db)
         systemd.notify("READY=1\nSTATUS=serving on " + ", ".join(self.addresses))
@@ -125,7 +144,8 @@ class Server:
 
     async def shutdown(self) -> None:
         """Stop accepting, answer what is in hand, flush the audit log."""
-        systemd.notify("STOPPING=1")
+        if self.sockets is None:
+            systemd.notify("STOPPING=1")
         if self._watchdog is not None:
             self._watchdog.cancel()
         for listener in self.listeners:
@@ -149,7 +169,8 @@ class Server:
             self.reloader.stopping.set()
             self.reloader.join(5)
         await asyncio.get_running_loop().run_in_executor(None, self.audit.close)
-        log.info("stopped: %s; audit rows written %d, dropped %d",
+        log.info("%sstopped: %s; audit rows written %d, dropped %d", "" if self.worker is None else
+                 f"worker {self.worker} ",
                  ", ".join(f"{k} {v}" for k, v in sorted(self.pipeline.counts.items())) or "no queries",
                  self.audit.written, self.audit.dropped)
 
@@ -163,11 +184,17 @@ async def _serve(cfg: ServeConfig, db: Path) -> None:
     await server.wait()
 
 
-def run(cfg: ServeConfig, db: Path) -> None:
-    """Serve until SIGTERM or SIGINT; uses uvloop when it is installed."""
+def run(cfg: ServeConfig, db: Path) -> int:
+    """Serve until SIGTERM or SIGINT; uses uvloop when it is installed; returns the exit code."""
+    workers = cfg.workers or os.cpu_count() or 1
+    if workers > 1:
+        from sinkhole.workers import Supervisor
+
+        return Supervisor(cfg, db, workers).run()
     try:
         import uvloop
     except ImportError:
         asyncio.run(_serve(cfg, db))
     else:
         uvloop.run(_serve(cfg, db))
+    return 0

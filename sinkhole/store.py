@@ -262,7 +262,7 @@ class Store:
                   domain: str | None = None, action: str | None = None,
                   limit: int | None = None) -> Iterator[dict]:
         where, args = self._log_where(since, until, client, domain, action)
-        sql = f"SELECT * FROM audit{where} ORDER BY seq DESC"
+        sql = f"SELECT * FROM audit{where} ORDER BY time DESC, seq DESC"  # workers commit out of order
         if limit:
             sql += " LIMIT :limit"
             args["limit"] = limit

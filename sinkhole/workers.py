@@ -1,0 +1,259 @@
+"""Several worker processes on the same sockets, for every core.
+
+The supervisor binds every listen address (or takes systemd's sockets), drops privileges,
+creates the database once, then forks the workers: each runs its own event loop, cache,
+policy reloader and audit writer on the inherited sockets (the kernel hands each datagram
+and connection to one of them). The supervisor restarts a worker that dies, forwards
+SIGTERM/SIGINT, speaks sd_notify for all of them, and adds up their counts at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import select
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sinkhole import systemd
+from sinkhole.config import ServeConfig
+from sinkhole.listener import Bound, bind_all
+
+log = logging.getLogger(__name__)
+
+MAX_RESTARTS_PER_MINUTE = 10
+
+
+@dataclass
+class Worker:
+    index: int
+    pid: int
+    fd: int
+    buffer: bytes = b""
+    ready: bool = False
+    last_beat: float = field(default_factory=time.monotonic)
+    report: dict | None = None
+
+
+def _show(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class Supervisor:
+    def __init__(self, cfg: ServeConfig, db: Path, count: int) -> None:
+        self.cfg = cfg
+        self.db = db
+        self.count = count
+        self.workers: dict[int, Worker] = {}
+        self.bound: list[Bound] = []
+        self.stopping = False
+        self.restarts = 0
+        self.restart_times: list[float] = []
+        self.reports: list[dict] = []
+        self.failed = False
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.stopping = True
+
+    def run(self) -> int:
+        from sinkhole.server import drop_privileges, open_store
+
+        self.bound, from_systemd = bind_all(self.cfg.listen_addresses())
+        for host, port, udp, tcp in self.bound:
+            kinds = "+".join(k for k, s in (("udp", udp), ("tcp", tcp)) if s is not None)
+            log.info("listening on %s %s (%d workers)%s", kinds, _show(host, port), self.count,
+                     " (from systemd)" if from_systemd else "")
+        if self.cfg.user:
+            drop_privileges(self.cfg.user)
+        open_store(self.db, self.cfg.shipped_lists).close()  # create and seed once, before the workers race
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        upstreams = ", ".join(map(str, self.cfg.upstreams()))
+        interval = systemd.watchdog_interval()
+        for index in range(self.count):
+            self._spawn(index, interval)
+        notified_ready = False
+        last_ping = 0.0
+        sent_stop = False
+        while self.workers:
+            if self.stopping and not sent_stop:
+                systemd.notify("STOPPING=1")
+                for pid in self.workers:
+                    _kill(pid, signal.SIGTERM)
+                sent_stop = True
+            fds = [w.fd for w in self.workers.values()]
+            try:
+                readable, _, _ = select.select(fds, [], [], 0.2)
+            except InterruptedError:
+                readable = []
+            for w in list(self.workers.values()):
+                if w.fd in readable:
+                    self._read(w)
+            self._reap(interval)
+            if not notified_ready and all(w.ready for w in self.workers.values()):
+                notified_ready = True
+                log.info("forwarding to %s with %d workers; audit log %s in %s", upstreams, self.count,
+                         self.cfg.log_queries, self.db)
+                systemd.notify(f"READY=1\nSTATUS=serving on {', '.join(_show(h, p) for h, p, _, _ in self.bound)}"
+                               f" with {self.count} workers")
+            now = time.monotonic()
+            if interval and notified_ready and not self.stopping and now - last_ping >= interval and all(
+                    now - w.last_beat < 3 * interval for w in self.workers.values()):
+                systemd.notify("WATCHDOG=1")
+                last_ping = now
+        for _, _, udp, tcp in self.bound:
+            for s in (udp, tcp):
+                if s is not None:
+                    s.close()
+        self._log_totals()
+        return 1 if self.failed else 0
+
+    def _spawn(self, index: int, interval: float | None) -> None:
+        r, w = os.pipe()
+        supervisor = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # the worker
+            os.close(r)
+            # held until the worker's event loop handles them: a stop during start-up is not a crash
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            code = 1
+            try:
+                _die_with(supervisor)
+                code = worker_main(self.cfg, self.db, self.bound, w, index, interval, supervisor)
+            except BaseException:
+                log.exception("worker %d failed", index)
+            finally:
+                os._exit(code)
+        os.close(w)
+        self.workers[pid] = Worker(index, pid, r)
+
+    def _read(self, w: Worker) -> None:
+        try:
+            data = os.read(w.fd, 65536)
+        except OSError:
+            data = b""
+        w.buffer += data
+        while b"\n" in w.buffer:
+            line, w.buffer = w.buffer.split(b"\n", 1)
+            if line == b"ready":
+                w.ready = True
+            elif line == b"beat":
+                w.last_beat = time.monotonic()
+            elif line.startswith(b"{"):
+                w.report = json.loads(line)
+
+    def _reap(self, interval: float | None) -> None:
+        while self.workers:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            w = self.workers.pop(pid, None)
+            if w is None:
+                continue
+            self._read(w)
+            os.close(w.fd)
+            if w.report:
+                self.reports.append(w.report)
+            code = os.waitstatus_to_exitcode(status)
+            if self.stopping:
+                if code != 0:
+                    self.failed = True
+                continue
+            now = time.monotonic()
+            self.restart_times = [t for t in self.restart_times if now - t < 60] + [now]
+            if len(self.restart_times) > MAX_RESTARTS_PER_MINUTE:
+                log.error("worker %d exited (%s); %d restarts in a minute: giving up", w.index, code,
+                          len(self.restart_times))
+                self.failed = True
+                self.stopping = True
+                continue
+            self.restarts += 1
+            log.error("worker %d (pid %d) exited with %s; starting it again", w.index, pid, code)
+            self._spawn(w.index, interval)
+            self.workers[next(reversed(self.workers))].ready = True  # the others keep READY as it was
+
+    def _log_totals(self) -> None:
+        counts: dict[str, int] = {}
+        written = dropped = 0
+        for r in self.reports:
+            for k, v in r.get("counts", {}).items():
+                counts[k] = counts.get(k, 0) + v
+            written += r.get("written", 0)
+            dropped += r.get("dropped", 0)
+        log.info("stopped: %s; audit rows written %d, dropped %d (%d workers, %d restarts)",
+                 ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "no queries", written, dropped,
+                 self.count, self.restarts)
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _die_with(supervisor: int) -> None:
+    """Linux: SIGTERM this process when the supervisor dies (checked again after, for the race)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # elsewhere the worker's own poll of getppid() does it
+    if os.getppid() != supervisor:
+        os._exit(0)
+
+
+def worker_main(cfg: ServeConfig, db: Path, bound: list[Bound], fd: int, index: int,
+                interval: float | None, parent: int) -> int:
+    """One worker: an event loop serving the inherited sockets until SIGTERM/SIGINT."""
+    import asyncio
+
+    from sinkhole.server import Server
+
+    def say(line: str) -> None:
+        try:
+            os.write(fd, line.encode() + b"\n")
+        except OSError:
+            pass
+
+    async def main() -> None:
+        server = Server(cfg, db, sockets=bound, worker=index)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, server.request_stop)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+        await server.start()
+        say("ready")
+
+        async def beat() -> None:
+            while True:
+                if os.getppid() != parent:  # the supervisor is gone: do not keep the port alone
+                    server.request_stop()
+                    return
+                if interval:
+                    say("beat")
+                await asyncio.sleep(min(interval or 1.0, 1.0))
+
+        beater = loop.create_task(beat())
+        await server.wait()
+        beater.cancel()
+        say(json.dumps({"counts": server.pipeline.counts, "written": server.audit.written,
+                        "dropped": server.audit.dropped}))
+
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main())
+    else:
+        uvloop.run(main())
+    return 0
