@@ -28,6 +28,8 @@ from sinkhole.policy import Policy
 from sinkhole.upstream import Forwarder
 
 log = logging.getLogger(__name__)
+BLOCKED = Action.BLOCKED
+MEMO_MAX = 50_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +48,9 @@ class Pipeline:
         self.guard = guard or Guard()
         self.cache = cache if cache is not None else Cache()
         self._inflight: dict[bytes, asyncio.Future[tuple[bytes, str]]] = {}
+        # blocked answers by packet-without-ID, valid for one policy snapshot
+        self._memo: dict[bytes, tuple[bytes, str, int, int, Verdict, str]] = {}
+        self._memo_policy: Policy | None = None
         self.get_policy = get_policy
         self.forwarder = forwarder
         self.audit = audit
@@ -55,17 +60,29 @@ class Pipeline:
     def _record(self, action: Action, client: str, proto: str, qname: str, qtype: int, rcode: int,
                 verdict: Verdict | None = None, summary: str | None = None, version: int = 0,
                 upstream: str | None = None, latency_ms: float | None = None) -> None:
-        self.counts[action.value] = self.counts.get(action.value, 0) + 1
+        name = action.value
+        counts = self.counts
+        counts[name] = counts.get(name, 0) + 1
         if self.audit.wants(action):
             rule = verdict.rule if verdict is not None else None
             self.audit.submit(AuditEvent(
-                time.time(), client, proto, qname, qtype, action.value,
+                time.time(), client, proto, qname, qtype, name,
                 rule.domain if rule else None, rule.category if rule else None, rcode, summary, version,
                 upstream, latency_ms))
 
     def begin(self, wire: bytes, client: str, proto: str) -> bytes | Pending | None:
+        policy = self.get_policy()
+        if policy is not self._memo_policy:
+            self._memo.clear()
+            self._memo_policy = policy
+        done = self._memo.get(wire[2:])
+        if done is not None and self.guard.check(client, proto) is Outcome.OK:
+            # the same packet but for its ID was blocked before under this policy: same answer
+            tail, qname, qtype, rcode, verdict, summary = done
+            self._record(BLOCKED, client, proto, qname, qtype, rcode, verdict, summary, policy.version)
+            return wire[:2] + tail
         try:
-            query = codec.decode_query(wire)
+            query = codec.decode_query_memo(wire)
         except codec.Drop:
             self.counts["dropped"] = self.counts.get("dropped", 0) + 1
             return None
@@ -85,13 +102,15 @@ class Pipeline:
             self._record(Action.REFUSED, client, proto, query.qname, query.qtype, codec.REFUSED,
                          summary="client not allowed or over the limit")
             return answer.refused(query)
-        policy = self.get_policy()
         verdict = policy.decide(query)
         if verdict.blocked:
             assert verdict.rule is not None
             built = answer.blocked(query, verdict.rule, self.answers, policy.version or 1)
-            self._record(Action.BLOCKED, client, proto, query.qname, query.qtype, built.rcode, verdict,
+            self._record(BLOCKED, client, proto, query.qname, query.qtype, built.rcode, verdict,
                          built.summary, policy.version)
+            if len(self._memo) >= MEMO_MAX:
+                self._memo.clear()
+            self._memo[wire[2:]] = (built.wire[2:], query.qname, query.qtype, built.rcode, verdict, built.summary)
             return built.wire
         if query.qtype in (codec.T_AXFR, codec.T_IXFR):
             self._record(Action.REFUSED, client, proto, query.qname, query.qtype, codec.REFUSED, verdict,
