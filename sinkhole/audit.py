@@ -1,39 +1,91 @@
-"""The audit log: the hot path puts events on a bounded queue; one writer thread batches them into SQLite."""
+"""The audit log: the hot path puts events on a bounded queue; one writer thread batches them into SQLite.
+
+The writer survives an unwritable database (locked for long, read-only, disk full, file deleted) by itself:
+
+- a batch that cannot be written stays in a bounded pending buffer and is retried with backoff (capped at
+  `retry_cap`); meanwhile the writer keeps draining the queue into that buffer, and what does not fit is
+  dropped and counted (`dropped`), as is what the hot path cannot put on a full queue;
+- the loss is logged at most once per `loss_log_interval`, not once per batch;
+- when writing works again, a `gap` row saying how many rows were lost, between which times and why is
+  written first, in the same transaction as the held rows;
+- a database file that was deleted or replaced (its path is missing or names another inode) is reopened,
+  which creates a new database with the schema at the path;
+- `close()` flushes what can be flushed, but gives up after `final_retry` seconds of failed writes (or the
+  close timeout) and counts the rest as dropped.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import sqlite3
 import threading
 import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from itertools import islice
 from pathlib import Path
 
 from sinkhole import codec
 from sinkhole.model import Action, AuditEvent
-from sinkhole.store import Store, iso
+from sinkhole.store import AUDIT_INSERT, Seed, Store, iso
 
 log = logging.getLogger(__name__)
 
 MODES = ("blocked", "all", "none")
-_STOP = object()
+_QTYPES: dict[int, str] = {}
+GAP = "gap"  # the action of a row that records lost rows
+_WAKE = object()  # put by close() to wake a writer waiting on an empty queue
+WRITE_BUSY_MS = 2000  # how long one write waits for another connection's lock before it counts as failed
+FINAL_BUSY_MS = 500  # the same while closing
+GAP_MIN_INTERVAL = 1.0  # seconds between gap rows while the database is fine but the queue overflows
+
+
+def _shipped_seed() -> Iterable[Seed]:
+    from sinkhole import lists
+
+    return lists.seed()
 
 
 class AuditLog:
     """Never blocks the caller: `submit` is a non-blocking put; a full queue drops and counts."""
 
     def __init__(self, db_path: str | Path, node: str, mode: str = "blocked", queue_size: int = 100_000,
-                 batch_size: int = 1000, flush_interval: float = 0.2) -> None:
+                 batch_size: int = 5000, flush_interval: float = 0.2,
+                 seed: Callable[[], Iterable[Seed]] | None = _shipped_seed) -> None:
         self.db_path = Path(db_path)
         self.node = node
         self.mode = mode
         self.batch_size = batch_size
         self.flush_interval = flush_interval
+        # what a database recreated at db_path (after the file was deleted) is seeded with: without the
+        # shipped lists, the next start would find a database with no rules and block nothing
+        self.seed = seed
+        self.max_pending = queue_size  # rows held while the database cannot be written
+        self.retry_cap = 1.0  # seconds between retries, at most
+        self.loss_log_interval = 10.0  # seconds between two log lines about lost rows
+        self.final_retry = 3.0  # seconds close() keeps retrying a database that cannot be written
         self._queue: queue.Queue[object] = queue.Queue(maxsize=queue_size)
         self._thread: threading.Thread | None = None
-        self.written = 0
-        self.dropped = 0
-        self.failed_batches = 0
+        self._stop = threading.Event()
+        self._deadline = float("inf")
+        self.written = 0  # rows stored, gap rows not included
+        self.queue_dropped = 0  # rows the hot path could not queue (only the hot path writes this)
+        self.write_dropped = 0  # rows the writer could not store (only the writer writes this)
+        self.failed_batches = 0  # failed write attempts
+        self.gaps = 0  # gap rows written
+        self.lost_logged = 0  # lost rows that a log line has reported
+        self.reopened = 0  # times the database was reopened
+        self.pending = 0  # rows held by the writer
+        # the times of the rows the hot path dropped since the last gap row (approximate under races)
+        self._drop_first: float | None = None
+        self._drop_last: float | None = None
+
+    @property
+    def dropped(self) -> int:
+        """Rows that will never be stored: queue full, or the database could not be written in time."""
+        return self.queue_dropped + self.write_dropped
 
     def wants(self, action: Action) -> bool:
         if self.mode == "all":
@@ -50,79 +102,299 @@ class AuditLog:
         try:
             self._queue.put_nowait(event)
         except queue.Full:
-            self.dropped += 1
+            self.queue_dropped += 1
+            if self._drop_first is None:
+                self._drop_first = event.time
+            self._drop_last = event.time
 
     def close(self, timeout: float = 30.0) -> None:
-        """Write every pending row, then stop the writer."""
+        """Write every pending row that can be written within `timeout` seconds, then stop the writer."""
         if self._thread is None:
             return
-        self._queue.put(_STOP)
+        self._deadline = time.monotonic() + max(timeout - 0.5, 0.0)
+        self._stop.set()
+        try:
+            self._queue.put_nowait(_WAKE)
+        except queue.Full:
+            pass  # a full queue means the writer is not waiting on it
         self._thread.join(timeout)
         if self._thread.is_alive():
             log.error("audit writer did not finish within %.0f s; %d rows may be lost", timeout,
-                      self._queue.qsize())
+                      self._queue.qsize() + self.pending)
         self._thread = None
 
-    def _row(self, e: AuditEvent) -> dict:
-        return {
-            "time": iso(e.time), "client": e.client, "transport": e.transport, "qname": e.qname,
-            "qtype": codec.qtype_name(e.qtype), "action": e.action, "rule": e.rule, "category": e.category,
-            "rcode": codec.rcode_name(e.rcode), "answer": e.answer, "policy_version": e.policy_version,
-            "upstream": e.upstream, "latency_ms": e.latency_ms, "node": self.node,
-        }
+    # ------------------------------------------------------------------ writer thread
+
+    def _row(self, e: AuditEvent) -> tuple:
+        """The row in store.AUDIT_INSERT order."""
+        qtype = _QTYPES.get(e.qtype)
+        if qtype is None:
+            qtype = _QTYPES.setdefault(e.qtype, codec.qtype_name(e.qtype))
+        return (iso(e.time), e.client, e.transport, e.qname, qtype, e.action, e.rule, e.category,
+                codec.rcode_name(e.rcode), e.answer, e.policy_version, e.upstream, e.latency_ms, self.node)
 
     def _run(self) -> None:
-        store = Store(self.db_path)
-        stopping = False
+        w = _Writer(self)
         try:
-            while not stopping:
-                try:
-                    first = self._queue.get(timeout=self.flush_interval)
-                except queue.Empty:
-                    continue
-                batch: list[AuditEvent] = []
-                item = first
-                while True:
-                    if item is _STOP:
-                        stopping = True
-                    else:
-                        batch.append(item)  # type: ignore[arg-type]
-                    if len(batch) >= self.batch_size:
-                        break
-                    try:
-                        item = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                if batch:
-                    self._write(store, [self._row(e) for e in batch], final=stopping)
-            # drain anything submitted after the stop marker
-            rest = []
-            while True:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is not _STOP:
-                    rest.append(self._row(item))  # type: ignore[arg-type]
-            if rest:
-                self._write(store, rest, final=True)
+            w.run()
+        except Exception:  # never die silently: the hot path would fill the queue and drop everything
+            log.exception("audit writer failed; rows submitted from now on are dropped")
         finally:
-            store.close()
+            w.close_store()
 
-    def _write(self, store: Store, rows: list[dict], final: bool) -> None:
-        delay = 0.05
-        for attempt in range(1, 1000):
-            try:
-                store.insert_audit(rows)
-                self.written += len(rows)
+
+class _Writer:
+    """The state of the writer thread; one instance per AuditLog.start()."""
+
+    def __init__(self, audit: AuditLog) -> None:
+        self.a = audit
+        self.store: Store | None = None
+        self.ident: tuple[int, int] | None = None
+        self.opened_at = 0.0
+        self.suspect = False  # the last write failed: reopen before the next try
+        self.busy_ms = 0
+        self.pending: deque[AuditEvent] = deque()
+        self.failing_since: float | None = None
+        self.error = ""  # the last write error, for log lines and gap rows
+        self.delay = 0.05
+        self.last_loss_log = float("-inf")
+        self.last_fail_log = float("-inf")
+        self.gap_base = 0  # `dropped` when the last gap row was written
+        self.last_gap = float("-inf")
+        self.lost_first: float | None = None  # times of the rows the writer dropped since then
+        self.lost_last: float | None = None
+        self.final_give_up: float | None = None
+
+    # ---------------------------------------------------------------- main loop
+
+    def run(self) -> None:
+        a = self.a
+        while True:
+            stopping = a._stop.is_set()
+            self.fill(block=not self.pending and not stopping)
+            now = time.monotonic()
+            if not self.pending:
+                self.log_loss(now)
+                if stopping and a._queue.empty():
+                    self.log_loss(now, force=True)
+                    return
+                continue
+            if stopping and now >= a._deadline:
+                self.give_up("the close timeout passed")
                 return
-            except sqlite3.Error as exc:
-                self.failed_batches += 1
-                if attempt == 1:
-                    log.warning("audit: cannot write %d rows (%s); retrying", len(rows), exc)
-                if final and attempt >= 20:
-                    break
-                time.sleep(delay)
-                delay = min(delay * 2, 2.0)
-        self.dropped += len(rows)
-        log.error("audit: gave up on %d rows", len(rows))
+            batch = list(islice(self.pending, a.batch_size))
+            try:
+                gap = self.write(batch, stopping)
+            except Exception as exc:  # sqlite3.Error, OSError; anything else is retried the same way
+                self.failed(exc, stopping)
+                if stopping and self.final_give_up is not None and time.monotonic() >= self.final_give_up:
+                    self.give_up(self.error)
+                    return
+                self.log_loss(time.monotonic())
+                self.backoff(stopping)
+                continue
+            for _ in batch:
+                self.pending.popleft()
+            a.pending = len(self.pending)
+            now = time.monotonic()
+            if self.failing_since is not None:
+                log.warning("audit: writing to %s again after %.1f s; %s; %d held rows to write", a.db_path,
+                            now - self.failing_since,
+                            f"gap record written for {gap} lost rows" if gap else "no rows lost", len(self.pending))
+                if gap:  # this line reports the loss
+                    a.lost_logged = max(a.lost_logged, self.gap_base)
+                    self.last_loss_log = now
+                self.failing_since = None
+                self.delay = 0.05
+                self.final_give_up = None
+            self.log_loss(now)
+
+    def fill(self, block: bool) -> None:
+        """Move queued events into the pending buffer: a batch when healthy, all that fits when failing."""
+        a = self.a
+        failing = self.failing_since is not None
+        timeout: float | None = a.flush_interval if block else None
+        for _ in range(a._queue.maxsize or 1_000_000):  # bounded even while the hot path keeps adding
+            if not failing and len(self.pending) >= a.batch_size:
+                break
+            try:
+                item = a._queue.get(timeout=timeout) if timeout else a._queue.get_nowait()
+            except queue.Empty:
+                break
+            timeout = None
+            if not isinstance(item, AuditEvent):
+                continue  # _WAKE
+            if failing and len(self.pending) >= a.max_pending:
+                self.lose(item.time)
+            else:
+                self.pending.append(item)
+        a.pending = len(self.pending)
+
+    def backoff(self, stopping: bool) -> None:
+        a = self.a
+        if stopping:
+            time.sleep(max(0.0, min(self.delay, a._deadline - time.monotonic())))
+        else:
+            a._stop.wait(self.delay)  # close() cuts the wait short
+        self.delay = min(self.delay * 2, a.retry_cap)
+
+    # ---------------------------------------------------------------- writing
+
+    def write(self, batch: list[AuditEvent], stopping: bool) -> int:
+        """Store the batch in one transaction in the file at db_path, after a gap row if rows were lost since
+        the last one; returns how many lost rows that gap row counts (0: none written).
+
+        Gap rows for a queue that overflows while the database is fine are written at most once a second;
+        each one counts every row lost since the previous one."""
+        a = self.a
+        for _ in range(2):
+            store = self.open()
+            dropped = a.dropped
+            lost = dropped - self.gap_base
+            due = (self.failing_since is not None or stopping
+                   or time.monotonic() - self.last_gap >= GAP_MIN_INTERVAL)
+            gap = self.gap_row(lost) if lost > 0 and due else None
+            rows = [a._row(e) for e in batch]
+            if gap is not None:
+                rows.insert(0, tuple(gap.get(c) for c in AUDIT_INSERT))
+            store.insert_audit(rows)
+            if self.identity_changed():
+                # deleted or replaced while we wrote: the rows went to a file nobody can read; write them again
+                continue
+            a.written += len(batch)
+            if gap is None:
+                return 0
+            a.gaps += 1
+            self.gap_base = dropped
+            self.last_gap = time.monotonic()
+            self.lost_first = self.lost_last = None
+            a._drop_first = a._drop_last = None  # a drop racing with this is counted, its time may be lost
+            return lost
+        raise OSError(f"{a.db_path} keeps being replaced")
+
+    def gap_row(self, lost: int) -> dict | None:
+        if lost <= 0:
+            return None
+        a = self.a
+        times = [t for t in (self.lost_first, self.lost_last, a._drop_first, a._drop_last) if t is not None]
+        first, last = (min(times), max(times)) if times else (time.time(), time.time())
+        reason = self.error if self.lost_first is not None else "audit queue full"
+        return {
+            "time": iso(first), "client": "", "transport": "", "qname": "", "qtype": "", "action": GAP,
+            "rule": None, "category": None, "rcode": "",
+            "answer": f"lost {lost} rows from {iso(first)} to {iso(last)}: {reason}",
+            "policy_version": 0, "upstream": None, "latency_ms": None, "node": a.node,
+        }
+
+    def open(self) -> Store:
+        """The store for db_path, reopened if the file went away or was replaced, or after a failed write."""
+        a = self.a
+        replaced = self.store is not None and self.identity_changed()
+        reopen = replaced or (self.suspect and time.monotonic() - self.opened_at >= min(a.retry_cap, 1.0))
+        if self.store is not None and not reopen:
+            if a._stop.is_set() and self.busy_ms != FINAL_BUSY_MS:
+                self.set_busy(self.store, FINAL_BUSY_MS)
+            return self.store
+        if replaced:
+            log.warning("audit: %s was deleted or replaced; writing to a new database there", a.db_path)
+        self.close_store()
+        seed = a.seed() if a.seed is not None and not a.db_path.exists() else None
+        self.opened_at = time.monotonic()
+        store = Store(a.db_path, seed=seed)
+        try:
+            self.set_busy(store, FINAL_BUSY_MS if a._stop.is_set() else WRITE_BUSY_MS)
+            st = os.stat(a.db_path)
+        except BaseException:
+            store.close()
+            raise
+        self.store, self.ident = store, (st.st_dev, st.st_ino)
+        self.suspect = False
+        if replaced:
+            a.reopened += 1
+        return store
+
+    def set_busy(self, store: Store, ms: int) -> None:
+        store.conn.execute(f"PRAGMA busy_timeout={int(ms)}")
+        self.busy_ms = ms
+
+    def identity_changed(self) -> bool:
+        try:
+            st = os.stat(self.a.db_path)
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False  # cannot tell (e.g. permissions): keep the open connection
+        return (st.st_dev, st.st_ino) != self.ident
+
+    def close_store(self) -> None:
+        if self.store is None:
+            return
+        store, self.store = self.store, None
+        try:
+            if store.conn.in_transaction:
+                store.conn.rollback()
+        except sqlite3.Error:
+            pass
+        try:
+            store.close()
+        except sqlite3.Error:
+            pass
+
+    # ---------------------------------------------------------------- failure and loss
+
+    def failed(self, exc: BaseException, stopping: bool) -> None:
+        a = self.a
+        a.failed_batches += 1
+        self.suspect = True
+        self.error = f"{type(exc).__name__}: {exc}"
+        now = time.monotonic()
+        if self.failing_since is None:
+            self.failing_since = now
+            self.last_fail_log = now
+            log.warning("audit: cannot write to %s (%s); holding up to %d rows in memory and retrying",
+                        a.db_path, self.error, a.max_pending)
+        elif now - self.last_fail_log >= a.loss_log_interval:
+            self.last_fail_log = now
+            log.warning("audit: still cannot write to %s after %.0f s (%s); %d rows held", a.db_path,
+                        now - self.failing_since, self.error, len(self.pending))
+        if stopping and self.final_give_up is None:
+            self.final_give_up = min(now + a.final_retry, a._deadline)
+
+    def lose(self, when: float) -> None:
+        a = self.a
+        a.write_dropped += 1
+        if self.lost_first is None or when < self.lost_first:
+            self.lost_first = when
+        if self.lost_last is None or when > self.lost_last:
+            self.lost_last = when
+
+    def log_loss(self, now: float, force: bool = False) -> None:
+        a = self.a
+        dropped = a.dropped
+        unlogged = dropped - a.lost_logged
+        if unlogged <= 0 or (not force and now - self.last_loss_log < a.loss_log_interval):
+            return
+        reason = self.error if self.failing_since is not None else "audit queue full"
+        log.error("audit: %d rows lost (%d since start): %s; %d rows held", unlogged, dropped, reason,
+                  len(self.pending))
+        a.lost_logged = dropped
+        self.last_loss_log = now
+
+    def give_up(self, reason: str) -> None:
+        """Closing and the database still cannot be written: count what is left as dropped, say so once."""
+        a = self.a
+        for e in self.pending:
+            self.lose(e.time)
+        self.pending.clear()
+        while True:
+            try:
+                item = a._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, AuditEvent):
+                self.lose(item.time)
+        a.pending = 0
+        unlogged = a.dropped - a.lost_logged
+        log.error("audit: gave up writing to %s at shutdown (%s); %d rows lost (%d since start)", a.db_path,
+                  reason, unlogged, a.dropped)
+        a.lost_logged = a.dropped

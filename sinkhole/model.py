@@ -18,6 +18,7 @@ class Action(enum.StrEnum):
     SERVFAIL = "servfail"
     FORMERR = "formerr"
     NOTIMP = "notimp"
+    GAP = "gap"  # written by the audit writer: rows that could not be stored, how many and when
 
 
 class RuleKind(enum.StrEnum):

@@ -75,7 +75,8 @@ class Server:
         self.listeners: list[Listener] = []
         self.tasks = _Tasks()
         self._stop = asyncio.Event()
-        self.audit = AuditLog(self.db, cfg.node, cfg.log_queries)
+        self.audit = AuditLog(self.db, cfg.node, cfg.log_queries,
+                              seed=lists.seed if cfg.shipped_lists else None)
         self.forwarder = Forwarder(cfg.upstreams(), cfg.timeout)
         self.pipeline = Pipeline(lambda: self.policy, self.forwarder, self.audit, cfg.answers(), cfg.make_guard(),
                                  cfg.make_cache())
@@ -169,10 +170,11 @@ class Server:
             self.reloader.stopping.set()
             self.reloader.join(5)
         await asyncio.get_running_loop().run_in_executor(None, self.audit.close)
-        log.info("%sstopped: %s; audit rows written %d, dropped %d", "" if self.worker is None else
-                 f"worker {self.worker} ",
+        a = self.audit
+        log.info("%sstopped: %s; audit rows written %d, dropped %d (queue full %d, unwritable %d; %d gap rows, "
+                 "%d failed batches, %d reopened)", "" if self.worker is None else f"worker {self.worker} ",
                  ", ".join(f"{k} {v}" for k, v in sorted(self.pipeline.counts.items())) or "no queries",
-                 self.audit.written, self.audit.dropped)
+                 a.written, a.dropped, a.queue_dropped, a.write_dropped, a.gaps, a.failed_batches, a.reopened)
 
 
 async def _serve(cfg: ServeConfig, db: Path) -> None:

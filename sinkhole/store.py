@@ -43,9 +43,22 @@ AUDIT_COLUMNS = {
 }
 
 
+AUDIT_INSERT = [c for c in AUDIT_COLUMNS if c != "seq"]
+_AUDIT_INSERT_SQL = (f"INSERT INTO audit ({', '.join(AUDIT_INSERT)}) "
+                     f"VALUES ({', '.join('?' for _ in AUDIT_INSERT)})")
+_iso_second: list = [None, ""]  # the last whole second formatted, and its text
+
+
 def iso(ts: float) -> str:
-    """Seconds since the epoch -> '2026-11-22T18:03:04.123456Z'."""
-    return iso_dt(datetime.fromtimestamp(ts, UTC))
+    """Seconds since the epoch -> '2026-11-22T18:03:04.123456Z' (the whole-second part formatted once)."""
+    sec = int(ts)
+    if ts < 0 or ts >= 253402300800:  # outside years 1970..9999: no fast path
+        return iso_dt(datetime.fromtimestamp(ts, UTC))
+    cached = _iso_second
+    if cached[0] != sec:
+        cached[1] = datetime.fromtimestamp(sec, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        cached[0] = sec
+    return f"{cached[1]}.{int((ts - sec) * 1_000_000):06d}Z"
 
 
 def iso_dt(when: datetime) -> str:
@@ -128,7 +141,8 @@ class Store:
                  "action": str, "kind": str, "category": str, "domains": str, "detail": str},
                 pk="id", if_not_exists=True)
             db["audit"].create(AUDIT_COLUMNS, pk="seq", if_not_exists=True)
-            for cols in (["time"], ["client", "time"], ["qname"], ["action", "time"]):
+            # every index costs each insert a B-tree write: two keep the writer near 100k rows/s
+            for cols in (["time"], ["client", "time"]):
                 db["audit"].create_index(cols, if_not_exists=True)
             self.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             if seed is not None:
@@ -227,13 +241,12 @@ class Store:
 
     # ------------------------------------------------------------------ audit
 
-    def insert_audit(self, rows: list[dict]) -> None:
+    def insert_audit(self, rows: list[dict] | list[tuple]) -> None:
+        """Rows as dicts with the columns of AUDIT_INSERT, or as tuples in that order (faster)."""
+        if rows and isinstance(rows[0], dict):
+            rows = [tuple(r.get(c) for c in AUDIT_INSERT) for r in rows]  # type: ignore[union-attr]
         with self.db.atomic():
-            self.conn.executemany(
-                "INSERT INTO audit (time, client, transport, qname, qtype, action, rule, category, rcode,"
-                " answer, policy_version, upstream, latency_ms, node) VALUES (:time, :client, :transport,"
-                " :qname, :qtype, :action, :rule, :category, :rcode, :answer, :policy_version, :upstream,"
-                " :latency_ms, :node)", rows)
+            self.conn.executemany(_AUDIT_INSERT_SQL, rows)
 
     def _log_where(self, since: str | None, until: str | None, client: str | None, domain: str | None,
                    action: str | None) -> tuple[str, dict]:

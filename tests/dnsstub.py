@@ -58,9 +58,6 @@ class StubResolver:
         self.seen: list[Seen] = []
         self._lock = threading.Lock()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.udp = socket.socket(family, socket.SOCK_DGRAM)
-        self.udp.bind((host, 0))
-        self.port = self.udp.getsockname()[1]
         stub = self
 
         class Handler(socketserver.BaseRequestHandler):
@@ -84,7 +81,17 @@ class StubResolver:
             allow_reuse_address = True
             daemon_threads = True
 
-        self.tcp = TcpServer((host, self.port), Handler)
+        for _attempt in range(50):  # a UDP port whose TCP twin is free too
+            self.udp = socket.socket(family, socket.SOCK_DGRAM)
+            self.udp.bind((host, 0))
+            self.port = self.udp.getsockname()[1]
+            try:
+                self.tcp = TcpServer((host, self.port), Handler)
+                break
+            except OSError:
+                self.udp.close()
+        else:
+            raise OSError("no port free for both UDP and TCP")
         self._threads = [threading.Thread(target=self._udp_loop, daemon=True),
                          threading.Thread(target=self.tcp.serve_forever, kwargs={"poll_interval": 0.05},
                                           daemon=True)]
