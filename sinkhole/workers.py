@@ -61,6 +61,8 @@ class Supervisor:
     def run(self) -> int:
         from sinkhole.server import drop_privileges, open_store
 
+        signal.signal(signal.SIGTERM, self._on_signal)  # from the start: a stop while starting is a stop
+        signal.signal(signal.SIGINT, self._on_signal)
         self.bound, from_systemd = bind_all(self.cfg.listen_addresses())
         for host, port, udp, tcp in self.bound:
             kinds = "+".join(k for k, s in (("udp", udp), ("tcp", tcp)) if s is not None)
@@ -69,8 +71,6 @@ class Supervisor:
         if self.cfg.user:
             drop_privileges(self.cfg.user)
         open_store(self.db, self.cfg.shipped_lists).close()  # create and seed once, before the workers race
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
         upstreams = ", ".join(map(str, self.cfg.upstreams()))
         interval = systemd.watchdog_interval()
         for index in range(self.count):
