@@ -46,7 +46,7 @@ class StubResolver:
     huge.*   TXT answer > 512 bytes over UDP with no TC, whatever the client's buffer (a broken upstream)
     garbage.* random bytes            qr0.*     a copy of the query (QR=0)
     header.* a bare 12-byte header with the right ID
-    spoofport.* a forged answer from another port first, then the real one
+    spoofport.* forged answers from another port and another address first, then the real one
     tcphang.* TC=1 over UDP; over TCP the connection is accepted and never answered
     delay.*  answered after 0.3 s
     """
@@ -202,6 +202,13 @@ class StubResolver:
             with socket.socket(self.udp.family, socket.SOCK_DGRAM) as other:
                 other.bind((self.host, 0))
                 other.sendto(forged.pack(), src)  # right ID and question, wrong source port
+            if self.udp.family == socket.AF_INET:
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other:
+                    try:
+                        other.bind(("127.0.0.2", self.port))  # right port, wrong source address
+                        other.sendto(forged.pack(), src)
+                    except OSError:
+                        pass
             time.sleep(0.05)
             return [out]
         if first == "spoof":

@@ -176,3 +176,23 @@ def test_upstream_that_accepts_tcp_and_never_answers(make_server, stub):
     q = dns.message.make_query("tcphang.example.test", "A")
     r = dns.query.udp(q, s.host, port=s.port, timeout=5, raise_on_truncation=False)
     assert r.flags & dns.flags.TC
+
+
+def test_spoofed_reply_is_never_cached(server, stub):
+    for _ in range(2):  # the second answer comes from the cache
+        r = ask(server, "spoof.example.test")
+        assert [rr.to_text() for rrset in r.answer for rr in rrset] == [address_for("spoof.example.test")]
+    assert len(stub.queries("spoof.example.test")) == 1
+
+
+@pytest.mark.parametrize("payload", [0, 100, 511])
+def test_edns_buffer_below_512_counts_as_512(server, stub, payload):
+    q = dns.message.make_query("big.example.test", "TXT", use_edns=0, payload=payload)
+    wire = q.to_wire()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(5)
+        sock.sendto(wire, (server.host, server.port))
+        reply = sock.recvfrom(65535)[0]
+    assert len(reply) <= 512
+    r = dns.message.from_wire(reply)
+    assert r.flags & dns.flags.TC and r.id == q.id
