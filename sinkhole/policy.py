@@ -12,21 +12,31 @@ class Policy:
     """Block and allow rules, each covering a name and all its subdomains.
 
     The most specific rule wins; at equal specificity an allow rule beats a block rule.
+    The table maps each domain to one shared (kind, category) pair, so a million rules
+    cost a dict entry and a string each, not an object each.
     """
 
     __slots__ = ("_table", "allows", "blocks", "version")
 
-    def __init__(self, rules: Iterable[Rule] = (), version: int = 0) -> None:
-        table: dict[str, Rule] = {}
+    def __init__(self, rules: Iterable[Rule | tuple[str, str, str]] = (), version: int = 0) -> None:
+        table: dict[str, tuple[RuleKind, str]] = {}
+        groups: dict[tuple[str, str], tuple[RuleKind, str]] = {}
         blocks = allows = 0
         for rule in rules:
-            if rule.kind is RuleKind.ALLOW:
+            if isinstance(rule, Rule):
+                domain, kind, category = rule.domain, rule.kind.value, rule.category
+            else:
+                domain, kind, category = rule
+            group = groups.get((kind, category))
+            if group is None:
+                group = groups[(kind, category)] = (RuleKind(kind), category)
+            if group[0] is RuleKind.ALLOW:
                 allows += 1
-                table[rule.domain] = rule
+                table[domain] = group
             else:
                 blocks += 1
                 # a block never displaces an allow of the same name; first category wins
-                table.setdefault(rule.domain, rule)
+                table.setdefault(domain, group)
         self._table = SuffixTable(table)
         self.version = version
         self.blocks = blocks
@@ -34,7 +44,10 @@ class Policy:
 
     def match(self, labels: tuple[str, ...]) -> Rule | None:
         hit = self._table.lookup(labels)
-        return hit[1] if hit is not None else None  # type: ignore[return-value]
+        if hit is None:
+            return None
+        domain, (kind, category) = hit  # type: ignore[misc]
+        return Rule(domain, kind, category)
 
     def decide_labels(self, labels: tuple[str, ...]) -> Verdict:
         rule = self.match(labels)

@@ -85,11 +85,10 @@ class Server:
 
     def load_policy(self, store: Store) -> None:
         started = time.perf_counter()
-        rules, version = store.load_rules()
-        policy = Policy(rules, version)
+        policy = store.load_rules(Policy)
         self.policy = policy  # one assignment: every query sees the old or the new policy, never a mix
         log.info("policy version %d in force: %d block and %d allow rules (loaded in %.0f ms)",
-                 version, policy.blocks, policy.allows, (time.perf_counter() - started) * 1000)
+                 policy.version, policy.blocks, policy.allows, (time.perf_counter() - started) * 1000)
 
     @property
     def addresses(self) -> list[str]:

@@ -11,15 +11,17 @@ import socket
 import sqlite3
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
 
 import sqlite_utils
 
-from sinkhole.model import Rule, RuleKind
+from sinkhole.model import RuleKind
 
+T = TypeVar("T")
 SCHEMA_VERSION = 1
 Seed = tuple[str, list[tuple[str, str]], str]  # (category, [(domain, note)], source)
 BUSY_TIMEOUT_S = 10.0
@@ -227,13 +229,12 @@ class Store:
         row = self.conn.execute("SELECT max(id) FROM journal").fetchone()
         return int(row[0] or 0)
 
-    def load_rules(self) -> tuple[list[Rule], int]:
-        """Every rule and the policy version they make, read in one snapshot."""
+    def load_rules(self, build: Callable[[Iterable[tuple[str, str, str]], int], T]) -> T:
+        """`build(rules, version)` over every (domain, kind, category) in one snapshot, streamed
+        from the cursor: a million rules never sit in a list."""
         with self.db.atomic():
             version = self.policy_version()
-            rows = self.conn.execute("SELECT domain, kind, category FROM rules").fetchall()
-        kinds = {k.value: k for k in RuleKind}
-        return [Rule(d, kinds[k], c) for d, k, c in rows], version
+            return build(self.conn.execute("SELECT domain, kind, category FROM rules"), version)
 
     def journal(self, since: str | None = None) -> list[dict]:
         where = "time >= ?" if since else None
