@@ -3,9 +3,10 @@
     .venv/bin/python bench/soak.py [--seconds 120] [--qps 4000]
 
 Faults, on a fixed schedule (fractions of the run): the upstream is killed and restored,
-the database is locked by another process, garbage datagrams arrive, a TCP flood holds
-more connections than the cap. Reports queries sent and answered, SERVFAILs, audit rows
-vs blocked answers, and RSS over time; writes the same as JSON under bench/results/.
+the database is locked by another process, then made read-only (chattr +i) and restored,
+garbage datagrams arrive, a TCP flood holds more connections than the cap. Reports queries
+sent and answered, SERVFAILs, audit rows vs blocked answers, and RSS over time; writes the
+same as JSON under bench/results/.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import socket
 import sqlite3
+import subprocess
 import sys
 import tempfile
 import threading
@@ -47,6 +50,20 @@ def lock_db(db: Path, seconds: float) -> None:
     time.sleep(seconds)
     conn.rollback()
     conn.close()
+
+
+def read_only(db: Path, seconds: float) -> str:
+    """Make the database files immutable (chattr +i: chmod does not stop root), then restore them.
+
+    Never the -shm file: SQLite maps it into memory, and a write to an immutable mapping is SIGBUS."""
+    files = [str(f) for f in (db, db.with_name(db.name + "-wal")) if f.exists()]
+    if subprocess.run(["chattr", "+i", *files], capture_output=True).returncode != 0:
+        return "chattr not available here: skipped"
+    try:
+        time.sleep(seconds)
+    finally:
+        subprocess.run(["chattr", "-i", *files], capture_output=True)
+    return f"{len(files)} files read-only for {seconds:.0f} s, restored"
 
 
 def garbage(port: int, count: int, seconds: float) -> None:
@@ -105,7 +122,8 @@ def main() -> None:
         at(0.10, "upstream killed", upstream.stop),
         at(0.20, "upstream restored", lambda: upstream.start() and None),
         at(0.30, "database locked by another process for 5 s", lock_db, db, 5.0),
-        at(0.50, "5000 garbage datagrams over 2 s", garbage, sink.port, 5000, 2.0),
+        at(0.42, "database made read-only", read_only, db, 5.0),
+        at(0.55, "5000 garbage datagrams over 2 s", garbage, sink.port, 5000, 2.0),
         at(0.65, "TCP flood: 600 connections held 5 s (cap 500)", tcp_flood, sink.port, 600, 5.0),
     ]
     perf = dnsperf(sink.port, queries, args.seconds, qps=args.qps)
@@ -115,6 +133,8 @@ def main() -> None:
     rss.stopping.set()
     upstream.stop()
     counts = sink.counts()
+    m = re.search(r"\((\d+) workers, (\d+) restarts\)", "".join(sink.lines))
+    restarts = int(m.group(2)) if m else 0  # one process (no supervisor): nothing to restart
     conn = sqlite3.connect(db)
     rows = conn.execute("SELECT count(*) FROM audit WHERE action = 'blocked'").fetchone()[0]
     integrity = conn.execute("PRAGMA integrity_check").fetchone()[0]
@@ -125,7 +145,7 @@ def main() -> None:
         "avg_latency_ms": round(perf["avg_latency_ms"], 3), "response_codes": perf["codes"],
         "blocked_answers": counts.get("blocked"), "audit_rows_blocked": rows,
         "audit_dropped": counts.get("audit_dropped"), "server_counts": counts, "exit_code": code,
-        "integrity_check": integrity, "worker_restarts": 0, "events": events,
+        "integrity_check": integrity, "worker_restarts": restarts, "events": events,
         "rss_kb": rss.samples, "rss_kb_max": max((k for _, k in rss.samples), default=0),
     }
     out_dir = ROOT / "bench" / "results"
@@ -139,7 +159,7 @@ def main() -> None:
           f"{report['qps']} q/s, avg latency {report['avg_latency_ms']} ms")
     print(f"response codes {report['response_codes']}")
     print(f"blocked answers {report['blocked_answers']}, audit rows {rows}, audit dropped "
-          f"{report['audit_dropped']}; integrity_check {integrity}; exit code {code}; worker restarts 0")
+          f"{report['audit_dropped']}; integrity_check {integrity}; exit code {code}; worker restarts {restarts}")
     samples = rss.samples
     step = max(1, len(samples) // 10)
     print("RSS (s, KiB): " + ", ".join(f"{t:.0f}:{k}" for t, k in samples[::step]))
