@@ -230,6 +230,34 @@ cli.add_command(_rule_group(RuleKind.BLOCK, "blocked"))
 cli.add_command(_rule_group(RuleKind.ALLOW, "allowed"))
 
 
+@cli.group("lists")
+def lists_group() -> None:
+    """Block lists: import a list file as a category."""
+
+
+@lists_group.command("import")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--category", default=None, callback=_category,
+              help="Category the list becomes [the file's `# category:` header, else its name].")
+@pass_env
+def lists_import(env: Env, file: Path, category: str | None) -> None:
+    """Make a category hold exactly the names of FILE (plain names, hosts or ||name^ lines).
+
+    The file is checked whole first: one bad line rejects it, with its line number, and the
+    rules in force stay as they were. e.g. `sinkhole lists import blocklists/deepseek-telemetry.txt`
+    """
+    from sinkhole import lists
+
+    parsed = lists.load_file(file)
+    name = category or _category(click.get_current_context(), None, parsed.headers.get("category", parsed.name))
+    store = env.store()
+    try:
+        count = store.replace_category(name, parsed.entries, str(file))  # type: ignore[arg-type]
+    finally:
+        store.close()
+    click.echo(f"imported {count} rules into category {name} from {file}")
+
+
 # ---------------------------------------------------------------------------- log / stats
 
 LOG_TABLE_COLUMNS = ["time", "client", "transport", "qname", "qtype", "action", "rule", "answer"]

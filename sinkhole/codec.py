@@ -37,6 +37,7 @@ OUR_UDP_SIZE = 1232  # DNS flag day 2020 recommendation
 _HEADER = struct.Struct("!HHHHHH")
 _RR_FIXED = struct.Struct("!HHIH")
 _PLAIN_LABEL = re.compile(rb"[a-z0-9_-]+\Z")
+_PLAIN_NAME = re.compile(r"[a-z0-9_-]+(?:\.[a-z0-9_-]+)*\Z")
 
 
 class Drop(Exception):
@@ -96,8 +97,7 @@ def decode_query(wire: bytes) -> Query:
     # Question name: plain labels only (nothing earlier in the message to point to).
     pos = 12
     end = len(wire)
-    labels: list[str] = []
-    wire_len = 1
+    starts: list[int] = []
     while True:
         if pos >= end:
             raise BadQuery(FORMERR, "question name runs past the end", qid, flags)
@@ -107,16 +107,25 @@ def decode_query(wire: bytes) -> Query:
             break
         if length & 0xC0:
             raise BadQuery(FORMERR, "compressed or extended label in the question", qid, flags)
-        raw = wire[pos + 1: pos + 1 + length]
-        if len(raw) != length:
+        nxt = pos + 1 + length
+        if nxt > end:
             raise BadQuery(FORMERR, "question label runs past the end", qid, flags)
-        if b"." in raw or b"\x00" in raw:
+        if wire.find(b".", pos + 1, nxt) >= 0 or wire.find(b"\x00", pos + 1, nxt) >= 0:
             raise BadQuery(FORMERR, "label holds a literal dot or NUL", qid, flags)
-        wire_len += length + 1
-        if wire_len > 255:
-            raise BadQuery(FORMERR, "question name longer than 255 octets", qid, flags)
-        labels.append(_escape_label(raw.lower()))
-        pos += 1 + length
+        starts.append(pos)
+        pos = nxt
+    if pos - 12 > 255:
+        raise BadQuery(FORMERR, "question name longer than 255 octets", qid, flags)
+    if starts:
+        # the length bytes between labels become dots: one copy, one decode, one check
+        text = bytearray(wire[13:pos - 1])
+        for start in starts[1:]:
+            text[start - 13] = 0x2E
+        name = text.decode("latin-1").lower()
+        if not _PLAIN_NAME.match(name):
+            name = ".".join(_escape_label(wire[s + 1: s + 1 + wire[s]].lower()) for s in starts)
+    else:
+        name = ""
     if pos + 4 > end:
         raise BadQuery(FORMERR, "question has no type and class", qid, flags)
     qtype, qclass = struct.unpack_from("!HH", wire, pos)
@@ -149,7 +158,7 @@ def decode_query(wire: bytes) -> Query:
     if edns is not None and edns.version != 0:
         raise BadQuery(BADVERS, f"EDNS version {edns.version}", qid, flags, question,
                        Edns(edns.udp_size, 0, edns.do))
-    return Query(wire=wire, id=qid, flags=flags, labels=tuple(labels), qtype=qtype, qclass=qclass,
+    return Query(wire=wire, id=qid, flags=flags, name=name, qtype=qtype, qclass=qclass,
                  question=question, edns=edns)
 
 
@@ -162,7 +171,7 @@ def decode_query_memo(wire: bytes) -> Query:
     in their ID decode alike, so a repeated question costs a dict lookup instead of a parse."""
     seen = _MEMO.get(wire[2:])
     if seen is not None:
-        return Query(wire, (wire[0] << 8) | wire[1], seen.flags, seen.labels, seen.qtype, seen.qclass,
+        return Query(wire, (wire[0] << 8) | wire[1], seen.flags, seen.name, seen.qtype, seen.qclass,
                      seen.question, seen.edns)
     query = decode_query(wire)
     if len(_MEMO) >= MEMO_MAX:

@@ -74,6 +74,21 @@ class SuffixTable:
     def __contains__(self, name: str) -> bool:
         return name in self._map
 
+    def lookup_name(self, name: str) -> tuple[str, object] | None:
+        """`lookup` for a dotted name: each parent is a slice after the next dot. (Escaped names
+        have no literal dots: those are \\046.)"""
+        get = self._map.get
+        key = name
+        while key:
+            hit = get(key)
+            if hit is not None:
+                return key, hit
+            cut = key.find(".")
+            if cut < 0:
+                return None
+            key = key[cut + 1:]
+        return None
+
     def lookup(self, labels: tuple[str, ...]) -> tuple[str, object] | None:
         """Most specific (longest) entry equal to or a parent of the name given as labels."""
         get = self._map.get

@@ -40,7 +40,7 @@ class Query:
     wire: bytes
     id: int
     flags: int
-    labels: tuple[str, ...]  # lower case, presentation-escaped, no root label
+    name: str  # lower case, presentation-escaped (\DDD), labels joined by '.', no trailing dot; "" = root
     qtype: int
     qclass: int
     question: bytes  # the question section exactly as the client sent it
@@ -48,7 +48,11 @@ class Query:
 
     @property
     def qname(self) -> str:
-        return ".".join(self.labels) if self.labels else "."
+        return self.name or "."
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return tuple(self.name.split(".")) if self.name else ()
 
     @property
     def max_udp(self) -> int:

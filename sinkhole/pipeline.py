@@ -30,6 +30,7 @@ from sinkhole.upstream import Forwarder
 log = logging.getLogger(__name__)
 BLOCKED = Action.BLOCKED
 MEMO_MAX = 50_000
+_SHAPE_FLAGS = codec.OPCODE_MASK | codec.RD | codec.CD
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +52,8 @@ class Pipeline:
         # blocked answers by packet-without-ID, valid for one policy snapshot
         self._memo: dict[bytes, tuple[bytes, str, int, int, Verdict, str]] = {}
         self._memo_policy: Policy | None = None
+        # blocked answers by (rule, qtype, qclass, flags, DO): header and the sections after the question
+        self._shapes: dict[tuple, tuple[bytes, bytes, int, str]] = {}
         self.get_policy = get_policy
         self.forwarder = forwarder
         self.audit = audit
@@ -74,6 +77,7 @@ class Pipeline:
         policy = self.get_policy()
         if policy is not self._memo_policy:
             self._memo.clear()
+            self._shapes.clear()
             self._memo_policy = policy
         done = self._memo.get(wire[2:])
         if done is not None and self.guard.check(client, proto) is Outcome.OK:
@@ -104,14 +108,26 @@ class Pipeline:
             return answer.refused(query)
         verdict = policy.decide(query)
         if verdict.blocked:
-            assert verdict.rule is not None
-            built = answer.blocked(query, verdict.rule, self.answers, policy.version or 1)
-            self._record(BLOCKED, client, proto, query.qname, query.qtype, built.rcode, verdict,
-                         built.summary, policy.version)
+            rule = verdict.rule
+            assert rule is not None
+            edns = query.edns
+            # the answer differs between names of one rule only in the question: build it once
+            shape = (rule.domain, rule.category, query.qtype, query.qclass, query.flags & _SHAPE_FLAGS,
+                     -1 if edns is None else edns.do)
+            tpl = self._shapes.get(shape)
+            if tpl is None:
+                built = answer.blocked(query, rule, self.answers, policy.version or 1)
+                tpl = (built.wire[2:12], built.wire[12 + len(query.question):], built.rcode, built.summary)
+                if len(self._shapes) >= MEMO_MAX:
+                    self._shapes.clear()
+                self._shapes[shape] = tpl
+            head, tail, rcode, summary = tpl
+            reply = wire[:2] + head + query.question + tail
+            self._record(BLOCKED, client, proto, query.name, query.qtype, rcode, verdict, summary, policy.version)
             if len(self._memo) >= MEMO_MAX:
                 self._memo.clear()
-            self._memo[wire[2:]] = (built.wire[2:], query.qname, query.qtype, built.rcode, verdict, built.summary)
-            return built.wire
+            self._memo[wire[2:]] = (reply[2:], query.name, query.qtype, rcode, verdict, summary)
+            return reply
         if query.qtype in (codec.T_AXFR, codec.T_IXFR):
             self._record(Action.REFUSED, client, proto, query.qname, query.qtype, codec.REFUSED, verdict,
                          "zone transfer", policy.version)

@@ -43,14 +43,20 @@ class Policy:
         self.allows = allows
 
     def match(self, labels: tuple[str, ...]) -> Rule | None:
-        hit = self._table.lookup(labels)
+        return self.match_name(".".join(labels))
+
+    def match_name(self, name: str) -> Rule | None:
+        hit = self._table.lookup_name(name)
         if hit is None:
             return None
         domain, (kind, category) = hit  # type: ignore[misc]
         return Rule(domain, kind, category)
 
     def decide_labels(self, labels: tuple[str, ...]) -> Verdict:
-        rule = self.match(labels)
+        return self.decide_name(".".join(labels))
+
+    def decide_name(self, name: str) -> Verdict:
+        rule = self.match_name(name)
         if rule is None:
             return FORWARD
         if rule.kind is RuleKind.ALLOW:
@@ -58,7 +64,7 @@ class Policy:
         return Verdict(Action.BLOCKED, rule)
 
     def decide(self, query: Query) -> Verdict:
-        return self.decide_labels(query.labels)
+        return self.decide_name(query.name)
 
     def __repr__(self) -> str:
         return f"<Policy v{self.version}: {self.blocks} block, {self.allows} allow>"

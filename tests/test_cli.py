@@ -29,6 +29,7 @@ from sinkhole.cli import cli
 from sinkhole.store import Store, iso
 from tests.conftest import ask, wait_for
 
+ROOT = Path(__file__).resolve().parent.parent
 SINKHOLE = shutil.which("sinkhole", path=str(Path(sys.executable).parent))
 RULE_COLUMNS = ["domain", "category", "source", "added_at", "added_by", "note"]
 SEED_LIST = "# category: seeded\n# title: a known seed for the CLI tests\n\nseeded.example    # from the test seed\n"
@@ -919,3 +920,21 @@ def test_usage_errors_from_the_console_script_are_one_line(tmp_path, args):
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("sinkhole"), result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_lists_import_opt_in_list_and_reject_broken_file_whole(db, tmp_path):
+    telemetry = ROOT / "blocklists" / "deepseek-telemetry.txt"
+    result = run(db, "lists", "import", str(telemetry))
+    assert result.exit_code == 0, result.output
+    rows = query(db, "SELECT domain, category, source FROM rules WHERE category = 'deepseek-telemetry'")
+    assert rows and all(r["source"] == str(telemetry) for r in rows)
+    assert "fp-it.fengkongcloud.com" in {r["domain"] for r in rows}
+    before = query(db, "SELECT domain, category FROM rules ORDER BY id")
+    journal_before = query(db, "SELECT count(*) AS n FROM journal")[0]["n"]
+    broken = tmp_path / "broken.txt"
+    broken.write_text("good.example\nbad..example\n")
+    result = run(db, "lists", "import", str(broken), "--category", "deepseek-telemetry")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"sinkhole: {broken}:2: invalid domain 'bad..example': empty label"
+    assert query(db, "SELECT domain, category FROM rules ORDER BY id") == before
+    assert query(db, "SELECT count(*) AS n FROM journal")[0]["n"] == journal_before

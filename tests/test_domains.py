@@ -57,3 +57,9 @@ def test_lookup_agrees_with_is_subdomain(rule_labels, name_labels):
     name = ".".join(name_labels)
     t = SuffixTable({rule: True})
     assert (t.lookup(tuple(name_labels)) is not None) == is_subdomain(name, rule)
+
+
+@given(st.lists(label, min_size=1, max_size=3), st.lists(label | st.just("a\\046b"), min_size=0, max_size=5))
+def test_lookup_name_agrees_with_lookup_by_labels(rule_labels, name_labels):
+    t = SuffixTable({".".join(rule_labels): 1, "com": 2})
+    assert t.lookup_name(".".join(name_labels)) == t.lookup(tuple(name_labels))
