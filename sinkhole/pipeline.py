@@ -51,7 +51,7 @@ class Pipeline:
         self._inflight: dict[bytes, asyncio.Future[tuple[bytes, str]]] = {}
         # blocked answers by packet-without-ID, valid for one policy snapshot
         self._memo: dict[bytes, tuple[bytes, str, int, int, Verdict, str]] = {}
-        self._memo_policy: Policy | None = None
+        self._memo_policy: tuple[int, int] | None = None
         # blocked answers by (rule, qtype, qclass, flags, DO): header and the sections after the question
         self._shapes: dict[tuple, tuple[bytes, bytes, int, str]] = {}
         self.get_policy = get_policy
@@ -75,10 +75,10 @@ class Pipeline:
 
     def begin(self, wire: bytes, client: str, proto: str) -> bytes | Pending | None:
         policy = self.get_policy()
-        if policy is not self._memo_policy:
+        if (id(policy), policy.version) != self._memo_policy:  # not a reference: the old policy may go
             self._memo.clear()
             self._shapes.clear()
-            self._memo_policy = policy
+            self._memo_policy = (id(policy), policy.version)
         done = self._memo.get(wire[2:])
         if done is not None and self.guard.check(client, proto) is Outcome.OK:
             # the same packet but for its ID was blocked before under this policy: same answer
