@@ -142,7 +142,7 @@ class AuditLog:
             return True
         if self.mode == "none":
             return False
-        return action is Action.BLOCKED
+        return action is Action.BLOCKED or action is Action.CANARY  # a bypass attempt is audited too
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)

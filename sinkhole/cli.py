@@ -318,7 +318,9 @@ def stats(env: Env, since: str, until: str | None, top: int, fmt: str) -> None:
                f"for {t['domains']} names ({t['queries_logged']} rows in the log)")
     for title, rows, cols in (("top blocked rules", result["top_rules"], ["rule", "category", "queries", "clients"]),
                               ("top blocked names", result["top_names"], ["qname", "queries"]),
-                              ("top clients", result["top_clients"], ["client", "queries", "names"])):
+                              ("top clients", result["top_clients"], ["client", "queries", "names"]),
+                              (f"bypass attempts ({t['bypass_attempts']}: DoH canary, Private Relay, DDR)",
+                               result["bypass_clients"], ["client", "attempts", "canaries"])):
         click.echo(f"\n{title}:")
         emit(rows, cols, "table")
 

@@ -50,6 +50,7 @@ class ServeConfig:
     user: str = ""  # when started as root: bind, then run as this user
     workers: int = 0  # processes serving the same sockets; 0: one per core
     shipped_lists: bool = True
+    bypass_canaries: bool = True  # answer the DoH / Private Relay / DDR canaries so clients stay with us
     log_level: str = "info"
 
     def answers(self) -> AnswerConfig:

@@ -10,6 +10,7 @@ class Action(enum.StrEnum):
     """What the server did with one query; this is the `action` column of the audit log."""
 
     BLOCKED = "blocked"
+    CANARY = "canary"  # a bypass canary (DoH canary, iCloud Private Relay, DDR): answered as the OS expects
     FORWARDED = "forwarded"
     CACHED = "cached"
     REFUSED = "refused"
@@ -76,7 +77,8 @@ class Verdict:
 
     @property
     def blocked(self) -> bool:
-        return self.action is Action.BLOCKED
+        """Answered here, never forwarded: a blocked name or a bypass canary."""
+        return self.action is Action.BLOCKED or self.action is Action.CANARY
 
 
 FORWARD = Verdict(Action.FORWARDED)

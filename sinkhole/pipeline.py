@@ -24,7 +24,7 @@ from sinkhole.cache import Cache, key_of
 from sinkhole.errors import UpstreamError
 from sinkhole.guard import Guard, Outcome
 from sinkhole.model import Action, AuditEvent, Query, Verdict
-from sinkhole.policy import Policy
+from sinkhole.policy import CANARIES, Policy
 from sinkhole.upstream import Forwarder
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,10 @@ class Pipeline:
     def __init__(self, get_policy: Callable[[], Policy], forwarder: Forwarder, audit: AuditLog,
                  answers: answer.AnswerConfig, guard: Guard | None = None, cache: Cache | None = None) -> None:
         self.guard = guard or Guard()
+        self._canary_answers = {
+            "nxdomain": answer.AnswerConfig(mode="nxdomain", ttl=answers.ttl),
+            "nodata": answer.AnswerConfig(mode="sinkhole", a=None, aaaa=None, ttl=answers.ttl),
+        }
         self.cache = cache if cache is not None else Cache()
         self._inflight: dict[bytes, asyncio.Future[tuple[bytes, str]]] = {}
         # blocked answers by packet-without-ID, valid for one policy snapshot
@@ -83,7 +87,7 @@ class Pipeline:
         if done is not None and self.guard.check(client, proto) is Outcome.OK:
             # the same packet but for its ID was blocked before under this policy: same answer
             tail, qname, qtype, rcode, verdict, summary = done
-            self._record(BLOCKED, client, proto, qname, qtype, rcode, verdict, summary, policy.version)
+            self._record(verdict.action, client, proto, qname, qtype, rcode, verdict, summary, policy.version)
             return wire[:2] + tail
         try:
             query = codec.decode_query_memo(wire)
@@ -112,18 +116,20 @@ class Pipeline:
             assert rule is not None
             edns = query.edns
             # the answer differs between names of one rule only in the question: build it once
-            shape = (rule.domain, rule.category, query.qtype, query.qclass, query.flags & _SHAPE_FLAGS,
-                     -1 if edns is None else edns.do)
+            shape = (verdict.action, rule.domain, rule.category, query.qtype, query.qclass,
+                     query.flags & _SHAPE_FLAGS, -1 if edns is None else edns.do)
             tpl = self._shapes.get(shape)
             if tpl is None:
-                built = answer.blocked(query, rule, self.answers, policy.version or 1)
+                how = self.answers if verdict.action is BLOCKED else self._canary_answers[CANARIES[rule.domain]]
+                built = answer.blocked(query, rule, how, policy.version or 1)
                 tpl = (built.wire[2:12], built.wire[12 + len(query.question):], built.rcode, built.summary)
                 if len(self._shapes) >= MEMO_MAX:
                     self._shapes.clear()
                 self._shapes[shape] = tpl
             head, tail, rcode, summary = tpl
             reply = wire[:2] + head + query.question + tail
-            self._record(BLOCKED, client, proto, query.name, query.qtype, rcode, verdict, summary, policy.version)
+            self._record(verdict.action, client, proto, query.name, query.qtype, rcode, verdict, summary,
+                         policy.version)
             if len(self._memo) >= MEMO_MAX:
                 self._memo.clear()
             self._memo[wire[2:]] = (reply[2:], query.name, query.qtype, rcode, verdict, summary)

@@ -7,6 +7,16 @@ from collections.abc import Iterable
 from sinkhole.domains import SuffixTable
 from sinkhole.model import FORWARD, Action, Query, Rule, RuleKind, Verdict
 
+# Names that browsers and operating systems ask to learn whether they may bypass this resolver.
+# Exact names, answered here whatever the rules say (unless an allow rule names them exactly).
+CANARIES: dict[str, str] = {
+    "use-application-dns.net": "nxdomain",  # Firefox keeps DNS-over-HTTPS off (its canary domain)
+    "mask.icloud.com": "nxdomain",  # iCloud Private Relay stays off (Apple's documented way)
+    "mask-h2.icloud.com": "nxdomain",
+    "_dns.resolver.arpa": "nodata",  # RFC 9462: no discovery of this resolver's encrypted twins
+}
+CANARY_CATEGORY = "bypass"
+
 
 class Policy:
     """Block and allow rules, each covering a name and all its subdomains.
@@ -16,9 +26,11 @@ class Policy:
     cost a dict entry and a string each, not an object each.
     """
 
-    __slots__ = ("_table", "allows", "blocks", "version")
+    __slots__ = ("_table", "allows", "blocks", "canaries", "version")
 
-    def __init__(self, rules: Iterable[Rule | tuple[str, str, str]] = (), version: int = 0) -> None:
+    def __init__(self, rules: Iterable[Rule | tuple[str, str, str]] = (), version: int = 0,
+                 canaries: bool = True) -> None:
+        self.canaries = canaries
         table: dict[str, tuple[RuleKind, str]] = {}
         groups: dict[tuple[str, str], tuple[RuleKind, str]] = {}
         blocks = allows = 0
@@ -57,6 +69,8 @@ class Policy:
 
     def decide_name(self, name: str) -> Verdict:
         rule = self.match_name(name)
+        if self.canaries and name in CANARIES and not (rule and rule.kind is RuleKind.ALLOW and rule.domain == name):
+            return Verdict(Action.CANARY, Rule(name, RuleKind.BLOCK, CANARY_CATEGORY))
         if rule is None:
             return FORWARD
         if rule.kind is RuleKind.ALLOW:

@@ -96,7 +96,7 @@ class Server:
 
     def load_policy(self, store: Store) -> None:
         started = time.perf_counter()
-        policy = store.load_rules(Policy)
+        policy = store.load_rules(lambda rules, version: Policy(rules, version, self.cfg.bypass_canaries))
         old, self.policy = self.policy, policy  # one assignment: every query sees the old or the new policy
         if old.blocks + old.allows > 10_000:
             del old

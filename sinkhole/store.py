@@ -302,4 +302,10 @@ class Store:
         top_clients = [dict(r) for r in self.db.query(
             f"SELECT client, count(*) AS queries, count(DISTINCT qname) AS names FROM audit{blocked}"
             f" GROUP BY client ORDER BY queries DESC, client LIMIT {int(top)}", args)]
-        return {"totals": totals, "top_rules": top_domains, "top_names": top_names, "top_clients": top_clients}
+        bypass = where + (" AND " if where else " WHERE ") + "action = 'canary'"
+        totals["bypass_attempts"] = one(f"SELECT count(*) FROM audit{bypass}", args).fetchone()[0]
+        bypass_clients = [dict(r) for r in self.db.query(
+            f"SELECT client, count(*) AS attempts, group_concat(DISTINCT qname) AS canaries FROM audit{bypass}"
+            f" GROUP BY client ORDER BY attempts DESC, client LIMIT {int(top)}", args)]
+        return {"totals": totals, "top_rules": top_domains, "top_names": top_names, "top_clients": top_clients,
+                "bypass_clients": bypass_clients}

@@ -120,3 +120,54 @@ def test_block_a_none_gives_nodata(make_server, stub):
     s = make_server(upstream=(stub.address,), block_a="none")
     r = ask(s, "chat.deepseek.com", "A")
     assert r.answer == [] and r.authority[0].rdtype == dns.rdatatype.SOA
+
+
+# ---------------------------------------------------------------------------- bypass canaries
+
+
+@pytest.mark.parametrize("tcp", TRANSPORTS)
+@pytest.mark.parametrize("name,qtype,rcode", [
+    ("use-application-dns.net", "A", dns.rcode.NXDOMAIN),  # Firefox: keep DoH off
+    ("mask.icloud.com", "A", dns.rcode.NXDOMAIN),  # iCloud Private Relay off
+    ("mask-h2.icloud.com", "AAAA", dns.rcode.NXDOMAIN),
+    ("_dns.resolver.arpa", "SVCB", dns.rcode.NOERROR),  # RFC 9462: nothing to discover
+])
+def test_bypass_canaries_are_answered_here_and_audited(make_server, stub, db, name, qtype, rcode, tcp):
+    import sqlite3
+
+    from tests.conftest import wait_for
+
+    s = make_server(upstream=(stub.address,))
+    r = ask(s, name, qtype, tcp=tcp)
+    assert r.rcode() == rcode and r.answer == []
+    assert r.authority and r.authority[0].rdtype == dns.rdatatype.SOA
+    assert ede_of(r) == [(15, f"blocked by sinkhole rule {name} (bypass)")]
+    assert stub.queries() == []
+    rows = wait_for(lambda: sqlite3.connect(db).execute("SELECT action, qname, category FROM audit").fetchall())
+    assert rows == [("canary", name, "bypass")]
+
+
+def test_canaries_are_exact_names_and_can_be_turned_off(make_server, stub):
+    s = make_server(upstream=(stub.address,))
+    assert ask(s, "www.icloud.com").answer[0][0].to_text().startswith("192.0.2.")
+    assert ask(s, "x.use-application-dns.net").answer[0][0].to_text().startswith("192.0.2.")
+    off = make_server(upstream=(stub.address,), bypass_canaries=False, db=s.db.parent / "off.db")
+    assert ask(off, "use-application-dns.net").answer[0][0].to_text().startswith("192.0.2.")
+
+
+def test_stats_show_bypass_attempts(make_server, stub, db):
+    import json
+    import subprocess
+    import sys
+
+    s = make_server(upstream=(stub.address,))
+    for name in ("use-application-dns.net", "mask.icloud.com", "use-application-dns.net"):
+        ask(s, name)
+    s.stop()
+    out = subprocess.run([sys.executable, "-m", "sinkhole", "--db", str(db), "stats", "--format", "json"],
+                         capture_output=True, text=True, check=True).stdout
+    stats = json.loads(out)
+    assert stats["totals"]["bypass_attempts"] == 3
+    assert stats["bypass_clients"] == [{"client": "127.0.0.1", "attempts": 3,
+                                        "canaries": stats["bypass_clients"][0]["canaries"]}]
+    assert set(stats["bypass_clients"][0]["canaries"].split(",")) == {"use-application-dns.net", "mask.icloud.com"}
