@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 MODES = ("blocked", "all", "none")
 _QTYPES: dict[int, str] = {}
+_BLOCKED_MODE = frozenset({Action.BLOCKED, Action.CNAME_BLOCKED, Action.CANARY})
 GAP = "gap"  # the action of a row that records lost rows
 _WAKE = object()  # put by close() to wake a writer waiting on an empty queue
 
@@ -142,7 +143,7 @@ class AuditLog:
             return True
         if self.mode == "none":
             return False
-        return action is Action.BLOCKED or action is Action.CANARY  # a bypass attempt is audited too
+        return action in _BLOCKED_MODE  # blocked names, answers that led to them, bypass attempts
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)

@@ -84,6 +84,9 @@ class Cache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def clear(self) -> None:
+        self._entries.clear()
+
     def get(self, key: bytes, query: Query, now: float) -> bytes | None:
         entry = self._entries.get(key)
         if entry is None:

@@ -257,6 +257,57 @@ def is_truncated(wire: bytes) -> bool:
     return len(wire) >= 4 and bool(wire[2] & 0x02)
 
 
+_TARGET_TYPES = {5: "cname", 39: "dname", 64: "svcb", 65: "https"}
+
+
+def may_redirect(wire: bytes, qlen: int) -> bool:
+    """Whether the answer section holds a CNAME, DNAME, SVCB or HTTPS record: a cheap walk over
+    the record headers, so that only those replies are parsed in full by `answer_targets`."""
+    try:
+        ancount = struct.unpack_from("!H", wire, 6)[0]
+        pos = 12 + qlen
+        for _ in range(ancount):
+            while True:  # skip the owner name
+                length = wire[pos]
+                if length == 0:
+                    pos += 1
+                    break
+                if length & 0xC0 == 0xC0:
+                    pos += 2
+                    break
+                pos += 1 + length
+            rtype, _, _, rdlen = _RR_FIXED.unpack_from(wire, pos)
+            if rtype in _TARGET_TYPES:
+                return True
+            pos += 10 + rdlen
+    except (IndexError, struct.error):
+        return True  # odd: let the full parser decide
+    return False
+
+
+def answer_targets(wire: bytes) -> list[tuple[str, str]]:
+    """Names an upstream answer sends the client on to: (kind, name) for every CNAME and DNAME
+    target and every SVCB/HTTPS TargetName in the answer section, normalized. A reply that does
+    not parse yields nothing (it is relayed as it is)."""
+    try:
+        record = dnslib.DNSRecord.parse(wire)
+    except Exception:  # dnslib raises several types for bad input
+        return []
+    out = []
+    for rr in record.rr:
+        kind = _TARGET_TYPES.get(rr.rtype)
+        if kind is None:
+            continue
+        target = getattr(rr.rdata, "target", None) if kind in ("svcb", "https") else rr.rdata.label
+        if isinstance(target, list):  # dnslib gives an SVCB/HTTPS TargetName as its labels
+            name = ".".join(bytes(label).decode("ascii", "backslashreplace") for label in target).lower()
+        else:
+            name = str(target).rstrip(".").lower() if target is not None else ""
+        if name:
+            out.append((kind, name))
+    return out
+
+
 def render(wire: bytes) -> str:
     """A whole message in zone-file presentation, for people (CLI, logs, tests)."""
     return str(dnslib.DNSRecord.parse(wire))

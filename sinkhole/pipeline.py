@@ -52,7 +52,7 @@ class Pipeline:
             "nodata": answer.AnswerConfig(mode="sinkhole", a=None, aaaa=None, ttl=answers.ttl),
         }
         self.cache = cache if cache is not None else Cache()
-        self._inflight: dict[bytes, asyncio.Future[tuple[bytes, str]]] = {}
+        self._inflight: dict[bytes, asyncio.Future[tuple[bytes, str, Verdict | None]]] = {}
         # blocked answers by packet-without-ID, valid for one policy snapshot
         self._memo: dict[bytes, tuple[bytes, str, int, int, Verdict, str]] = {}
         self._memo_policy: tuple[int, int] | None = None
@@ -82,6 +82,7 @@ class Pipeline:
         if (id(policy), policy.version) != self._memo_policy:  # not a reference: the old policy may go
             self._memo.clear()
             self._shapes.clear()
+            self.cache.clear()  # a cached answer may lead to a name that is blocked now
             self._memo_policy = (id(policy), policy.version)
         done = self._memo.get(wire[2:])
         if done is not None and self.guard.check(client, proto) is Outcome.OK:
@@ -156,30 +157,38 @@ class Pipeline:
         query, verdict, version = pending.query, pending.verdict, pending.version
         started = time.perf_counter()
         try:
-            reply, upstream = await self._coalesced(pending, proto == "tcp")
+            reply, upstream, cloaked = await self._coalesced(pending, proto == "tcp")
         except UpstreamError as exc:
             log.warning("SERVFAIL for %s %s: %s", query.qname, codec.qtype_name(query.qtype), exc)
             self._record(Action.SERVFAIL, client, proto, query.qname, query.qtype, codec.SERVFAIL, verdict,
                          None, version, None, (time.perf_counter() - started) * 1000)
             return answer.servfail(query, "no upstream answered")
+        if cloaked is not None and cloaked.rule is not None:
+            # the answer leads to a blocked name: the client gets the sinkhole answer instead
+            built = answer.blocked(query, cloaked.rule, self.answers, version or 1)
+            self._record(Action.CNAME_BLOCKED, client, proto, query.qname, query.qtype, built.rcode, cloaked,
+                         built.summary, version, upstream, (time.perf_counter() - started) * 1000)
+            return built.wire
         if proto == "udp" and len(reply) > query.max_udp:
             reply = answer.truncated(query, codec.header_rcode(reply))  # an upstream that ignored the buffer size
         self._record(Action.FORWARDED, client, proto, query.qname, query.qtype, codec.header_rcode(reply),
                      verdict, None, version, upstream, (time.perf_counter() - started) * 1000)
         return reply
 
-    async def _coalesced(self, pending: Pending, client_tcp: bool) -> tuple[bytes, str]:
-        """One upstream query for identical questions in flight at once; each client gets its own ID and case."""
+    async def _coalesced(self, pending: Pending, client_tcp: bool) -> tuple[bytes, str, Verdict | None]:
+        """One upstream query for identical questions in flight at once; each client gets its own ID and case.
+
+        The reply is inspected before it is cached: one that leads to a blocked name is never cached."""
         query, key = pending.query, pending.key
         if not client_tcp:
             running = self._inflight.get(key)
             if running is not None:
-                wire, upstream = await asyncio.shield(running)
+                wire, upstream, cloaked = await asyncio.shield(running)
                 out = bytearray(wire)
                 out[0:2] = query.wire[0:2]
                 out[12:12 + len(query.question)] = query.question
-                return bytes(out), upstream
-        future: asyncio.Future[tuple[bytes, str]] = asyncio.get_running_loop().create_future()
+                return bytes(out), upstream, cloaked
+        future: asyncio.Future[tuple[bytes, str, Verdict | None]] = asyncio.get_running_loop().create_future()
         if not client_tcp:
             self._inflight[key] = future
         try:
@@ -189,9 +198,13 @@ class Pipeline:
             future.exception()  # retrieved: no "never retrieved" warning when nobody else waited
             raise
         else:
-            future.set_result((reply, str(up)))
-            self.cache.put(key, query, reply, time.monotonic())
-            return reply, str(up)
+            cloaked = None
+            if reply[7] | reply[6] and codec.may_redirect(reply, len(query.question)):
+                cloaked = self.get_policy().inspect(codec.answer_targets(reply))
+            future.set_result((reply, str(up), cloaked))
+            if cloaked is None:
+                self.cache.put(key, query, reply, time.monotonic())
+            return reply, str(up), cloaked
         finally:
             if self._inflight.get(key) is future:
                 del self._inflight[key]

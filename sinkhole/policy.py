@@ -80,5 +80,14 @@ class Policy:
     def decide(self, query: Query) -> Verdict:
         return self.decide_name(query.name)
 
+    def inspect(self, targets: list[tuple[str, str]]) -> Verdict | None:
+        """A forwarded answer that leads to a blocked name (a CNAME chain, an HTTPS/SVCB target)
+        is blocked too: the verdict names the kind and the target, e.g. rule `cname:chat.deepseek.com`."""
+        for kind, name in targets:
+            rule = self.match_name(name)
+            if rule is not None and rule.kind is RuleKind.BLOCK:
+                return Verdict(Action.CNAME_BLOCKED, Rule(f"{kind}:{name}", RuleKind.BLOCK, rule.category))
+        return None
+
     def __repr__(self) -> str:
         return f"<Policy v{self.version}: {self.blocks} block, {self.allows} allow>"

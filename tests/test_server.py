@@ -171,3 +171,35 @@ def test_stats_show_bypass_attempts(make_server, stub, db):
     assert stats["bypass_clients"] == [{"client": "127.0.0.1", "attempts": 3,
                                         "canaries": stats["bypass_clients"][0]["canaries"]}]
     assert set(stats["bypass_clients"][0]["canaries"].split(",")) == {"use-application-dns.net", "mask.icloud.com"}
+
+
+# ---------------------------------------------------------------------------- response inspection
+
+
+@pytest.mark.parametrize("tcp", TRANSPORTS)
+def test_answer_leading_to_a_blocked_name_is_sinkholed(make_server, stub, db, tcp):
+    import sqlite3
+
+    from tests.conftest import wait_for
+
+    s = make_server(upstream=(stub.address,))
+    r = ask(s, "cname.example.test", tcp=tcp)  # CNAME -> target.example.test: not blocked yet
+    assert [rr.rdtype for rr in r.answer] == [dns.rdatatype.CNAME, dns.rdatatype.A]
+    store = Store(db)
+    store.add_rules(RuleKind.BLOCK, ["target.example.test"], category="cloak")
+    store.close()
+
+    def sinkholed() -> bool:
+        a = ask(s, "cname.example.test", tcp=tcp)  # the cached answer must not outlive the new rule
+        return [rr.to_text() for rrset in a.answer for rr in rrset] == ["0.0.0.0"]
+
+    assert wait_for(sinkholed, timeout=2)
+    r = ask(s, "https.example.test", "HTTPS", tcp=tcp)
+    assert r.answer == [] and r.authority[0].rdtype == dns.rdatatype.SOA
+    assert ede_of(r) == [(15, "blocked by sinkhole rule https:svc.target.example.test (cloak)")]
+    rows = wait_for(lambda: sqlite3.connect(db).execute(
+        "SELECT action, qname, rule, category FROM audit ORDER BY seq").fetchall())
+    assert ("cname-blocked", "cname.example.test", "cname:target.example.test", "cloak") in rows
+    assert ("cname-blocked", "https.example.test", "https:svc.target.example.test", "cloak") in rows
+    # an allowed CNAME chain is relayed as it came
+    assert ask(s, "www.example.test").answer[0][0].to_text().startswith("192.0.2.")
