@@ -31,10 +31,10 @@ class Entry:
 
 
 def key_of(query: Query) -> bytes:
-    """Question name lower-cased plus type and class, and one byte of EDNS / DO / CD."""
+    """Question name lower-cased plus type and class, and one byte of EDNS / DO / CD / RD."""
     q = query.question
     flags = (1 if query.edns is not None else 0) | (2 if query.edns and query.edns.do else 0) | (
-        4 if query.flags & codec.CD else 0)
+        4 if query.flags & codec.CD else 0) | (8 if query.flags & codec.RD else 0)
     return q[:-4].lower() + q[-4:] + bytes([flags])
 
 
@@ -60,7 +60,7 @@ def scan(wire: bytes, qlen: int) -> tuple[list[int], list[int], int | None, bool
         if rtype != codec.T_OPT:
             offsets.append(pos + 4)
             ttls.append(ttl)
-            if rtype == codec.T_SOA and ancount <= i < ancount + nscount:
+            if rtype == codec.T_SOA and ancount <= i < ancount + nscount and rdlen >= 22:
                 rdata = pos + 10
                 minimum = _TTL.unpack_from(wire, rdata + rdlen - 4)[0]
                 negative_ttl = min(ttl, minimum)

@@ -2,7 +2,8 @@
 
 The fast path never builds a full message object: a query is validated and cut into
 the parts the pipeline needs; replies are assembled from the client's own question
-bytes. dnslib is used where a whole message must be read or shown (`render`).
+bytes. dnslib is used where a whole message must be read (`answer_targets`) and for names
+of types and rcodes.
 """
 
 from __future__ import annotations
@@ -164,6 +165,7 @@ def decode_query(wire: bytes) -> Query:
 
 _MEMO: dict[bytes, Query] = {}
 MEMO_MAX = 50_000
+MEMO_MAX_PACKET = 512  # bytes: 50,000 memoized packets stay under ~60 MB
 
 
 def decode_query_memo(wire: bytes) -> Query:
@@ -174,9 +176,10 @@ def decode_query_memo(wire: bytes) -> Query:
         return Query(wire, (wire[0] << 8) | wire[1], seen.flags, seen.name, seen.qtype, seen.qclass,
                      seen.question, seen.edns)
     query = decode_query(wire)
-    if len(_MEMO) >= MEMO_MAX:
-        _MEMO.clear()
-    _MEMO[wire[2:]] = query
+    if len(wire) <= MEMO_MAX_PACKET:  # a big packet (a padded or hostile one) is not worth keeping
+        if len(_MEMO) >= MEMO_MAX:
+            _MEMO.clear()
+        _MEMO[wire[2:]] = query
     return query
 
 
@@ -306,8 +309,3 @@ def answer_targets(wire: bytes) -> list[tuple[str, str]]:
         if name:
             out.append((kind, name))
     return out
-
-
-def render(wire: bytes) -> str:
-    """A whole message in zone-file presentation, for people (CLI, logs, tests)."""
-    return str(dnslib.DNSRecord.parse(wire))

@@ -45,6 +45,7 @@ class ServeConfig:
     cache_negative_max_ttl: int = 3600
     tcp_idle_timeout: float = 10.0
     tcp_max_clients: int = 1000
+    max_inflight: int = 1000  # forwards waiting for an upstream at once (each holds a socket)
     reload_interval: float = 0.25
     node: str = field(default_factory=socket.gethostname)
     user: str = ""  # when started as root: bind, then run as this user
@@ -125,8 +126,12 @@ def _validate(cfg: ServeConfig) -> ServeConfig:
         raise ConfigError(f"mode must be one of {', '.join(AnswerConfig.MODES)}, not {cfg.mode!r}")
     if cfg.log_queries not in LOG_MODES:
         raise ConfigError(f"log_queries must be one of {', '.join(LOG_MODES)}, not {cfg.log_queries!r}")
-    if cfg.timeout <= 0 or cfg.tcp_idle_timeout <= 0 or cfg.reload_interval <= 0:
-        raise ConfigError("timeouts and intervals must be above zero")
+    if not all(0 < v < 3600 for v in (cfg.timeout, cfg.tcp_idle_timeout, cfg.reload_interval)):
+        raise ConfigError("timeouts and intervals must be above zero and below an hour")
+    if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"log_level must be debug, info, warning or error, not {cfg.log_level!r}")
+    if cfg.tcp_max_clients < 1 or cfg.max_inflight < 1 or cfg.cache_negative_max_ttl < 0:
+        raise ConfigError("tcp_max_clients and max_inflight must be 1 or more, cache_negative_max_ttl 0 or more")
     if cfg.workers < 0:
         raise ConfigError("workers must be 0 (one per core) or more")
     if cfg.cache_size < 0 or not 0 <= cfg.cache_min_ttl <= cfg.cache_max_ttl:

@@ -29,7 +29,6 @@ from sinkhole.upstream import Forwarder
 
 log = logging.getLogger(__name__)
 BLOCKED = Action.BLOCKED
-MEMO_MAX = 50_000
 _SHAPE_FLAGS = codec.OPCODE_MASK | codec.RD | codec.CD
 
 
@@ -84,25 +83,29 @@ class Pipeline:
             self._shapes.clear()
             self.cache.clear()  # a cached answer may lead to a name that is blocked now
             self._memo_policy = (id(policy), policy.version)
+        outcome = None
         done = self._memo.get(wire[2:])
-        if done is not None and self.guard.check(client, proto) is Outcome.OK:
-            # the same packet but for its ID was blocked before under this policy: same answer
-            tail, qname, qtype, rcode, verdict, summary = done
-            self._record(verdict.action, client, proto, qname, qtype, rcode, verdict, summary, policy.version)
-            return wire[:2] + tail
+        if done is not None:
+            outcome = self.guard.check(client, proto)
+            if outcome is Outcome.OK:
+                # the same packet but for its ID was blocked before under this policy: same answer
+                tail, qname, qtype, rcode, verdict, summary = done
+                self._record(verdict.action, client, proto, qname, qtype, rcode, verdict, summary, policy.version)
+                return wire[:2] + tail
         try:
             query = codec.decode_query_memo(wire)
         except codec.Drop:
             self.counts["dropped"] = self.counts.get("dropped", 0) + 1
             return None
         except codec.BadQuery as bad:
-            if self.guard.check(client, proto) is not Outcome.OK:
+            if (outcome or self.guard.check(client, proto)) is not Outcome.OK:
                 self._record(Action.REFUSED, client, proto, "", 0, codec.REFUSED, summary=bad.reason)
                 return codec.error_reply(bad.qid, bad.flags, codec.REFUSED, bad.question)
             action = Action.NOTIMP if bad.rcode == codec.NOTIMP else Action.FORMERR
             self._record(action, client, proto, "", 0, bad.rcode, summary=bad.reason)
             return codec.error_reply(bad.qid, bad.flags, bad.rcode, bad.question, bad.edns)
-        outcome = self.guard.check(client, proto)
+        if outcome is None:
+            outcome = self.guard.check(client, proto)
         if outcome is not Outcome.OK:
             if outcome is Outcome.LIMITED:
                 self._record(Action.LIMITED, client, proto, query.qname, query.qtype, codec.NOERROR,
@@ -124,16 +127,17 @@ class Pipeline:
                 how = self.answers if verdict.action is BLOCKED else self._canary_answers[CANARIES[rule.domain]]
                 built = answer.blocked(query, rule, how, policy.version or 1)
                 tpl = (built.wire[2:12], built.wire[12 + len(query.question):], built.rcode, built.summary)
-                if len(self._shapes) >= MEMO_MAX:
+                if len(self._shapes) >= codec.MEMO_MAX:
                     self._shapes.clear()
                 self._shapes[shape] = tpl
             head, tail, rcode, summary = tpl
             reply = wire[:2] + head + query.question + tail
             self._record(verdict.action, client, proto, query.name, query.qtype, rcode, verdict, summary,
                          policy.version)
-            if len(self._memo) >= MEMO_MAX:
-                self._memo.clear()
-            self._memo[wire[2:]] = (reply[2:], query.name, query.qtype, rcode, verdict, summary)
+            if len(wire) <= codec.MEMO_MAX_PACKET:
+                if len(self._memo) >= codec.MEMO_MAX:
+                    self._memo.clear()
+                self._memo[wire[2:]] = (reply[2:], query.name, query.qtype, rcode, verdict, summary)
             return reply
         if query.qtype in (codec.T_AXFR, codec.T_IXFR):
             self._record(Action.REFUSED, client, proto, query.qname, query.qtype, codec.REFUSED, verdict,

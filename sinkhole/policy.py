@@ -54,9 +54,6 @@ class Policy:
         self.blocks = blocks
         self.allows = allows
 
-    def match(self, labels: tuple[str, ...]) -> Rule | None:
-        return self.match_name(".".join(labels))
-
     def match_name(self, name: str) -> Rule | None:
         hit = self._table.lookup_name(name)
         if hit is None:

@@ -26,7 +26,11 @@ log = logging.getLogger(__name__)
 
 def open_store(db: str | Path, shipped_lists: bool = True) -> Store:
     """The database, with the shipped default lists loaded if it is new."""
-    return Store(db, seed=lists.seed() if shipped_lists else None)
+    seed = lists.seed() if shipped_lists else None
+    if shipped_lists and not seed and not Path(db).exists():
+        log.warning("no shipped lists found (blocklists/, or $SINKHOLE_BLOCKLISTS): the new database at %s "
+                    "starts with no rules, and nothing is blocked until rules are added", db)
+    return Store(db, seed=seed)
 
 
 def _give_back_memory() -> None:
@@ -65,6 +69,12 @@ class PolicyReloader(threading.Thread):
         try:
             while not self.stopping.wait(self.interval):
                 try:
+                    if store.replaced():  # rules added from now on go to the new file
+                        log.warning("the database at %s was replaced: reading the policy from the new one", self.db)
+                        store.close()
+                        store = Store(self.db)
+                        self.server.load_policy(store)
+                        continue
                     version = store.policy_version()
                     if version != self.server.policy.version:
                         self.server.load_policy(store)
@@ -88,7 +98,7 @@ class Server:
         self._stop = asyncio.Event()
         self.audit = AuditLog(self.db, cfg.node, cfg.log_queries,
                               seed=lists.seed if cfg.shipped_lists else None)
-        self.forwarder = Forwarder(cfg.upstreams(), cfg.timeout)
+        self.forwarder = Forwarder(cfg.upstreams(), cfg.timeout, cfg.max_inflight)
         self.pipeline = Pipeline(lambda: self.policy, self.forwarder, self.audit, cfg.answers(), cfg.make_guard(),
                                  cfg.make_cache())
         self.reloader: PolicyReloader | None = None

@@ -68,6 +68,15 @@ def iso_dt(when: datetime) -> str:
     return when.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
+def file_identity(path: str | os.PathLike[str]) -> tuple[int, int] | None:
+    """(device, inode) of the file at path, None when there is none: tells a replaced file."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def default_db_path() -> Path:
     """$SINKHOLE_DB, else the user's state directory (XDG), as the CLI contract says."""
     env = os.environ.get("SINKHOLE_DB")
@@ -117,6 +126,12 @@ class Store:
             conn.execute(f"PRAGMA synchronous={synchronous}")
         conn.create_function("in_cidr", 2, _in_cidr, deterministic=True)
         self._migrate(seed)
+        self.identity = file_identity(self.path)
+
+    def replaced(self) -> bool:
+        """The file at our path is another one now (deleted and made again, or swapped)."""
+        now = file_identity(self.path)
+        return now is not None and now != self.identity
 
     def close(self) -> None:
         self.conn.close()

@@ -9,6 +9,7 @@ same question. Anything else is ignored while we keep waiting for the real reply
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import logging
 import secrets
@@ -101,11 +102,13 @@ def _matches(reply: bytes, qid: int, question: bytes) -> bool:
 
 
 class Forwarder:
-    def __init__(self, upstreams: list[Upstream], timeout: float = 2.0) -> None:
+    def __init__(self, upstreams: list[Upstream], timeout: float = 2.0, max_inflight: int = 1000) -> None:
         if not upstreams:
             raise ConfigError("at least one upstream is needed")
         self.upstreams = list(upstreams)
         self.timeout = timeout
+        self.max_inflight = max_inflight  # each forward holds a socket: bounded, beyond it SERVFAIL at once
+        self.inflight = 0
         self._down_until: dict[Upstream, float] = {}
 
     def _order(self) -> list[Upstream]:
@@ -118,6 +121,15 @@ class Forwarder:
 
         Raises UpstreamError when no upstream answered within the timeout.
         """
+        if self.inflight >= self.max_inflight:
+            raise UpstreamError(f"{self.inflight} queries already waiting for an upstream")
+        self.inflight += 1
+        try:
+            return await self._forward(query, client_tcp)
+        finally:
+            self.inflight -= 1
+
+    async def _forward(self, query: Query, client_tcp: bool) -> tuple[bytes, Upstream]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         order = self._order()
@@ -136,12 +148,16 @@ class Forwarder:
                 reply = await self._udp(up, out, qid, question, budget)
                 if codec.is_truncated(reply):
                     fallback = (reply, up)
+                    if deadline - loop.time() <= 0:
+                        break  # our time is up, not the upstream's fault
                     reply = await self._tcp(up, out, qid, question, deadline - loop.time())
                     if not client_tcp and len(reply) > query.max_udp:
                         reply = fallback[0]
             except (TimeoutError, OSError, asyncio.IncompleteReadError, UpstreamError) as exc:
                 reason = type(exc).__name__ if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
                 errors.append(f"{up}: {reason}")
+                if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS):
+                    break  # out of sockets here: no upstream is to blame
                 self._down_until[up] = time.monotonic() + DOWN_FOR
                 continue
             self._down_until.pop(up, None)

@@ -114,3 +114,16 @@ def test_hosts_plain_and_adblock_forms_parse():
     bl = lists.parse(text, "mixed.txt")
     assert bl.entries == [("a.example", ""), ("b.example", ""), ("c.example", "note"),
                           ("xn--bcher-kva.example", "")]
+
+
+def test_no_shipped_lists_is_warned_about(tmp_path, monkeypatch, caplog):
+    import logging
+
+    empty = tmp_path / "lists"
+    empty.mkdir()
+    monkeypatch.setenv("SINKHOLE_BLOCKLISTS", str(empty))
+    monkeypatch.setattr(lists, "shipped_dir", lambda: None)
+    caplog.set_level(logging.WARNING)
+    store = open_store(tmp_path / "new.db")
+    store.close()
+    assert any("nothing is blocked" in r.getMessage() for r in caplog.records)

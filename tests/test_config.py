@@ -54,3 +54,25 @@ def test_server_table_is_accepted(tmp_path):
 def test_bad_env_value(tmp_path):
     with pytest.raises(ConfigError, match="SINKHOLE_TIMEOUT"):
         config.load(env={"SINKHOLE_TIMEOUT": "soon"})
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"SINKHOLE_LOG_LEVEL": "verbose"}, "log_level"),
+    ({"SINKHOLE_TIMEOUT": "nan"}, "timeouts"),
+    ({"SINKHOLE_TCP_MAX_CLIENTS": "0"}, "tcp_max_clients"),
+])
+def test_more_bad_values(env, message):
+    with pytest.raises(ConfigError, match=message):
+        config.load(env=env)
+
+
+def test_bad_log_level_from_the_console_script_is_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "sinkhole", "--db", str(tmp_path / "a.db"), "serve"],
+                         capture_output=True, text=True, timeout=20,
+                         env={**os.environ, "SINKHOLE_LOG_LEVEL": "verbose"})
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [out.stderr.strip()] and "log_level" in out.stderr

@@ -388,3 +388,22 @@ def test_a_path_that_cannot_be_opened_never_blocks_submit_and_close_gives_up(tmp
     audit.close(timeout=30)
     assert audit.dropped == 20 and audit.written == 0
     assert len(lines(caplog, "cannot write")) == 1 and len(lines(caplog, "gave up")) == 1
+
+
+def test_rules_added_after_the_database_was_replaced_reach_the_server(make_server, stub, db):
+    import subprocess
+    import sys
+
+    s = make_server(upstream=(stub.address,))
+    assert ask(s, "www.after-replace.test").answer[0][0].to_text().startswith("192.0.2.")
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(db) + suffix).unlink(missing_ok=True)
+    subprocess.run([sys.executable, "-m", "sinkhole", "--db", str(db), "block", "add", "after-replace.test"],
+                   check=True, capture_output=True)
+    deadline = time.monotonic() + 1.0
+
+    def blocked() -> bool:
+        return ask(s, "x.after-replace.test").answer[0][0].to_text() == "0.0.0.0"
+
+    assert wait_for(blocked, timeout=max(0.0, deadline - time.monotonic()))
+    assert ask(s, "chat.deepseek.com").answer[0][0].to_text() == "0.0.0.0"  # the new file was seeded

@@ -6,6 +6,7 @@ import socket
 import struct
 import time
 
+import dns.edns
 import dns.message
 import dns.rcode
 import pytest
@@ -184,3 +185,17 @@ def test_many_garbage_datagrams_then_still_serving(server):
         s.close()
     assert ask(server, "chat.deepseek.com").answer[0][0].to_text() == "0.0.0.0"
     assert ask(server, "chat.deepseek.com", tcp=True).answer[0][0].to_text() == "0.0.0.0"
+
+
+def test_big_packets_are_not_memoized(make_server, stub):
+    from sinkhole import codec
+
+    s = make_server(upstream=(stub.address,), allow_clients=("10.0.0.0/8",))
+    q = dns.message.make_query("chat.deepseek.com", "A", use_edns=0, payload=4096,
+                               options=[dns.edns.GenericOption(65001, b"x" * 3000)])
+    before = len(codec._MEMO)
+    for i in range(20):
+        q.id = i
+        r = dns.message.from_wire(udp_exchange(s, q.to_wire()))
+        assert r.rcode() == dns.rcode.REFUSED
+    assert len(codec._MEMO) == before

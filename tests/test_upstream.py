@@ -176,3 +176,23 @@ def test_system_upstreams_read_from_resolv_conf(tmp_path):
     empty.write_text("# nothing\n")
     with pytest.raises(ConfigError):
         system_upstreams(str(empty))
+
+
+def test_forwards_in_flight_are_bounded(make_server):
+    with StubResolver(silent=True) as dead:
+        s = make_server(upstream=(dead.address,), timeout=1.5, max_inflight=1)
+        import concurrent.futures
+
+        def one(name: str) -> tuple[int, float]:
+            started = time.monotonic()
+            r = ask(s, name, timeout=5)
+            return r.rcode(), time.monotonic() - started
+
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            first = pool.submit(one, "a.example.test")
+            time.sleep(0.2)  # the first is waiting on the dead upstream now
+            second = pool.submit(one, "b.example.test")
+            (c1, t1), (c2, t2) = first.result(), second.result()
+        assert c1 == c2 == dns.rcode.SERVFAIL
+        assert t2 < 0.5 < t1, "over the cap: SERVFAIL at once, without holding another socket"
+        assert [q.qname for q in dead.queries()] == ["a.example.test"]
