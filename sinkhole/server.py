@@ -189,6 +189,7 @@ class Server:
             await asyncio.wait(set(self.tasks.tasks), timeout=self.cfg.timeout + 1.0)
         for listener in self.listeners:
             listener.close()
+        self.forwarder.close()
         if self.reloader is not None:
             self.reloader.stopping.set()
             self.reloader.join(5)

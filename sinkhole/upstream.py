@@ -109,6 +109,7 @@ class Forwarder:
         self.timeout = timeout
         self.max_inflight = max_inflight  # each forward holds a socket: bounded, beyond it SERVFAIL at once
         self.inflight = 0
+        self._tcp_pool: dict[Upstream, _TcpConnection] = {}
         self._down_until: dict[Upstream, float] = {}
 
     def _order(self) -> list[Upstream]:
@@ -184,15 +185,74 @@ class Forwarder:
             sock.close()
 
     async def _tcp(self, up: Upstream, out: bytes, qid: int, question: bytes, timeout: float) -> bytes:
-        async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection(up.host, up.port)
-            try:
-                writer.write(struct.pack("!H", len(out)) + out)
-                await writer.drain()
-                while True:
-                    (length,) = struct.unpack("!H", await reader.readexactly(2))
-                    reply = await reader.readexactly(length)
-                    if _matches(reply, qid, question):
-                        return reply
-            finally:
-                writer.close()
+        """Over the upstream's pooled TCP connection (opened when there is none), pipelined by ID."""
+        conn = None
+        try:
+            async with asyncio.timeout(timeout):
+                conn = self._tcp_pool.get(up)
+                if conn is None or conn.closed or qid in conn.waiting:
+                    reader, writer = await asyncio.open_connection(up.host, up.port)
+                    conn = _TcpConnection(reader, writer)
+                    old, self._tcp_pool[up] = self._tcp_pool.get(up), conn
+                    if old is not None and not old.waiting:
+                        old.close()
+                reply = await conn.ask(out, qid)
+        except TimeoutError:
+            if conn is not None and not conn.waiting:
+                conn.close()  # a connection that did not answer in time is not used again
+            raise
+        if not _matches(reply, qid, question):
+            raise UpstreamError(f"{up}: a TCP reply with our ID but another question")
+        return reply
+
+    def close(self) -> None:
+        for conn in self._tcp_pool.values():
+            conn.close()
+        self._tcp_pool.clear()
+
+
+class _TcpConnection:
+    """One TCP connection to an upstream, reused for many queries (RFC 7766 pipelining): replies
+    are matched to their queries by ID as they come, in any order."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.waiting: dict[int, asyncio.Future[bytes]] = {}
+        self.closed = False
+        self._reading = asyncio.get_running_loop().create_task(self._read())
+
+    async def ask(self, out: bytes, qid: int) -> bytes:
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self.waiting[qid] = future
+        try:
+            self.writer.write(struct.pack("!H", len(out)) + out)
+            await self.writer.drain()
+            return await future
+        finally:
+            self.waiting.pop(qid, None)
+
+    async def _read(self) -> None:
+        error: BaseException = ConnectionError("upstream closed the TCP connection")
+        try:
+            while True:
+                (length,) = struct.unpack("!H", await self.reader.readexactly(2))
+                reply = await self.reader.readexactly(length)
+                if len(reply) >= 2:
+                    future = self.waiting.get(int.from_bytes(reply[:2], "big"))
+                    if future is not None and not future.done():
+                        future.set_result(reply)
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            error = ConnectionError(f"upstream TCP connection lost: {exc}")
+        except asyncio.CancelledError:
+            pass
+        finally:
+            self.closed = True
+            for future in self.waiting.values():
+                if not future.done():
+                    future.set_exception(error)
+            self.writer.close()
+
+    def close(self) -> None:
+        self.closed = True
+        self._reading.cancel()

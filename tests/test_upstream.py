@@ -196,3 +196,22 @@ def test_forwards_in_flight_are_bounded(make_server):
         assert c1 == c2 == dns.rcode.SERVFAIL
         assert t2 < 0.5 < t1, "over the cap: SERVFAIL at once, without holding another socket"
         assert [q.qname for q in dead.queries()] == ["a.example.test"]
+
+
+def test_tcp_connection_to_the_upstream_is_reused(server, stub):
+    for i in range(4):
+        r = ask(server, f"big.n{i}.example.test", "TXT", tcp=True)  # TC over UDP, then TCP upstream
+        assert len(r.answer[0]) == 40
+    tcp = [s for s in stub.queries() if s.proto == "tcp"]
+    assert len(tcp) == 4
+    assert len({s.src for s in tcp}) == 1, "one pooled connection for every TCP retry"
+
+
+def test_a_closed_pooled_connection_is_replaced(make_server):
+    with StubResolver() as stub:
+        s = make_server(upstream=(stub.address,))
+        assert len(ask(s, "big.a.example.test", "TXT", tcp=True).answer[0]) == 40
+        for conn in s.server.forwarder._tcp_pool.values():
+            conn.writer.close()  # as when the upstream closes an idle connection
+        assert len(ask(s, "big.b.example.test", "TXT", tcp=True).answer[0]) == 40
+        assert len({q.src for q in stub.queries() if q.proto == "tcp"}) == 2
