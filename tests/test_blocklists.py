@@ -29,7 +29,7 @@ NOT_THE_SERVICE = ["gemini.com", "deepseek.ai", "deepseekv3.net", "deepseekap.or
 
 def test_lists_are_shipped():
     names = {p.stem for p in SHIPPED}
-    assert {"deepseek", "genai", "genai-cn"} <= names
+    assert {"deepseek", "genai", "genai-cn", "doh-bypass"} <= names
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
@@ -68,7 +68,7 @@ def test_first_start_loads_the_default_shipped_lists(db):
     try:
         rules = store.list_rules(RuleKind.BLOCK)
         cats = {r["category"] for r in rules}
-        assert {"deepseek", "genai", "genai-cn"} <= cats
+        assert {"deepseek", "genai", "genai-cn", "doh-bypass"} <= cats
         assert "deepseek-telemetry" not in cats  # `# default: off`: opt-in
         chat = next(r for r in rules if r["domain"] == "chat.deepseek.com")
         assert chat["source"] == "blocklists/deepseek.txt" and "JP" in chat["note"]
@@ -88,9 +88,10 @@ def test_first_start_loads_the_default_shipped_lists(db):
 def test_fresh_server_blocks_shipped_names(make_server, stub):
     s = make_server(upstream=(stub.address,))
     for name in ["chat.deepseek.com", "api.deepseek.com", "chatgpt.com", "claude.ai", "gemini.google.com",
-                 "kimi.moonshot.cn", "yiyan.baidu.com"]:
+                 "kimi.moonshot.cn", "yiyan.baidu.com", "dns.google", "cloudflare-dns.com", "dns.quad9.net"]:
         assert ask(s, name).answer[0][0].to_text() == "0.0.0.0", name
-    for name in ["www.google.com", "www.bing.com", "www.baidu.com", "gemini.com"]:
+    for name in ["www.google.com", "www.bing.com", "www.baidu.com", "gemini.com", "www.cloudflare.com",
+                 "www.quad9.net"]:
         assert ask(s, name).answer[0][0].to_text().startswith("192.0.2."), name
 
 
