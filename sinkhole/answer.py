@@ -7,6 +7,7 @@ import struct
 from dataclasses import dataclass
 
 from sinkhole import codec
+from sinkhole.domains import is_subdomain
 from sinkhole.model import Query, Rule
 
 EDE_BLOCKED = 15  # RFC 8914
@@ -55,7 +56,9 @@ def blocked(query: Query, rule: Rule, cfg: AnswerConfig, serial: int = 1) -> Bui
         counts = (1, 0)
         summary = str(address)
     else:
-        section = _soa(rule.domain, cfg.ttl, serial)
+        # the SOA of the rule's zone; for a rule that matched in the answer (cname:..., ip:...), the name asked
+        owner = rule.domain if is_subdomain(query.name, rule.domain) else query.name
+        section = _soa(owner, cfg.ttl, serial)
         counts = (0, 1)
         summary = "NXDOMAIN" if rcode == codec.NXDOMAIN else "NODATA"
     opt = b""

@@ -12,6 +12,11 @@ The writer survives an unwritable database (locked for long, read-only, disk ful
   which creates a new database with the schema at the path;
 - `close()` flushes what can be flushed, but gives up after `final_retry` seconds of failed writes (or the
   close timeout) and counts the rest as dropped.
+
+Every row the writer stores, gap rows included, is sealed into the writer's chain (sinkhole.chain): one chain
+per writer and database file, started at the first write, so that several worker processes each keep their
+own verifiable chain. If the audit key cannot be taken, rows are still written, without a MAC (verify reports
+them), and a chain is tried again at most every `CHAIN_RETRY` seconds.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from itertools import islice
 from pathlib import Path
 
 from sinkhole import codec
+from sinkhole.chain import Chain, default_key_path
 from sinkhole.model import Action, AuditEvent
 from sinkhole.store import AUDIT_INSERT, Seed, Store, iso
 
@@ -35,7 +41,7 @@ log = logging.getLogger(__name__)
 
 MODES = ("blocked", "all", "none")
 _QTYPES: dict[int, str] = {}
-_BLOCKED_MODE = frozenset({Action.BLOCKED, Action.CNAME_BLOCKED, Action.CANARY})
+_BLOCKED_MODE = frozenset({Action.BLOCKED, Action.CNAME_BLOCKED, Action.IP_BLOCKED, Action.CANARY})
 GAP = "gap"  # the action of a row that records lost rows
 _WAKE = object()  # put by close() to wake a writer waiting on an empty queue
 
@@ -91,6 +97,9 @@ class _EventQueue:
 WRITE_BUSY_MS = 2000  # how long one write waits for another connection's lock before it counts as failed
 FINAL_BUSY_MS = 500  # the same while closing
 GAP_MIN_INTERVAL = 1.0  # seconds between gap rows while the database is fine but the queue overflows
+CHAIN_RETRY = 10.0  # seconds between two tries to start a chain while the audit key cannot be taken
+_UNSEALED = [c for c in AUDIT_INSERT if c not in ("chain", "link", "mac")]  # what _row gives
+_NO_MAC = (None, None, None)
 
 
 def _shipped_seed() -> Iterable[Seed]:
@@ -104,8 +113,11 @@ class AuditLog:
 
     def __init__(self, db_path: str | Path, node: str, mode: str = "blocked", queue_size: int = 100_000,
                  batch_size: int = 5000, flush_interval: float = 0.2,
-                 seed: Callable[[], Iterable[Seed]] | None = _shipped_seed) -> None:
+                 seed: Callable[[], Iterable[Seed]] | None = _shipped_seed,
+                 key_path: str | Path | None = None) -> None:
         self.db_path = Path(db_path)
+        self.key_path = Path(key_path) if key_path is not None else default_key_path(self.db_path)
+        self.chains: list[str] = []  # the chains this log started, oldest first
         self.node = node
         self.mode = mode
         self.batch_size = batch_size
@@ -177,7 +189,7 @@ class AuditLog:
     # ------------------------------------------------------------------ writer thread
 
     def _row(self, e: AuditEvent) -> tuple:
-        """The row in store.AUDIT_INSERT order."""
+        """The row in store.AUDIT_INSERT order, without chain, link and mac (Chain.seal adds them)."""
         qtype = _QTYPES.get(e.qtype)
         if qtype is None:
             qtype = _QTYPES.setdefault(e.qtype, codec.qtype_name(e.qtype))
@@ -215,6 +227,9 @@ class _Writer:
         self.lost_first: float | None = None  # times of the rows the writer dropped since then
         self.lost_last: float | None = None
         self.final_give_up: float | None = None
+        self.chain: Chain | None = None
+        self.chain_ident: tuple[int, int] | None = None  # the database file the chain lives in
+        self.chain_retry = float("-inf")
 
     # ---------------------------------------------------------------- main loop
 
@@ -307,11 +322,18 @@ class _Writer:
             gap = self.gap_row(lost) if lost > 0 and due else None
             rows = [a._row(e) for e in batch]
             if gap is not None:
-                rows.insert(0, tuple(gap.get(c) for c in AUDIT_INSERT))
+                rows.insert(0, tuple(gap.get(c) for c in _UNSEALED))
+            chain = self.chain_for_file()
+            if chain is not None:
+                rows, state = chain.seal(rows)
+            else:
+                rows = [r + _NO_MAC for r in rows]
             store.insert_audit(rows)
             if self.identity_changed():
                 # deleted or replaced while we wrote: the rows went to a file nobody can read; write them again
                 continue
+            if chain is not None:
+                chain.commit(state)
             a.written += len(batch)
             if gap is None:
                 return 0
@@ -322,6 +344,33 @@ class _Writer:
             a._drop_first = a._drop_last = None  # a drop racing with this is counted, its time may be lost
             return lost
         raise OSError(f"{a.db_path} keeps being replaced")
+
+    def chain_for_file(self) -> Chain | None:
+        """The chain of the open database file: started at the first write to each file (a file made anew
+        after a deletion gets a new chain); None, for now, while the audit key cannot be taken."""
+        a = self.a
+        if self.chain is not None and self.chain_ident == self.ident:
+            return self.chain
+        now = time.monotonic()
+        if now - self.chain_retry < CHAIN_RETRY:
+            return None
+        try:
+            chain, created, print_ = Chain.start(a.key_path, a.node)
+        except Exception as exc:  # OSError, a malformed key file
+            self.chain_retry = now
+            self.chain = None
+            log.error("audit: cannot take the audit key %s (%s); rows are written without a MAC until it "
+                      "works (sinkhole log verify will name them)", a.key_path, exc)
+            return None
+        if created:
+            log.warning("audit: there was no audit key, made one at %s: chain %s cannot be verified by anyone; "
+                        "copy the key off this host now (sinkhole log anchor --export-key FILE) so that the "
+                        "chains started from now on can be", a.key_path, chain.name)
+        log.info("audit: chain %s started in %s (key generation %d, fingerprint %s)", chain.name, a.db_path,
+                 chain.generation, print_)
+        self.chain, self.chain_ident = chain, self.ident
+        a.chains.append(chain.name)
+        return chain
 
     def gap_row(self, lost: int) -> dict | None:
         if lost <= 0:

@@ -114,8 +114,32 @@ def parse_when(text: str | None, option: str) -> str | None:
         raise click.BadParameter(f"{text!r} is out of the range of dates", param_hint=option) from None
 
 
-def _domains(names: tuple[str, ...]) -> list[str]:
-    return [normalize(n) for n in names]
+def _domains(names: tuple[str, ...], networks: bool = False) -> list[str]:
+    """Normalized names; with `networks`, an IP network (CIDR) is taken too: a block rule on a
+    network blocks forwarded answers that hold an address in it."""
+    import ipaddress
+
+    out = []
+    for n in names:
+        address, slash, _ = n.strip().partition("/")
+        if networks and slash and _is_ip(address):
+            try:
+                out.append(str(ipaddress.ip_network(n.strip(), strict=False)))
+                continue
+            except ValueError:
+                raise DomainError(f"invalid network {n!r}: not an IP network in CIDR form") from None
+        out.append(normalize(n))
+    return out
+
+
+def _is_ip(text: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 _CATEGORY = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}\Z")
@@ -178,7 +202,7 @@ def _rule_group(kind: RuleKind, verb: str) -> click.Group:
     @click.option("--note", default=None, help="Why: a ticket number, a policy reference.")
     @pass_env
     def add(env: Env, names: tuple[str, ...], category: str, note: str | None) -> None:
-        domains = _domains(names)
+        domains = _domains(names, networks=kind is RuleKind.BLOCK)
         store = env.store()
         try:
             added, present = store.add_rules(kind, domains, category=category, note=note)
@@ -196,7 +220,7 @@ def _rule_group(kind: RuleKind, verb: str) -> click.Group:
     @click.option("--category", default=None, callback=_category, help="Remove only from this category [all].")
     @pass_env
     def remove(env: Env, names: tuple[str, ...], category: str | None) -> None:
-        domains = _domains(names)
+        domains = _domains(names, networks=kind is RuleKind.BLOCK)
         store = env.store()
         try:
             removed, missing = store.remove_rules(kind, domains, category)
@@ -265,7 +289,7 @@ LOG_COLUMNS = ["seq", "time", "client", "transport", "qname", "qtype", "action",
                "answer", "policy_version", "upstream", "latency_ms", "node"]
 
 
-@cli.command("log")
+@cli.group("log", invoke_without_command=True)
 @click.option("--since", help="Start: a duration back from now (15m, 2h, 7d) or an ISO 8601 time (UTC if no zone).")
 @click.option("--until", help="End (exclusive), same forms as --since.")
 @click.option("--client", help="Client IP address or CIDR network.")
@@ -274,12 +298,16 @@ LOG_COLUMNS = ["seq", "time", "client", "transport", "qname", "qtype", "action",
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="At most this many rows (the latest).")
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True,
               help="json is JSON Lines: one object a row.")
-@pass_env
-def log_(env: Env, since: str | None, until: str | None, client: str | None, domain: str | None,
+@click.pass_context
+def log_(ctx: click.Context, since: str | None, until: str | None, client: str | None, domain: str | None,
          action: str | None, limit: int | None, fmt: str) -> None:
-    """Show the audit log, oldest first."""
+    """Show the audit log, oldest first; `log verify` checks its chains, `log anchor` prints their heads."""
     import ipaddress
 
+    if ctx.invoked_subcommand is not None:
+        return
+    env = ctx.find_object(Env)
+    assert env is not None
     if client:
         try:
             client = (str(ipaddress.ip_network(client, strict=False)) if "/" in client
@@ -294,6 +322,89 @@ def log_(env: Env, since: str | None, until: str | None, client: str | None, dom
     finally:
         store.close()
     emit(rows, LOG_TABLE_COLUMNS if fmt == "table" else LOG_COLUMNS, fmt)
+
+
+def _key_path(env: Env, key: Path | None) -> Path:
+    from sinkhole.chain import default_key_path
+
+    return key or default_key_path(env.db_path)
+
+
+_SERVER_KEY = click.option("--key", "key", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                           help="The audit key the server writes with [env SINKHOLE_AUDIT_KEY; default DB.key].")
+
+
+@log_.command("verify")
+@click.option("--key-file", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The operator's copy of the audit key (from `log anchor --export-key`), kept off this host.")
+@click.option("--anchor", "anchor_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Heads saved earlier by `sinkhole log anchor`: a tail cut off since then is reported.")
+@_SERVER_KEY
+@pass_env
+def log_verify(env: Env, key_file: Path, anchor_file: Path | None, key: Path | None) -> None:
+    """Walk every chain of the audit log and check every row's MAC; exit 1 naming the first bad row of each."""
+    from sinkhole import chain
+
+    generation, secret = chain.read_key(key_file)
+    anchor = chain.read_anchor(anchor_file) if anchor_file is not None else None
+    server_key = _key_path(env, key)
+    try:
+        current: tuple[int, bytes] | None = chain.read_key(server_key)
+    except chain.AuditKeyError as exc:
+        current = None
+        click.echo(f"note: {exc}; a chain deleted whole since the last chain start is only found with --anchor")
+    store = env.existing_store()
+    try:
+        report = chain.verify(store.conn, generation, secret, anchor, current)
+    finally:
+        store.close()
+    if report.before_chain:
+        click.echo(f"{report.before_chain} rows from before the chain started (written without a MAC: not covered)")
+    bad = {name for name, _ in report.problems}
+    for name, w in sorted(report.chains.items()):
+        if name in bad:
+            continue
+        click.echo(f"ok: chain {name}: {w.rows} rows, links 0..{w.expected - 1}, last seq {w.last_seq}"
+                   f" at {w.last_time}")
+    for _, problem in report.problems:
+        click.echo(f"BAD: {problem}")
+    if not report.anchored:
+        click.echo("note: without --anchor a tail cut off the end of a chain cannot be told")
+    if report.problems:
+        click.echo(f"verification failed: {len(report.problems)} problems in {len(report.chains)} chains")
+        sys.exit(1)
+    click.echo(f"verified: {len(report.chains)} chains, {sum(w.rows for w in report.chains.values())} rows")
+
+
+@log_.command("anchor")
+@click.option("--format", "fmt", type=click.Choice(["json", "table"]), default="json", show_default=True,
+              help="json is JSON Lines: one chain head a line, the form `verify --anchor` reads.")
+@click.option("--export-key", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Instead: copy the current audit key (made if there is none) to this new file, for verify.")
+@_SERVER_KEY
+@pass_env
+def log_anchor(env: Env, fmt: str, export_key: Path | None, key: Path | None) -> None:
+    """Print the head of every chain (chain, link, seq, mac, time), to keep somewhere an intruder cannot edit."""
+    from sinkhole import chain
+
+    if export_key is not None:
+        if export_key.exists():
+            raise chain.AuditKeyError(f"{export_key} exists; not overwriting a key copy")
+        generation, secret, _ = chain.ensure_key(_key_path(env, key))
+        chain.write_key(export_key, generation, secret)
+        click.echo(f"exported audit key generation {generation} (fingerprint {chain.fingerprint(secret)}) to "
+                   f"{export_key}: keep it off this host; it verifies every chain started from now on")
+        return
+    store = env.existing_store()
+    try:
+        heads = chain.heads(store.conn)
+    finally:
+        store.close()
+    if fmt == "json":
+        for head in heads:
+            click.echo(json.dumps(head))
+    else:
+        emit(heads, ["chain", "link", "seq", "mac", "time"], "table")
 
 
 @cli.command()

@@ -8,6 +8,7 @@ of types and rcodes.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import struct
 
@@ -222,10 +223,14 @@ def reply_flags(query_flags: int, rcode: int, aa: bool = False) -> int:
 
 
 def encode_name(name: str) -> bytes:
-    """Wire form of a normalized (LDH, dot-separated) name."""
+    """Wire form of a name in the presentation form decode_query gives (\\DDD escapes allowed)."""
     if name in ("", "."):
         return b"\x00"
-    return b"".join(bytes([len(p)]) + p.encode("ascii") for p in name.split(".")) + b"\x00"
+    out = b""
+    for label in name.split("."):
+        raw = re.sub(r"\\(\d{3})", lambda m: chr(int(m.group(1))), label).encode("latin-1")
+        out += bytes([len(raw)]) + raw
+    return out + b"\x00"
 
 
 def opt_record(edns: Edns, rcode: int = 0, ede: tuple[int, str] | None = None) -> bytes:
@@ -263,9 +268,13 @@ def is_truncated(wire: bytes) -> bool:
 _TARGET_TYPES = {5: "cname", 39: "dname", 64: "svcb", 65: "https"}
 
 
-def may_redirect(wire: bytes, qlen: int) -> bool:
-    """Whether the answer section holds a CNAME, DNAME, SVCB or HTTPS record: a cheap walk over
-    the record headers, so that only those replies are parsed in full by `answer_targets`."""
+_ADDRESS_TYPES = frozenset({T_A, T_AAAA, 64, 65})
+
+
+def may_redirect(wire: bytes, qlen: int, addresses: bool = False) -> bool:
+    """Whether the answer section holds a CNAME, DNAME, SVCB or HTTPS record (or, with `addresses`,
+    an A or AAAA record): a cheap walk over the record headers, so that only those replies are
+    parsed in full by `answer_facts`."""
     try:
         ancount = struct.unpack_from("!H", wire, 6)[0]
         pos = 12 + qlen
@@ -280,7 +289,7 @@ def may_redirect(wire: bytes, qlen: int) -> bool:
                     break
                 pos += 1 + length
             rtype, _, _, rdlen = _RR_FIXED.unpack_from(wire, pos)
-            if rtype in _TARGET_TYPES:
+            if rtype in _TARGET_TYPES or (addresses and rtype in _ADDRESS_TYPES):
                 return True
             pos += 10 + rdlen
     except (IndexError, struct.error):
@@ -289,15 +298,31 @@ def may_redirect(wire: bytes, qlen: int) -> bool:
 
 
 def answer_targets(wire: bytes) -> list[tuple[str, str]]:
-    """Names an upstream answer sends the client on to: (kind, name) for every CNAME and DNAME
-    target and every SVCB/HTTPS TargetName in the answer section, normalized. A reply that does
-    not parse yields nothing (it is relayed as it is)."""
+    return answer_facts(wire)[0]
+
+
+def answer_facts(wire: bytes) -> tuple[list[tuple[str, str]], list[str]]:
+    """What an upstream answer sends the client on to: (kind, name) for every CNAME and DNAME
+    target and every SVCB/HTTPS TargetName in the answer section, normalized; and every address
+    in it (A, AAAA, SVCB/HTTPS ipv4hint and ipv6hint). A reply that does not parse yields
+    nothing (it is relayed as it is)."""
     try:
         record = dnslib.DNSRecord.parse(wire)
     except Exception:  # dnslib raises several types for bad input
-        return []
-    out = []
+        return [], []
+    out: list[tuple[str, str]] = []
+    addresses: list[str] = []
     for rr in record.rr:
+        if rr.rtype in (T_A, T_AAAA):
+            addresses.append(str(rr.rdata))
+            continue
+        if rr.rtype in (64, 65):
+            for key, value in getattr(rr.rdata, "params", []) or []:
+                size = {4: 4, 6: 16}.get(key)
+                if size:
+                    raw = bytes(value)
+                    addresses += [str(ipaddress.ip_address(raw[i:i + size]))
+                                  for i in range(0, len(raw) - size + 1, size)]
         kind = _TARGET_TYPES.get(rr.rtype)
         if kind is None:
             continue
@@ -308,4 +333,4 @@ def answer_targets(wire: bytes) -> list[tuple[str, str]]:
             name = str(target).rstrip(".").lower() if target is not None else ""
         if name:
             out.append((kind, name))
-    return out
+    return out, addresses

@@ -10,6 +10,7 @@ class Action(enum.StrEnum):
     """What the server did with one query; this is the `action` column of the audit log."""
 
     BLOCKED = "blocked"
+    IP_BLOCKED = "ip-blocked"  # forwarded, but its answer held an address in a blocked network
     CNAME_BLOCKED = "cname-blocked"  # forwarded, but its answer led to a blocked name (CNAME cloaking)
     CANARY = "canary"  # a bypass canary (DoH canary, iCloud Private Relay, DDR): answered as the OS expects
     FORWARDED = "forwarded"

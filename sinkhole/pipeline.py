@@ -168,9 +168,9 @@ class Pipeline:
                          None, version, None, (time.perf_counter() - started) * 1000)
             return answer.servfail(query, "no upstream answered")
         if cloaked is not None and cloaked.rule is not None:
-            # the answer leads to a blocked name: the client gets the sinkhole answer instead
+            # the answer leads to a blocked name or network: the client gets the sinkhole answer instead
             built = answer.blocked(query, cloaked.rule, self.answers, version or 1)
-            self._record(Action.CNAME_BLOCKED, client, proto, query.qname, query.qtype, built.rcode, cloaked,
+            self._record(cloaked.action, client, proto, query.qname, query.qtype, built.rcode, cloaked,
                          built.summary, version, upstream, (time.perf_counter() - started) * 1000)
             return built.wire
         if proto == "udp" and len(reply) > query.max_udp:
@@ -203,8 +203,9 @@ class Pipeline:
             raise
         else:
             cloaked = None
-            if reply[7] | reply[6] and codec.may_redirect(reply, len(query.question)):
-                cloaked = self.get_policy().inspect(codec.answer_targets(reply))
+            policy = self.get_policy()
+            if reply[7] | reply[6] and codec.may_redirect(reply, len(query.question), bool(policy.ip_rules)):
+                cloaked = policy.inspect(*codec.answer_facts(reply))
             future.set_result((reply, str(up), cloaked))
             if cloaked is None:
                 self.cache.put(key, query, reply, time.monotonic())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable
 
 from sinkhole.domains import SuffixTable
@@ -26,7 +27,7 @@ class Policy:
     cost a dict entry and a string each, not an object each.
     """
 
-    __slots__ = ("_table", "allows", "blocks", "canaries", "version")
+    __slots__ = ("_table", "allows", "blocks", "canaries", "ip_rules", "version")
 
     def __init__(self, rules: Iterable[Rule | tuple[str, str, str]] = (), version: int = 0,
                  canaries: bool = True) -> None:
@@ -34,6 +35,7 @@ class Policy:
         table: dict[str, tuple[RuleKind, str]] = {}
         groups: dict[tuple[str, str], tuple[RuleKind, str]] = {}
         blocks = allows = 0
+        self.ip_rules: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str]] = []
         for rule in rules:
             if isinstance(rule, Rule):
                 domain, kind, category = rule.domain, rule.kind.value, rule.category
@@ -42,6 +44,11 @@ class Policy:
             group = groups.get((kind, category))
             if group is None:
                 group = groups[(kind, category)] = (RuleKind(kind), category)
+            if "/" in domain:  # a network: answers holding an address in it are blocked
+                if group[0] is RuleKind.BLOCK:
+                    self.ip_rules.append((ipaddress.ip_network(domain, strict=False), category))
+                    blocks += 1
+                continue
             if group[0] is RuleKind.ALLOW:
                 allows += 1
                 table[domain] = group
@@ -77,13 +84,19 @@ class Policy:
     def decide(self, query: Query) -> Verdict:
         return self.decide_name(query.name)
 
-    def inspect(self, targets: list[tuple[str, str]]) -> Verdict | None:
-        """A forwarded answer that leads to a blocked name (a CNAME chain, an HTTPS/SVCB target)
-        is blocked too: the verdict names the kind and the target, e.g. rule `cname:chat.deepseek.com`."""
+    def inspect(self, targets: list[tuple[str, str]], addresses: list[str] = ()) -> Verdict | None:  # type: ignore[assignment]
+        """A forwarded answer that leads to a blocked name (a CNAME chain, an HTTPS/SVCB target), or
+        holds an address in a blocked network (A, AAAA, ipv4hint, ipv6hint), is blocked too: the
+        verdict names what matched, e.g. rule `cname:chat.deepseek.com` or `ip:203.0.113.7 in 203.0.113.0/24`."""
         for kind, name in targets:
             rule = self.match_name(name)
             if rule is not None and rule.kind is RuleKind.BLOCK:
                 return Verdict(Action.CNAME_BLOCKED, Rule(f"{kind}:{name}", RuleKind.BLOCK, rule.category))
+        for text in addresses if self.ip_rules else ():
+            address = ipaddress.ip_address(text)
+            for network, category in self.ip_rules:
+                if address.version == network.version and address in network:
+                    return Verdict(Action.IP_BLOCKED, Rule(f"ip:{address} in {network}", RuleKind.BLOCK, category))
         return None
 
     def __repr__(self) -> str:

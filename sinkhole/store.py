@@ -22,7 +22,7 @@ import sqlite_utils
 from sinkhole.model import RuleKind
 
 T = TypeVar("T")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: audit rows carry chain, link and mac (sinkhole.chain)
 Seed = tuple[str, list[tuple[str, str]], str]  # (category, [(domain, note)], source)
 BUSY_TIMEOUT_S = 10.0
 
@@ -42,6 +42,9 @@ AUDIT_COLUMNS = {
     "upstream": str,
     "latency_ms": float,
     "node": str,
+    "chain": str,  # the writer's chain (sinkhole.chain); NULL on rows written before version 2
+    "link": int,  # the row's place in its chain: 0, 1, 2, ...
+    "mac": str,  # hex HMAC-SHA256 over the previous row's mac and this row
 }
 
 
@@ -144,7 +147,15 @@ class Store:
             return
         with self.db.atomic():
             # re-read inside the write transaction: another process may have won the race
-            if self.conn.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+            version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+            if version >= SCHEMA_VERSION:
+                return
+            if version == 1:  # 1 -> 2: the rows already there keep NULL: written before the chain started
+                have = {r[1] for r in self.conn.execute("PRAGMA table_info(audit)")}
+                for column, kind in (("chain", "TEXT"), ("link", "INTEGER"), ("mac", "TEXT")):
+                    if column not in have:  # another process may be migrating too
+                        self.conn.execute(f"ALTER TABLE audit ADD COLUMN [{column}] {kind}")
+                self.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
                 return
             db = self.db
             db["rules"].create(

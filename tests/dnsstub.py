@@ -42,6 +42,7 @@ class StubResolver:
     nx.*     NXDOMAIN with SOA          big.*    TXT answer > 512 bytes (TC over UDP)
     slow.*   never answered             spoof.*  first a reply with the wrong ID, then the real one
     cname.*  CNAME to target.example.test then A      https.* HTTPS record with target svc.target.example.test
+    evil.*   A 203.0.113.7; HTTPS with ipv6hint 2001:db8:bad::7
     flags.*  AA set, an extra TXT in authority and additional sections
     huge.*   TXT answer > 512 bytes over UDP with no TC, whatever the client's buffer (a broken upstream)
     garbage.* random bytes            qr0.*     a copy of the query (QR=0)
@@ -176,6 +177,10 @@ class StubResolver:
         elif first == "huge" and q.q.qtype == QTYPE.TXT:
             for i in range(20):
                 r.add_answer(RR(name, QTYPE.TXT, ttl=300, rdata=TXT(f"record {i:02d} " + "x" * 90)))
+        elif first == "evil" and q.q.qtype == QTYPE.A:
+            r.add_answer(RR(name, QTYPE.A, ttl=300, rdata=A("203.0.113.7")))
+        elif first == "evil" and q.q.qtype == 65:
+            r.add_answer(*RR.fromZone(f"{qname}. 300 IN HTTPS 1 . alpn=h2 ipv6hint=2001:db8:bad::7"))
         elif first == "https" and q.q.qtype == 65:
             r.add_answer(*RR.fromZone(f"{qname}. 300 IN HTTPS 1 svc.target.example.test. alpn=h2"))
         elif first == "cname":

@@ -938,3 +938,14 @@ def test_lists_import_opt_in_list_and_reject_broken_file_whole(db, tmp_path):
     assert result.stderr.strip() == f"sinkhole: {broken}:2: invalid domain 'bad..example': empty label"
     assert query(db, "SELECT domain, category FROM rules ORDER BY id") == before
     assert query(db, "SELECT count(*) AS n FROM journal")[0]["n"] == journal_before
+
+
+def test_block_add_takes_networks_for_answer_inspection(db):
+    result = run(db, "block", "add", "203.0.113.9/24", "2001:DB8:BAD::/48", "--category", "ai-ranges")
+    assert result.exit_code == 0, result.output
+    rows = query(db, "SELECT domain FROM rules WHERE category = 'ai-ranges' ORDER BY id")
+    assert [r["domain"] for r in rows] == ["203.0.113.0/24", "2001:db8:bad::/48"]
+    bad = run(db, "block", "add", "203.0.113.0/33")
+    assert bad.exit_code == 2 and "invalid network" in bad.stderr
+    assert run(db, "allow", "add", "10.0.0.0/8").exit_code == 2  # networks are block rules only
+    assert run(db, "block", "remove", "203.0.113.0/24").exit_code == 0

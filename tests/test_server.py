@@ -197,9 +197,30 @@ def test_answer_leading_to_a_blocked_name_is_sinkholed(make_server, stub, db, tc
     r = ask(s, "https.example.test", "HTTPS", tcp=tcp)
     assert r.answer == [] and r.authority[0].rdtype == dns.rdatatype.SOA
     assert ede_of(r) == [(15, "blocked by sinkhole rule https:svc.target.example.test (cloak)")]
+    assert r.authority[0].name.to_text() == "https.example.test."  # the SOA is of the name asked
     rows = wait_for(lambda: sqlite3.connect(db).execute(
         "SELECT action, qname, rule, category FROM audit ORDER BY seq").fetchall())
     assert ("cname-blocked", "cname.example.test", "cname:target.example.test", "cloak") in rows
     assert ("cname-blocked", "https.example.test", "https:svc.target.example.test", "cloak") in rows
     # an allowed CNAME chain is relayed as it came
     assert ask(s, "www.example.test").answer[0][0].to_text().startswith("192.0.2.")
+
+
+def test_answer_with_an_address_in_a_blocked_network_is_sinkholed(make_server, stub, db):
+    import sqlite3
+
+    from tests.conftest import wait_for
+
+    store = Store(db)
+    store.add_rules(RuleKind.BLOCK, ["203.0.113.0/24", "2001:db8:bad::/48"], category="ai-ranges")
+    store.close()
+    s = make_server(upstream=(stub.address,), shipped_lists=False)
+    r = ask(s, "evil.example.test")
+    assert [rr.to_text() for rrset in r.answer for rr in rrset] == ["0.0.0.0"]
+    assert ede_of(r) == [(15, "blocked by sinkhole rule ip:203.0.113.7 in 203.0.113.0/24 (ai-ranges)")]
+    r = ask(s, "evil.example.test", "HTTPS")  # the address is only in the ipv6hint
+    assert r.answer == [] and r.authority[0].name.to_text() == "evil.example.test."
+    assert ask(s, "www.example.test").answer[0][0].to_text().startswith("192.0.2.")
+    rows = wait_for(lambda: sqlite3.connect(db).execute(
+        "SELECT action, rule FROM audit ORDER BY seq").fetchall())
+    assert ("ip-blocked", "ip:203.0.113.7 in 203.0.113.0/24") in rows

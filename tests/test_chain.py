@@ -1,0 +1,320 @@
+"""Tamper evidence: every audit row is sealed into its writer's HMAC chain; `sinkhole log verify` finds
+edits, deletions, insertions, reordering and (with an anchor) a cut-off tail; a stolen current key cannot
+rewrite the past."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import sqlite3
+import stat
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from sinkhole import chain
+from sinkhole.cli import cli
+from sinkhole.server import open_store
+from sinkhole.store import Store
+from tests.conftest import ask, wait_for
+
+
+def run(db: Path, *args: str) -> Result:
+    return CliRunner().invoke(cli, ["--db", str(db), *args], catch_exceptions=False)
+
+
+def rows(db: Path) -> list[dict]:
+    conn = sqlite3.connect(db)
+    conn.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in conn.execute("SELECT * FROM audit ORDER BY seq")]
+    finally:
+        conn.close()
+
+
+def sql(db: Path, statement: str, args: tuple = ()) -> None:
+    conn = sqlite3.connect(db)
+    try:
+        with conn:
+            conn.execute(statement, args)
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def operator_key(db: Path, tmp_path: Path) -> Path:
+    """The operator's copy of the audit key, exported before the server first writes."""
+    out = tmp_path / "offline" / "audit.key"
+    out.parent.mkdir()
+    result = run(db, "log", "anchor", "--export-key", str(out))
+    assert result.exit_code == 0, result.output
+    assert "exported audit key generation 0" in result.output
+    return out
+
+
+def verify(db: Path, key: Path, *args: str) -> Result:
+    return run(db, "log", "verify", "--key-file", str(key), *args)
+
+
+@pytest.fixture
+def logged(make_server, stub, db, operator_key) -> list[dict]:
+    """A server that blocked eight queries and stopped: the rows it wrote."""
+    s = make_server(upstream=(stub.address,))
+    for i in range(8):
+        ask(s, f"q{i}.chat.deepseek.com")
+    assert wait_for(lambda: len(rows(db)) == 8)
+    s.stop()
+    return rows(db)
+
+
+def test_rows_carry_one_chain_and_verify(logged, db, operator_key):
+    assert len({r["chain"] for r in logged}) == 1
+    assert [r["link"] for r in logged] == list(range(8))
+    assert all(len(r["mac"]) == 64 for r in logged)
+    assert logged[0]["chain"].startswith("test-node#0#")
+    result = verify(db, operator_key)
+    assert result.exit_code == 0, result.output
+    assert f"ok: chain {logged[0]['chain']}: 8 rows" in result.output
+    assert "verified: 1 chains, 8 rows" in result.output
+
+
+def test_key_file_is_private_and_moves_forward(logged, db, operator_key):
+    key_file = Path(f"{db}.key")
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    generation, current = chain.read_key(key_file)
+    _, original = chain.read_key(operator_key)
+    assert generation == 1 and current == chain.evolve(original) != original
+
+
+def test_edited_row_is_named(logged, db, operator_key):
+    victim = logged[3]
+    sql(db, "UPDATE audit SET qname = 'innocent.example' WHERE seq = ?", (victim["seq"],))
+    result = verify(db, operator_key)
+    assert result.exit_code == 1
+    assert f"seq {victim['seq']}: edited or forged (MAC mismatch)" in result.output
+
+
+def test_deleted_row_is_named(logged, db, operator_key):
+    sql(db, "DELETE FROM audit WHERE seq = ?", (logged[4]["seq"],))
+    result = verify(db, operator_key)
+    assert result.exit_code == 1
+    assert f"seq {logged[5]['seq']}: deleted: links 4..4 are missing before it" in result.output
+
+
+def test_inserted_row_is_named(logged, db, operator_key):
+    forged = dict(logged[2], qname="someone-else.chat.deepseek.com", client="10.9.9.9", mac="ab" * 32)
+    forged.pop("seq")
+    cols = ", ".join(forged)
+    conn = sqlite3.connect(db)
+    with conn:
+        seq = conn.execute(f"INSERT INTO audit ({cols}) VALUES ({', '.join('?' for _ in forged)})",
+                           tuple(forged.values())).lastrowid
+    conn.close()
+    result = verify(db, operator_key)
+    assert result.exit_code == 1
+    assert f"seq {seq}: inserted or reordered" in result.output
+
+
+def test_forged_row_before_the_real_one_is_called_inserted(logged, db, operator_key):
+    """Make room by moving the tail up one seq, then slip a forged row with the next link in between."""
+    conn = sqlite3.connect(db)
+    with conn:
+        for r in reversed(logged[5:]):
+            conn.execute("UPDATE audit SET seq = seq + 1 WHERE seq = ?", (r["seq"],))
+        forged = dict(logged[5], seq=logged[5]["seq"], qname="forged.chat.deepseek.com", mac="cd" * 32)
+        conn.execute(f"INSERT INTO audit ({', '.join(forged)}) VALUES ({', '.join('?' for _ in forged)})",
+                     tuple(forged.values()))
+    conn.close()
+    result = verify(db, operator_key)
+    assert result.exit_code == 1
+    assert f"seq {logged[5]['seq']}: inserted (a forged row before the real link 5)" in result.output
+
+
+def test_unchained_row_after_the_chain_started_is_named(logged, db, operator_key):
+    store = Store(db)
+    store.insert_audit([{"time": logged[-1]["time"], "client": "10.0.0.1", "qname": "x.example",
+                         "action": "blocked"}])
+    store.close()
+    result = verify(db, operator_key)
+    assert result.exit_code == 1
+    assert f"seq {logged[-1]['seq'] + 1}: inserted (a row without a chain or MAC" in result.output
+
+
+def test_reordered_rows_are_named(logged, db, operator_key):
+    a, b = logged[2]["seq"], logged[3]["seq"]
+    conn = sqlite3.connect(db)
+    with conn:
+        conn.execute("UPDATE audit SET seq = -1 WHERE seq = ?", (a,))
+        conn.execute("UPDATE audit SET seq = ? WHERE seq = ?", (a, b))
+        conn.execute("UPDATE audit SET seq = ? WHERE seq = -1", (b,))
+    conn.close()
+    result = verify(db, operator_key)
+    assert result.exit_code == 1
+    assert f"seq {a}: reordered (link 3 comes before link 2)" in result.output
+
+
+def test_truncated_tail_is_found_with_an_anchor(logged, db, operator_key, tmp_path):
+    anchor = run(db, "log", "anchor")
+    assert anchor.exit_code == 0
+    heads = [json.loads(line) for line in anchor.output.splitlines()]
+    assert heads == [{"chain": logged[-1]["chain"], "link": 7, "seq": logged[-1]["seq"], "mac": logged[-1]["mac"],
+                      "time": logged[-1]["time"]}]
+    saved = tmp_path / "anchor.jsonl"
+    saved.write_text(anchor.output)
+    sql(db, "DELETE FROM audit WHERE seq >= ?", (logged[6]["seq"],))
+    plain = verify(db, operator_key)
+    assert plain.exit_code == 0, "a cut-off tail looks like a shorter chain without an anchor"
+    assert "without --anchor a tail cut off" in plain.output
+    result = verify(db, operator_key, "--anchor", str(saved))
+    assert result.exit_code == 1
+    assert (f"chain {logged[0]['chain']}: truncated: it ends at link 5 (seq {logged[5]['seq']}), "
+            f"the anchor has link 7") in result.output
+
+
+def test_two_workers_write_two_chains_that_both_verify(server_process, stub, db, operator_key):
+    import dns.message
+    import dns.query
+
+    p = server_process("--upstream", stub.address, "--workers", "2")
+    for i in range(60):  # from many source ports: the kernel hands some to each worker
+        dns.query.udp(dns.message.make_query(f"w{i}.chat.deepseek.com", "A"), p.host, port=p.port, timeout=5)
+    assert p.terminate() == 0
+    stored = rows(db)
+    assert len(stored) == 60
+    chains = {r["chain"] for r in stored}
+    assert len(chains) == 2, "one chain per worker"
+    for name in chains:
+        assert [r["link"] for r in stored if r["chain"] == name] == list(range(sum(r["chain"] == name
+                                                                                     for r in stored)))
+    result = verify(db, operator_key)
+    assert result.exit_code == 0, result.output
+    assert "verified: 2 chains, 60 rows" in result.output
+
+
+def reseal(db: Path, file_key: bytes, rename: str | None = None) -> None:
+    """What an intruder holding `file_key` does: edit row 3 and recompute every MAC of the chain."""
+    conn = sqlite3.connect(db)
+    conn.row_factory = sqlite3.Row
+    stored = [dict(r) for r in conn.execute("SELECT * FROM audit ORDER BY seq")]
+    name = rename or stored[0]["chain"]
+    key, prev = chain.chain_key(file_key, name), chain.ZERO
+    with conn:
+        for r in stored:
+            if r["link"] == 3:
+                r["qname"] = "innocent.example"
+            r["chain"] = name
+            prev = hmac.digest(key, prev + chain.canonical(chain.normalized(r)), "sha256")
+            conn.execute("UPDATE audit SET qname = ?, chain = ?, mac = ? WHERE seq = ?",
+                         (r["qname"], name, prev.hex(), r["seq"]))
+    conn.close()
+
+
+def test_the_current_key_alone_cannot_rewrite_the_past(logged, db, operator_key):
+    generation, stolen = chain.read_key(Path(f"{db}.key"))  # today's key, as on the server now
+    assert generation == 1
+    reseal(db, stolen)
+    result = verify(db, operator_key)
+    assert result.exit_code == 1
+    assert f"seq {logged[0]['seq']}: edited or forged (MAC mismatch)" in result.output
+
+
+def test_a_rewrite_under_the_stolen_generation_leaves_the_old_generation_missing(logged, db, operator_key):
+    generation, stolen = chain.read_key(Path(f"{db}.key"))
+    reseal(db, stolen, rename=f"test-node#{generation}#feedbeef")
+    # every row now verifies as a chain of generation 1, but generation 0 was taken by a chain that is gone
+    result = verify(db, operator_key)
+    assert result.exit_code == 1
+    assert f"ok: chain test-node#{generation}#feedbeef: 8 rows" in result.output
+    assert "key generations 0 have no chain in the log: a chain was deleted whole" in result.output
+
+
+def test_the_key_given_must_be_the_operators(logged, db, tmp_path):
+    wrong = tmp_path / "wrong.key"
+    chain.write_key(wrong, 0, os.urandom(32))
+    result = verify(db, wrong)
+    assert result.exit_code == 1
+    assert "does not descend from the key given" in result.output
+    assert "edited or forged (MAC mismatch)" in result.output
+
+
+def test_rows_from_before_the_chain_are_reported_as_such(db, make_server, stub, operator_key):
+    """A version 1 database: the migration adds the columns; its rows are older than any chain."""
+    open_store(db).close()  # with the shipped lists
+    conn = sqlite3.connect(db)
+    for column in ("chain", "link", "mac"):  # back to the version 1 schema
+        conn.execute(f"ALTER TABLE audit DROP COLUMN {column}")
+    conn.execute("INSERT INTO audit (time, qname, action) VALUES ('2026-01-01T00:00:00.000000Z', 'old.example',"
+                 " 'blocked')")
+    conn.execute("PRAGMA user_version=1")
+    conn.commit()
+    conn.close()
+    s = make_server(upstream=(stub.address,))
+    ask(s, "chat.deepseek.com")
+    assert wait_for(lambda: len(rows(db)) == 2)
+    s.stop()
+    old, new = rows(db)
+    assert old["mac"] is None and old["chain"] is None and new["link"] == 0
+    assert sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0] == 2
+    result = verify(db, operator_key)
+    assert result.exit_code == 0, result.output
+    assert "1 rows from before the chain started" in result.output
+
+
+def test_gap_rows_are_chained(tmp_path):
+    from sinkhole.audit import AuditLog
+    from tests.test_data_faults import event
+
+    db = tmp_path / "a.db"
+    out = tmp_path / "op.key"
+    assert run(db, "log", "anchor", "--export-key", str(out)).exit_code == 0
+    audit = AuditLog(db, "n1", queue_size=3, seed=None)
+    for i in range(5):
+        audit.submit(event(f"q{i}.example"))
+    audit.start()
+    audit.close()
+    stored = rows(db)
+    assert stored[0]["action"] == "gap" and stored[0]["link"] == 0 and stored[0]["mac"]
+    assert verify(db, out).exit_code == 0
+
+
+def test_verify_usage_errors_are_one_line(db, logged, tmp_path):
+    bad = tmp_path / "bad.key"
+    bad.write_text("not a key\n")
+    result = run(db, "log", "verify", "--key-file", str(bad))
+    assert result.exit_code == 2 and "is not a sinkhole audit key file" in result.output
+    exists = tmp_path / "exists.key"
+    exists.write_text("x")
+    result = run(db, "log", "anchor", "--export-key", str(exists))
+    assert result.exit_code == 2 and "not overwriting" in result.output
+
+
+def test_a_chain_past_several_key_epochs_verifies_and_an_edit_there_is_found(tmp_path):
+    from sinkhole.audit import AuditLog
+    from tests.test_data_faults import event
+
+    db = tmp_path / "a.db"
+    out = tmp_path / "op.key"
+    assert run(db, "log", "anchor", "--export-key", str(out)).exit_code == 0
+    audit = AuditLog(db, "n1", seed=None)
+    audit.start()
+    n = 2 * chain.EPOCH_ROWS + 500
+    for i in range(n):
+        audit.submit(event(f"q{i}.example"))
+    audit.close()
+    assert audit.written == n
+    result = verify(db, out)
+    assert result.exit_code == 0, result.output
+    assert f"verified: 1 chains, {n} rows" in result.output
+    victim = rows(db)[2 * chain.EPOCH_ROWS + 10]
+    sql(db, "UPDATE audit SET client = '10.0.0.1' WHERE seq = ?", (victim["seq"],))
+    result = verify(db, out)
+    assert result.exit_code == 1 and f"seq {victim['seq']}: edited or forged" in result.output
+
+
+def test_the_mac_covers_every_stored_column_but_seq_and_mac():
+    from sinkhole.store import AUDIT_INSERT
+
+    assert [c for c, _ in chain.MAC_COLUMNS] == [c for c in AUDIT_INSERT if c != "mac"]
+    assert AUDIT_INSERT.index("latency_ms") == 12  # Chain.seal turns it into a float, as SQLite gives it back
