@@ -430,7 +430,7 @@ def stats(env: Env, since: str, until: str | None, top: int, fmt: str) -> None:
     for title, rows, cols in (("top blocked rules", result["top_rules"], ["rule", "category", "queries", "clients"]),
                               ("top blocked names", result["top_names"], ["qname", "queries"]),
                               ("top clients", result["top_clients"], ["client", "queries", "names"]),
-                              (f"bypass attempts ({t['bypass_attempts']}: DoH canary, Private Relay, DDR)",
+                              (f"bypass attempts ({t['bypass_attempts']}: canaries and public DoH/DoT resolvers)",
                                result["bypass_clients"], ["client", "attempts", "canaries"])):
         click.echo(f"\n{title}:")
         emit(rows, cols, "table")

@@ -328,7 +328,8 @@ class Store:
         top_clients = [dict(r) for r in self.db.query(
             f"SELECT client, count(*) AS queries, count(DISTINCT qname) AS names FROM audit{blocked}"
             f" GROUP BY client ORDER BY queries DESC, client LIMIT {int(top)}", args)]
-        bypass = where + (" AND " if where else " WHERE ") + "action = 'canary'"
+        # a bypass attempt: a canary, or a lookup of a public encrypted-DNS resolver (the doh-bypass list)
+        bypass = where + (" AND " if where else " WHERE ") + "(action = 'canary' OR category = 'doh-bypass')"
         totals["bypass_attempts"] = one(f"SELECT count(*) FROM audit{bypass}", args).fetchone()[0]
         bypass_clients = [dict(r) for r in self.db.query(
             f"SELECT client, count(*) AS attempts, group_concat(DISTINCT qname) AS canaries FROM audit{bypass}"

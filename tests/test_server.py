@@ -161,16 +161,17 @@ def test_stats_show_bypass_attempts(make_server, stub, db):
     import sys
 
     s = make_server(upstream=(stub.address,))
-    for name in ("use-application-dns.net", "mask.icloud.com", "use-application-dns.net"):
+    for name in ("use-application-dns.net", "mask.icloud.com", "use-application-dns.net", "dns.google"):
         ask(s, name)
     s.stop()
     out = subprocess.run([sys.executable, "-m", "sinkhole", "--db", str(db), "stats", "--format", "json"],
                          capture_output=True, text=True, check=True).stdout
     stats = json.loads(out)
-    assert stats["totals"]["bypass_attempts"] == 3
-    assert stats["bypass_clients"] == [{"client": "127.0.0.1", "attempts": 3,
+    assert stats["totals"]["bypass_attempts"] == 4
+    assert stats["bypass_clients"] == [{"client": "127.0.0.1", "attempts": 4,
                                         "canaries": stats["bypass_clients"][0]["canaries"]}]
-    assert set(stats["bypass_clients"][0]["canaries"].split(",")) == {"use-application-dns.net", "mask.icloud.com"}
+    assert set(stats["bypass_clients"][0]["canaries"].split(",")) == {"use-application-dns.net", "mask.icloud.com",
+                                                                      "dns.google"}
 
 
 # ---------------------------------------------------------------------------- response inspection
