@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from sinkhole import __version__
-from sinkhole.domains import normalize
+from sinkhole.domains import is_ip_address, normalize
 from sinkhole.errors import ConfigError, DomainError, ListFormatError, SinkholeError
 from sinkhole.model import Action, RuleKind
 from sinkhole.store import Store, default_db_path, iso_dt
@@ -122,7 +122,7 @@ def _domains(names: tuple[str, ...], networks: bool = False) -> list[str]:
     out = []
     for n in names:
         address, slash, _ = n.strip().partition("/")
-        if networks and slash and _is_ip(address):
+        if networks and slash and is_ip_address(address):
             try:
                 out.append(str(ipaddress.ip_network(n.strip(), strict=False)))
                 continue
@@ -130,16 +130,6 @@ def _domains(names: tuple[str, ...], networks: bool = False) -> list[str]:
                 raise DomainError(f"invalid network {n!r}: not an IP network in CIDR form") from None
         out.append(normalize(n))
     return out
-
-
-def _is_ip(text: str) -> bool:
-    import ipaddress
-
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 _CATEGORY = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}\Z")

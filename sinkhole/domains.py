@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 
 import idna
@@ -50,6 +51,14 @@ def normalize(name: str) -> str:
     if len(result) > MAX_NAME:
         raise DomainError(f"invalid domain {name[:40]!r}...: {len(result)} characters, over 253")
     return result
+
+
+def is_ip_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def is_subdomain(name: str, parent: str) -> bool:

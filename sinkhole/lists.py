@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sinkhole.domains import normalize
+from sinkhole.domains import is_ip_address, normalize
 from sinkhole.errors import DomainError, ListFormatError
 
 HOSTS_SINKS = {"0.0.0.0", "127.0.0.1", "::", "::1", "0:0:0:0:0:0:0:0"}
@@ -49,7 +48,7 @@ def parse(text: str, source: str) -> BlockList:
         tokens = body.split()
         if not tokens:
             continue
-        if len(tokens) == 2 and _is_address(tokens[0]):
+        if len(tokens) == 2 and is_ip_address(tokens[0]):
             if tokens[0] not in HOSTS_SINKS:
                 raise ListFormatError(source, number, f"hosts entry maps to {tokens[0]}, not a sink address")
             name = tokens[1]
@@ -75,13 +74,6 @@ def parse(text: str, source: str) -> BlockList:
         raise ListFormatError(source, 0, "the list holds no domain")
     return result
 
-
-def _is_address(token: str) -> bool:
-    try:
-        ipaddress.ip_address(token)
-    except ValueError:
-        return False
-    return True
 
 
 def load_file(path: str | os.PathLike[str]) -> BlockList:
