@@ -426,6 +426,49 @@ def stats(env: Env, since: str, until: str | None, top: int, fmt: str) -> None:
         emit(rows, cols, "table")
 
 
+@cli.command()
+@click.argument("name")
+@click.option("--type", "qtype", default="A", show_default=True, help="Query type (A, AAAA, HTTPS, ...).")
+@click.option("--client", default="127.0.0.1", show_default=True, help="As asked by this client address.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), envvar="SINKHOLE_CONFIG",
+              help="The server's settings file (answers, client ACL, rate limits).")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@pass_env
+def check(env: Env, name: str, qtype: str, client: str, config_file: Path | None, fmt: str) -> None:
+    """What the policy in force does with NAME, and why: decision, rule, category, list and its
+    source, and the exact answer a client would get. Sends nothing; exit 0 either way."""
+    import ipaddress
+
+    import dns.rdatatype
+
+    from sinkhole import config
+    from sinkhole.explain import explain
+
+    domain = normalize(name)
+    try:
+        dns.rdatatype.from_text(qtype)
+        ipaddress.ip_address(client)
+    except (ValueError, dns.rdatatype.UnknownRdatatype):
+        raise click.BadParameter(f"{qtype!r} or {client!r} is not a query type / an IP address") from None
+    cfg = config.load(config_file)
+    logging.getLogger("sinkhole").setLevel(logging.ERROR)  # the server's own warnings are not the answer here
+    store = env.store()
+    try:
+        result = explain(store, cfg, domain, qtype, client)
+    finally:
+        store.close()
+    if fmt == "json":
+        click.echo(json.dumps(result))
+        return
+    for key in ("name", "qtype", "client", "group", "decision", "rule", "kind", "category", "list", "source",
+                "policy_version"):
+        if result[key] is not None:
+            click.echo(f"{key:15} {result[key]}")
+    click.echo("answer:")
+    for line in str(result["answer"]).splitlines():
+        click.echo(f"  {line}")
+
+
 def main() -> None:
     """Entry point: click's usage errors, too, become one line on stderr."""
     try:

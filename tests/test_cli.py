@@ -949,3 +949,34 @@ def test_block_add_takes_networks_for_answer_inspection(db):
     assert bad.exit_code == 2 and "invalid network" in bad.stderr
     assert run(db, "allow", "add", "10.0.0.0/8").exit_code == 2  # networks are block rules only
     assert run(db, "block", "remove", "203.0.113.0/24").exit_code == 0
+
+
+# ---------------------------------------------------------------------------- check
+
+
+def check_json(db, *args: str) -> dict:
+    result = run(db, "check", *args, "--format", "json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_check_explains_blocked_allowed_forwarded_refused_and_canary(db, monkeypatch):
+    monkeypatch.delenv("SINKHOLE_BLOCKLISTS")  # the shipped lists, with their sources
+    out = check_json(db, "x.chat.deepseek.com")
+    assert out["decision"] == "blocked" and out["rule"] == "chat.deepseek.com" and out["category"] == "deepseek"
+    assert out["list"] == "blocklists/deepseek.txt" and "JP" in out["source"]
+    assert "x.chat.deepseek.com. 60 IN A 0.0.0.0" in out["answer"] and "EDE 15" in out["answer"]
+    out = check_json(db, "chat.deepseek.com", "--type", "HTTPS")
+    assert "ANSWER\n;AUTHORITY\nchat.deepseek.com. 60 IN SOA" in out["answer"]
+    assert run(db, "allow", "add", "status.deepseek.com").exit_code == 0
+    out = check_json(db, "status.deepseek.com")
+    assert out["decision"] == "forwarded" and out["kind"] == "allow" and out["rule"] == "status.deepseek.com"
+    assert check_json(db, "www.debian.org")["rule"] is None
+    out = check_json(db, "chat.deepseek.com", "--client", "203.0.113.5")  # not in allow_clients
+    assert out["decision"] == "refused" and "rcode REFUSED" in out["answer"] and out["rule"] is None
+    out = check_json(db, "use-application-dns.net")
+    assert out["decision"] == "canary" and "rcode NXDOMAIN" in out["answer"]
+    table = run(db, "check", "chat.deepseek.com")
+    assert table.exit_code == 0 and "decision        blocked" in table.stdout
+    assert run(db, "check", "bad..name").exit_code == 2
+    assert run(db, "check", "a.example", "--type", "NOPE").exit_code == 2

@@ -1,0 +1,47 @@
+"""`sinkhole check`: what the policy in force does with one question, and why, without sending anything."""
+
+from __future__ import annotations
+
+import dns.message
+import dns.rdatatype
+
+from sinkhole import codec
+from sinkhole.audit import AuditLog
+from sinkhole.config import ServeConfig
+from sinkhole.pipeline import Pending, Pipeline
+from sinkhole.policy import Policy
+from sinkhole.store import Store
+from sinkhole.upstream import Forwarder, Upstream
+
+
+def explain(store: Store, cfg: ServeConfig, name: str, qtype: str = "A", client: str = "127.0.0.1") -> dict:
+    """The decision for `name` as a server with `cfg` would take it for `client`: the rule, its list and
+    source note, and the exact answer (presentation form) when it is answered here. Nothing is sent:
+    a name that would be forwarded is only said to be."""
+    policy = store.load_rules(lambda rules, version: Policy(rules, version, cfg.bypass_canaries))
+    pipeline = Pipeline(lambda: policy, Forwarder([Upstream("127.0.0.1", 9)], cfg.timeout),
+                        AuditLog(store.path, cfg.node, "none"), cfg.answers(), cfg.make_guard(), None)
+    wire = dns.message.make_query(name, dns.rdatatype.from_text(qtype), use_edns=0).to_wire()
+    verdict = policy.decide(codec.decode_query(wire))
+    result = pipeline.begin(wire, client, "udp")
+    if isinstance(result, Pending):
+        decision = "forwarded"
+        shown = ("asked of the upstreams; an answer that leads to a blocked name or network is "
+                 "sinkholed instead (cname-blocked, ip-blocked)")
+    else:
+        decision = next(iter(pipeline.counts), "dropped")  # begin() counted the one thing it did
+        shown = dns.message.from_wire(result).to_text() if result else "(no answer: dropped)"
+    rule = verdict.rule if decision in ("blocked", "canary", "forwarded") else None
+    source = note = None
+    if rule is not None:
+        row = store.conn.execute(
+            "SELECT source, note FROM rules WHERE domain = ? AND kind = ? AND category = ? LIMIT 1",
+            (rule.domain, rule.kind.value, rule.category)).fetchone()
+        if row is not None:
+            source, note = row
+    return {
+        "name": name, "qtype": qtype.upper(), "client": client, "group": "default", "decision": decision,
+        "rule": rule.domain if rule else None, "kind": rule.kind.value if rule else None,
+        "category": rule.category if rule else None, "list": source, "source": note,
+        "policy_version": policy.version, "answer": shown,
+    }
