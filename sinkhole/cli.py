@@ -246,7 +246,69 @@ cli.add_command(_rule_group(RuleKind.ALLOW, "allowed"))
 
 @cli.group("lists")
 def lists_group() -> None:
-    """Block lists: import a list file as a category."""
+    """Block lists and categories: show, enable, disable, import."""
+
+
+@lists_group.command("show")
+@click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
+@pass_env
+def lists_show(env: Env, fmt: str) -> None:
+    """Every category: rules, source, in force or not; and the shipped lists not loaded."""
+    from sinkhole import lists
+
+    store = env.store()
+    try:
+        rows = store.categories()
+    finally:
+        store.close()
+    known = {r["category"] for r in rows}
+    for source, bl in lists.shipped_lists(only_default=False):
+        name = bl.headers.get("category", bl.name)
+        if name not in known:
+            rows.append({"category": name, "block": 0, "allow": 0, "source": source, "enabled": 0,
+                         "disabled_since": "not loaded (sinkhole lists enable " + name + ")"})
+    for r in rows:
+        r["enabled"] = "yes" if r["enabled"] else "no"
+    emit(rows, ["category", "enabled", "block", "allow", "source", "disabled_since"], fmt)
+
+
+@lists_group.command("enable")
+@click.argument("category", callback=_category)
+@pass_env
+def lists_enable(env: Env, category: str) -> None:
+    """Put CATEGORY's rules in force again; a shipped list not loaded yet (e.g. deepseek-telemetry) is loaded."""
+    from sinkhole import lists
+
+    store = env.store()
+    loaded = False
+    try:
+        if not any(r["category"] == category for r in store.categories()):
+            shipped = {bl.headers.get("category", bl.name): (src, bl) for src, bl in lists.shipped_lists(False)}
+            if category not in shipped:
+                raise ConfigError(f"no category {category!r}: see `sinkhole lists show`")
+            source, bl = shipped[category]
+            store.replace_category(category, bl.entries, source)
+            click.echo(f"loaded {len(bl.entries)} rules into category {category} from {source}")
+            loaded = True
+        changed = store.set_enabled(category, True)
+    finally:
+        store.close()
+    click.echo(f"category {category} is in force" + ("" if changed or loaded else " (it was already)"))
+
+
+@lists_group.command("disable")
+@click.argument("category", callback=_category)
+@pass_env
+def lists_disable(env: Env, category: str) -> None:
+    """Take CATEGORY's rules out of force (they stay stored: `lists enable` brings them back)."""
+    store = env.store()
+    try:
+        if not any(r["category"] == category for r in store.categories()):
+            raise ConfigError(f"no category {category!r}: see `sinkhole lists show`")
+        changed = store.set_enabled(category, False)
+    finally:
+        store.close()
+    click.echo(f"category {category} is out of force" + ("" if changed else " (it was already)"))
 
 
 @lists_group.command("import")

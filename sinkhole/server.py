@@ -65,23 +65,30 @@ class PolicyReloader(threading.Thread):
         self.stopping = threading.Event()
 
     def run(self) -> None:
-        store = Store(self.db)
+        store: Store | None = None
+        replaced = False
         try:
             while not self.stopping.wait(self.interval):
                 try:
-                    if store.replaced():  # rules added from now on go to the new file
+                    if store is not None and store.replaced():  # rules added from now on go to the new file
                         log.warning("the database at %s was replaced: reading the policy from the new one", self.db)
                         store.close()
-                        store = Store(self.db)
-                        self.server.load_policy(store)
-                        continue
+                        store, replaced = None, True
+                    if store is None:
+                        # as any first opener of a new file does: it may be us, and then it must be seeded
+                        store = open_store(self.db, self.server.cfg.shipped_lists)
+                        if replaced:
+                            self.server.load_policy(store)
+                            replaced = False
+                            continue
                     version = store.policy_version()
                     if version != self.server.policy.version:
                         self.server.load_policy(store)
-                except Exception as exc:  # a locked or broken database must not stop DNS
+                except Exception as exc:  # a locked, broken or vanished database must not stop DNS or this thread
                     log.warning("policy reload failed, keeping version %d: %s", self.server.policy.version, exc)
         finally:
-            store.close()
+            if store is not None:
+                store.close()
 
 
 class Server:

@@ -22,7 +22,7 @@ import sqlite_utils
 from sinkhole.model import RuleKind
 
 T = TypeVar("T")
-SCHEMA_VERSION = 2  # 2: audit rows carry chain, link and mac (sinkhole.chain)
+SCHEMA_VERSION = 3  # 2: audit rows carry chain, link and mac (sinkhole.chain); 3: disabled categories
 Seed = tuple[str, list[tuple[str, str]], str]  # (category, [(domain, note)], source)
 BUSY_TIMEOUT_S = 10.0
 
@@ -155,6 +155,8 @@ class Store:
                 for column, kind in (("chain", "TEXT"), ("link", "INTEGER"), ("mac", "TEXT")):
                     if column not in have:  # another process may be migrating too
                         self.conn.execute(f"ALTER TABLE audit ADD COLUMN [{column}] {kind}")
+            if version in (1, 2):  # 2 -> 3
+                self._create_disabled_categories()
                 self.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
                 return
             db = self.db
@@ -172,11 +174,16 @@ class Store:
             # every index costs each insert a B-tree write: two keep the writer near 100k rows/s
             for cols in (["time"], ["client", "time"]):
                 db["audit"].create_index(cols, if_not_exists=True)
+            self._create_disabled_categories()
             self.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             if seed is not None:
                 actor = Actor(command="first start: load shipped lists")
                 for category, entries, source in seed:
                     self._replace_category(category, entries, source, actor, action="lists load")
+
+    def _create_disabled_categories(self) -> None:
+        self.db["disabled_categories"].create({"category": str, "since": str, "by": str}, pk="category",
+                                              if_not_exists=True)
 
     # ------------------------------------------------------------------ rules
 
@@ -260,7 +267,31 @@ class Store:
         from the cursor: a million rules never sit in a list."""
         with self.db.atomic():
             version = self.policy_version()
-            return build(self.conn.execute("SELECT domain, kind, category FROM rules"), version)
+            return build(self.conn.execute(
+                "SELECT domain, kind, category FROM rules"
+                " WHERE category NOT IN (SELECT category FROM disabled_categories)"), version)
+
+    def categories(self) -> list[dict]:
+        """Every category with its rule counts, where its rules came from, and whether it is in force."""
+        return [dict(r) for r in self.db.query(
+            "SELECT r.category, sum(r.kind = 'block') AS block, sum(r.kind = 'allow') AS allow,"
+            " group_concat(DISTINCT r.source) AS source, d.category IS NULL AS enabled, d.since AS disabled_since"
+            " FROM rules r LEFT JOIN disabled_categories d ON d.category = r.category"
+            " GROUP BY r.category ORDER BY r.category")]
+
+    def set_enabled(self, category: str, enabled: bool, actor: Actor | None = None) -> bool:
+        """Put a category's rules in force or out of it (they stay stored); False when nothing changed."""
+        actor = actor or Actor()
+        with self.db.atomic():
+            if enabled:
+                changed = self.conn.execute("DELETE FROM disabled_categories WHERE category = ?", (category,)).rowcount
+            else:
+                changed = self.conn.execute(
+                    "INSERT OR IGNORE INTO disabled_categories (category, since, by) VALUES (?, ?, ?)",
+                    (category, iso(time.time()), actor.user)).rowcount
+            if changed:
+                self._journal(actor, "lists enable" if enabled else "lists disable", None, category, [])
+        return bool(changed)
 
     def journal(self, since: str | None = None) -> list[dict]:
         where = "time >= ?" if since else None

@@ -17,7 +17,7 @@ from click.testing import CliRunner, Result
 from sinkhole import chain
 from sinkhole.cli import cli
 from sinkhole.server import open_store
-from sinkhole.store import Store
+from sinkhole.store import SCHEMA_VERSION, Store
 from tests.conftest import ask, wait_for
 
 
@@ -256,7 +256,7 @@ def test_rows_from_before_the_chain_are_reported_as_such(db, make_server, stub, 
     s.stop()
     old, new = rows(db)
     assert old["mac"] is None and old["chain"] is None and new["link"] == 0
-    assert sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0] == 2
+    assert sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     result = verify(db, operator_key)
     assert result.exit_code == 0, result.output
     assert "1 rows from before the chain started" in result.output
@@ -318,3 +318,17 @@ def test_the_mac_covers_every_stored_column_but_seq_and_mac():
 
     assert [c for c, _ in chain.MAC_COLUMNS] == [c for c in AUDIT_INSERT if c != "mac"]
     assert AUDIT_INSERT.index("latency_ms") == 12  # Chain.seal turns it into a float, as SQLite gives it back
+
+
+def test_a_version_2_database_gains_disabled_categories(tmp_path):
+    db = tmp_path / "v2.db"
+    open_store(db).close()
+    conn = sqlite3.connect(db)
+    conn.execute("DROP TABLE disabled_categories")
+    conn.execute("PRAGMA user_version=2")
+    conn.commit()
+    conn.close()
+    store = open_store(db)
+    assert store.set_enabled("genai", False) is True
+    assert sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    store.close()

@@ -980,3 +980,26 @@ def test_check_explains_blocked_allowed_forwarded_refused_and_canary(db, monkeyp
     assert table.exit_code == 0 and "decision        blocked" in table.stdout
     assert run(db, "check", "bad..name").exit_code == 2
     assert run(db, "check", "a.example", "--type", "NOPE").exit_code == 2
+
+
+def test_lists_show_disable_enable_reach_a_running_server(make_server, stub, db, monkeypatch):
+    monkeypatch.delenv("SINKHOLE_BLOCKLISTS")  # the shipped lists
+    s = make_server(upstream=(stub.address,))
+    assert ask(s, "chatgpt.com").answer[0][0].to_text() == "0.0.0.0"
+    out = run(db, "lists", "show", "--format", "json").stdout
+    shown = {r["category"]: r for r in map(json.loads, out.splitlines())}
+    assert shown["genai"]["enabled"] == "yes" and shown["genai"]["block"] >= 100
+    assert shown["deepseek-telemetry"]["enabled"] == "no"  # shipped, opt-in, not loaded
+    assert run_process("--db", str(db), "lists", "disable", "genai").returncode == 0
+    deadline = time.monotonic() + 1.0
+    assert wait_for(lambda: ask(s, "chatgpt.com").answer[0][0].to_text().startswith("192.0.2."),
+                    timeout=max(0.0, deadline - time.monotonic()))
+    assert ask(s, "chat.deepseek.com").answer[0][0].to_text() == "0.0.0.0"  # other categories stay
+    assert run(db, "lists", "enable", "genai").exit_code == 0
+    assert wait_for(lambda: ask(s, "chatgpt.com").answer[0][0].to_text() == "0.0.0.0", timeout=1.0)
+    result = run(db, "lists", "enable", "deepseek-telemetry")
+    assert result.exit_code == 0 and "loaded 8 rules" in result.stdout
+    assert wait_for(lambda: ask(s, "fp-it.fengkongcloud.com").answer[0][0].to_text() == "0.0.0.0", timeout=1.0)
+    actions = [r["action"] for r in query(db, "SELECT action FROM journal ORDER BY id")]
+    assert actions[-3:] == ["lists disable", "lists enable", "lists import"]
+    assert run(db, "lists", "disable", "no-such").exit_code == 2
