@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -122,6 +123,23 @@ def ask(server: RunningServer, qname: str, qtype: str = "A", tcp: bool = False, 
     q = dns.message.make_query(qname, qtype, use_edns=0 if edns else False, **kw)
     send = dns.query.tcp if tcp else dns.query.udp
     return send(q, server.host, port=server.port, timeout=timeout)
+
+
+def audit_rows(db: Path) -> list[dict]:
+    """The audit rows, read without creating the file if it is missing."""
+    if not db.exists():
+        return []
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+    except sqlite3.Error:
+        return []
+    conn.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in conn.execute("SELECT * FROM audit ORDER BY seq")]
+    except sqlite3.Error:
+        return []
+    finally:
+        conn.close()
 
 
 def ede_of(reply: dns.message.Message) -> list[tuple[int, str]]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
@@ -19,18 +18,7 @@ import pytest
 from sinkhole.model import RuleKind
 from sinkhole.server import open_store
 from sinkhole.store import Store
-from tests.conftest import ask, wait_for
-
-
-def audit_rows(db) -> list[dict]:
-    conn = sqlite3.connect(db)
-    conn.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in conn.execute("SELECT * FROM audit ORDER BY seq")]
-    except sqlite3.OperationalError:
-        return []
-    finally:
-        conn.close()
+from tests.conftest import ask, audit_rows, wait_for
 
 
 def test_blocked_query_is_one_row_with_who_what_when_why(server, db):

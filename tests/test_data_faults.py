@@ -29,25 +29,11 @@ from sinkhole.audit import AuditLog
 from sinkhole.model import AuditEvent
 from sinkhole.store import iso
 from tests.conftest import ask, wait_for
+from tests.conftest import audit_rows as rows
 
 # ------------------------------------------------------------------ helpers
 
 
-def rows(db: Path) -> list[dict]:
-    """The audit rows, read without creating the file if it is missing."""
-    if not db.exists():
-        return []
-    try:
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
-    except sqlite3.Error:
-        return []
-    conn.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in conn.execute("SELECT * FROM audit ORDER BY seq")]
-    except sqlite3.Error:
-        return []
-    finally:
-        conn.close()
 
 
 def qnames(db: Path) -> list[str]:
