@@ -193,8 +193,12 @@ class AuditLog:
         qtype = _QTYPES.get(e.qtype)
         if qtype is None:
             qtype = _QTYPES.setdefault(e.qtype, codec.qtype_name(e.qtype))
+        asked = None
+        if e.wire is not None:
+            asked = codec.asked_name(e.wire)
         return (iso(e.time), e.client, e.transport, e.qname, qtype, e.action, e.rule, e.category,
-                codec.rcode_name(e.rcode), e.answer, e.policy_version, e.upstream, e.latency_ms, self.node)
+                codec.rcode_name(e.rcode), e.answer, e.policy_version, e.upstream, e.latency_ms, self.node,
+                e.group, asked, e.source)
 
     def _run(self) -> None:
         w = _Writer(self)

@@ -43,6 +43,9 @@ MAC_COLUMNS: list[tuple[str, type]] = [
     ("rule", str), ("category", str), ("rcode", str), ("answer", str), ("policy_version", int),
     ("upstream", str), ("latency_ms", float), ("node", str), ("chain", str), ("link", int),
 ]
+# columns added in schema version 4: appended to the MAC input when any is set, so that rows written
+# before them still verify, and a value set or cleared later still breaks the MAC
+EXTRA_COLUMNS: list[tuple[str, type]] = [("grp", str), ("asked", str), ("list", str)]
 
 
 class AuditKeyError(ConfigError):
@@ -170,6 +173,9 @@ def normalized(row: dict) -> list[object]:
     for name, kind in MAC_COLUMNS:
         v = row.get(name)
         out.append(None if v is None else kind(v))
+    extras = [row.get(name) for name, _ in EXTRA_COLUMNS]
+    if any(v is not None for v in extras):
+        out.extend(None if v is None else kind(v) for v, (_, kind) in zip(extras, EXTRA_COLUMNS, strict=True))
     return out
 
 
@@ -191,7 +197,9 @@ class Chain:
 
     def seal(self, rows: list[tuple]) -> tuple[list[tuple], tuple[int, bytes, bytes]]:
         """Rows in AUDIT_INSERT order without (chain, link, mac) -> with them; and the state after them,
-        to `commit` once they are stored (a failed write is retried with the same links)."""
+        to `commit` once they are stored (a failed write is retried with the same links).
+
+        A row is the 14 MAC_COLUMNS before `chain`, then the EXTRA_COLUMNS."""
         link, prev, key, name = self.link, self.prev, self.key, self.name
         out = []
         encode, mac = _ENCODE, _Mac(key)
@@ -199,12 +207,14 @@ class Chain:
             if link and link % EPOCH_ROWS == 0:
                 key = evolve(key)
                 mac = _Mac(key)
-            values = [*r, name, link]
+            values = [*r[:14], name, link]
             if values[12] is not None and type(values[12]) is not float:  # latency_ms comes back as REAL
                 values[12] = float(values[12])
+            extras = r[14:]
+            if extras[0] is not None or extras[1] is not None or extras[2] is not None:
+                values.extend(extras)
             prev = mac(prev + encode(values).encode())
-            values.append(prev.hex())
-            out.append(tuple(values))
+            out.append((*values[:14], *extras, name, link, prev.hex()))
             link += 1
         return out, (link, prev, key)
 
@@ -261,7 +271,7 @@ def verify(conn: sqlite3.Connection, key_generation: int, key: bytes,
     `current` is the server's key file now (generation, key), when it can be read: it must descend from the
     operator's key, and every generation before it must have a chain in the log (each chain start takes one),
     so that a chain deleted whole, or rewritten under a newer generation with a stolen key, shows."""
-    cols = ", ".join(name for name, _ in MAC_COLUMNS)
+    cols = ", ".join(name for name, _ in MAC_COLUMNS + EXTRA_COLUMNS)
     cur = conn.execute(f"SELECT seq, mac, {cols} FROM audit ORDER BY seq")
     names = [d[0] for d in cur.description]
     walks: dict[str, _Walk] = {}

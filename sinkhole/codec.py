@@ -81,6 +81,26 @@ def _escape_label(raw: bytes) -> str:
     return "".join(out)
 
 
+def asked_name(wire: bytes) -> str | None:
+    """The question name of a query as the client wrote it (case kept, escaped like Query.name), for
+    the audit log; None when it cannot be read (the query was rejected before it was decoded)."""
+    pos, end, labels = 12, min(len(wire), 12 + 256), []
+    while pos < end:
+        length = wire[pos]
+        if length == 0:
+            return ".".join(labels) or "."
+        if length & 0xC0 or pos + 1 + length > end:
+            return None
+        raw = wire[pos + 1: pos + 1 + length]
+        if _PLAIN_LABEL.match(raw.lower()):
+            labels.append(raw.decode("ascii"))
+        else:
+            labels.append("".join(chr(b) if chr(b).isascii() and (chr(b).isalnum() or b in b"-_") else f"\\{b:03d}"
+                                  for b in raw))
+        pos += 1 + length
+    return None
+
+
 def decode_query(wire: bytes) -> Query:
     """Validate a client's query and return its parts.
 

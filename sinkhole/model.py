@@ -70,6 +70,7 @@ class Rule:
     domain: str
     kind: RuleKind
     category: str
+    source: str | None = None  # the list file or URL it came from, "cli", ... (None: not known)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,3 +104,6 @@ class AuditEvent:
     policy_version: int
     upstream: str | None = None
     latency_ms: float | None = None
+    group: str | None = None
+    wire: bytes | None = None  # the query packet: the writer takes the name as asked from it
+    source: str | None = None  # the list the deciding rule came from

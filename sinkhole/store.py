@@ -22,7 +22,9 @@ import sqlite_utils
 from sinkhole.model import RuleKind
 
 T = TypeVar("T")
-SCHEMA_VERSION = 3  # 2: audit rows carry chain, link and mac (sinkhole.chain); 3: disabled categories
+SCHEMA_VERSION = 4
+# 2: audit rows carry chain, link and mac (sinkhole.chain); 3: disabled categories;
+# 4: audit grp/asked/list, client groups, list sources, journal link/mac
 Seed = tuple[str, list[tuple[str, str]], str]  # (category, [(domain, note)], source)
 BUSY_TIMEOUT_S = 10.0
 
@@ -42,6 +44,9 @@ AUDIT_COLUMNS = {
     "upstream": str,
     "latency_ms": float,
     "node": str,
+    "grp": str,  # the client group whose policy decided (version 4)
+    "asked": str,  # the name as the client asked it: case kept, escaped like qname (version 4)
+    "list": str,  # where the deciding rule came from: a list file or URL, or "cli" (version 4)
     "chain": str,  # the writer's chain (sinkhole.chain); NULL on rows written before version 2
     "link": int,  # the row's place in its chain: 0, 1, 2, ...
     "mac": str,  # hex HMAC-SHA256 over the previous row's mac and this row
@@ -157,6 +162,14 @@ class Store:
                         self.conn.execute(f"ALTER TABLE audit ADD COLUMN [{column}] {kind}")
             if version in (1, 2):  # 2 -> 3
                 self._create_disabled_categories()
+            if version in (1, 2, 3):  # 3 -> 4: old rows keep NULL in the new columns (their MACs do not cover them)
+                for table, columns in (("audit", ("grp", "asked", "list")), ("journal", ("link", "mac"))):
+                    have = {r[1] for r in self.conn.execute(f"PRAGMA table_info({table})")}
+                    for column in columns:
+                        if column not in have:
+                            kind = "INTEGER" if column == "link" else "TEXT"
+                            self.conn.execute(f"ALTER TABLE {table} ADD COLUMN [{column}] {kind}")
+                self._create_v4_tables()
                 self.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
                 return
             db = self.db
@@ -168,13 +181,15 @@ class Store:
             db["rules"].create_index(["category"], if_not_exists=True)
             db["journal"].create(
                 {"id": int, "time": str, "user": str, "sudo_user": str, "host": str, "command": str,
-                 "action": str, "kind": str, "category": str, "domains": str, "detail": str},
+                 "action": str, "kind": str, "category": str, "domains": str, "detail": str,
+                 "link": int, "mac": str},
                 pk="id", if_not_exists=True)
             db["audit"].create(AUDIT_COLUMNS, pk="seq", if_not_exists=True)
             # every index costs each insert a B-tree write: two keep the writer near 100k rows/s
             for cols in (["time"], ["client", "time"]):
                 db["audit"].create_index(cols, if_not_exists=True)
             self._create_disabled_categories()
+            self._create_v4_tables()
             self.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             if seed is not None:
                 actor = Actor(command="first start: load shipped lists")
@@ -184,6 +199,17 @@ class Store:
     def _create_disabled_categories(self) -> None:
         self.db["disabled_categories"].create({"category": str, "since": str, "by": str}, pk="category",
                                               if_not_exists=True)
+
+    def _create_v4_tables(self) -> None:
+        db = self.db
+        # client groups: `categories` is a JSON list of the categories in force for the group, NULL = the
+        # categories in force for everyone (those not disabled); a network belongs to one group
+        db["groups"].create({"name": str, "categories": str, "note": str, "created_at": str, "created_by": str},
+                            pk="name", if_not_exists=True)
+        db["group_networks"].create({"network": str, "grp": str}, pk="network", if_not_exists=True)
+        # where each imported category came from, for `lists update` (conditional requests)
+        db["sources"].create({"category": str, "location": str, "format": str, "etag": str, "last_modified": str,
+                              "sha256": str, "fetched_at": str, "rules": int}, pk="category", if_not_exists=True)
 
     # ------------------------------------------------------------------ rules
 

@@ -316,7 +316,10 @@ def test_a_chain_past_several_key_epochs_verifies_and_an_edit_there_is_found(tmp
 def test_the_mac_covers_every_stored_column_but_seq_and_mac():
     from sinkhole.store import AUDIT_INSERT
 
-    assert [c for c, _ in chain.MAC_COLUMNS] == [c for c in AUDIT_INSERT if c != "mac"]
+    covered = [c for c, _ in chain.MAC_COLUMNS + chain.EXTRA_COLUMNS]
+    assert sorted(covered) == sorted(c for c in AUDIT_INSERT if c != "mac")
+    # Chain.seal's layout: the 14 base columns, the extras, then chain, link, mac
+    assert AUDIT_INSERT == [c for c, _ in chain.MAC_COLUMNS[:14] + chain.EXTRA_COLUMNS] + ["chain", "link", "mac"]
     assert AUDIT_INSERT.index("latency_ms") == 12  # Chain.seal turns it into a float, as SQLite gives it back
 
 
