@@ -198,7 +198,7 @@ class AuditLog:
             asked = codec.asked_name(e.wire)
         return (iso(e.time), e.client, e.transport, e.qname, qtype, e.action, e.rule, e.category,
                 codec.rcode_name(e.rcode), e.answer, e.policy_version, e.upstream, e.latency_ms, self.node,
-                e.group, asked, e.source)
+                e.group, asked, e.source, ".".join(reversed(e.qname.split("."))) if e.qname else None)
 
     def _run(self) -> None:
         w = _Writer(self)

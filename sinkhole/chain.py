@@ -199,7 +199,8 @@ class Chain:
         """Rows in AUDIT_INSERT order without (chain, link, mac) -> with them; and the state after them,
         to `commit` once they are stored (a failed write is retried with the same links).
 
-        A row is the 14 MAC_COLUMNS before `chain`, then the EXTRA_COLUMNS."""
+        A row is the 14 MAC_COLUMNS before `chain`, then the EXTRA_COLUMNS, then `rname` (derived from
+        qname, not covered: verify checks it against qname instead)."""
         link, prev, key, name = self.link, self.prev, self.key, self.name
         out = []
         encode, mac = _ENCODE, _Mac(key)
@@ -210,11 +211,11 @@ class Chain:
             values = [*r[:14], name, link]
             if values[12] is not None and type(values[12]) is not float:  # latency_ms comes back as REAL
                 values[12] = float(values[12])
-            extras = r[14:]
+            extras = r[14:17]
             if extras[0] is not None or extras[1] is not None or extras[2] is not None:
                 values.extend(extras)
             prev = mac(prev + encode(values).encode())
-            out.append((*values[:14], *extras, name, link, prev.hex()))
+            out.append((*values[:14], *extras, r[17], name, link, prev.hex()))
             link += 1
         return out, (link, prev, key)
 
@@ -271,7 +272,7 @@ def verify(conn: sqlite3.Connection, key_generation: int, key: bytes,
     `current` is the server's key file now (generation, key), when it can be read: it must descend from the
     operator's key, and every generation before it must have a chain in the log (each chain start takes one),
     so that a chain deleted whole, or rewritten under a newer generation with a stolen key, shows."""
-    cols = ", ".join(name for name, _ in MAC_COLUMNS + EXTRA_COLUMNS)
+    cols = ", ".join([name for name, _ in MAC_COLUMNS + EXTRA_COLUMNS] + ["rname"])
     cur = conn.execute(f"SELECT seq, mac, {cols} FROM audit ORDER BY seq")
     names = [d[0] for d in cur.description]
     walks: dict[str, _Walk] = {}
@@ -316,6 +317,9 @@ def verify(conn: sqlite3.Connection, key_generation: int, key: bytes,
             good = w.mac_for(link)(w.prev + canonical(values))
             if hmac.compare_digest(good.hex(), mac):
                 w.prev, w.expected, w.last_seq, w.last_time = good, link + 1, seq, row["time"]
+                rname = row["rname"]
+                if rname is not None and rname != ".".join(reversed(str(row["qname"]).split("."))):
+                    w.problem = f"seq {seq}: edited (rname {rname!r} does not match qname {row['qname']!r})"
             else:
                 w.pending = (seq, "edited or forged (MAC mismatch)", link)
         elif link > w.expected:

@@ -47,6 +47,7 @@ AUDIT_COLUMNS = {
     "grp": str,  # the client group whose policy decided (version 4)
     "asked": str,  # the name as the client asked it: case kept, escaped like qname (version 4)
     "list": str,  # where the deciding rule came from: a list file or URL, or "cli" (version 4)
+    "rname": str,  # qname with its labels reversed ("com.deepseek.chat"): indexed, for domain filters (4)
     "chain": str,  # the writer's chain (sinkhole.chain); NULL on rows written before version 2
     "link": int,  # the row's place in its chain: 0, 1, 2, ...
     "mac": str,  # hex HMAC-SHA256 over the previous row's mac and this row
@@ -83,6 +84,11 @@ def file_identity(path: str | os.PathLike[str]) -> tuple[int, int] | None:
     except OSError:
         return None
     return st.st_dev, st.st_ino
+
+
+def reverse_name(name: str) -> str:
+    """'chat.deepseek.com' -> 'com.deepseek.chat': names under one domain sort together after it."""
+    return ".".join(reversed(name.split(".")))
 
 
 def default_db_path() -> Path:
@@ -163,7 +169,7 @@ class Store:
             if version in (1, 2):  # 2 -> 3
                 self._create_disabled_categories()
             if version in (1, 2, 3):  # 3 -> 4: old rows keep NULL in the new columns (their MACs do not cover them)
-                for table, columns in (("audit", ("grp", "asked", "list")), ("journal", ("link", "mac"))):
+                for table, columns in (("audit", ("grp", "asked", "list", "rname")), ("journal", ("link", "mac"))):
                     have = {r[1] for r in self.conn.execute(f"PRAGMA table_info({table})")}
                     for column in columns:
                         if column not in have:
@@ -202,6 +208,7 @@ class Store:
 
     def _create_v4_tables(self) -> None:
         db = self.db
+        db["audit"].create_index(["rname"], if_not_exists=True)
         # client groups: `categories` is a JSON list of the categories in force for the group, NULL = the
         # categories in force for everyone (those not disabled); a network belongs to one group
         db["groups"].create({"name": str, "categories": str, "note": str, "created_at": str, "created_by": str},
@@ -347,9 +354,13 @@ class Store:
             else:
                 where.append("client = :client")
             args["client"] = client
-        if domain:
-            where.append("(qname = :domain OR substr(qname, -length(:domain) - 1) = '.' || :domain)")
+        if domain:  # the name and its subdomains: a range of the reversed-name index
+            rdomain = reverse_name(domain)
+            where.append("(rname = :rdomain OR (rname > :rdomain || '.' AND rname < :rdomain || '/')"
+                         " OR (rname IS NULL AND (qname = :domain"  # rows from before schema 4
+                         " OR substr(qname, -length(:domain) - 1) = '.' || :domain)))")
             args["domain"] = domain
+            args["rdomain"] = rdomain
         if action:
             where.append("action = :action")
             args["action"] = action

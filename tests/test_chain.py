@@ -206,8 +206,8 @@ def reseal(db: Path, file_key: bytes, rename: str | None = None) -> None:
                 r["qname"] = "innocent.example"
             r["chain"] = name
             prev = hmac.digest(key, prev + chain.canonical(chain.normalized(r)), "sha256")
-            conn.execute("UPDATE audit SET qname = ?, chain = ?, mac = ? WHERE seq = ?",
-                         (r["qname"], name, prev.hex(), r["seq"]))
+            conn.execute("UPDATE audit SET qname = ?, rname = ?, chain = ?, mac = ? WHERE seq = ?",
+                         (r["qname"], ".".join(reversed(r["qname"].split("."))), name, prev.hex(), r["seq"]))
     conn.close()
 
 
@@ -317,9 +317,10 @@ def test_the_mac_covers_every_stored_column_but_seq_and_mac():
     from sinkhole.store import AUDIT_INSERT
 
     covered = [c for c, _ in chain.MAC_COLUMNS + chain.EXTRA_COLUMNS]
-    assert sorted(covered) == sorted(c for c in AUDIT_INSERT if c != "mac")
-    # Chain.seal's layout: the 14 base columns, the extras, then chain, link, mac
-    assert AUDIT_INSERT == [c for c, _ in chain.MAC_COLUMNS[:14] + chain.EXTRA_COLUMNS] + ["chain", "link", "mac"]
+    assert sorted(covered) == sorted(c for c in AUDIT_INSERT if c not in ("mac", "rname"))
+    # Chain.seal's layout: the 14 base columns, the extras, rname (derived from qname), then chain, link, mac
+    assert AUDIT_INSERT == [c for c, _ in chain.MAC_COLUMNS[:14] + chain.EXTRA_COLUMNS] + ["rname", "chain", "link",
+                                                                                           "mac"]
     assert AUDIT_INSERT.index("latency_ms") == 12  # Chain.seal turns it into a float, as SQLite gives it back
 
 
@@ -335,3 +336,39 @@ def test_a_version_2_database_gains_disabled_categories(tmp_path):
     assert store.set_enabled("genai", False) is True
     assert sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     store.close()
+
+
+def test_rname_is_checked_against_qname_and_group_asked_list_are_covered(tmp_path):
+    """Schema 4 columns: grp, asked and list are under the MAC; rname (the index aid) must match qname."""
+    from sinkhole.store import AUDIT_INSERT
+
+    db = tmp_path / "v4.db"
+    store = open_store(db)
+    generation, key, _ = chain.ensure_key(chain.default_key_path(db))  # the operator's copy, taken first
+    c = chain.Chain.start(chain.default_key_path(db), "n1")[0]
+
+    def verify_db(db: Path, _key: object) -> chain.Report:
+        with sqlite3.connect(db) as conn:
+            return chain.verify(conn, generation, key)
+
+    operator_key = None
+    base = ("2026-11-22T00:00:00.000000Z", "10.0.0.1", "udp", "chat.deepseek.com", "A", "blocked",
+            "deepseek.com", "deepseek", "NOERROR", "0.0.0.0", 1, None, None, "n1")
+    rows = [(*base, "defence", "Chat.DeepSeek.com", "blocklists/deepseek.txt", "com.deepseek.chat"),
+            (*base, None, None, None, None)]
+    sealed, _ = c.seal(rows)
+    store.insert_audit(sealed)
+    store.close()
+    assert verify_db(db, operator_key).ok
+    conn = sqlite3.connect(db)
+    for column, value in (("grp", "default"), ("asked", "chat.deepseek.com"), ("list", "cli"),
+                          ("rname", "com.example")):
+        saved = conn.execute(f"SELECT {column} FROM audit WHERE seq = 1").fetchone()[0]
+        conn.execute(f"UPDATE audit SET {column} = ? WHERE seq = 1", (value,))
+        conn.commit()
+        report = verify_db(db, operator_key)
+        assert not report.ok and "seq 1: edited" in report.problems[0][1], column
+        conn.execute(f"UPDATE audit SET {column} = ? WHERE seq = 1", (saved,))
+        conn.commit()
+    assert verify_db(db, operator_key).ok
+    assert len(AUDIT_INSERT) == len(sealed[0])
