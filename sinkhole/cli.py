@@ -115,12 +115,24 @@ def parse_when(text: str | None, option: str) -> str | None:
 
 
 def _domains(names: tuple[str, ...], networks: bool = False) -> list[str]:
-    """Normalized names; with `networks`, an IP network (CIDR) is taken too: a block rule on a
-    network blocks forwarded answers that hold an address in it."""
+    """Normalized names; `/regex/` rules (checked: they must compile); with `networks`, an IP network
+    (CIDR) is taken too: a block rule on a network blocks forwarded answers that hold an address in it."""
     import ipaddress
+
+    from sinkhole.policy import is_regex
 
     out = []
     for n in names:
+        if is_regex(n.strip()):
+            pattern = n.strip()
+            if len(pattern) > 1000:
+                raise DomainError(f"invalid regex rule {pattern[:40]!r}...: longer than 1000 characters")
+            try:
+                re.compile(pattern[1:-1])
+            except re.error as exc:
+                raise DomainError(f"invalid regex rule {pattern!r}: {exc}") from None
+            out.append(pattern)
+            continue
         address, slash, _ = n.strip().partition("/")
         if networks and slash and is_ip_address(address):
             try:
@@ -139,6 +151,17 @@ def _category(ctx: click.Context, param: click.Parameter, value: str | None) -> 
     if value is not None and not _CATEGORY.match(value):
         raise click.BadParameter(f"{value!r}: use lower-case letters, digits, '-' and '_'")
     return value
+
+
+def _rule_category(category: str | None, client_group: str | None) -> str:
+    """The category a rule is filed under: --category, or a group's own `group:NAME`, or `manual`."""
+    from sinkhole.policy import EVERYWHERE, GROUP_PREFIX
+
+    if client_group is not None and category is not None:
+        raise ConfigError("--group and --category exclude each other: a group's extra rules have their own category")
+    if client_group is not None:
+        return GROUP_PREFIX + client_group
+    return category or EVERYWHERE
 
 
 # ---------------------------------------------------------------------------- serve
@@ -187,14 +210,20 @@ def _rule_group(kind: RuleKind, verb: str) -> click.Group:
 
     @group.command("add")
     @click.argument("names", nargs=-1, required=True)
-    @click.option("--category", default="manual", show_default=True, callback=_category,
-                  help="Category to file the rule under.")
+    @click.option("--category", default=None, callback=_category,
+                  help="Category to file the rule under [manual: in force for every group].")
+    @click.option("--group", "client_group", default=None, callback=_category,
+                  help="Only for the clients of this group (an extra rule of the group).")
     @click.option("--note", default=None, help="Why: a ticket number, a policy reference.")
     @pass_env
-    def add(env: Env, names: tuple[str, ...], category: str, note: str | None) -> None:
+    def add(env: Env, names: tuple[str, ...], category: str | None, client_group: str | None,
+            note: str | None) -> None:
+        category = _rule_category(category, client_group)
         domains = _domains(names, networks=kind is RuleKind.BLOCK)
         store = env.store()
         try:
+            if client_group is not None and client_group not in {g["name"] for g in store.groups()}:
+                raise ConfigError(f"no group {client_group!r}: see `sinkhole group list`")
             added, present = store.add_rules(kind, domains, category=category, note=note)
         finally:
             store.close()
@@ -208,8 +237,12 @@ def _rule_group(kind: RuleKind, verb: str) -> click.Group:
     @group.command("remove")
     @click.argument("names", nargs=-1, required=True)
     @click.option("--category", default=None, callback=_category, help="Remove only from this category [all].")
+    @click.option("--group", "client_group", default=None, callback=_category,
+                  help="Remove only the group's extra rule.")
     @pass_env
-    def remove(env: Env, names: tuple[str, ...], category: str | None) -> None:
+    def remove(env: Env, names: tuple[str, ...], category: str | None, client_group: str | None) -> None:
+        if client_group is not None:
+            category = _rule_category(category, client_group)
         domains = _domains(names, networks=kind is RuleKind.BLOCK)
         store = env.store()
         try:
@@ -226,9 +259,12 @@ def _rule_group(kind: RuleKind, verb: str) -> click.Group:
 
     @group.command("list")
     @click.option("--category", default=None, help="Only this category.")
+    @click.option("--group", "client_group", default=None, callback=_category, help="Only this group's extra rules.")
     @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
     @pass_env
-    def list_(env: Env, category: str | None, fmt: str) -> None:
+    def list_(env: Env, category: str | None, client_group: str | None, fmt: str) -> None:
+        if client_group is not None:
+            category = _rule_category(category, client_group)
         store = env.store()
         try:
             rows = store.list_rules(kind, category)
@@ -242,6 +278,152 @@ def _rule_group(kind: RuleKind, verb: str) -> click.Group:
 
 cli.add_command(_rule_group(RuleKind.BLOCK, "blocked"))
 cli.add_command(_rule_group(RuleKind.ALLOW, "allowed"))
+
+
+# ---------------------------------------------------------------------------- client groups
+
+
+def _networks(values: tuple[str, ...]) -> list[str]:
+    import ipaddress
+
+    out = []
+    for v in values:
+        try:
+            out.append(str(ipaddress.ip_network(v.strip(), strict=False)))
+        except ValueError:
+            raise ConfigError(f"invalid network {v!r}: not an IP address or network in CIDR form") from None
+    return out
+
+
+def _categories(value: str | None) -> list[str] | None:
+    """`--categories a,b,c`; `inherit` = those in force for everyone (None); `none` = []."""
+    if value is None or value.strip() == "inherit":
+        return None
+    if value.strip() == "none":
+        return []
+    cats = [c.strip() for c in value.split(",") if c.strip()]
+    for c in cats:
+        if not _CATEGORY.match(c):
+            raise ConfigError(f"invalid category {c!r}: use lower-case letters, digits, '-' and '_'")
+    return cats
+
+
+@cli.group("group")
+def group_group() -> None:
+    """Client groups: networks with their own categories and extra rules (most specific network wins)."""
+
+
+@group_group.command("add")
+@click.argument("name", callback=_category)
+@click.option("--network", "networks", multiple=True, metavar="CIDR",
+              help="A client network of the group (IPv4 or IPv6; a bare address is a /32 or /128); repeatable.")
+@click.option("--categories", default=None, metavar="A,B,...|inherit|none",
+              help="Categories in force for the group, replacing its set [new group: inherit, i.e. those in "
+                   "force for everyone]. The `manual` rules and the group's own extra rules always apply.")
+@click.option("--note", default=None, help="Why: a ticket number, a policy reference.")
+@pass_env
+def group_add(env: Env, name: str, networks: tuple[str, ...], categories: str | None, note: str | None) -> None:
+    """Create group NAME, or add networks to it / change its categories.
+
+    e.g. `sinkhole group add defence --network 10.20.0.0/16 --categories deepseek,genai-cn,genai,doh-bypass`
+    """
+    nets = _networks(networks)
+    cats = _categories(categories)
+    store = env.store()
+    try:
+        known = {r["category"] for r in store.categories()}
+        created, added = store.save_group(name, nets, cats, note)
+    finally:
+        store.close()
+    click.echo(f"{'created' if created else 'changed'} group {name}"
+               + (f": networks {', '.join(added)}" if added else ""))
+    if cats is not None:
+        click.echo(f"categories in force for {name}: {', '.join(cats) or '(none)'} (plus manual and its own rules)")
+        unknown = [c for c in cats if c not in known]
+        if unknown:
+            click.echo(f"note: no rules in {', '.join(unknown)} yet", err=True)
+
+
+@group_group.command("remove")
+@click.argument("name", callback=_category)
+@click.option("--network", "networks", multiple=True, metavar="CIDR", help="Remove only this network; repeatable.")
+@pass_env
+def group_remove(env: Env, name: str, networks: tuple[str, ...]) -> None:
+    """Remove group NAME (its clients fall back to the default group, its extra rules go), or some networks."""
+    nets = _networks(networks) if networks else None
+    store = env.store()
+    try:
+        gone = store.remove_group(name, nets)
+    finally:
+        store.close()
+    if nets is None:
+        click.echo(f"removed group {name}" + (f" and its networks {', '.join(gone)}" if gone else ""))
+    else:
+        click.echo(f"removed from group {name}: {', '.join(gone)}")
+
+
+def _group_rows(store: Store) -> list[dict]:
+    rows = store.groups()
+    known = sorted(r["category"] for r in store.categories())
+    disabled = {r["category"] for r in store.categories() if not r["enabled"]}
+    inherited = [c for c in known if c not in disabled and not c.startswith("group:")]
+    for r in rows:
+        if r["name"] == "default":
+            r["networks"] = r["networks"] or ["(every client of no other group)"]
+        r["inherits"] = r["categories"] is None
+        r["in_force"] = sorted(set(inherited if r["categories"] is None else r["categories"]) | {"manual"})
+    return rows
+
+
+@group_group.command("list")
+@click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
+@pass_env
+def group_list(env: Env, fmt: str) -> None:
+    """Every group: its networks, categories in force and number of extra rules."""
+    store = env.store()
+    try:
+        rows = _group_rows(store)
+    finally:
+        store.close()
+    if fmt != "json":
+        for r in rows:
+            r["networks"] = " ".join(r["networks"])
+            r["in_force"] = ",".join(r["in_force"]) + (" (inherited)" if r["inherits"] else "")
+    emit(rows, ["name", "networks", "in_force", "rules", "note"], fmt)
+
+
+@group_group.command("show")
+@click.argument("name", callback=_category)
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@pass_env
+def group_show(env: Env, name: str, fmt: str) -> None:
+    """One group: networks, categories in force with their rule counts, and its extra rules."""
+    from sinkhole.policy import GROUP_PREFIX
+
+    store = env.store()
+    try:
+        rows = {r["name"]: r for r in _group_rows(store)}
+        if name not in rows:
+            raise ConfigError(f"no group {name!r}: see `sinkhole group list`")
+        row = rows[name]
+        counts = {r["category"]: r for r in store.categories()}
+        row["categories_in_force"] = [{"category": c, "block": (counts.get(c) or {}).get("block") or 0,
+                                       "allow": (counts.get(c) or {}).get("allow") or 0} for c in row["in_force"]]
+        row["extra_rules"] = [{"domain": r["domain"], "kind": r["kind"], "note": r["note"]}
+                              for r in store.list_rules(None, GROUP_PREFIX + name)]
+    finally:
+        store.close()
+    if fmt == "json":
+        click.echo(json.dumps(row, indent=2))
+        return
+    click.echo(f"group {name}" + (f" ({row['note']})" if row.get("note") else ""))
+    click.echo(f"  networks: {', '.join(row['networks']) or '(none)'}")
+    click.echo("  categories in force" + (" (inherited from everyone's)" if row["inherits"] else "") + ":")
+    for c in row["categories_in_force"]:
+        click.echo(f"    {c['category']}: {c['block']} block, {c['allow']} allow")
+    click.echo(f"  extra rules ({len(row['extra_rules'])}):")
+    for r in row["extra_rules"]:
+        click.echo(f"    {r['kind']} {r['domain']}" + (f"  # {r['note']}" if r["note"] else ""))
 
 
 @cli.group("lists")

@@ -9,7 +9,6 @@ from sinkhole import codec
 from sinkhole.audit import AuditLog
 from sinkhole.config import ServeConfig
 from sinkhole.pipeline import Pending, Pipeline
-from sinkhole.policy import Policy
 from sinkhole.store import Store
 from sinkhole.upstream import Forwarder, Upstream
 
@@ -18,11 +17,12 @@ def explain(store: Store, cfg: ServeConfig, name: str, qtype: str = "A", client:
     """The decision for `name` as a server with `cfg` would take it for `client`: the rule, its list and
     source note, and the exact answer (presentation form) when it is answered here. Nothing is sent:
     a name that would be forwarded is only said to be."""
-    policy = store.load_rules(lambda rules, version: Policy(rules, version, cfg.bypass_canaries))
+    policy = store.load_policy(cfg.bypass_canaries)
     pipeline = Pipeline(lambda: policy, Forwarder([Upstream("127.0.0.1", 9)], cfg.timeout),
                         AuditLog(store.path, cfg.node, "none"), cfg.answers(), cfg.make_guard(), None)
     wire = dns.message.make_query(name, dns.rdatatype.from_text(qtype), use_edns=0).to_wire()
-    verdict = policy.decide(codec.decode_query(wire))
+    group = policy.group_of(client)
+    verdict = policy.decide(codec.decode_query(wire), group)
     result = pipeline.begin(wire, client, "udp")
     if isinstance(result, Pending):
         decision = "forwarded"
@@ -40,7 +40,7 @@ def explain(store: Store, cfg: ServeConfig, name: str, qtype: str = "A", client:
         if row is not None:
             source, note = row
     return {
-        "name": name, "qtype": qtype.upper(), "client": client, "group": "default", "decision": decision,
+        "name": name, "qtype": qtype.upper(), "client": client, "group": group.name, "decision": decision,
         "rule": rule.domain if rule else None, "kind": rule.kind.value if rule else None,
         "category": rule.category if rule else None, "list": source, "source": note,
         "policy_version": policy.version, "answer": shown,

@@ -24,7 +24,7 @@ from sinkhole.cache import Cache, key_of
 from sinkhole.errors import UpstreamError
 from sinkhole.guard import Guard, Outcome
 from sinkhole.model import Action, AuditEvent, Query, Verdict
-from sinkhole.policy import CANARIES, Policy
+from sinkhole.policy import CANARIES, Group, Policy
 from sinkhole.upstream import Forwarder
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ class Pending:
     verdict: Verdict
     version: int
     key: bytes
+    group: Group
 
 
 class Pipeline:
@@ -52,8 +53,9 @@ class Pipeline:
         }
         self.cache = cache if cache is not None else Cache()
         self._inflight: dict[bytes, asyncio.Future[tuple[bytes, str, Verdict | None]]] = {}
-        # blocked answers by packet-without-ID, valid for one policy snapshot
+        # blocked answers by packet-without-ID, valid for one policy snapshot; one memo per client group
         self._memo: dict[bytes, tuple[bytes, str, int, int, Verdict, str]] = {}
+        self._group_memos: dict[str, dict[bytes, tuple[bytes, str, int, int, Verdict, str]]] = {}
         self._memo_policy: tuple[int, int] | None = None
         # blocked answers by (rule, qtype, qclass, flags, DO): header and the sections after the question
         self._shapes: dict[tuple, tuple[bytes, bytes, int, str]] = {}
@@ -65,7 +67,8 @@ class Pipeline:
 
     def _record(self, action: Action, client: str, proto: str, qname: str, qtype: int, rcode: int,
                 verdict: Verdict | None = None, summary: str | None = None, version: int = 0,
-                upstream: str | None = None, latency_ms: float | None = None) -> None:
+                upstream: str | None = None, latency_ms: float | None = None, group: str | None = None,
+                wire: bytes | None = None) -> None:
         name = action.value
         counts = self.counts
         counts[name] = counts.get(name, 0) + 1
@@ -74,23 +77,33 @@ class Pipeline:
             self.audit.submit(AuditEvent(
                 time.time(), client, proto, qname, qtype, name,
                 rule.domain if rule else None, rule.category if rule else None, rcode, summary, version,
-                upstream, latency_ms))
+                upstream, latency_ms, group, wire, rule.source if rule else None))
 
     def begin(self, wire: bytes, client: str, proto: str) -> bytes | Pending | None:
         policy = self.get_policy()
         if (id(policy), policy.version) != self._memo_policy:  # not a reference: the old policy may go
             self._memo.clear()
+            self._group_memos.clear()
             self._shapes.clear()
             self.cache.clear()  # a cached answer may lead to a name that is blocked now
             self._memo_policy = (id(policy), policy.version)
         outcome = None
-        done = self._memo.get(wire[2:])
+        group = policy.group_of(client)
+        if group is policy.default:
+            memo = self._memo
+        else:
+            memo = self._group_memos.get(group.name)
+            if memo is None:
+                memo = self._group_memos[group.name] = {}
+        gname = group.name
+        done = memo.get(wire[2:])
         if done is not None:
             outcome = self.guard.check(client, proto)
             if outcome is Outcome.OK:
                 # the same packet but for its ID was blocked before under this policy: same answer
                 tail, qname, qtype, rcode, verdict, summary = done
-                self._record(verdict.action, client, proto, qname, qtype, rcode, verdict, summary, policy.version)
+                self._record(verdict.action, client, proto, qname, qtype, rcode, verdict, summary, policy.version,
+                             group=gname, wire=wire)
                 return wire[:2] + tail
         try:
             query = codec.decode_query_memo(wire)
@@ -99,22 +112,22 @@ class Pipeline:
             return None
         except codec.BadQuery as bad:
             if (outcome or self.guard.check(client, proto)) is not Outcome.OK:
-                self._record(Action.REFUSED, client, proto, "", 0, codec.REFUSED, summary=bad.reason)
+                self._record(Action.REFUSED, client, proto, "", 0, codec.REFUSED, summary=bad.reason, group=gname)
                 return codec.error_reply(bad.qid, bad.flags, codec.REFUSED, bad.question)
             action = Action.NOTIMP if bad.rcode == codec.NOTIMP else Action.FORMERR
-            self._record(action, client, proto, "", 0, bad.rcode, summary=bad.reason)
+            self._record(action, client, proto, "", 0, bad.rcode, summary=bad.reason, group=gname)
             return codec.error_reply(bad.qid, bad.flags, bad.rcode, bad.question, bad.edns)
         if outcome is None:
             outcome = self.guard.check(client, proto)
         if outcome is not Outcome.OK:
             if outcome is Outcome.LIMITED:
                 self._record(Action.LIMITED, client, proto, query.qname, query.qtype, codec.NOERROR,
-                             summary="TC=1")
+                             summary="TC=1", group=gname, wire=wire)
                 return answer.truncated(query)
             self._record(Action.REFUSED, client, proto, query.qname, query.qtype, codec.REFUSED,
-                         summary="client not allowed or over the limit")
+                         summary="client not allowed or over the limit", group=gname, wire=wire)
             return answer.refused(query)
-        verdict = policy.decide(query)
+        verdict = policy.decide_name(query.name, group)
         if verdict.blocked:
             rule = verdict.rule
             assert rule is not None
@@ -133,29 +146,31 @@ class Pipeline:
             head, tail, rcode, summary = tpl
             reply = wire[:2] + head + query.question + tail
             self._record(verdict.action, client, proto, query.name, query.qtype, rcode, verdict, summary,
-                         policy.version)
+                         policy.version, group=gname, wire=wire)
             if len(wire) <= codec.MEMO_MAX_PACKET:
-                if len(self._memo) >= codec.MEMO_MAX:
-                    self._memo.clear()
-                self._memo[wire[2:]] = (reply[2:], query.name, query.qtype, rcode, verdict, summary)
+                if len(memo) >= codec.MEMO_MAX:
+                    memo.clear()
+                memo[wire[2:]] = (reply[2:], query.name, query.qtype, rcode, verdict, summary)
             return reply
         if query.qtype in (codec.T_AXFR, codec.T_IXFR):
             self._record(Action.REFUSED, client, proto, query.qname, query.qtype, codec.REFUSED, verdict,
-                         "zone transfer", policy.version)
+                         "zone transfer", policy.version, group=gname, wire=wire)
             return answer.refused(query)
         if query.qtype == codec.T_ANY:
             self._record(Action.LOCAL, client, proto, query.qname, query.qtype, codec.NOERROR, verdict,
-                         "RFC 8482 HINFO", policy.version)
+                         "RFC 8482 HINFO", policy.version, group=gname, wire=wire)
             return answer.minimal_any(query)
         key = key_of(query)
+        if group is not policy.default:  # answers are inspected under the group's policy: cached per group
+            key += b"\0" + gname.encode()
         hit = self.cache.get(key, query, time.monotonic())
         if hit is not None:
             if proto == "udp" and len(hit) > query.max_udp:
                 hit = answer.truncated(query, codec.header_rcode(hit))
             self._record(Action.CACHED, client, proto, query.qname, query.qtype, codec.header_rcode(hit), verdict,
-                         None, policy.version)
+                         None, policy.version, group=gname, wire=wire)
             return hit
-        return Pending(query, verdict, policy.version, key)
+        return Pending(query, verdict, policy.version, key, group)
 
     async def forward(self, pending: Pending, client: str, proto: str) -> bytes:
         query, verdict, version = pending.query, pending.verdict, pending.version
@@ -165,18 +180,20 @@ class Pipeline:
         except UpstreamError as exc:
             log.warning("SERVFAIL for %s %s: %s", query.qname, codec.qtype_name(query.qtype), exc)
             self._record(Action.SERVFAIL, client, proto, query.qname, query.qtype, codec.SERVFAIL, verdict,
-                         None, version, None, (time.perf_counter() - started) * 1000)
+                         None, version, None, (time.perf_counter() - started) * 1000, pending.group.name, query.wire)
             return answer.servfail(query, "no upstream answered")
         if cloaked is not None and cloaked.rule is not None:
             # the answer leads to a blocked name or network: the client gets the sinkhole answer instead
             built = answer.blocked(query, cloaked.rule, self.answers, version or 1)
             self._record(cloaked.action, client, proto, query.qname, query.qtype, built.rcode, cloaked,
-                         built.summary, version, upstream, (time.perf_counter() - started) * 1000)
+                         built.summary, version, upstream, (time.perf_counter() - started) * 1000,
+                         pending.group.name, query.wire)
             return built.wire
         if proto == "udp" and len(reply) > query.max_udp:
             reply = answer.truncated(query, codec.header_rcode(reply))  # an upstream that ignored the buffer size
         self._record(Action.FORWARDED, client, proto, query.qname, query.qtype, codec.header_rcode(reply),
-                     verdict, None, version, upstream, (time.perf_counter() - started) * 1000)
+                     verdict, None, version, upstream, (time.perf_counter() - started) * 1000, pending.group.name,
+                     query.wire)
         return reply
 
     async def _coalesced(self, pending: Pending, client_tcp: bool) -> tuple[bytes, str, Verdict | None]:
@@ -205,7 +222,7 @@ class Pipeline:
             cloaked = None
             policy = self.get_policy()
             if reply[7] | reply[6] and codec.may_redirect(reply, len(query.question), bool(policy.ip_rules)):
-                cloaked = policy.inspect(*codec.answer_facts(reply))
+                cloaked = policy.inspect(*codec.answer_facts(reply), pending.group)
             future.set_result((reply, str(up), cloaked))
             if cloaked is None:
                 self.cache.put(key, query, reply, time.monotonic())

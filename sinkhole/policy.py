@@ -1,11 +1,19 @@
-"""The decision for one name. Pure: a Policy is an immutable snapshot, swapped whole on reload."""
+"""The decision for one name. Pure: a Policy is an immutable snapshot, swapped whole on reload.
+
+Client groups. Every client belongs to one group: the one whose network holds its address most
+specifically, else `default`. A group has its own set of categories in force; the rules of every
+category sit in one table, each name mapping to the (kind, category, list) entries that name it, and a
+lookup skips entries whose category is not in force for the asking group. So ten groups over a million
+rules cost a million rules, not ten million.
+"""
 
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 
-from sinkhole.domains import SuffixTable
 from sinkhole.model import FORWARD, Action, Query, Rule, RuleKind, Verdict
 
 # Names that browsers and operating systems ask to learn whether they may bypass this resolver.
@@ -17,62 +25,196 @@ CANARIES: dict[str, str] = {
     "_dns.resolver.arpa": "nodata",  # RFC 9462: no discovery of this resolver's encrypted twins
 }
 CANARY_CATEGORY = "bypass"
+DEFAULT_GROUP = "default"
+GROUP_PREFIX = "group:"  # the category `group:NAME` holds the extra rules of group NAME, in force for it alone
+EVERYWHERE = "manual"  # rules added by `block add` / `allow add` without --category: in force for every group
+_CLIENT_MEMO_MAX = 65536
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Entry = tuple[RuleKind, str, str | None]  # (kind, category, list it came from)
+
+
+def is_regex(domain: str) -> bool:
+    """A `/pattern/` rule: matched as a regular expression (re.search) against the whole name."""
+    return len(domain) > 2 and domain[0] == "/" and domain[-1] == "/"
+
+
+@dataclass(frozen=True, slots=True)
+class GroupSpec:
+    """A client group as stored: its networks, and its categories (None: those in force for everyone)."""
+
+    name: str
+    networks: tuple[str, ...] = ()
+    categories: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    """A group as the policy uses it: the exact set of categories in force for its clients."""
+
+    name: str
+    allowed: frozenset[str]
 
 
 class Policy:
     """Block and allow rules, each covering a name and all its subdomains.
 
-    The most specific rule wins; at equal specificity an allow rule beats a block rule.
-    The table maps each domain to one shared (kind, category) pair, so a million rules
-    cost a dict entry and a string each, not an object each.
+    The most specific rule in force for the client's group wins; at equal specificity an allow rule
+    beats a block rule. `/regex/` rules are tried only for names that no suffix rule covers; there an
+    allow regex beats a block regex. Canaries are answered for every group.
     """
 
-    __slots__ = ("_table", "allows", "blocks", "canaries", "ip_rules", "version")
+    __slots__ = ("_client_groups", "_map", "_networks", "_regexes", "allows", "blocks", "canaries", "default",
+                 "groups", "ip_rules", "version")
 
-    def __init__(self, rules: Iterable[Rule | tuple[str, str, str]] = (), version: int = 0,
-                 canaries: bool = True) -> None:
+    def __init__(self, rules: Iterable[Rule | tuple] = (), version: int = 0, canaries: bool = True,
+                 groups: Iterable[GroupSpec] = (), disabled: Iterable[str] = ()) -> None:
         self.canaries = canaries
-        table: dict[str, tuple[RuleKind, str]] = {}
-        groups: dict[tuple[str, str], tuple[RuleKind, str]] = {}
+        groups = list(groups)
+        specs = {g.name: g for g in groups if g.name != DEFAULT_GROUP}
+        default_spec = next((g for g in groups if g.name == DEFAULT_GROUP), None)
+        off = frozenset(disabled)
+        explicit = {c for g in specs.values() if g.categories is not None for c in g.categories}
+        if default_spec is not None and default_spec.categories is not None:
+            explicit.update(default_spec.categories)
+        wanted: dict[str, bool] = {}
+
+        def in_force_somewhere(category: str) -> bool:
+            if category.startswith(GROUP_PREFIX):
+                return category[len(GROUP_PREFIX):] in specs or category == GROUP_PREFIX + DEFAULT_GROUP
+            return category not in off or category in explicit
+
+        table: dict[str, tuple[Entry, ...]] = {}
+        interned: dict[tuple, tuple] = {}
+        regexes: list[tuple[re.Pattern[str], Entry, str]] = []
+        self.ip_rules: list[tuple[Network, str, str | None]] = []
+        seen: set[str] = set()
         blocks = allows = 0
-        self.ip_rules: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str]] = []
         for rule in rules:
             if isinstance(rule, Rule):
-                domain, kind, category = rule.domain, rule.kind.value, rule.category
+                domain, kind, category, source = rule.domain, rule.kind.value, rule.category, rule.source
             else:
-                domain, kind, category = rule
-            group = groups.get((kind, category))
-            if group is None:
-                group = groups[(kind, category)] = (RuleKind(kind), category)
-            if "/" in domain:  # a network: answers holding an address in it are blocked
-                if group[0] is RuleKind.BLOCK:
-                    self.ip_rules.append((ipaddress.ip_network(domain, strict=False), category))
+                domain, kind, category = rule[0], rule[1], rule[2]
+                source = rule[3] if len(rule) > 3 else None
+            keep = wanted.get(category)
+            if keep is None:
+                keep = wanted[category] = in_force_somewhere(category)
+            if not keep:
+                continue
+            entry = interned.get((kind, category, source))
+            if entry is None:
+                entry = interned[(kind, category, source)] = (RuleKind(kind), category, source)
+            seen.add(category)
+            if "/" in domain:
+                if is_regex(domain):  # checked when it was stored; a bad one is skipped, never fatal here
+                    try:
+                        regexes.append((re.compile(domain[1:-1]), entry, domain))
+                    except re.error:
+                        continue
+                    if entry[0] is RuleKind.ALLOW:
+                        allows += 1
+                    else:
+                        blocks += 1
+                elif entry[0] is RuleKind.BLOCK:  # a network: answers holding an address in it are blocked
+                    self.ip_rules.append((ipaddress.ip_network(domain, strict=False), category, source))
                     blocks += 1
                 continue
-            if group[0] is RuleKind.ALLOW:
+            if entry[0] is RuleKind.ALLOW:
                 allows += 1
-                table[domain] = group
             else:
                 blocks += 1
-                # a block never displaces an allow of the same name; first category wins
-                table.setdefault(domain, group)
-        self._table = SuffixTable(table)
+            have = table.get(domain)
+            combo = (entry,) if have is None else (*have, entry)
+            shared = interned.get(combo)
+            if shared is None:
+                shared = interned[combo] = combo
+            table[domain] = shared
+        self._map = table
+        self._regexes = regexes
         self.version = version
         self.blocks = blocks
         self.allows = allows
+        base = {c for c in seen if c not in off and not c.startswith(GROUP_PREFIX)} | {EVERYWHERE}
+        if default_spec is not None and default_spec.categories is not None:
+            base = set(default_spec.categories) | {EVERYWHERE}
+        self.default = Group(DEFAULT_GROUP, frozenset(base | {GROUP_PREFIX + DEFAULT_GROUP}))
+        self.groups: dict[str, Group] = {DEFAULT_GROUP: self.default}
+        networks: list[tuple[Network, Group]] = []
+        for spec in specs.values():
+            cats = base if spec.categories is None else set(spec.categories) | {EVERYWHERE}
+            group = self.groups[spec.name] = Group(spec.name, frozenset(cats | {GROUP_PREFIX + spec.name}))
+            networks.extend((ipaddress.ip_network(n, strict=False), group) for n in spec.networks)
+        networks.sort(key=lambda item: item[0].prefixlen, reverse=True)  # most specific first
+        self._networks = networks
+        self._client_groups: dict[str, Group] = {}
 
-    def match_name(self, name: str) -> Rule | None:
-        hit = self._table.lookup_name(name)
-        if hit is None:
-            return None
-        domain, (kind, category) = hit  # type: ignore[misc]
-        return Rule(domain, kind, category)
+    # ------------------------------------------------------------------ groups
 
-    def decide_labels(self, labels: tuple[str, ...]) -> Verdict:
-        return self.decide_name(".".join(labels))
+    def group_of(self, client: str) -> Group:
+        """The group of a client address: its most specific network's, else `default`."""
+        if not self._networks:
+            return self.default
+        memo = self._client_groups
+        group = memo.get(client)
+        if group is None:
+            group = self.default
+            try:
+                address = ipaddress.ip_address(client.split("%", 1)[0])
+            except ValueError:
+                return group
+            if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+                address = address.ipv4_mapped
+            for network, candidate in self._networks:
+                if address.version == network.version and address in network:
+                    group = candidate
+                    break
+            if len(memo) >= _CLIENT_MEMO_MAX:
+                memo.clear()
+            memo[client] = group
+        return group
 
-    def decide_name(self, name: str) -> Verdict:
-        rule = self.match_name(name)
+    # ------------------------------------------------------------------ names
+
+    def match_name(self, name: str, group: Group | None = None) -> Rule | None:
+        """The rule in force for `group` (default: the default group) that decides `name`, if any."""
+        allowed = (group or self.default).allowed
+        get = self._map.get
+        key = name
+        while key:
+            hit = get(key)
+            if hit is not None:
+                found = None
+                for entry in hit:
+                    if entry[1] in allowed:
+                        if entry[0] is RuleKind.ALLOW:
+                            return Rule(key, RuleKind.ALLOW, entry[1], entry[2])
+                        if found is None:
+                            found = entry
+                if found is not None:
+                    return Rule(key, found[0], found[1], found[2])
+            cut = key.find(".")
+            if cut < 0:
+                break
+            key = key[cut + 1:]
+        if self._regexes:
+            return self._match_regex(name, allowed)
+        return None
+
+    def _match_regex(self, name: str, allowed: frozenset[str]) -> Rule | None:
+        found = None
+        for pattern, entry, text in self._regexes:
+            if entry[1] in allowed and pattern.search(name):
+                if entry[0] is RuleKind.ALLOW:
+                    return Rule(text, RuleKind.ALLOW, entry[1], entry[2])
+                if found is None:
+                    found = Rule(text, RuleKind.BLOCK, entry[1], entry[2])
+        return found
+
+    def decide_labels(self, labels: tuple[str, ...], group: Group | None = None) -> Verdict:
+        return self.decide_name(".".join(labels), group)
+
+    def decide_name(self, name: str, group: Group | None = None) -> Verdict:
+        rule = self.match_name(name, group)
         if self.canaries and name in CANARIES and not (rule and rule.kind is RuleKind.ALLOW and rule.domain == name):
             return Verdict(Action.CANARY, Rule(name, RuleKind.BLOCK, CANARY_CATEGORY))
         if rule is None:
@@ -81,23 +223,35 @@ class Policy:
             return Verdict(Action.FORWARDED, rule)
         return Verdict(Action.BLOCKED, rule)
 
-    def decide(self, query: Query) -> Verdict:
-        return self.decide_name(query.name)
+    def decide(self, query: Query, group: Group | None = None) -> Verdict:
+        return self.decide_name(query.name, group)
 
-    def inspect(self, targets: list[tuple[str, str]], addresses: list[str] = ()) -> Verdict | None:  # type: ignore[assignment]
+    def inspect(self, targets: list[tuple[str, str]], addresses: list[str] = (),  # type: ignore[assignment]
+                group: Group | None = None) -> Verdict | None:
         """A forwarded answer that leads to a blocked name (a CNAME chain, an HTTPS/SVCB target), or
         holds an address in a blocked network (A, AAAA, ipv4hint, ipv6hint), is blocked too: the
         verdict names what matched, e.g. rule `cname:chat.deepseek.com` or `ip:203.0.113.7 in 203.0.113.0/24`."""
         for kind, name in targets:
-            rule = self.match_name(name)
+            rule = self.match_name(name, group)
             if rule is not None and rule.kind is RuleKind.BLOCK:
-                return Verdict(Action.CNAME_BLOCKED, Rule(f"{kind}:{name}", RuleKind.BLOCK, rule.category))
-        for text in addresses if self.ip_rules else ():
-            address = ipaddress.ip_address(text)
-            for network, category in self.ip_rules:
-                if address.version == network.version and address in network:
-                    return Verdict(Action.IP_BLOCKED, Rule(f"ip:{address} in {network}", RuleKind.BLOCK, category))
+                return Verdict(Action.CNAME_BLOCKED, Rule(f"{kind}:{name}", RuleKind.BLOCK, rule.category,
+                                                          rule.source))
+        if self.ip_rules and addresses:
+            allowed = (group or self.default).allowed
+            for text in addresses:
+                address = ipaddress.ip_address(text)
+                for network, category, source in self.ip_rules:
+                    if category in allowed and address.version == network.version and address in network:
+                        return Verdict(Action.IP_BLOCKED, Rule(f"ip:{address} in {network}", RuleKind.BLOCK,
+                                                               category, source))
         return None
 
+    def covers(self, name: str) -> bool:
+        """Some rule (of any group) names exactly `name`."""
+        return name in self._map
+
+    def __len__(self) -> int:
+        return len(self._map)
+
     def __repr__(self) -> str:
-        return f"<Policy v{self.version}: {self.blocks} block, {self.allows} allow>"
+        return f"<Policy v{self.version}: {self.blocks} block, {self.allows} allow, {len(self.groups)} groups>"

@@ -113,13 +113,14 @@ class Server:
 
     def load_policy(self, store: Store) -> None:
         started = time.perf_counter()
-        policy = store.load_rules(lambda rules, version: Policy(rules, version, self.cfg.bypass_canaries))
+        policy = store.load_policy(self.cfg.bypass_canaries)
         old, self.policy = self.policy, policy  # one assignment: every query sees the old or the new policy
         if old.blocks + old.allows > 10_000:
             del old
             _give_back_memory()
-        log.info("policy version %d in force: %d block and %d allow rules (loaded in %.0f ms)",
-                 policy.version, policy.blocks, policy.allows, (time.perf_counter() - started) * 1000)
+        log.info("policy version %d in force: %d block and %d allow rules, %d client groups (loaded in %.0f ms)",
+                 policy.version, policy.blocks, policy.allows, len(policy.groups),
+                 (time.perf_counter() - started) * 1000)
 
     @property
     def addresses(self) -> list[str]:
