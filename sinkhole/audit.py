@@ -21,6 +21,7 @@ them), and a chain is tried again at most every `CHAIN_RETRY` seconds.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import queue
@@ -114,8 +115,14 @@ class AuditLog:
     def __init__(self, db_path: str | Path, node: str, mode: str = "blocked", queue_size: int = 100_000,
                  batch_size: int = 5000, flush_interval: float = 0.2,
                  seed: Callable[[], Iterable[Seed]] | None = _shipped_seed,
-                 key_path: str | Path | None = None) -> None:
+                 key_path: str | Path | None = None, synchronous: str = "NORMAL",
+                 client_prefix: tuple[int, int] | None = None) -> None:
         self.db_path = Path(db_path)
+        self.synchronous = synchronous.upper()
+        # privacy: store each client as its network (e.g. /24 and /56), never its address
+        self.client_prefix = client_prefix
+        self._clients: dict[str, str] = {}
+        self._writer: _Writer | None = None
         self.key_path = Path(key_path) if key_path is not None else default_key_path(self.db_path)
         self.chains: list[str] = []  # the chains this log started, oldest first
         self.node = node
@@ -196,12 +203,30 @@ class AuditLog:
         asked = None
         if e.wire is not None:
             asked = codec.asked_name(e.wire)
-        return (iso(e.time), e.client, e.transport, e.qname, qtype, e.action, e.rule, e.category,
+        client = e.client
+        if self.client_prefix is not None:
+            client = self._truncated(client)
+        return (iso(e.time), client, e.transport, e.qname, qtype, e.action, e.rule, e.category,
                 codec.rcode_name(e.rcode), e.answer, e.policy_version, e.upstream, e.latency_ms, self.node,
                 e.group, asked, e.source, ".".join(reversed(e.qname.split("."))) if e.qname else None)
 
+    def _truncated(self, client: str) -> str:
+        done = self._clients.get(client)
+        if done is None:
+            try:
+                address = ipaddress.ip_address(client.split("%", 1)[0])
+            except ValueError:
+                return client
+            assert self.client_prefix is not None
+            bits = self.client_prefix[0] if address.version == 4 else self.client_prefix[1]
+            done = str(ipaddress.ip_network(f"{address}/{bits}", strict=False))
+            if len(self._clients) >= 65536:
+                self._clients.clear()
+            self._clients[client] = done
+        return done
+
     def _run(self) -> None:
-        w = _Writer(self)
+        w = self._writer = _Writer(self)
         try:
             w.run()
         except Exception:  # never die silently: the hot path would fill the queue and drop everything
@@ -404,7 +429,7 @@ class _Writer:
         self.close_store()
         seed = a.seed() if a.seed is not None and not a.db_path.exists() else None
         self.opened_at = time.monotonic()
-        store = Store(a.db_path, seed=seed)
+        store = Store(a.db_path, seed=seed, synchronous=a.synchronous)
         try:
             self.set_busy(store, FINAL_BUSY_MS if a._stop.is_set() else WRITE_BUSY_MS)
             st = os.stat(a.db_path)

@@ -182,6 +182,11 @@ def _rule_category(category: str | None, client_group: str | None) -> str:
 @click.option("--timeout", type=float, default=None, help="Seconds until SERVFAIL when no upstream answers [2].")
 @click.option("--log-queries", type=click.Choice(["blocked", "all", "none"]), default=None,
               help="Which queries the audit log keeps [blocked].")
+@click.option("--log-client-prefix", default=None, metavar="V4/V6",
+              help="Privacy: audit rows keep each client's network of these prefix lengths (e.g. 24/56), "
+                   "not its address [whole addresses].")
+@click.option("--audit-synchronous", type=click.Choice(["off", "normal", "full", "extra"]), default=None,
+              help="SQLite synchronous level of the audit log: full loses no committed row on a power cut [normal].")
 @click.option("--node", default=None, help="Node name written in every audit row [host name].")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="Processes serving the same sockets [0: one per core].")

@@ -30,6 +30,8 @@ class ServeConfig:
     block_aaaa: str = "::"
     block_ttl: int = 60
     log_queries: str = "blocked"  # blocked | all | none
+    log_client_prefix: str = ""  # "V4/V6", e.g. "24/56": audit rows keep the client's network, not its address
+    audit_synchronous: str = "normal"  # SQLite synchronous level of the audit log: off | normal | full | extra
     allow_clients: tuple[str, ...] = guard.DEFAULT_ALLOW  # others get REFUSED
     rate_limit: float = 200.0  # queries/s per client address (0: off)
     rate_limit_burst: float = 400.0
@@ -62,6 +64,20 @@ class ServeConfig:
         return guard.Guard(self.allow_clients, self.rate_limit, self.rate_limit_burst, self.rate_limit_net,
                            self.rate_limit_net_burst, self.rate_limit_v4_prefix, self.rate_limit_v6_prefix,
                            self.rate_limit_action, self.rate_limit_exempt)
+
+    def client_prefix(self) -> tuple[int, int] | None:
+        """(IPv4 prefix, IPv6 prefix) to which audit rows truncate client addresses; None: whole addresses."""
+        text = self.log_client_prefix.strip()
+        if not text:
+            return None
+        v4, _, v6 = text.partition("/")
+        try:
+            prefix = (int(v4), int(v6 or "128"))
+        except ValueError:
+            raise ConfigError(f"log_client_prefix: {text!r} is not V4/V6 prefix lengths like 24/56") from None
+        if not (0 <= prefix[0] <= 32 and 0 <= prefix[1] <= 128):
+            raise ConfigError(f"log_client_prefix: {text!r}: IPv4 prefix 0..32, IPv6 prefix 0..128")
+        return prefix
 
     def make_cache(self) -> Cache:
         return Cache(self.cache_size, self.cache_min_ttl, self.cache_max_ttl, self.cache_negative_max_ttl)
@@ -128,6 +144,9 @@ def _validate(cfg: ServeConfig) -> ServeConfig:
         raise ConfigError(f"log_queries must be one of {', '.join(LOG_MODES)}, not {cfg.log_queries!r}")
     if not all(0 < v < 3600 for v in (cfg.timeout, cfg.tcp_idle_timeout, cfg.reload_interval)):
         raise ConfigError("timeouts and intervals must be above zero and below an hour")
+    if cfg.audit_synchronous.lower() not in ("off", "normal", "full", "extra"):
+        raise ConfigError(f"audit_synchronous must be off, normal, full or extra, not {cfg.audit_synchronous!r}")
+    cfg.client_prefix()
     if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"log_level must be debug, info, warning or error, not {cfg.log_level!r}")
     if cfg.tcp_max_clients < 1 or cfg.max_inflight < 1 or cfg.cache_negative_max_ttl < 0:

@@ -104,7 +104,8 @@ class Server:
         self.tasks = _Tasks()
         self._stop = asyncio.Event()
         self.audit = AuditLog(self.db, cfg.node, cfg.log_queries,
-                              seed=lists.seed if cfg.shipped_lists else None)
+                              seed=lists.seed if cfg.shipped_lists else None, synchronous=cfg.audit_synchronous,
+                              client_prefix=cfg.client_prefix())
         self.forwarder = Forwarder(cfg.upstreams(), cfg.timeout, cfg.max_inflight)
         self.pipeline = Pipeline(lambda: self.policy, self.forwarder, self.audit, cfg.answers(), cfg.make_guard(),
                                  cfg.make_cache())
