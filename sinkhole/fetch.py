@@ -48,8 +48,10 @@ def has_scheme(location: str) -> bool:
 
 
 def fetch_url(url: str, etag: str | None = None, last_modified: str | None = None, *,
-              timeout: float = TIMEOUT_S, max_bytes: int = MAX_BYTES) -> Fetched:
+              timeout: float | None = None, max_bytes: int | None = None) -> Fetched:
     """GET `url` (certificates verified), conditional when validators are given; FetchError on any failure."""
+    timeout = TIMEOUT_S if timeout is None else timeout
+    max_bytes = MAX_BYTES if max_bytes is None else max_bytes
     headers = {"User-Agent": f"sinkhole/{__version__} (+list update)", "Accept-Encoding": "identity"}
     if etag:
         headers["If-None-Match"] = etag
@@ -86,8 +88,9 @@ def fetch_url(url: str, etag: str | None = None, last_modified: str | None = Non
         raise FetchError(f"{url}: {exc}") from None
 
 
-def read_file(path: str | Path, max_bytes: int = MAX_BYTES) -> Fetched:
+def read_file(path: str | Path, max_bytes: int | None = None) -> Fetched:
     """A list file's bytes; FetchError when it cannot be read."""
+    max_bytes = MAX_BYTES if max_bytes is None else max_bytes
     p = Path(path)
     try:
         size = p.stat().st_size

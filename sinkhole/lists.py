@@ -78,8 +78,15 @@ def regex_rule(text: str) -> str:
 # ---------------------------------------------------------------------------- format detection
 
 _RPZ_DIRECTIVE = re.compile(r"\$(ORIGIN|TTL|INCLUDE|GENERATE)\b", re.I)
-_RR_TYPES = r"(SOA|NS|CNAME|DNAME|A|AAAA|TXT|MX|PTR|SRV|HTTPS|SVCB|CAA|NAPTR|HINFO)"
-_RPZ_RECORD = re.compile(r"\S*\s+(\d\w*\s+)?(IN\s+|CH\s+|HS\s+)?(\d\w*\s+)?" + _RR_TYPES + r"\s", re.I)
+# a resource record as RPZ zones hold them: OWNER [TTL] [CLASS] [TTL] TYPE RDATA; A and AAAA count
+# only with an address after them, so that `not a domain` in a broken plain list stays a plain line
+_RPZ_RECORD = re.compile(r"\S*\s+(\d\w*\s+)?(IN\s+)?(\d\w*\s+)?(?:(SOA|NS|CNAME|DNAME)\s|(A|AAAA)\s+(\S+))",
+                         re.I)
+
+
+def _looks_like_record(line: str) -> bool:
+    m = _RPZ_RECORD.match(line + " ")
+    return bool(m) and (m.group(4) is not None or is_ip_address(m.group(6) or ""))
 
 
 def detect_format(text: str) -> str:
@@ -96,7 +103,7 @@ def detect_format(text: str) -> str:
             continue
         first = line.split()[0]
         address = is_ip_address(first.split("%")[0])
-        if _RPZ_DIRECTIVE.match(line) or (not address and _RPZ_RECORD.match(line + " ")):
+        if _RPZ_DIRECTIVE.match(line) or (not address and _looks_like_record(line)):
             return "rpz"
         if line[0] in "![" or line.startswith(("||", "@@")) or is_regex(first):
             adblock = True
@@ -372,7 +379,7 @@ def _parse_rpz(text: str, source: str, result: BlockList) -> None:
                 labels = labels[1:]
                 if not labels:
                     raise ListFormatError(source, number, f"{what}: a wildcard over the whole zone blocks every name")
-            if any(label.startswith("rpz-") for label in labels):
+            if labels[-1].startswith("rpz-"):  # rpz-ip-like triggers this draft version does not know
                 raise ListFormatError(source, number, f"{what}: unknown RPZ trigger {labels[-1]!r}")
             rule = _name(".".join(labels), source, number)
         previous = kinds.get(rule)
