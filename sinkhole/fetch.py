@@ -81,6 +81,8 @@ def fetch_url(url: str, etag: str | None = None, last_modified: str | None = Non
         reason = exc.reason
         if isinstance(reason, ssl.SSLCertVerificationError):
             reason = f"certificate not trusted: {reason.verify_message}"
+        elif isinstance(reason, OSError) and reason.strerror:
+            reason = reason.strerror  # "Connection refused", not "[Errno 111] Connection refused"
         raise FetchError(f"{url}: {reason}") from None
     except (TimeoutError, OSError, http.client.HTTPException) as exc:  # a timeout or a cut while reading
         raise FetchError(f"{url}: {exc or type(exc).__name__}") from None
