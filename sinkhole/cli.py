@@ -115,23 +115,16 @@ def parse_when(text: str | None, option: str) -> str | None:
 
 
 def _domains(names: tuple[str, ...], networks: bool = False) -> list[str]:
-    """Normalized names; `/regex/` rules (checked: they must compile); with `networks`, an IP network
-    (CIDR) is taken too: a block rule on a network blocks forwarded answers that hold an address in it."""
+    """Normalized names, and `/pattern/` regular expressions; with `networks`, an IP network (CIDR) is
+    taken too: a block rule on a network blocks forwarded answers that hold an address in it."""
     import ipaddress
 
-    from sinkhole.policy import is_regex
+    from sinkhole.lists import is_regex, regex_rule
 
     out = []
     for n in names:
-        if is_regex(n.strip()):
-            pattern = n.strip()
-            if len(pattern) > 1000:
-                raise DomainError(f"invalid regex rule {pattern[:40]!r}...: longer than 1000 characters")
-            try:
-                re.compile(pattern[1:-1])
-            except re.error as exc:
-                raise DomainError(f"invalid regex rule {pattern!r}: {exc}") from None
-            out.append(pattern)
+        if is_regex(n.strip()):  # `/pattern/`: a regular-expression rule, checked with re.compile
+            out.append(regex_rule(n))
             continue
         address, slash, _ = n.strip().partition("/")
         if networks and slash and is_ip_address(address):
@@ -433,7 +426,7 @@ def group_show(env: Env, name: str, fmt: str) -> None:
 
 @cli.group("lists")
 def lists_group() -> None:
-    """Block lists and categories: show, enable, disable, import."""
+    """Block lists and categories: show, enable, disable, import, update."""
 
 
 @lists_group.command("show")
@@ -446,17 +439,20 @@ def lists_show(env: Env, fmt: str) -> None:
     store = env.store()
     try:
         rows = store.categories()
+        shapes = store.rule_shapes()
     finally:
         store.close()
+    for r in rows:
+        r["regex"] = (shapes.get(r["category"]) or {}).get("regex") or 0
     known = {r["category"] for r in rows}
     for source, bl in lists.shipped_lists(only_default=False):
         name = bl.headers.get("category", bl.name)
         if name not in known:
-            rows.append({"category": name, "block": 0, "allow": 0, "source": source, "enabled": 0,
+            rows.append({"category": name, "block": 0, "allow": 0, "regex": 0, "source": source, "enabled": 0,
                          "disabled_since": "not loaded (sinkhole lists enable " + name + ")"})
     for r in rows:
         r["enabled"] = "yes" if r["enabled"] else "no"
-    emit(rows, ["category", "enabled", "block", "allow", "source", "disabled_since"], fmt)
+    emit(rows, ["category", "enabled", "block", "allow", "regex", "source", "disabled_since"], fmt)
 
 
 @lists_group.command("enable")
@@ -498,27 +494,121 @@ def lists_disable(env: Env, category: str) -> None:
     click.echo(f"category {category} is out of force" + ("" if changed else " (it was already)"))
 
 
+LIST_FORMATS = click.Choice(["auto", "hosts", "domains", "adblock", "rpz"])
+
+
+def _read_source(location: str, etag: str | None = None, last_modified: str | None = None):
+    """A list source's bytes: a URL (conditional GET when validators are given) or a file."""
+    from sinkhole import fetch
+
+    if fetch.is_url(location):
+        return fetch.fetch_url(location, etag, last_modified)
+    return fetch.read_file(location)
+
+
 @lists_group.command("import")
-@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("source", metavar="FILE|URL")
 @click.option("--category", default=None, callback=_category,
-              help="Category the list becomes [the file's `# category:` header, else its name].")
+              help="Category the list becomes [the list's `# category:` header, else its file name].")
+@click.option("--format", "fmt", type=LIST_FORMATS, default="auto", show_default=True,
+              help="List format; auto tells RPZ zones, adblock, hosts and plain domain lists apart.")
 @pass_env
-def lists_import(env: Env, file: Path, category: str | None) -> None:
-    """Make a category hold exactly the names of FILE (plain names, hosts or ||name^ lines).
+def lists_import(env: Env, source: str, category: str | None, fmt: str) -> None:
+    """Make a category hold exactly the rules of a list FILE or an http(s) URL.
 
-    The file is checked whole first: one bad line rejects it, with its line number, and the
-    rules in force stay as they were. e.g. `sinkhole lists import blocklists/deepseek-telemetry.txt`
+    Formats: plain domains, hosts (`0.0.0.0 name`), adblock (`||name^`, `@@||name^` exceptions,
+    `/regex/`) and RPZ zone files. The list is checked whole first: one bad line rejects it,
+    with its line number, and the rules in force stay as they were. The source is recorded, so
+    that `sinkhole lists update` can fetch it again. e.g.
+    `sinkhole lists import https://lists.example/ai.txt --category ai`
     """
-    from sinkhole import lists
+    from urllib.parse import urlsplit
 
-    parsed = lists.load_file(file)
-    name = category or _category(click.get_current_context(), None, parsed.headers.get("category", parsed.name))
+    from sinkhole import fetch, lists
+
+    if fetch.is_url(source):
+        location = source
+        default_name = Path(urlsplit(source).path).stem
+    elif fetch.has_scheme(source):
+        raise ConfigError(f"{source}: only http:// and https:// URLs, or a file path")
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"{source}: no such file" + (" (a directory)" if path.is_dir() else ""))
+        location = str(path.resolve())
+        default_name = path.stem
+    got = _read_source(location)
+    assert got.body is not None
+    parsed = lists.parse(lists.decode(got.body, source), source, fmt)  # errors name what the user typed
+    name = category or parsed.headers.get("category") or default_name
+    try:
+        _category(click.get_current_context(), None, name)
+    except click.BadParameter:
+        raise ConfigError(f"{name!r} cannot be a category name: give one with --category") from None
     store = env.store()
     try:
-        count = store.replace_category(name, parsed.entries, str(file))  # type: ignore[arg-type]
+        # files: the sources row keeps the absolute path (for `lists update`), the rules the path as typed
+        store.import_list(name, parsed.entries, parsed.allows, location, fmt, got.sha256 or "", got.etag,
+                          got.last_modified, rule_source=source)
     finally:
         store.close()
-    click.echo(f"imported {count} rules into category {name} from {file}")
+    click.echo(f"imported {_counts(parsed)} ({parsed.format}) into category {name} from {source}")
+
+
+def _counts(parsed) -> str:
+    """'12 rules' or '12 rules (10 block, 2 allow)'."""
+    total = len(parsed.entries) + len(parsed.allows)
+    text = f"{total} rules"
+    return text + (f" ({len(parsed.entries)} block, {len(parsed.allows)} allow)" if parsed.allows else "")
+
+
+@lists_group.command("update")
+@click.argument("categories", nargs=-1, callback=lambda ctx, p, v: tuple(_category(ctx, p, c) for c in v))
+@pass_env
+def lists_update(env: Env, categories: tuple[str, ...]) -> None:
+    """Fetch every imported list again (or those of CATEGORIES) and replace the ones that changed.
+
+    URLs are fetched with a conditional GET (If-None-Match / If-Modified-Since): 304 leaves the
+    category as it is; files are read again. A list is replaced, in one transaction, only when
+    its content changed. One line per source; a source that fails (unreachable, a bad line) keeps
+    its rules in force, the others are still updated, and the exit code is 1. For a timer or cron.
+    """
+    from sinkhole import fetch, lists
+
+    store = env.store()
+    failed = 0
+    try:
+        sources = store.sources(categories or None)
+        missing = sorted(set(categories) - {s["category"] for s in sources})
+        if missing:
+            raise ConfigError(f"no recorded source for {', '.join(missing)}: import it first"
+                              " (sinkhole lists import FILE|URL --category NAME)")
+        if not sources:
+            click.echo("no list sources recorded (sinkhole lists import FILE|URL records one)")
+        for src in sources:
+            name, location = src["category"], src["location"]
+            try:
+                got = _read_source(location, src["etag"], src["last_modified"])
+                if got.status == 304:
+                    store.touch_source(name, got.etag, got.last_modified)
+                    click.echo(f"{name}: unchanged (304 Not Modified) {location}")
+                    continue
+                assert got.body is not None
+                if got.sha256 == src["sha256"]:
+                    store.touch_source(name, got.etag, got.last_modified)
+                    click.echo(f"{name}: unchanged (same content) {location}")
+                    continue
+                parsed = lists.parse(lists.decode(got.body, location), location, src["format"] or "auto")
+                store.import_list(name, parsed.entries, parsed.allows, location, src["format"] or "auto",
+                                  got.sha256 or "", got.etag, got.last_modified, action="lists update")
+                click.echo(f"{name}: updated, {_counts(parsed)} ({parsed.format}), was {src['rules']} {location}")
+            except (fetch.FetchError, ListFormatError) as exc:
+                failed += 1
+                click.echo(f"{name}: failed, rules in force unchanged: {exc}", err=True)
+    finally:
+        store.close()
+    if failed:
+        sys.exit(1)
 
 
 # ---------------------------------------------------------------------------- log / stats
@@ -700,12 +790,17 @@ def check(env: Env, name: str, qtype: str, client: str, config_file: Path | None
     except (ValueError, dns.rdatatype.UnknownRdatatype):
         raise click.BadParameter(f"{qtype!r} or {client!r} is not a query type / an IP address") from None
     cfg = config.load(config_file)
-    logging.getLogger("sinkhole").setLevel(logging.ERROR)  # the server's own warnings are not the answer here
-    store = env.store()
+    quiet = logging.getLogger("sinkhole")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # the server's own warnings are not the answer here
     try:
-        result = explain(store, cfg, domain, qtype, client)
+        store = env.store()
+        try:
+            result = explain(store, cfg, domain, qtype, client)
+        finally:
+            store.close()
     finally:
-        store.close()
+        quiet.setLevel(level)  # a process that goes on (tests, a caller) keeps its logging
     if fmt == "json":
         click.echo(json.dumps(result))
         return

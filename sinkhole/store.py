@@ -264,21 +264,67 @@ class Store:
         return removed, missing
 
     def _replace_category(self, category: str, entries: list[tuple[str, str]], source: str, actor: Actor,
-                          action: str) -> int:
+                          action: str, allows: list[tuple[str, str]] | None = None) -> int:
+        """The category's block rules become `entries`; with `allows` (a list that has exceptions), its
+        allow rules from lists become those (allow rules added by hand, source 'cli', stay)."""
         now = iso(time.time())
         self.conn.execute("DELETE FROM rules WHERE category = ? AND kind = 'block'", (category,))
-        self.conn.executemany(
-            "INSERT OR IGNORE INTO rules (domain, kind, category, source, added_at, added_by, note)"
-            " VALUES (?, 'block', ?, ?, ?, ?, ?)",
-            [(d, category, source, now, actor.user, note) for d, note in entries])
-        self._journal(actor, action, "block", category, [], f"{len(entries)} rules from {source}")
-        return len(entries)
+        self.conn.execute("DELETE FROM rules WHERE category = ? AND kind = 'allow' AND source IS NOT 'cli'",
+                          (category,))
+        for kind, rows in (("block", entries), ("allow", allows or [])):
+            self.conn.executemany(
+                "INSERT OR IGNORE INTO rules (domain, kind, category, source, added_at, added_by, note)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(d, kind, category, source, now, actor.user, note) for d, note in rows])
+        detail = f"{len(entries)} rules from {source}" if not allows else (
+            f"{len(entries)} block and {len(allows)} allow rules from {source}")
+        self._journal(actor, action, "block" if not allows else None, category, [], detail)
+        return len(entries) + len(allows or [])
 
     def replace_category(self, category: str, entries: list[tuple[str, str]], source: str,
-                         actor: Actor | None = None) -> int:
-        """Make `category` hold exactly `entries` (domain, note), in one transaction."""
+                         actor: Actor | None = None, allows: list[tuple[str, str]] | None = None) -> int:
+        """Make `category` hold exactly `entries` (domain, note) as block rules and `allows` as allow
+        rules, in one transaction with one journal entry; returns the number of rules."""
         with self.db.atomic():
-            return self._replace_category(category, entries, source, actor or Actor(), "lists import")
+            return self._replace_category(category, entries, source, actor or Actor(), "lists import", allows)
+
+    # ------------------------------------------------------------------ list sources (lists import / update)
+
+    def import_list(self, category: str, entries: list[tuple[str, str]], allows: list[tuple[str, str]],
+                    location: str, fmt: str, sha256: str, etag: str | None = None,
+                    last_modified: str | None = None, actor: Actor | None = None,
+                    action: str = "lists import", rule_source: str | None = None) -> int:
+        """Replace the category's rules with a list's and record where it came from (`location`, for
+        `lists update`), in one transaction with one journal entry; returns the number of rules.
+        The rules' `source` is `rule_source` (e.g. the path as the operator typed it), else `location`."""
+        with self.db.atomic():
+            count = self._replace_category(category, entries, rule_source or location, actor or Actor(), action,
+                                           allows)
+            self.conn.execute(
+                "INSERT OR REPLACE INTO sources (category, location, format, etag, last_modified, sha256,"
+                " fetched_at, rules) VALUES (?,?,?,?,?,?,?,?)",
+                (category, location, fmt, etag, last_modified, sha256, iso(time.time()), count))
+        return count
+
+    def sources(self, categories: Iterable[str] | None = None) -> list[dict]:
+        """The recorded list sources (every one, or those of `categories`), by category."""
+        rows = [dict(r) for r in self.db.query("SELECT * FROM sources ORDER BY category")]
+        if categories is not None:
+            wanted = set(categories)
+            rows = [r for r in rows if r["category"] in wanted]
+        return rows
+
+    def touch_source(self, category: str, etag: str | None, last_modified: str | None) -> None:
+        """A source checked and found unchanged: new validators and check time; no rule and no journal entry."""
+        with self.db.atomic():
+            self.conn.execute("UPDATE sources SET etag = ?, last_modified = ?, fetched_at = ? WHERE category = ?",
+                              (etag, last_modified, iso(time.time()), category))
+
+    def rule_shapes(self) -> dict[str, dict]:
+        """Per category: how many of its rules are regular expressions (`/pattern/`) and networks (CIDR)."""
+        return {r["category"]: r for r in self.db.query(
+            "SELECT category, sum(domain LIKE '/%/') AS regex,"
+            " sum(domain LIKE '%/%' AND NOT domain LIKE '/%/') AS networks FROM rules GROUP BY category")}
 
     def list_rules(self, kind: RuleKind | None = None, category: str | None = None) -> list[dict]:
         where, args = [], []
