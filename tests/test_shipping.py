@@ -227,6 +227,28 @@ def test_shipping_settings_from_file_env_and_flags(tmp_path):
     assert shipping.from_config(config.load(env={})) is None  # nothing configured: nothing started
 
 
+def test_a_full_queue_drops_and_counts_and_says_so_once_per_interval(caplog):
+    """The writer's side never waits: what does not fit a destination's queue is dropped and counted."""
+    shipper = shipping.Shipper([], node="n")
+    sink = shipping.SyslogSink(shipper, shipping.parse_target("tcp://127.0.0.1:9"), 16, 60.0, max_rows=10)
+    shipper.sinks.append(sink)  # not started: nothing takes from the queue
+    row = ("2026-11-22T18:03:04.123456Z",) + (None,) * (len(shipping.ROW_KEYS) - 5) + ("n#0#ab", 0, "ff")
+    started = time.monotonic()
+    for seq in (1, 9):
+        shipper.ship([row] * 8, seq + 7)
+    assert time.monotonic() - started < 0.1
+    assert (sink.queued, sink.dropped) == (10, 6)
+    assert shipper.heads["n#0#ab"] == {"chain": "n#0#ab", "link": 0, "seq": 16, "mac": "ff",
+                                       "time": "2026-11-22T18:03:04.123456Z"}
+    with caplog.at_level("WARNING", logger="sinkhole.shipping"):
+        sink.log_loss()
+        shipper.ship([row], 17)
+        sink.log_loss()
+    assert [r.getMessage() for r in caplog.records] == [
+        "shipping to tcp://127.0.0.1:9: 6 audit rows not shipped (6 since start; queue of 10 rows full); "
+        "they are in the database"]
+
+
 # ---------------------------------------------------------------------------- a real server, real collectors
 
 
