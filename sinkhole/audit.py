@@ -36,6 +36,7 @@ from pathlib import Path
 from sinkhole import codec
 from sinkhole.chain import Chain, default_key_path
 from sinkhole.model import Action, AuditEvent
+from sinkhole.shipping import Shipper
 from sinkhole.store import AUDIT_INSERT, Seed, Store, iso
 
 log = logging.getLogger(__name__)
@@ -116,8 +117,9 @@ class AuditLog:
                  batch_size: int = 5000, flush_interval: float = 0.2,
                  seed: Callable[[], Iterable[Seed]] | None = _shipped_seed,
                  key_path: str | Path | None = None, synchronous: str = "NORMAL",
-                 client_prefix: tuple[int, int] | None = None) -> None:
+                 client_prefix: tuple[int, int] | None = None, shipper: Shipper | None = None) -> None:
         self.db_path = Path(db_path)
+        self.shipper = shipper  # gets every batch right after it is committed (sinkhole.shipping)
         self.synchronous = synchronous.upper()
         # privacy: store each client as its network (e.g. /24 and /56), never its address
         self.client_prefix = client_prefix
@@ -165,6 +167,8 @@ class AuditLog:
         return action in _BLOCKED_MODE  # blocked names, answers that led to them, bypass attempts
 
     def start(self) -> None:
+        if self.shipper is not None:
+            self.shipper.start()
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         self._thread.start()
 
@@ -181,7 +185,8 @@ class AuditLog:
         """Write every pending row that can be written within `timeout` seconds, then stop the writer."""
         if self._thread is None:
             return
-        self._deadline = time.monotonic() + max(timeout - 0.5, 0.0)
+        started = time.monotonic()
+        self._deadline = started + max(timeout - 0.5, 0.0)
         self._stop.set()
         try:
             self._queue.put_nowait(_WAKE)
@@ -192,6 +197,8 @@ class AuditLog:
             log.error("audit writer did not finish within %.0f s; %d rows may be lost", timeout,
                       self._queue.qsize() + self.pending)
         self._thread = None
+        if self.shipper is not None:  # what the writer stored last, then the chains' heads
+            self.shipper.close(max(0.5, min(3.0, started + timeout - time.monotonic())))
 
     # ------------------------------------------------------------------ writer thread
 
@@ -358,12 +365,16 @@ class _Writer:
             else:
                 rows = [r + _NO_MAC for r in rows]
             store.insert_audit(rows)
+            # one transaction holds the write lock: its rows got consecutive seqs ending at the last rowid
+            last_seq = store.conn.execute("SELECT last_insert_rowid()").fetchone()[0] if a.shipper else None
             if self.identity_changed():
                 # deleted or replaced while we wrote: the rows went to a file nobody can read; write them again
                 continue
             if chain is not None:
                 chain.commit(state)
             a.written += len(batch)
+            if a.shipper is not None:
+                a.shipper.ship(rows, last_seq)  # queues and returns: never waits for a collector
             if gap is None:
                 return 0
             a.gaps += 1

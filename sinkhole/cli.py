@@ -188,6 +188,13 @@ def _rule_category(category: str | None, client_group: str | None) -> str:
 @click.option("--shipped-lists/--no-shipped-lists", default=None,
               help="Load the shipped lists into a new database [yes].")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=None)
+@click.option("--syslog", default=None, metavar="[udp://|tcp://]HOST:PORT",
+              help="Ship every audit row and the chain heads to this syslog collector (RFC 5424; UDP unless tcp://).")
+@click.option("--syslog-facility", default=None, metavar="NAME", help="Syslog facility of those messages [local0].")
+@click.option("--json-log/--no-json-log", default=None,
+              help="Write every audit row as a JSON line on stdout (journald under systemd) [no].")
+@click.option("--anchor-interval", type=float, default=None, metavar="SECONDS",
+              help="Seconds between chain heads sent to syslog; one is sent at shutdown too [60].")
 @pass_env
 def serve(env: Env, config_file: Path | None, **flags: Any) -> None:
     """Serve DNS: sinkhole listed names, forward the rest, audit every block."""

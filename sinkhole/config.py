@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sinkhole import guard
+from sinkhole import guard, shipping
 from sinkhole.answer import AnswerConfig
 from sinkhole.audit import MODES as LOG_MODES
 from sinkhole.cache import Cache
@@ -55,6 +55,10 @@ class ServeConfig:
     shipped_lists: bool = True
     bypass_canaries: bool = True  # answer the DoH / Private Relay / DDR canaries so clients stay with us
     log_level: str = "info"
+    syslog: str = ""  # udp://HOST:PORT, tcp://HOST:PORT or HOST:PORT (UDP): every audit row and chain head, RFC 5424
+    syslog_facility: str = "local0"
+    json_log: bool = False  # every audit row as a JSON line on stdout (journald under systemd)
+    anchor_interval: float = 60.0  # seconds between chain heads sent to syslog (and one at shutdown)
 
     def answers(self) -> AnswerConfig:
         return AnswerConfig(mode=self.mode, a=_addr(self.block_a, 4, "block_a"),
@@ -159,6 +163,11 @@ def _validate(cfg: ServeConfig) -> ServeConfig:
         raise ConfigError("block_ttl must be from 0 to 86400 seconds")
     if not cfg.listen:
         raise ConfigError("listen: at least one address is needed")
+    if cfg.syslog:
+        shipping.parse_target(cfg.syslog)
+    shipping.facility_code(cfg.syslog_facility)
+    if not 0 < cfg.anchor_interval <= 86400:
+        raise ConfigError("anchor_interval must be above zero and at most a day (86400 seconds)")
     cfg.answers()
     cfg.make_guard()
     cfg.listen_addresses()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import sqlite_utils
 
-from sinkhole import lists, privileges, systemd
+from sinkhole import lists, privileges, shipping, systemd
 from sinkhole.audit import AuditLog
 from sinkhole.config import ServeConfig
 from sinkhole.listener import Listener, _Tasks, bind_all
@@ -105,7 +105,7 @@ class Server:
         self._stop = asyncio.Event()
         self.audit = AuditLog(self.db, cfg.node, cfg.log_queries,
                               seed=lists.seed if cfg.shipped_lists else None, synchronous=cfg.audit_synchronous,
-                              client_prefix=cfg.client_prefix())
+                              client_prefix=cfg.client_prefix(), shipper=shipping.from_config(cfg))
         self.forwarder = Forwarder(cfg.upstreams(), cfg.timeout, cfg.max_inflight)
         self.pipeline = Pipeline(lambda: self.policy, self.forwarder, self.audit, cfg.answers(), cfg.make_guard(),
                                  cfg.make_cache())
