@@ -187,6 +187,8 @@ def _rule_category(category: str | None, client_group: str | None) -> str:
               help="Started as root: bind the ports, then run as this user (e.g. to serve port 53).")
 @click.option("--shipped-lists/--no-shipped-lists", default=None,
               help="Load the shipped lists into a new database [yes].")
+@click.option("--cache-prefetch/--no-cache-prefetch", default=None,
+              help="Refresh popular cache entries before they expire (a hit in the last tenth of the TTL) [no].")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=None)
 @click.option("--syslog", default=None, metavar="[udp://|tcp://]HOST:PORT",
               help="Ship every audit row and the chain heads to this syslog collector (RFC 5424; UDP unless tcp://).")

@@ -45,6 +45,7 @@ class ServeConfig:
     cache_min_ttl: int = 0
     cache_max_ttl: int = 86400
     cache_negative_max_ttl: int = 3600
+    cache_prefetch: bool = False  # a hit in the last tenth of a TTL refreshes the entry in the background
     tcp_idle_timeout: float = 10.0
     tcp_max_clients: int = 1000
     max_inflight: int = 1000  # forwards waiting for an upstream at once (each holds a socket)
@@ -84,7 +85,8 @@ class ServeConfig:
         return prefix
 
     def make_cache(self) -> Cache:
-        return Cache(self.cache_size, self.cache_min_ttl, self.cache_max_ttl, self.cache_negative_max_ttl)
+        return Cache(self.cache_size, self.cache_min_ttl, self.cache_max_ttl, self.cache_negative_max_ttl,
+                     self.cache_prefetch)
 
     def upstreams(self) -> list[Upstream]:
         if self.upstream:

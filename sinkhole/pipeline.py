@@ -64,6 +64,7 @@ class Pipeline:
         self.audit = audit
         self.answers = answers
         self.counts: dict[str, int] = {}
+        self._background: set[asyncio.Task[None]] = set()  # cache refreshes (prefetch) in flight
 
     def _record(self, action: Action, client: str, proto: str, qname: str, qtype: int, rcode: int,
                 verdict: Verdict | None = None, summary: str | None = None, version: int = 0,
@@ -165,12 +166,32 @@ class Pipeline:
             key += b"\0" + gname.encode()
         hit = self.cache.get(key, query, time.monotonic())
         if hit is not None:
+            if self.cache.due:
+                self._prefetch(Pending(query, verdict, policy.version, key, group))
             if proto == "udp" and len(hit) > query.max_udp:
                 hit = answer.truncated(query, codec.header_rcode(hit))
             self._record(Action.CACHED, client, proto, query.qname, query.qtype, codec.header_rcode(hit), verdict,
                          None, policy.version, group=gname, wire=wire)
             return hit
         return Pending(query, verdict, policy.version, key, group)
+
+    def _prefetch(self, pending: Pending) -> None:
+        """Refresh cache entries whose hits asked for it, off the client's path (coalesced like any forward)."""
+        self.cache.due.clear()
+        try:
+            task = asyncio.get_running_loop().create_task(self._refresh(pending))
+        except RuntimeError:  # no loop (sinkhole check): nothing to refresh for
+            return
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _refresh(self, pending: Pending) -> None:
+        try:
+            await self._coalesced(pending, False)
+        except Exception as exc:  # the entry just expires as it would have without prefetch
+            log.debug("prefetch of %s failed: %s", pending.query.qname, exc)
+        else:
+            self.counts["prefetched"] = self.counts.get("prefetched", 0) + 1
 
     async def forward(self, pending: Pending, client: str, proto: str) -> bytes:
         query, verdict, version = pending.query, pending.verdict, pending.version

@@ -156,3 +156,33 @@ def test_names_differing_only_in_case_share_a_key():
     q2 = codec.decode_query(dns.message.make_query("a.example.test", "A").to_wire())
     assert key_of(q1) == key_of(q2)
     assert dns.name.from_text("a.example.test")  # keep the import used
+
+
+def test_prefetch_refreshes_a_popular_name_before_it_expires(make_server, stub):
+    s = make_server(upstream=(stub.address,), cache_max_ttl=2, cache_prefetch=True)
+    s.server.pipeline.cache.prefetch_fraction = 0.5  # refresh in the second half of the 2 s TTL
+    assert ask(s, "popular.example.test").answer
+    assert len(stub.queries("popular.example.test")) == 1
+    assert ask(s, "popular.example.test").answer  # early hit: no refresh
+    time.sleep(1.2)
+    assert ask(s, "popular.example.test").answer  # a hit in the last half: served, and refreshed behind it
+    deadline = time.monotonic() + 3
+    while len(stub.queries("popular.example.test")) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(stub.queries("popular.example.test")) == 2
+    time.sleep(1.0)  # past the first entry's expiry: the refreshed entry answers
+    assert ask(s, "popular.example.test").answer
+    assert len(stub.queries("popular.example.test")) == 2
+    counts = s.server.pipeline.counts
+    assert counts["prefetched"] == 1 and counts["cached"] == 3 and counts["forwarded"] == 1
+
+
+def test_without_prefetch_an_expired_entry_is_fetched_again(make_server, stub):
+    s = make_server(upstream=(stub.address,), cache_max_ttl=1)
+    assert ask(s, "plain.example.test").answer
+    time.sleep(0.7)
+    assert ask(s, "plain.example.test").answer
+    time.sleep(0.5)
+    assert ask(s, "plain.example.test").answer
+    assert len(stub.queries("plain.example.test")) == 2
+    assert "prefetched" not in s.server.pipeline.counts
