@@ -16,6 +16,19 @@ left out because SQLite assigns it at insert and several chains share it; the or
 
 An auditor holding an earlier key (the operator's copy, `sinkhole log anchor --export-key`) evolves it to
 each chain's generation and walks every chain: `verify`.
+
+Retention. A prune deletes, for each chain, a prefix of its links (links 0..F-1) and first writes, as rows of a new
+chain of its own (action `checkpoint`, one key generation), what the verifier needs to resume each chain: the chain,
+F (`first_link`), the MAC of link F-1 (`prev_mac`), how many rows and which time range went. `verify` lets a chain
+jump to a checkpointed F (from any link below it: links below F were declared pruned) with that MAC as the previous
+one, and nowhere else; the checkpoint rows are verified like any row, so a forged or edited checkpoint is itself
+reported and resumes nothing. The first row of each checkpoint chain also carries the key generations whose chains
+are gone whole (cumulative), so the generation check still holds after old chains are pruned away.
+
+The change journal is chained too: each entry (by id) has `link` = the key generation its writer took (one per
+Store that writes: a CLI command, a first start) and `mac = HMAC(chain_key(K_link, "journal"), mac_prev ||
+canonical(entry))` where mac_prev is the MAC of the sealed entry before it (32 zero bytes before the first) and the
+entry's id is covered, so an edited, deleted, inserted or reordered entry shows: `verify_journal`.
 """
 
 from __future__ import annotations
@@ -29,7 +42,7 @@ import os
 import secrets
 import sqlite3
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sinkhole.errors import ConfigError
@@ -117,6 +130,12 @@ def write_key(path: Path, generation: int, key: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
+        try:  # root (a CLI run with sudo) replacing the server's key: the file stays the service user's
+            st = os.stat(path)
+            if (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
+                os.fchown(fd, st.st_uid, st.st_gid)
+        except (FileNotFoundError, PermissionError):
+            pass
         os.write(fd, f"{_MAGIC} {generation} {key.hex()}\n".encode())
         os.fsync(fd)
     finally:
@@ -129,6 +148,12 @@ def _locked(path: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path.with_name(path.name + ".lock"), os.O_WRONLY | os.O_CREAT, 0o600)
     try:
+        try:  # made by root: leave it to the key file's owner, as write_key does
+            st = os.stat(path)
+            if st.st_uid != os.fstat(fd).st_uid:
+                os.fchown(fd, st.st_uid, st.st_gid)
+        except (FileNotFoundError, PermissionError):
+            pass
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
@@ -223,6 +248,179 @@ class Chain:
         self.link, self.prev, self.key = state
 
 
+# ---------------------------------------------------------------------------- checkpoints (retention)
+
+CHECKPOINT = "checkpoint"  # the action of a checkpoint row (model.Action.CHECKPOINT)
+JOURNAL = "journal"
+
+
+def merge_ranges(ranges: list[list[int]]) -> list[list[int]]:
+    """[[lo, hi], ...] (inclusive) -> sorted, overlapping and adjacent ones merged."""
+    out: list[list[int]] = []
+    for lo, hi in sorted([int(a), int(b)] for a, b in ranges):
+        if out and lo <= out[-1][1] + 1:
+            out[-1][1] = max(out[-1][1], hi)
+        else:
+            out.append([lo, hi])
+    return out
+
+
+def checkpoint_rows(summary: dict, entries: list[dict], when: str, node: str, policy_version: int) -> list[tuple]:
+    """The checkpoint rows of one prune, in Chain.seal's input layout: the summary first (link 0), then one row
+    per chain entry; the data is JSON in `answer`. Every row has the same time, so they are pruned together."""
+    data = [{**summary, "of": len(entries) + 1}, *entries]
+    return [(when, "", "", "", "", CHECKPOINT, None, None, "", _ENCODE(d), policy_version, None, None, node,
+             None, None, None, None) for d in data]
+
+
+@dataclass
+class Checkpoints:
+    resume: dict[str, dict[int, tuple[bytes, int]]]  # chain -> first_link -> (MAC of link first_link-1, seq)
+    gone: list[list[int]]  # key generations whose chains were pruned whole: [lo, hi] ranges
+    problems: list[tuple[str | None, str]]
+    entries: list[dict]  # every verified checkpoint entry, with the seq and chain of the row that holds it
+
+
+_COLS = ", ".join([name for name, _ in MAC_COLUMNS + EXTRA_COLUMNS] + ["rname"])
+
+
+def read_checkpoints(conn: sqlite3.Connection, key_generation: int | None = None,
+                     key: bytes | None = None) -> Checkpoints:
+    """The checkpoint rows whose MACs verify under the key given (each checkpoint chain from link 0, up to its
+    first bad row: the main walk reports that one). With no key (the pruner's side): every checkpoint row."""
+    out = Checkpoints({}, [], [], [])
+    cur = conn.execute(f"SELECT seq, mac, {_COLS} FROM audit WHERE action = ? ORDER BY seq", (CHECKPOINT,))
+    names = [d[0] for d in cur.description]
+    by_chain: dict[str, list[dict]] = {}
+    for tup in cur:
+        row = dict(zip(names, tup, strict=True))
+        if row["chain"] is not None and row["mac"] is not None and row["link"] is not None:
+            by_chain.setdefault(row["chain"], []).append(row)
+    for name, rows in by_chain.items():
+        valid: list[tuple[int, object]] = []
+        if key is None or key_generation is None:
+            valid = [(r["seq"], _json(r["answer"])) for r in rows]
+        else:
+            w = _new_walk(name, key_generation, key)
+            if w.key is None:
+                continue
+            for row in rows:
+                if row["link"] != w.expected:
+                    break
+                good = w.mac_for(row["link"])(w.prev + canonical(normalized(row)))
+                if not hmac.compare_digest(good.hex(), str(row["mac"])):
+                    break
+                w.prev, w.expected = good, row["link"] + 1
+                valid.append((row["seq"], _json(row["answer"])))
+            if not valid:
+                continue
+            of = valid[0][1].get("of") if isinstance(valid[0][1], dict) else None
+            if len(valid) == len(rows) and isinstance(of, int) and len(rows) < of:
+                out.problems.append((name, f"checkpoint chain {name}: truncated: {len(rows)} of its {of} rows "
+                                           "are left (checkpoints deleted)"))
+        for seq, data in valid:
+            if not isinstance(data, dict):
+                continue
+            for pair in data.get("gone_generations") or []:
+                if isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, int) for x in pair):
+                    out.gone.append(pair)
+            c, f, prev = data.get("chain"), data.get("first_link"), data.get("prev_mac")
+            if isinstance(c, str) and isinstance(f, int) and isinstance(prev, str):
+                try:
+                    out.resume.setdefault(c, {})[f] = (bytes.fromhex(prev), seq)
+                except ValueError:
+                    continue
+            out.entries.append({**data, "checkpoint_seq": seq, "checkpoint_chain": name})
+    out.gone = merge_ranges(out.gone)
+    return out
+
+
+def _json(text: object) -> object:
+    try:
+        return json.loads(str(text))
+    except ValueError:
+        return None
+
+
+# ---------------------------------------------------------------------------- the change journal
+
+JOURNAL_COLUMNS: list[tuple[str, type]] = [
+    ("id", int), ("time", str), ("user", str), ("sudo_user", str), ("host", str), ("command", str),
+    ("action", str), ("kind", str), ("category", str), ("domains", str), ("detail", str), ("link", int),
+]
+
+
+def journal_key(file_key: bytes) -> bytes:
+    return chain_key(file_key, JOURNAL)
+
+
+def journal_mac(key: bytes, prev: bytes, entry: dict) -> bytes:
+    """The MAC of one journal entry (with its id and `link`, the key generation) under the journal key."""
+    values = [None if entry.get(c) is None else kind(entry[c]) for c, kind in JOURNAL_COLUMNS]
+    return hmac.digest(key, prev + canonical(values), "sha256")
+
+
+@dataclass
+class JournalReport:
+    entries: int = 0
+    before: int = 0  # entries from before the journal was chained (no MAC): not covered
+    sealed: int = 0
+    first_id: int | None = None
+    last_id: int | None = None
+    problem: str | None = None
+    generations: set[int] = field(default_factory=set)
+
+
+def verify_journal(conn: sqlite3.Connection, key_generation: int, key: bytes) -> JournalReport:
+    """Walk the journal in id order; the first entry edited, deleted, inserted, reordered or unsealed."""
+    cols = ", ".join(c for c, _ in JOURNAL_COLUMNS)
+    cur = conn.execute(f"SELECT {cols}, mac FROM journal ORDER BY id")
+    names = [d[0] for d in cur.description]
+    report = JournalReport()
+    keys: dict[int, bytes] = {}
+    prev, prev_id, started = ZERO, None, False
+    for tup in cur:
+        row = dict(zip(names, tup, strict=True))
+        report.entries += 1
+        ident = int(row["id"])
+        report.first_id = ident if report.first_id is None else report.first_id
+        report.last_id = ident
+        if report.problem is not None:
+            continue
+        if prev_id is not None and ident != prev_id + 1:
+            report.problem = (f"journal entry id {ident}: deleted: entries {prev_id + 1}..{ident - 1} are missing"
+                              " before it" if ident > prev_id + 1 else f"journal entry id {ident}: reordered")
+            continue
+        prev_id = ident
+        if row["mac"] is None or row["link"] is None:
+            if started:
+                report.problem = (f"journal entry id {ident}: written without a MAC after the journal chain "
+                                  "started (its writer could not take the audit key, or it was inserted)")
+            else:
+                report.before += 1
+            continue
+        started = True
+        generation = int(row["link"])
+        if generation < key_generation:
+            report.problem = (f"journal entry id {ident}: sealed with key generation {generation}, before the key "
+                              f"given (generation {key_generation}): cannot verify it")
+            continue
+        if generation not in keys:  # evolve from the nearest generation already computed
+            base = max((g for g in keys if g <= generation), default=None)
+            file_key = keys[base] if base is not None else key
+            for _ in range(generation - (base if base is not None else key_generation)):
+                file_key = evolve(file_key)
+            keys[generation] = file_key
+        good = journal_mac(journal_key(keys[generation]), prev, row)
+        if not hmac.compare_digest(good.hex(), str(row["mac"])):
+            report.problem = f"journal entry id {ident}: edited, forged or inserted (MAC mismatch)"
+            continue
+        prev = good
+        report.sealed += 1
+        report.generations.add(generation)
+    return report
+
+
 # ---------------------------------------------------------------------------- verifying
 
 
@@ -240,6 +438,9 @@ class _Walk:
     pending: tuple[int, str, int] | None = None  # (seq, problem, link) waiting for the next row to refine it
     at_anchor: str | None = None  # the MAC of the row at the anchor's link, when seen
     mac: _Mac | None = None
+    resume: dict[int, tuple[bytes, int]] = field(default_factory=dict)  # checkpointed link -> (MAC before, seq)
+    pruned_below: int = 0  # links below this were pruned (a checkpoint said so)
+    checkpoint_seq: int | None = None  # the checkpoint row that said so
 
     def mac_for(self, link: int) -> _Mac:
         """The MAC under the key of the epoch of `link` (links only grow while a chain verifies)."""
@@ -259,6 +460,9 @@ class Report:
     before_chain: int
     problems: list[tuple[str | None, str]]  # (chain or None, what is wrong)
     anchored: bool
+    pruned: dict[str, tuple[int, int]] = field(default_factory=dict)  # chain pruned whole -> (links, checkpoint seq)
+    gone_generations: list[list[int]] = field(default_factory=list)  # [lo, hi] of chains pruned whole long ago
+    max_policy_version: int = 0  # the newest journal entry an audit row says was in force
 
     @property
     def ok(self) -> bool:
@@ -272,17 +476,21 @@ def verify(conn: sqlite3.Connection, key_generation: int, key: bytes,
     `current` is the server's key file now (generation, key), when it can be read: it must descend from the
     operator's key, and every generation before it must have a chain in the log (each chain start takes one),
     so that a chain deleted whole, or rewritten under a newer generation with a stolen key, shows."""
-    cols = ", ".join([name for name, _ in MAC_COLUMNS + EXTRA_COLUMNS] + ["rname"])
-    cur = conn.execute(f"SELECT seq, mac, {cols} FROM audit ORDER BY seq")
+    cps = read_checkpoints(conn, key_generation, key)
+    cur = conn.execute(f"SELECT seq, mac, {_COLS} FROM audit ORDER BY seq")
     names = [d[0] for d in cur.description]
     walks: dict[str, _Walk] = {}
     problems: list[tuple[str | None, str]] = []
+    problems.extend(cps.problems)
     before = 0
     chained_seen = False
     unchained: list[int] = []
+    max_policy = 0
     for tup in cur:
         row = dict(zip(names, tup, strict=True))
         seq, name = row["seq"], row["chain"]
+        if row["policy_version"] is not None and row["action"] != CHECKPOINT:
+            max_policy = max(max_policy, int(row["policy_version"]))
         if name is None or row["mac"] is None or row["link"] is None:
             if name is None and not chained_seen:
                 before += 1
@@ -300,6 +508,7 @@ def verify(conn: sqlite3.Connection, key_generation: int, key: bytes,
         w = walks.get(name)
         if w is None:
             w = walks[name] = _new_walk(name, key_generation, key)
+            w.resume = cps.resume.get(name, {})
         link = row["link"]
         mac = str(row["mac"])
         if anchor and name in anchor and link == anchor[name].get("link"):
@@ -312,6 +521,9 @@ def verify(conn: sqlite3.Connection, key_generation: int, key: bytes,
             continue
         if w.key is None:
             continue  # a chain this key cannot verify: already a problem
+        if link > w.expected and link in w.resume:  # links below were pruned: resume at the checkpoint
+            w.prev, w.checkpoint_seq = w.resume[link]
+            w.expected = w.pruned_below = link
         if link == w.expected:
             values = normalized(row)
             good = w.mac_for(link)(w.prev + canonical(values))
@@ -323,6 +535,10 @@ def verify(conn: sqlite3.Connection, key_generation: int, key: bytes,
             else:
                 w.pending = (seq, "edited or forged (MAC mismatch)", link)
         elif link > w.expected:
+            below = [f for f in w.resume if w.expected < f < link]
+            if below:  # links below a checkpoint were pruned: only those after it are missing
+                w.expected = w.pruned_below = max(below)
+                w.prev, w.checkpoint_seq = w.resume[w.expected]
             w.pending = (seq, f"deleted: links {w.expected}..{link - 1} are missing before it", link)
         else:
             w.problem = (f"seq {seq}: inserted or reordered (link {link} comes after link {w.expected - 1}"
@@ -336,11 +552,26 @@ def verify(conn: sqlite3.Connection, key_generation: int, key: bytes,
         more = f" (and {len(unchained) - 1} more)" if len(unchained) > 1 else ""
         problems.append((None, f"seq {unchained[0]}: inserted (a row without a chain or MAC after the chains "
                                f"started){more}"))
-    _check_generations(walks, key_generation, key, current, problems)
+    pruned = {name: (max(points), max(seq for _, seq in points.values()))
+              for name, points in cps.resume.items() if name not in walks}
+    seen = {g for name in [*walks, *pruned] if (g := chain_generation(name)) is not None}
+    _check_generations(seen, key_generation, key, current, problems, cps.gone, _journal_generations(conn))
     if anchor:
         for name, head in anchor.items():
+            if name == JOURNAL:
+                continue  # verify_journal's
             w = walks.get(name)
             want = head.get("link")
+            points = cps.resume.get(name, {})
+            below = [f for f in points if isinstance(want, int) and f > want]
+            if below:  # the anchored row was pruned since, by a checkpoint that says so
+                f = min(below)
+                if want == f - 1 and points[f][0].hex() != head.get("mac"):
+                    problems.append((name, f"chain {name}: the row at link {want} is not the one anchored (the "
+                                           f"checkpoint that pruned it, seq {points[f][1]}, has another MAC)"))
+                continue
+            if w is None and _in_ranges(chain_generation(name), cps.gone):
+                continue  # pruned whole, long ago
             if w is None:
                 problems.append((name, f"chain {name}: truncated: every row is gone since the anchor"
                                        f" (it had link {want}, seq {head.get('seq')})"))
@@ -351,13 +582,30 @@ def verify(conn: sqlite3.Connection, key_generation: int, key: bytes,
             elif w.at_anchor != head.get("mac"):
                 problems.append((name, f"chain {name}: the row at link {want} is not the one anchored"
                                        " (MAC differs)"))
-    return Report(walks, before, problems, anchor is not None)
+    return Report(walks, before, problems, anchor is not None, pruned, cps.gone, max_policy)
 
 
-def _check_generations(walks: dict[str, _Walk], key_generation: int, key: bytes,
-                       current: tuple[int, bytes] | None, problems: list[tuple[str | None, str]]) -> None:
-    seen = {g for name in walks if (g := chain_generation(name)) is not None}
+def _in_ranges(g: int | None, ranges: list[list[int]]) -> bool:
+    return g is not None and any(lo <= g <= hi for lo, hi in ranges)
+
+
+def _journal_generations(conn: sqlite3.Connection) -> set[int]:
+    try:
+        return {int(g) for (g,) in conn.execute("SELECT DISTINCT link FROM journal WHERE mac IS NOT NULL"
+                                                 " AND link IS NOT NULL")}
+    except sqlite3.OperationalError:  # no journal table (not a sinkhole database, or a very old one)
+        return set()
+
+
+def _check_generations(seen: set[int], key_generation: int, key: bytes,
+                       current: tuple[int, bytes] | None, problems: list[tuple[str | None, str]],
+                       gone: list[list[int]] | None = None, journal: set[int] | None = None) -> None:
+    """Every generation from the key given up to the current one must have been taken by a chain still in the
+    log, a chain a checkpoint says was pruned, or a journal writer."""
+    seen = seen | (journal or set())
     top = max(seen, default=key_generation - 1) + 1
+    for _, hi in gone or []:
+        top = max(top, hi + 1)
     if current is not None:
         generation, now = current
         k = key
@@ -368,7 +616,7 @@ def _check_generations(walks: dict[str, _Walk], key_generation: int, key: bytes,
                                    f"key given (generation {key_generation}): replaced, or the wrong key file"))
         else:
             top = max(top, generation)
-    missing = [g for g in range(key_generation, top) if g not in seen]
+    missing = [g for g in range(key_generation, top) if g not in seen and not _in_ranges(g, gone or [])]
     if missing:
         shown = ", ".join(map(str, missing[:5])) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         problems.append((None, f"key generations {shown} have no chain in the log: a chain was deleted whole "

@@ -19,7 +19,7 @@ from sinkhole import __version__
 from sinkhole.domains import is_ip_address, normalize
 from sinkhole.errors import ConfigError, DomainError, ListFormatError, SinkholeError
 from sinkhole.model import Action, RuleKind
-from sinkhole.store import Store, default_db_path, iso_dt
+from sinkhole.store import Actor, Store, default_db_path, iso_dt
 
 USAGE_ERRORS = (ConfigError, DomainError, ListFormatError)
 FORMATS = click.Choice(["table", "json", "csv"])
@@ -197,6 +197,8 @@ def _rule_category(category: str | None, client_group: str | None) -> str:
               help="Write every audit row as a JSON line on stdout (journald under systemd) [no].")
 @click.option("--anchor-interval", type=float, default=None, metavar="SECONDS",
               help="Seconds between chain heads sent to syslog; one is sent at shutdown too [60].")
+@click.option("--retention-days", type=click.IntRange(min=0), default=None,
+              help="Prune audit rows older than this, hourly, leaving checkpoints [365; 0: keep forever].")
 @pass_env
 def serve(env: Env, config_file: Path | None, **flags: Any) -> None:
     """Serve DNS: sinkhole listed names, forward the rest, audit every block."""
@@ -694,6 +696,7 @@ def log_verify(env: Env, key_file: Path, anchor_file: Path | None, key: Path | N
     store = env.existing_store()
     try:
         report = chain.verify(store.conn, generation, secret, anchor, current)
+        journal = chain.verify_journal(store.conn, generation, secret)
     finally:
         store.close()
     if report.before_chain:
@@ -702,14 +705,34 @@ def log_verify(env: Env, key_file: Path, anchor_file: Path | None, key: Path | N
     for name, w in sorted(report.chains.items()):
         if name in bad:
             continue
-        click.echo(f"ok: chain {name}: {w.rows} rows, links 0..{w.expected - 1}, last seq {w.last_seq}"
-                   f" at {w.last_time}")
-    for _, problem in report.problems:
+        pruned = (f" (links 0..{w.pruned_below - 1} pruned: checkpoint seq {w.checkpoint_seq})"
+                  if w.pruned_below else "")
+        click.echo(f"ok: chain {name}: {w.rows} rows, links {w.pruned_below}..{w.expected - 1}, last seq "
+                   f"{w.last_seq} at {w.last_time}{pruned}")
+    for name, (links, seq) in sorted(report.pruned.items()):
+        click.echo(f"pruned: chain {name}: links 0..{links - 1} pruned whole (checkpoint seq {seq})")
+    if report.gone_generations:
+        click.echo("pruned: the chains of key generations " + ", ".join(
+            f"{lo}..{hi}" if lo != hi else str(lo) for lo, hi in report.gone_generations) + " (checkpoints)")
+    problems = [p for _, p in report.problems]
+    if journal.problem:
+        problems.append(journal.problem)
+    elif journal.entries:
+        click.echo(f"ok: journal: {journal.entries} entries (ids {journal.first_id}..{journal.last_id}), "
+                   f"{journal.sealed} sealed" + (f", {journal.before} from before the journal was chained"
+                                                 if journal.before else ""))
+    if journal.last_id is None and report.max_policy_version:
+        click.echo(f"note: audit rows say policy version {report.max_policy_version} was in force, but the journal "
+                   "is empty (a database written without the CLI, or every journal entry deleted)")
+    elif report.max_policy_version > (journal.last_id or 0):
+        problems.append(f"journal: audit rows say policy version {report.max_policy_version} was in force, but the "
+                        f"journal ends at id {journal.last_id}: its newest entries were deleted")
+    for problem in problems:
         click.echo(f"BAD: {problem}")
     if not report.anchored:
         click.echo("note: without --anchor a tail cut off the end of a chain cannot be told")
-    if report.problems:
-        click.echo(f"verification failed: {len(report.problems)} problems in {len(report.chains)} chains")
+    if problems:
+        click.echo(f"verification failed: {len(problems)} problems in {len(report.chains)} chains and the journal")
         sys.exit(1)
     click.echo(f"verified: {len(report.chains)} chains, {sum(w.rows for w in report.chains.values())} rows")
 
@@ -743,6 +766,100 @@ def log_anchor(env: Env, fmt: str, export_key: Path | None, key: Path | None) ->
             click.echo(json.dumps(head))
     else:
         emit(heads, ["chain", "link", "seq", "mac", "time"], "table")
+
+
+@log_.command("prune")
+@click.option("--retention-days", type=click.IntRange(min=1), default=None,
+              help="Delete rows older than this many days [365, the server's default].")
+@click.option("--before", "before_text", default=None,
+              help="Instead: delete rows older than this (a duration back from now, or an ISO 8601 time).")
+@click.option("--node", default=None, help="Node name on the checkpoint chain [host name].")
+@_SERVER_KEY
+@pass_env
+def log_prune(env: Env, retention_days: int | None, before_text: str | None, node: str | None,
+              key: Path | None) -> None:
+    """Delete old audit rows now, leaving checkpoints so that `log verify` still passes; journaled.
+
+    Needs the audit key (a checkpoint is a chain of its own): without it nothing is deleted."""
+    import socket
+
+    if retention_days is not None and before_text is not None:
+        raise click.UsageError("give --retention-days or --before, not both")
+    if before_text is not None:
+        before = parse_when(before_text, "--before")
+    else:
+        before = iso_dt(datetime.now(UTC) - timedelta(days=retention_days or 365))
+    assert before is not None
+    store = env.existing_store()
+    if key is not None:
+        store.key_path = key
+    try:
+        res = store.prune_audit(before, node or socket.gethostname(), actor=Actor())
+    finally:
+        store.close()
+    if not res.rows:
+        click.echo(f"nothing to prune: no audit rows older than {before}")
+    else:
+        click.echo(f"pruned {res.rows} audit rows older than {before} ({res.first_time} .. {res.last_time}) from "
+                   f"{res.chains} chains" + (f" and {res.unchained} rows without a chain" if res.unchained else ""))
+        click.echo(f"checkpoint chain {res.checkpoint_chain}; journal entry {res.journal_id}; {res.batches} batches, "
+                   f"write lock held at most {res.max_lock_ms:.0f} ms, {res.seconds:.1f} s in all")
+    for name in res.skipped:
+        click.echo(f"sinkhole: chain {name} not pruned: rows are missing at its start with no checkpoint "
+                   "(see sinkhole log verify)", err=True)
+    if res.skipped:
+        sys.exit(1)
+
+
+# ---------------------------------------------------------------------------- changes
+
+CHANGES_TABLE_COLUMNS = ["time", "id", "user", "sudo_user", "host", "action", "category", "what", "command"]
+CHANGES_COLUMNS = ["id", "time", "user", "sudo_user", "host", "command", "action", "kind", "category", "count",
+                   "domains", "detail", "what", "sealed"]
+
+
+def _what(entry: dict) -> tuple[list[str], str]:
+    try:
+        domains = json.loads(entry.get("domains") or "[]")
+    except ValueError:
+        domains = []
+    if not isinstance(domains, list):
+        domains = []
+    parts = []
+    if domains:
+        shown = ", ".join(map(str, domains[:5])) + (f" (+{len(domains) - 5} more)" if len(domains) > 5 else "")
+        parts.append(f"{len(domains)} {'name' if len(domains) == 1 else 'names'}: {shown}")
+    if entry.get("detail"):
+        parts.append(str(entry["detail"]))
+    return domains, "; ".join(parts)
+
+
+@cli.command()
+@click.option("--since", help="Start: a duration back from now (15m, 2h, 7d) or an ISO 8601 time (UTC if no zone).")
+@click.option("--until", help="End (exclusive), same forms as --since.")
+@click.option("--user", help="Only changes by this OS user (or made through sudo by this user).")
+@click.option("--format", "fmt", type=FORMATS, default="table", show_default=True,
+              help="json is JSON Lines: one object a change.")
+@pass_env
+def changes(env: Env, since: str | None, until: str | None, user: str | None, fmt: str) -> None:
+    """Who changed the policy, when, from where, with which command, and what changed (the change journal).
+
+    The id is the policy version: audit rows carry the id of the change in force when they were written."""
+    since_iso, until_iso = parse_when(since, "--since"), parse_when(until, "--until")
+    store = env.existing_store()
+    try:
+        entries = store.journal(since_iso, until_iso, user)
+    finally:
+        store.close()
+    rows = []
+    for e in entries:
+        domains, what = _what(e)
+        rows.append({"id": e["id"], "time": e["time"], "user": e["user"], "sudo_user": e["sudo_user"],
+                     "host": e["host"], "command": e["command"], "action": e["action"], "kind": e["kind"],
+                     "category": e["category"], "count": len(domains),
+                     "domains": domains if fmt == "json" else " ".join(domains), "detail": e["detail"],
+                     "what": what, "sealed": e.get("mac") is not None})
+    emit(rows, CHANGES_TABLE_COLUMNS if fmt == "table" else CHANGES_COLUMNS, fmt)
 
 
 @cli.command()

@@ -60,6 +60,8 @@ class ServeConfig:
     syslog_facility: str = "local0"
     json_log: bool = False  # every audit row as a JSON line on stdout (journald under systemd)
     anchor_interval: float = 60.0  # seconds between chain heads sent to syslog (and one at shutdown)
+    retention_days: int = 365  # audit rows older than this are pruned, leaving checkpoints (0: kept forever)
+    prune_interval: float = 3600.0  # seconds between two prunes (and one at start)
 
     def answers(self) -> AnswerConfig:
         return AnswerConfig(mode=self.mode, a=_addr(self.block_a, 4, "block_a"),
@@ -163,6 +165,8 @@ def _validate(cfg: ServeConfig) -> ServeConfig:
         raise ConfigError("cache_size must be >= 0 and 0 <= cache_min_ttl <= cache_max_ttl")
     if not 0 <= cfg.block_ttl <= 86400:
         raise ConfigError("block_ttl must be from 0 to 86400 seconds")
+    if cfg.retention_days < 0 or not 0 < cfg.prune_interval <= 86400:
+        raise ConfigError("retention_days must be 0 (keep forever) or more, prune_interval from 0 to 86400 s")
     if not cfg.listen:
         raise ConfigError("listen: at least one address is needed")
     if cfg.syslog:

@@ -22,6 +22,7 @@ class Action(enum.StrEnum):
     FORMERR = "formerr"
     NOTIMP = "notimp"
     GAP = "gap"  # written by the audit writer: rows that could not be stored, how many and when
+    CHECKPOINT = "checkpoint"  # written by a prune: what the verifier needs to resume the chains it cut
 
 
 class RuleKind(enum.StrEnum):

@@ -18,7 +18,7 @@ from sinkhole.config import ServeConfig
 from sinkhole.listener import Listener, _Tasks, bind_all
 from sinkhole.pipeline import Pipeline
 from sinkhole.policy import Policy
-from sinkhole.store import Store
+from sinkhole.store import Store, iso
 from sinkhole.upstream import Forwarder
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,47 @@ class PolicyReloader(threading.Thread):
                 store.close()
 
 
+class Pruner(threading.Thread):
+    """Prunes audit rows older than `retention_days` once at start and every `prune_interval` seconds, in small
+    batches (Store.prune_audit), leaving checkpoints. A thread of its own: a long first prune does not hold up
+    policy reloads."""
+
+    def __init__(self, db: Path, node: str, retention_days: int, interval: float) -> None:
+        super().__init__(name="audit-pruner", daemon=True)
+        self.db = db
+        self.node = node
+        self.retention_days = retention_days
+        self.interval = interval
+        self.stopping = threading.Event()
+        self.runs = 0  # prunes finished (with or without rows to delete)
+        self.pruned = 0  # rows deleted since start
+
+    def run(self) -> None:
+        while True:
+            try:
+                self.prune_once()
+            except Exception as exc:  # a locked database or an unreadable key must not stop the thread
+                log.warning("audit prune failed (will try again in %.0f s): %s", self.interval, exc)
+            if self.stopping.wait(self.interval):
+                return
+
+    def prune_once(self) -> None:
+        if not self.db.exists():
+            return
+        before = iso(time.time() - self.retention_days * 86400)
+        store = Store(self.db)
+        try:
+            res = store.prune_audit(before, self.node, stop=self.stopping.is_set)
+        finally:
+            store.close()
+        self.runs += 1
+        self.pruned += res.rows
+        if res.rows:
+            log.info("audit: pruned %d rows older than %s (%d days) from %d chains in %.1f s (%d batches, write "
+                     "lock held at most %.0f ms); checkpoint chain %s", res.rows, before, self.retention_days,
+                     res.chains, res.seconds, res.batches, res.max_lock_ms, res.checkpoint_chain)
+
+
 class Server:
     def __init__(self, cfg: ServeConfig, db: str | Path, sockets: list | None = None,
                  worker: int | None = None) -> None:
@@ -110,6 +151,7 @@ class Server:
         self.pipeline = Pipeline(lambda: self.policy, self.forwarder, self.audit, cfg.answers(), cfg.make_guard(),
                                  cfg.make_cache())
         self.reloader: PolicyReloader | None = None
+        self.pruner: Pruner | None = None
         self._watchdog: asyncio.Task[None] | None = None
 
     def load_policy(self, store: Store) -> None:
@@ -153,6 +195,9 @@ class Server:
         self.audit.start()
         self.reloader = PolicyReloader(self, self.db, self.cfg.reload_interval)
         self.reloader.start()
+        if self.cfg.retention_days and self.worker in (None, 0):  # one pruner, not one per worker
+            self.pruner = Pruner(self.db, self.cfg.node, self.cfg.retention_days, self.cfg.prune_interval)
+            self.pruner.start()
         if self.sockets is not None:
             return
         log.info("forwarding to %s; audit log %s in %s", ", ".join(map(str, self.forwarder.upstreams)),
@@ -202,6 +247,8 @@ class Server:
         if self.reloader is not None:
             self.reloader.stopping.set()
             self.reloader.join(5)
+        if self.pruner is not None:  # between batches it stops at once; a batch in hand is finished first
+            self.pruner.stopping.set()
         await asyncio.get_running_loop().run_in_executor(None, self.audit.close)
         a = self.audit
         log.info("%sstopped: %s; audit rows written %d, dropped %d (queue full %d, unwritable %d; %d gap rows, "

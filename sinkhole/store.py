@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import json
+import logging
 import os
 import pwd
 import shlex
@@ -11,13 +13,15 @@ import socket
 import sqlite3
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from array import array
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 import sqlite_utils
 
+from sinkhole import chain
 from sinkhole.errors import ConfigError
 from sinkhole.model import RuleKind
 from sinkhole.policy import DEFAULT_GROUP, GROUP_PREFIX, GroupSpec, Policy
@@ -27,6 +31,11 @@ SCHEMA_VERSION = 4
 # 4: audit grp/asked/list, client groups, list sources, journal link/mac
 Seed = tuple[str, list[tuple[str, str]], str]  # (category, [(domain, note)], source)
 BUSY_TIMEOUT_S = 10.0
+PRUNE_BATCH = 2000  # rows deleted in one write transaction by a prune
+PRUNE_PAUSE = 0.02  # seconds between two of them, so that the audit writer gets the lock in between
+JOURNAL_FIELDS = ["id", "time", "user", "sudo_user", "host", "command", "action", "kind", "category", "domains",
+                  "detail", "link", "mac"]
+log = logging.getLogger(__name__)
 
 AUDIT_COLUMNS = {
     "seq": int,
@@ -110,6 +119,23 @@ class Actor:
     command: str = field(default_factory=lambda: shlex.join(["sinkhole", *sys.argv[1:]]))
 
 
+@dataclass
+class PruneResult:
+    before: str
+    rows: int = 0  # rows deleted
+    chains: int = 0  # chains that lost rows (each has a checkpoint)
+    unchained: int = 0  # rows without a chain deleted (from before version 2, or written without a key)
+    first_time: str | None = None
+    last_time: str | None = None
+    checkpoint_chain: str | None = None
+    journal_id: int | None = None
+    skipped: list[str] = field(default_factory=list)  # chains with rows missing and no checkpoint: left alone
+    batches: int = 0
+    max_lock_ms: float = 0.0  # the longest the write lock was held by one transaction of the prune
+    seconds: float = 0.0
+    stopped: bool = False  # stopped between batches: the rest goes at the next prune
+
+
 def _safe_user() -> str:
     """The account of the effective UID: not $USER or $LOGNAME, which anyone can set."""
     try:
@@ -132,6 +158,9 @@ class Store:
                  synchronous: str = "NORMAL") -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.key_path = chain.default_key_path(self.path)  # the journal is sealed under the audit key
+        self._journal_key: tuple[int, bytes] | None = None  # (generation, journal key), taken at the first entry
+        self.journal_unsealed: str | None = None  # why entries of this store went unsealed, if they did
         conn = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_S, check_same_thread=False)
         self.db = sqlite_utils.Database(conn)
         self.conn = conn
@@ -222,12 +251,47 @@ class Store:
 
     def _journal(self, actor: Actor, action: str, kind: str | None, category: str | None,
                  domains: list[str], detail: str = "") -> int:
+        """One journal entry, sealed into the journal chain (sinkhole.chain) in the caller's transaction."""
         cur = self.conn.execute(
             "INSERT INTO journal (time, user, sudo_user, host, command, action, kind, category, domains, detail)"
             " VALUES (?,?,?,?,?,?,?,?,?,?)",
             (iso(time.time()), actor.user, actor.sudo_user, actor.host, actor.command, action, kind,
              category, json.dumps(domains), detail))
-        return int(cur.lastrowid or 0)
+        ident = int(cur.lastrowid or 0)
+        self._seal_journal(ident)
+        return ident
+
+    def _seal_journal(self, ident: int) -> None:
+        """link = the key generation this store took (one per store, at its first entry), mac chained to the
+        sealed entry before. Called with the write lock held, so entries are sealed in id order. When the key
+        cannot be taken (e.g. the CLI user cannot write the server's key file), the entry stays unsealed, a
+        warning says so, and `log verify` reports it: the change itself is not refused."""
+        if self._journal_key is None:
+            if self.journal_unsealed is not None:
+                return
+            try:
+                generation, file_key, created = chain.take_key(self.key_path)
+            except (OSError, ConfigError) as exc:
+                self.journal_unsealed = f"cannot take the audit key {self.key_path}: {exc}"
+                log.warning("the change is journaled without a MAC (%s); `sinkhole log verify` will report "
+                            "journal entry %d", self.journal_unsealed, ident)
+                return
+            if created:
+                log.warning("there was no audit key: made one at %s; export it now (sinkhole log anchor "
+                            "--export-key FILE)", self.key_path)
+            self._journal_key = (generation, chain.journal_key(file_key))
+        generation, key = self._journal_key
+        conn = self.conn
+        before = conn.execute("SELECT mac FROM journal WHERE id < ? AND mac IS NOT NULL ORDER BY id DESC LIMIT 1",
+                              (ident,)).fetchone()
+        try:
+            prev = bytes.fromhex(before[0]) if before else chain.ZERO
+        except ValueError:
+            prev = chain.ZERO  # a damaged MAC before: verify reports that entry
+        cur = conn.execute(f"SELECT {', '.join(JOURNAL_FIELDS[:-2])} FROM journal WHERE id = ?", (ident,))
+        entry = dict(zip([d[0] for d in cur.description], cur.fetchone(), strict=True), link=generation)
+        conn.execute("UPDATE journal SET link = ?, mac = ? WHERE id = ?",
+                     (generation, chain.journal_mac(key, prev, entry).hex(), ident))
 
     def add_rules(self, kind: RuleKind, domains: list[str], category: str = "manual", source: str = "cli",
                   note: str | None = None, actor: Actor | None = None) -> tuple[list[str], list[str]]:
@@ -463,9 +527,149 @@ class Store:
             self._journal(actor, "group change", None, None, gone, json.dumps({"removed networks": gone}))
             return gone
 
-    def journal(self, since: str | None = None) -> list[dict]:
-        where = "time >= ?" if since else None
-        return list(self.db["journal"].rows_where(where, [since] if since else [], order_by="id"))
+    def journal(self, since: str | None = None, until: str | None = None, user: str | None = None) -> list[dict]:
+        """Journal entries in id order; `user` matches the OS user or the sudo user."""
+        where, args = [], []
+        if since:
+            where.append("time >= ?")
+            args.append(since)
+        if until:
+            where.append("time < ?")
+            args.append(until)
+        if user:
+            where.append("(user = ? OR sudo_user = ?)")
+            args += [user, user]
+        return list(self.db["journal"].rows_where(" AND ".join(where) or None, args, order_by="id"))
+
+    # ------------------------------------------------------------------ retention
+
+    def prune_audit(self, before: str, node: str, actor: Actor | None = None, batch: int = PRUNE_BATCH,
+                    pause: float = PRUNE_PAUSE, stop: Callable[[], bool] | None = None) -> PruneResult:
+        """Delete audit rows older than `before` (ISO UTC), leaving checkpoints so that every chain verifies.
+
+        Per chain, a prefix of links goes (links 0..F-1; a row newer than `before` ends it). First, in one short
+        transaction, a new chain of checkpoint rows (sinkhole.chain.checkpoint_rows; a key generation of its own)
+        records for each chain cut: F, the MAC of link F-1, how many rows and which times; checkpoints still needed
+        from checkpoint rows being pruned are carried over, and the key generations of chains gone whole are
+        summed up. Then the rows are deleted in transactions of `batch` rows, newest link first, with `pause`
+        seconds between: the audit writer waits at most one batch, and whatever state a crash (or `stop()` turning
+        true, checked between batches) leaves verifies; the next prune finishes the job.
+        The audit key must be takeable: no row is deleted without its checkpoint (AuditKeyError otherwise)."""
+        started = time.perf_counter()
+        res = PruneResult(before=before)
+        conn = self.conn
+        with self.db.atomic():  # checkpoint rows found without a scan; costs other inserts nothing
+            conn.execute("CREATE INDEX IF NOT EXISTS audit_checkpoint ON audit(seq) WHERE action = 'checkpoint'")
+        conn.execute("BEGIN")  # one snapshot for the plan; readers do not hold up the writer (WAL)
+        try:
+            plan, entries, gone = self._prune_plan(before, res)
+        finally:
+            conn.rollback()
+        if not plan:
+            res.seconds = time.perf_counter() - started
+            return res
+        ch, _, _ = chain.Chain.start(self.key_path, f"{node}:prune")
+        res.checkpoint_chain = ch.name
+        detail = (f"pruned {res.rows} audit rows older than {before} ({res.first_time} .. {res.last_time}) "
+                  f"from {res.chains} chains; checkpoint chain {ch.name}")
+        t0 = time.perf_counter()
+        with self.db.atomic():
+            version = self._journal(actor, "log prune", None, None, [], detail) if actor else self.policy_version()
+            res.journal_id = version if actor else None
+            summary = {"summary": True, "before": before, "rows": res.rows, "chains": res.chains,
+                       "unchained": res.unchained, "gone_generations": gone}
+            rows, state = ch.seal(chain.checkpoint_rows(summary, entries, iso(time.time()), node, version))
+            conn.executemany(_AUDIT_INSERT_SQL, rows)
+            res.max_lock_ms = (time.perf_counter() - t0) * 1000
+        ch.commit(state)
+        for seqs in plan.values():
+            for end in range(len(seqs), 0, -batch):  # the newest links first: a prefix of each chain stays whole
+                if stop is not None and stop():
+                    res.stopped = True
+                    res.seconds = time.perf_counter() - started
+                    return res
+                chunk = seqs[max(0, end - batch):end]
+                conn.execute("BEGIN IMMEDIATE")
+                t0 = time.perf_counter()
+                try:
+                    conn.executemany("DELETE FROM audit WHERE seq = ?", ((s,) for s in chunk))
+                    conn.commit()
+                except BaseException:
+                    conn.rollback()
+                    raise
+                res.max_lock_ms = max(res.max_lock_ms, (time.perf_counter() - t0) * 1000)
+                res.batches += 1
+                if pause:
+                    time.sleep(pause)
+        res.seconds = time.perf_counter() - started
+        return res
+
+    def _prune_plan(self, before: str, res: PruneResult) -> tuple[dict[str | None, array], list[dict],
+                                                                   list[list[int]]]:
+        conn = self.conn
+        cps = chain.read_checkpoints(conn)  # the pruner's side: it trusts its own database
+        spans = {c: (lo, hi) for c, lo, hi in conn.execute(
+            "SELECT chain, min(link), max(link) FROM audit WHERE chain IS NOT NULL GROUP BY chain")}
+        plan: dict[str | None, array] = {}
+        entries: list[dict] = []
+        times: list[str] = []
+        cur = conn.execute("SELECT chain, link, seq, mac, time FROM audit WHERE time < ? ORDER BY chain, link",
+                           (before,))
+        for name, group in itertools.groupby(cur, key=lambda r: r[0]):
+            seqs = array("q")
+            if name is None:  # rows from before the chains (or written without a key): nothing to resume
+                for _, _, seq, _, when in group:
+                    seqs.append(seq)
+                    times.append(when)
+                res.unchained = len(seqs)
+                plan[None] = seqs
+                continue
+            lo, hi = spans[name]
+            start = max(cps.resume.get(name, {}), default=0)  # links below were pruned before
+            if lo > start:  # rows missing at the start of the chain with no checkpoint: not ours to hide
+                log.warning("audit: chain %s starts at link %d, but no checkpoint says links %d..%d were pruned: "
+                            "not pruning it (run sinkhole log verify)", name, lo, start, lo - 1)
+                res.skipped.append(name)
+                continue
+            expected, last_mac, first, last = start, None, None, None
+            for _, link, seq, mac, when in group:
+                if link < start:  # left by a prune that stopped midway: its checkpoint covers them
+                    seqs.append(seq)
+                    continue
+                if link != expected:
+                    break  # a newer row (or a hole) ends the prefix
+                seqs.append(seq)
+                expected, last_mac = link + 1, mac
+                first = when if first is None else min(first, when)
+                last = when if last is None else max(last, when)
+            if not seqs:
+                continue
+            plan[name] = seqs
+            if last_mac is not None:
+                entries.append({"chain": name, "first_link": expected, "prev_mac": last_mac,
+                                "rows": expected - start, "first_time": first, "last_time": last,
+                                **({"whole": True} if expected > hi else {})})
+                times += [first, last]
+        cut = {e["chain"] for e in entries}
+        gone = list(cps.gone)
+        carried: set[tuple[str, int]] = set()
+        for e in cps.entries:  # checkpoints being pruned: carry over what the verifier still needs
+            name, first_link = e.get("chain"), e.get("first_link")
+            if e.get("checkpoint_chain") not in plan or not isinstance(name, str) or name in cut:
+                continue
+            if name not in spans:  # gone whole: its key generation is all the verifier still needs
+                g = chain.chain_generation(name)
+                if g is not None:
+                    gone.append([g, g])
+            elif first_link == max(cps.resume[name]) and (name, first_link) not in carried:
+                carried.add((name, first_link))
+                entries.append({k: v for k, v in e.items() if k not in ("checkpoint_seq", "checkpoint_chain")}
+                               | {"carried_from": e["checkpoint_seq"]})
+        res.rows = sum(len(s) for s in plan.values())
+        res.chains = len(cut)
+        if times:
+            res.first_time, res.last_time = min(times), max(times)
+        return plan, entries, chain.merge_ranges(gone)
 
     # ------------------------------------------------------------------ audit
 

@@ -73,7 +73,7 @@ def test_rows_carry_one_chain_and_verify(logged, db, operator_key):
     assert len({r["chain"] for r in logged}) == 1
     assert [r["link"] for r in logged] == list(range(8))
     assert all(len(r["mac"]) == 64 for r in logged)
-    assert logged[0]["chain"].startswith("test-node#0#")
+    assert logged[0]["chain"].startswith("test-node#1#")  # generation 0 sealed the first start's journal entries
     result = verify(db, operator_key)
     assert result.exit_code == 0, result.output
     assert f"ok: chain {logged[0]['chain']}: 8 rows" in result.output
@@ -85,7 +85,8 @@ def test_key_file_is_private_and_moves_forward(logged, db, operator_key):
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
     generation, current = chain.read_key(key_file)
     _, original = chain.read_key(operator_key)
-    assert generation == 1 and current == chain.evolve(original) != original
+    # generation 0: the journal of the first start (shipped lists); 1: the server's audit chain
+    assert generation == 2 and current == chain.evolve(chain.evolve(original)) != original
 
 
 def test_edited_row_is_named(logged, db, operator_key):
@@ -217,7 +218,7 @@ def reseal(db: Path, file_key: bytes, rename: str | None = None) -> None:
 
 def test_the_current_key_alone_cannot_rewrite_the_past(logged, db, operator_key):
     generation, stolen = chain.read_key(Path(f"{db}.key"))  # today's key, as on the server now
-    assert generation == 1
+    assert generation == 2
     reseal(db, stolen)
     result = verify(db, operator_key)
     assert result.exit_code == 1
@@ -227,11 +228,11 @@ def test_the_current_key_alone_cannot_rewrite_the_past(logged, db, operator_key)
 def test_a_rewrite_under_the_stolen_generation_leaves_the_old_generation_missing(logged, db, operator_key):
     generation, stolen = chain.read_key(Path(f"{db}.key"))
     reseal(db, stolen, rename=f"test-node#{generation}#feedbeef")
-    # every row now verifies as a chain of generation 1, but generation 0 was taken by a chain that is gone
+    # every row now verifies as a chain of generation 2, but generation 1 was taken by a chain that is gone
     result = verify(db, operator_key)
     assert result.exit_code == 1
     assert f"ok: chain test-node#{generation}#feedbeef: 8 rows" in result.output
-    assert "key generations 0 have no chain in the log: a chain was deleted whole" in result.output
+    assert "key generations 1 have no chain in the log: a chain was deleted whole" in result.output
 
 
 def test_the_key_given_must_be_the_operators(logged, db, tmp_path):
