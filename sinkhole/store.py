@@ -156,6 +156,9 @@ def _cidr_where(network: str, args: dict) -> str:
         return "in_cidr(client, :network)"
     # '.' + 1 = '/' and ':' + 1 = ';': [prefix, next) holds exactly the texts starting with prefix
     args["client_lo"], args["client_hi"] = prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1)
+    whole = prefix.count(".") * 8 if net.version == 4 else prefix.count(":") * 16
+    if whole == net.prefixlen:  # /8, /16, /24 (IPv6 /16, /32, ...): the prefix is the network, exactly
+        return "(client >= :client_lo AND client < :client_hi)"
     return "(client >= :client_lo AND client < :client_hi AND in_cidr(client, :network))"
 
 
@@ -417,6 +420,14 @@ class Store:
         args["limit"] = limit
         rows = list(self.db.query(sql, args))
         return iter(reversed(rows))
+
+    def count_log(self, since: str | None = None, until: str | None = None, client: str | None = None,
+                  domain: str | None = None, action: str | None = None, *, group: str | None = None,
+                  category: str | None = None, rule: str | None = None) -> int:
+        """How many rows query_log would return (without a limit)."""
+        where, args = self._log_where(since, until, client, domain, action, group=group, category=category,
+                                      rule=rule)
+        return int(self.conn.execute(f"SELECT count(*) FROM audit{where}", args).fetchone()[0])
 
     def last_seq(self) -> int:
         """The highest seq committed (0 for an empty log)."""
