@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench bench-deps soak clean install install-venv install-files
+.PHONY: run test lint bench bench-deps bench-log soak clean install install-venv install-files
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ bench: $(STAMP) bench-deps
 ## soak: mixed load with faults injected (SOAK_ARGS='--seconds 120 --qps 4000')
 soak: $(STAMP) bench-deps
 	$(BIN)/python bench/soak.py $(SOAK_ARGS)
+
+## bench-log: `log`/`stats` on a 10M-row audit log in /tmp (builds it once, ~2 min; BENCH_LOG_ARGS=--reuse)
+bench-log: $(STAMP)
+	$(BIN)/python bench/logquery.py $(BENCH_LOG_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -6,12 +6,13 @@ import csv
 import io
 import json
 import logging
+import os
 import re
 import sqlite3
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import click
 
@@ -635,12 +636,21 @@ LOG_COLUMNS = ["seq", "time", "client", "transport", "qname", "qtype", "action",
 @click.option("--client", help="Client IP address or CIDR network.")
 @click.option("--domain", help="A name and all its subdomains.")
 @click.option("--action", type=click.Choice([a.value for a in Action]), help="Only rows with this action.")
+@click.option("--group", "group", metavar="NAME", help="Only rows decided by this client group's policy.")
+@click.option("--category", metavar="NAME", help="Only rows whose rule is in this category (e.g. doh-bypass).")
+@click.option("--rule", metavar="TEXT", help="Only rows decided by this rule, exactly as stored (e.g. deepseek.com).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="At most this many rows (the latest).")
+@click.option("--follow", "-f", is_flag=True,
+              help="Then keep printing matching rows as they are written, until Ctrl-C or SIGTERM "
+                   "(starts with the last 10 unless --since or --limit says otherwise).")
+@click.option("--interval", type=click.FloatRange(min=0.05, max=60), default=0.25, show_default=True,
+              hidden=True, help="Seconds between two looks at the log with --follow.")
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True,
               help="json is JSON Lines: one object a row.")
 @click.pass_context
 def log_(ctx: click.Context, since: str | None, until: str | None, client: str | None, domain: str | None,
-         action: str | None, limit: int | None, fmt: str) -> None:
+         action: str | None, group: str | None, category: str | None, rule: str | None, limit: int | None,
+         follow: bool, interval: float, fmt: str) -> None:
     """Show the audit log, oldest first; `log verify` checks its chains, `log anchor` prints their heads."""
     import ipaddress
 
@@ -654,14 +664,100 @@ def log_(ctx: click.Context, since: str | None, until: str | None, client: str |
                       else str(ipaddress.ip_address(client)))
         except ValueError:
             raise click.BadParameter(f"{client!r} is not an IP address or CIDR", param_hint="--client") from None
+    if follow and until:
+        raise click.BadParameter("--follow prints rows as they come: it takes no end", param_hint="--until")
     since_iso, until_iso = parse_when(since, "--since"), parse_when(until, "--until")
     domain = normalize(domain) if domain else None
+    filters = {"since": since_iso, "until": until_iso, "client": client, "domain": domain, "action": action,
+               "group": group, "category": category, "rule": rule}
     store = env.existing_store()
     try:
-        rows = list(store.query_log(since_iso, until_iso, client, domain, action, limit))
+        if follow:
+            _follow(env, store, filters, limit if limit or since else 10, fmt, interval)
+            return
+        rows = list(store.query_log(limit=limit, **filters))
     finally:
         store.close()
     emit(rows, LOG_TABLE_COLUMNS if fmt == "table" else LOG_COLUMNS, fmt)
+
+
+FOLLOW_BATCH = 5000
+
+
+class _Stop(Exception):
+    """SIGTERM during `log --follow`: stop as Ctrl-C does."""
+
+
+def _follow(env: Env, store: Store, filters: dict, limit: int | None, fmt: str, interval: float) -> None:
+    """`log --follow`: the latest rows, then every new matching row by seq, until Ctrl-C or SIGTERM (exit 0).
+
+    Polls `seq > last seen` (commit order is seq order: see Store.log_after), so rows from several
+    workers and processes come each once; a database file replaced under us (deleted and made again by the
+    server) is followed from its first row."""
+    import signal
+    import time
+
+    def stop(signum: int, frame: object) -> None:
+        raise _Stop
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    columns = LOG_TABLE_COLUMNS if fmt == "table" else LOG_COLUMNS
+    out = _Stream(columns, fmt)
+    try:
+        last = store.last_seq()
+        out.write(list(store.query_log(limit=limit, through_seq=last, **filters)))
+        while True:
+            time.sleep(interval)
+            if store.replaced():
+                store.close()
+                store, last = env.existing_store(), 0
+            # every row up to `top` is committed (commit order is seq order): read the matching ones among
+            # them, then move past all of them, matching or not
+            top = store.last_seq()
+            while last < top:
+                rows = store.log_after(last, top, batch=FOLLOW_BATCH, **filters)
+                out.write(rows)
+                last = rows[-1]["seq"] if len(rows) == FOLLOW_BATCH else top
+    except (KeyboardInterrupt, _Stop):
+        return
+    except BrokenPipeError:  # `log --follow | head`: the reader is gone, nothing to say
+        sys.stdout = open(os.devnull, "w")  # python flushes stdout at exit: let that go nowhere
+        return
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        store.close()
+
+
+class _Stream:
+    """Rows printed as they come: CSV with one header, a table with fixed widths, JSON Lines as usual."""
+
+    WIDTHS: ClassVar[dict[str, int]] = {"time": 27, "client": 15, "transport": 9, "qname": 30, "qtype": 5,
+                                        "action": 13, "rule": 20}
+
+    def __init__(self, columns: list[str], fmt: str) -> None:
+        self.columns, self.fmt, self.started = columns, fmt, False
+
+    def write(self, rows: list[dict]) -> None:
+        if self.fmt == "json":
+            emit(rows, self.columns, "json")
+            return
+        if self.fmt == "csv":
+            buf = io.StringIO()
+            writer = csv.DictWriter(buf, fieldnames=self.columns, extrasaction="ignore", lineterminator="\n")
+            if not self.started:
+                writer.writeheader()
+            writer.writerows(rows)
+            click.echo(buf.getvalue(), nl=False)
+        else:
+            widths = [max(len(c), self.WIDTHS.get(c, 0)) for c in self.columns]
+            lines = [] if self.started else ["  ".join(c.ljust(w) for c, w in zip(self.columns, widths,
+                                                                                    strict=True)).rstrip()]
+            for r in rows:
+                lines.append("  ".join(("" if r.get(c) is None else str(r.get(c))).ljust(w)
+                                       for c, w in zip(self.columns, widths, strict=True)).rstrip())
+            if lines:
+                click.echo("\n".join(lines))
+        self.started = True
 
 
 def _key_path(env: Env, key: Path | None) -> Path:
@@ -869,7 +965,7 @@ def changes(env: Env, since: str | None, until: str | None, user: str | None, fm
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @pass_env
 def stats(env: Env, since: str, until: str | None, top: int, fmt: str) -> None:
-    """Totals, top blocked rules and names, top clients."""
+    """Totals, top blocked rules and names, top clients, bypass attempts, groups, categories, blocked per hour."""
     since_iso, until_iso = parse_when(since, "--since"), parse_when(until, "--until")
     store = env.existing_store()
     try:
@@ -886,9 +982,82 @@ def stats(env: Env, since: str, until: str | None, top: int, fmt: str) -> None:
                               ("top blocked names", result["top_names"], ["qname", "queries"]),
                               ("top clients", result["top_clients"], ["client", "queries", "names"]),
                               (f"bypass attempts ({t['bypass_attempts']}: canaries and public DoH/DoT resolvers)",
-                               result["bypass_clients"], ["client", "attempts", "canaries"])):
+                               result["bypass_clients"], ["client", "attempts", "canaries"]),
+                              ("blocked by client group", result["by_group"], ["group", "blocked", "clients"]),
+                              ("blocked by category", result["by_category"], ["category", "blocked", "clients"])):
         click.echo(f"\n{title}:")
         emit(rows, cols, "table")
+    import shutil
+
+    width = min(max(shutil.get_terminal_size((100, 24)).columns - 12, 24), 120)
+    click.echo("\nblocked per hour (UTC):")
+    for line in histogram(result["hourly"], width):
+        click.echo(line)
+
+
+BLOCKS = " ▁▂▃▄▅▆▇█"
+
+
+def histogram(hourly: list[dict], width: int = 72, height: int = 8) -> list[str]:
+    """Blocked per hour as Unicode block columns, at most `width` columns (several hours a column when
+    the range is longer), `height` rows high, each cell in eighths; a scale on the left, times below."""
+    if not hourly:
+        return ["(no hours in the range)"]
+    per = -(-len(hourly) // width)  # hours a column, rounded up
+    columns = [sum(h["blocked"] for h in hourly[i:i + per]) for i in range(0, len(hourly), per)]
+    peak = max(columns)
+    label_w = len(f"{peak:,}")
+    lines = []
+    for row in range(height, 0, -1):
+        cells = []
+        for value in columns:
+            eighths = round(value * height * 8 / peak) if peak else 0
+            cells.append(BLOCKS[min(max(eighths - (row - 1) * 8, 0), 8)])
+        scale = f"{peak:,}" if row == height else ("0" if row == 1 else "")
+        lines.append(f"{scale:>{label_w}} ┤{''.join(cells)}".rstrip())
+    first, last = hourly[0]["hour"], hourly[-1]["hour"]
+    unit = "1 hour" if per == 1 else f"{per} hours"
+    axis = f"{first[:13].replace('T', ' ')}h"
+    end = f"{last[:13].replace('T', ' ')}h"
+    gap = max(len(columns) - len(axis) - len(end), 1)
+    lines.append(f"{'':>{label_w}}  {axis}{' ' * gap}{end}")
+    lines.append(f"{'':>{label_w}}  one column = {unit}; peak {peak:,} blocked")
+    return lines
+
+
+@cli.command()
+@click.option("--since", default="7d", show_default=True, help="Duration back from now or ISO 8601 time.")
+@click.option("--until", help="End (exclusive) [now].")
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False, writable=True, path_type=Path),
+              help="The HTML file to write (one file: inline CSS and SVG, no script, nothing fetched).")
+@click.option("--key-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The operator's copy of the audit key: verify the chains and put the result in the report.")
+@click.option("--top", type=click.IntRange(min=1), default=10, show_default=True)
+@_SERVER_KEY
+@pass_env
+def report(env: Env, since: str, until: str | None, output: Path, key_file: Path | None, top: int,
+           key: Path | None) -> None:
+    """A self-contained HTML report for a security officer: blocked attempts over time, top clients,
+    top services, bypass attempts, client groups, and whether the audit chains verify."""
+    from sinkhole import report as report_mod
+
+    since_iso, until_iso = parse_when(since, "--since"), parse_when(until, "--until")
+    assert since_iso is not None
+    if key_file is not None and not key_file.is_file():
+        raise click.BadParameter(f"{str(key_file)!r}: no such file", param_hint="--key-file")
+    store = env.existing_store()
+    try:
+        stats_ = store.stats(since_iso, until_iso, top)
+        status = report_mod.chain_status(store, key_file, _key_path(env, key))
+    finally:
+        store.close()
+    page = report_mod.render(stats_, since_iso, until_iso, status, str(env.db_path))
+    tmp = output.with_name(f".{output.name}.tmp")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(output)
+    t = stats_["totals"]
+    click.echo(f"wrote {output}: {t['blocked']} blocked queries from {t['clients']} clients since {since_iso};"
+               f" chain: {status.summary}")
 
 
 @cli.command()

@@ -16,7 +16,7 @@ import time
 from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import sqlite_utils
@@ -151,6 +151,41 @@ def _in_cidr(address: str | None, network: str) -> bool:
         return ipaddress.ip_address(address) in ipaddress.ip_network(network, strict=False)
     except ValueError:
         return False
+
+
+def client_prefix(network: str) -> str | None:
+    """The text every client address of `network` starts with, as the log stores addresses (dotted quad;
+    IPv6 in lower case, no leading zeros, '::' anywhere): for 10.1.16.0/20 '10.1.', the whole octets of the
+    prefix. A superset, for a range of the (client, time) index; `in_cidr` then decides exactly.
+    None when no text prefix holds: a prefix shorter than one octet (IPv4) or one hextet (IPv6), or an
+    IPv6 prefix that starts with a zero hextet, which '::' may swallow."""
+    net = ipaddress.ip_network(network, strict=False)
+    if net.version == 4:
+        sep, parts = ".", str(net.network_address).split(".")[:net.prefixlen // 8]
+    else:
+        sep, parts = ":", [format(int(h, 16), "x") for h in net.network_address.exploded.split(":")]
+        parts = parts[:net.prefixlen // 16]
+        if "0" in parts:  # '::' may swallow a zero hextet and what follows: keep the hextets before it
+            parts = parts[:parts.index("0")]
+    return sep.join(parts) + sep if parts else None
+
+
+def _cidr_where(network: str, args: dict) -> str:
+    """The condition for `client` in `network`, using the (client, time) index where the text allows."""
+    net = ipaddress.ip_network(network, strict=False)
+    if net.prefixlen == net.max_prefixlen:
+        args["client"] = str(net.network_address)
+        return "client = :client"
+    args["network"] = str(net)
+    prefix = client_prefix(network)
+    if prefix is None:
+        return "in_cidr(client, :network)"
+    # '.' + 1 = '/' and ':' + 1 = ';': [prefix, next) holds exactly the texts starting with prefix
+    args["client_lo"], args["client_hi"] = prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1)
+    whole = prefix.count(".") * 8 if net.version == 4 else prefix.count(":") * 16
+    if whole == net.prefixlen:  # /8, /16, /24 (IPv6 /16, /32, ...): the prefix is the network, exactly
+        return "(client >= :client_lo AND client < :client_hi)"
+    return "(client >= :client_lo AND client < :client_hi AND in_cidr(client, :network))"
 
 
 class Store:
@@ -681,7 +716,8 @@ class Store:
             self.conn.executemany(_AUDIT_INSERT_SQL, rows)
 
     def _log_where(self, since: str | None, until: str | None, client: str | None, domain: str | None,
-                   action: str | None) -> tuple[str, dict]:
+                   action: str | None, *, group: str | None = None, category: str | None = None,
+                   rule: str | None = None) -> tuple[str, dict]:
         where, args = [], {}
         if since:
             where.append("time >= :since")
@@ -691,10 +727,10 @@ class Store:
             args["until"] = until
         if client:
             if "/" in client:
-                where.append("in_cidr(client, :client)")
+                where.append(_cidr_where(client, args))
             else:
                 where.append("client = :client")
-            args["client"] = client
+                args["client"] = client
         if domain:  # the name and its subdomains: a range of the reversed-name index
             rdomain = reverse_name(domain)
             where.append("(rname = :rdomain OR (rname > :rdomain || '.' AND rname < :rdomain || '/')"
@@ -702,21 +738,60 @@ class Store:
                          " OR substr(qname, -length(:domain) - 1) = '.' || :domain)))")
             args["domain"] = domain
             args["rdomain"] = rdomain
-        if action:
-            where.append("action = :action")
-            args["action"] = action
+        for column, value in (("action", action), ("grp", group), ("category", category), ("rule", rule)):
+            if value:
+                where.append(f"{column} = :{column}")
+                args[column] = value
         return (" WHERE " + " AND ".join(where)) if where else "", args
 
     def query_log(self, since: str | None = None, until: str | None = None, client: str | None = None,
                   domain: str | None = None, action: str | None = None,
-                  limit: int | None = None) -> Iterator[dict]:
-        where, args = self._log_where(since, until, client, domain, action)
-        sql = f"SELECT * FROM audit{where} ORDER BY time DESC, seq DESC"  # workers commit out of order
-        if limit:
-            sql += " LIMIT :limit"
-            args["limit"] = limit
+                  limit: int | None = None, *, group: str | None = None, category: str | None = None,
+                  rule: str | None = None, through_seq: int | None = None) -> Iterator[dict]:
+        """Matching rows oldest first; with `limit`, the latest `limit` of them; with `through_seq`, only
+        rows with seq <= it (the snapshot `follow_log` then continues from)."""
+        where, args = self._log_where(since, until, client, domain, action, group=group, category=category,
+                                      rule=rule)
+        if through_seq is not None:
+            where += (" AND " if where else " WHERE ") + "seq <= :through"
+            args["through"] = through_seq
+        if not limit:  # oldest first, streamed from the cursor
+            return iter(self.db.query(f"SELECT * FROM audit{where} ORDER BY time, seq", args))
+        sql = f"SELECT * FROM audit{where} ORDER BY time DESC, seq DESC LIMIT :limit"  # workers commit out of order
+        args["limit"] = limit
         rows = list(self.db.query(sql, args))
         return iter(reversed(rows))
+
+    def count_log(self, since: str | None = None, until: str | None = None, client: str | None = None,
+                  domain: str | None = None, action: str | None = None, *, group: str | None = None,
+                  category: str | None = None, rule: str | None = None) -> int:
+        """How many rows query_log would return (without a limit)."""
+        where, args = self._log_where(since, until, client, domain, action, group=group, category=category,
+                                      rule=rule)
+        return int(self.conn.execute(f"SELECT count(*) FROM audit{where}", args).fetchone()[0])
+
+    def last_seq(self) -> int:
+        """The highest seq committed (0 for an empty log)."""
+        return int(self.conn.execute("SELECT max(seq) FROM audit").fetchone()[0] or 0)
+
+    def log_after(self, after_seq: int, through_seq: int, since: str | None = None, until: str | None = None,
+                  client: str | None = None, domain: str | None = None, action: str | None = None, *,
+                  group: str | None = None, category: str | None = None, rule: str | None = None,
+                  batch: int = 5000) -> list[dict]:
+        """Matching rows with after_seq < seq <= through_seq, in seq order (the first `batch`): the live tail.
+
+        Commit order is seq order: seq is the INTEGER PRIMARY KEY, assigned as max(seq) + 1 when a writer
+        inserts, inside its write transaction, and SQLite lets one write transaction run at a time; so
+        once seq n is visible to a reader, no row with a lower seq can appear later (save rows inserted
+        after the newest rows were deleted, which reuses their seqs). Reading `seq > last seen` misses
+        nothing, whatever the number of writer processes. NOT INDEXED: the rowid range, never a filter's
+        index (which would rescan a whole client's or domain's rows at every poll)."""
+        where, args = self._log_where(since, until, client, domain, action, group=group, category=category,
+                                      rule=rule)
+        where += (" AND " if where else " WHERE ") + "seq > :after AND seq <= :through"
+        args["after"], args["through"] = after_seq, through_seq
+        return [dict(r) for r in self.db.query(
+            f"SELECT * FROM audit NOT INDEXED{where} ORDER BY seq LIMIT {int(batch)}", args)]
 
     def stats(self, since: str | None = None, until: str | None = None, top: int = 10) -> dict:
         where, args = self._log_where(since, until, None, None, None)
@@ -743,5 +818,46 @@ class Store:
         bypass_clients = [dict(r) for r in self.db.query(
             f"SELECT client, count(*) AS attempts, group_concat(DISTINCT qname) AS canaries FROM audit{bypass}"
             f" GROUP BY client ORDER BY attempts DESC, client LIMIT {int(top)}", args)]
+        by_group = [dict(r) for r in self.db.query(
+            f"SELECT grp AS [group], count(*) AS blocked, count(DISTINCT client) AS clients FROM audit{blocked}"
+            f" GROUP BY grp ORDER BY blocked DESC, grp", args)]
+        by_category = [dict(r) for r in self.db.query(
+            f"SELECT category, count(*) AS blocked, count(DISTINCT client) AS clients FROM audit{blocked}"
+            f" GROUP BY category ORDER BY blocked DESC, category", args)]
+        per_hour = dict(self.conn.execute(
+            f"SELECT substr(time, 1, 13) AS hour, count(*) FROM audit{blocked} GROUP BY hour", args).fetchall())
         return {"totals": totals, "top_rules": top_domains, "top_names": top_names, "top_clients": top_clients,
-                "bypass_clients": bypass_clients}
+                "bypass_clients": bypass_clients, "by_group": by_group, "by_category": by_category,
+                "hourly": hourly(per_hour, since, until)}
+
+
+MAX_HOURS = 24 * 400  # a histogram longer than this starts at the first hour with a blocked row
+
+
+def hourly(per_hour: dict[str, int], since: str | None, until: str | None,
+           now: datetime | None = None) -> list[dict]:
+    """{'2026-11-22T18': 3, ...} -> [{'hour': '2026-11-22T18:00:00Z', 'blocked': 3}, ...] for every hour
+    from `since` (or the first hour with rows, when since is missing or far back) to `until` (or now),
+    the hours without a row as 0."""
+    def parse(text: str) -> datetime:
+        return datetime.fromisoformat(text[:13].replace("Z", "") + ":00:00+00:00")
+
+    end = parse(until) if until else (now or datetime.now(UTC)).replace(minute=0, second=0, microsecond=0)
+    if until and until[13:] not in ("", ":00:00.000000Z"):  # an end inside an hour: that hour is drawn
+        end += timedelta(hours=1)
+    else:
+        end += timedelta(hours=0 if until else 1)
+    seen = sorted(per_hour)
+    if seen:  # rows stamped outside [since, until) cannot be here; rows after `now` (clock skew) widen it
+        end = max(end, parse(seen[-1]) + timedelta(hours=1))
+    start = parse(since) if since else (parse(seen[0]) if seen else end - timedelta(hours=1))
+    if (end - start) > timedelta(hours=MAX_HOURS):
+        start = max(start, parse(seen[0]) if seen else end - timedelta(hours=1))
+        start = max(start, end - timedelta(hours=MAX_HOURS))
+    out = []
+    t = start
+    while t < end:
+        key = t.strftime("%Y-%m-%dT%H")
+        out.append({"hour": key + ":00:00Z", "blocked": per_hour.get(key, 0)})
+        t += timedelta(hours=1)
+    return out
