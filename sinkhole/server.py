@@ -48,6 +48,8 @@ def drop_privileges(user: str) -> None:
     """Import now what later code imports lazily (the new user may not be able to read the
     installation, e.g. a Python under /root), then become `user`."""
     import concurrent.futures.thread  # noqa: F401  (run_in_executor at shutdown)
+    import encodings.idna  # noqa: F401  (codecs are looked up, and imported, on first use)
+    import encodings.utf_8_sig  # noqa: F401  (list files are read as UTF-8 with or without a BOM)
     import importlib.metadata  # noqa: F401  (sqlite-utils plugins)
 
     sqlite_utils.Database(memory=True).close()
