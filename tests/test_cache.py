@@ -165,6 +165,7 @@ def test_prefetch_refreshes_a_popular_name_before_it_expires(make_server, stub):
     assert len(stub.queries("popular.example.test")) == 1
     assert ask(s, "popular.example.test").answer  # early hit: no refresh
     time.sleep(1.2)
+    s.server.pipeline.cache.prefetch_fraction = 0.01  # the refreshed entry is not due again within this test
     assert ask(s, "popular.example.test").answer  # a hit in the last half: served, and refreshed behind it
     deadline = time.monotonic() + 3
     while len(stub.queries("popular.example.test")) < 2 and time.monotonic() < deadline:
