@@ -82,6 +82,8 @@ LOADS = {
 LABELS = ["www", "api", "chat", "cdn", "static", "auth", "m", "assets", "img", "ws", "edge", "app"]
 SINKHOLE_ENV = {"SINKHOLE_RATE_LIMIT": "0", "SINKHOLE_RATE_LIMIT_NET": "0"}
 MILLION = 1_000_000
+THOUSAND = 1_000
+NO_LOG = "sinkhole log none"
 PROBE = "reload-probe.test"
 
 
@@ -315,7 +317,7 @@ def audit_check(name: str, sink: Sinkhole) -> dict:
 # ---------------------------------------------------------------- 1M rules
 
 
-def million_rules(work: Path, upstream: int) -> dict:
+def million_rules(work: Path, upstream: int, upstream_pid: int) -> dict:
     """1M synthetic rules: sinkhole import, load and reload time and RSS; dnsmasq start time and RSS."""
     out: dict = {"rules": MILLION}
     last = f"r{MILLION - 1}.bench-rules.test"
@@ -340,6 +342,13 @@ def million_rules(work: Path, upstream: int) -> dict:
     rnd = random.Random(3)
     blocked = write_lines(work / "1m-blocked.txt", 200_000,
                           lambda i: f"{rnd.choice(LABELS)}.r{rnd.randrange(MILLION)}.bench-rules.test {qtype(rnd)}")
+    # lookup cost: the same load shape against 1k and 1M rules (names spread over all the rules in force)
+    blocked_1k = write_lines(work / "1k-blocked.txt", 200_000,
+                             lambda i: f"{rnd.choice(LABELS)}.r{rnd.randrange(THOUSAND)}.bench-rules.test {qtype(rnd)}")
+    db_1k = work / "bench-1k.db"
+    subprocess.run([sys.executable, "-c", code.replace(str(MILLION), str(THOUSAND)), str(db_1k)], check=True,
+                   capture_output=True, text=True, timeout=300)
+    out["lookup"] = {}
     sink = Sinkhole(db, ["--upstream", f"127.0.0.1:{upstream}", "--log-level", "info"], env=SINKHOLE_ENV,
                     ready_line=None)
     t0 = time.monotonic()
@@ -349,11 +358,28 @@ def million_rules(work: Path, upstream: int) -> dict:
         out["sinkhole_load_s"] = round(time.monotonic() - t0, 2)
         assert sink.proc is not None
         out["after_load"] = memory(sink.proc.pid)
+        out["lookup"]["sinkhole 1M"] = lookup_run(sink, upstream_pid, blocked)
         out["reload"] = reload_under_load(sink, blocked)
         out["after_reload"] = memory(sink.proc.pid)
     finally:
         sink.kill()
     out["sinkhole_policy_log"] = [line.strip() for line in sink.lines if "policy version" in line]
+
+    small = Sinkhole(db_1k, ["--upstream", f"127.0.0.1:{upstream}", "--log-level", "info"], env=SINKHOLE_ENV,
+                     ready_line=None)
+    try:
+        small.start()
+        wait_dns(small.port, "r999.bench-rules.test", timeout=60, proc=small.proc, want="0.0.0.0")
+        out["lookup"]["sinkhole 1k"] = lookup_run(small, upstream_pid, blocked_1k)
+    finally:
+        small.kill()
+    dm_small = Dnsmasq(work, upstream, [f"r{i}.bench-rules.test" for i in range(THOUSAND)])
+    try:
+        dm_small.start(wait=False)
+        wait_dns(dm_small.port, "r999.bench-rules.test", timeout=60, proc=dm_small.proc, want="0.0.0.0")
+        out["lookup"]["dnsmasq 1k"] = lookup_run(dm_small, upstream_pid, blocked_1k)
+    finally:
+        dm_small.stop()
 
     # dnsmasq has one address= line per answer type: 1M domains are 2M lines (0.0.0.0 and ::), as in the runs above
     print("1M rules: dnsmasq ...", file=sys.stderr)
@@ -366,11 +392,18 @@ def million_rules(work: Path, upstream: int) -> dict:
         out["dnsmasq_start_s"] = round(time.monotonic() - t0, 2)
         assert dm.proc is not None
         out["dnsmasq_rss_mib"] = mib(status_kb(dm.proc.pid, "VmRSS"))
+        out["lookup"]["dnsmasq 1M"] = lookup_run(dm, upstream_pid, blocked)
     except Exception as exc:
         out["dnsmasq_error"] = str(exc)
     finally:
         dm.stop()
     return out
+
+
+def lookup_run(server: Sinkhole | Dnsmasq, upstream_pid: int, datafile: Path, seconds: int = 6) -> dict:
+    """Blocked names at full speed: queries/s and per server CPU-second (the lookup's share of the work)."""
+    res = measure(server, upstream_pid, datafile, seconds)
+    return {k: res[k] for k in ("qps", "q_per_cpu_s", "avg_ms", "lost", "cpu_s")}
 
 
 def mib(kib: int) -> float:
@@ -504,6 +537,18 @@ def million_text(m: dict) -> str:
     ]
     for line in m.get("sinkhole_policy_log", []):
         lines.append(f"  server: {line.split(' - ')[-1]}")
+    look = m.get("lookup", {})
+    if look:
+        lines.append("lookup cost, blocked names at full speed (dnsperf, 6 s each; sinkhole with its audit log):")
+        for name in ("sinkhole 1k", "sinkhole 1M", "dnsmasq 1k", "dnsmasq 1M"):
+            x = look.get(name)
+            if x:
+                lines.append(f"  {name:<12} {fmt(x['qps'], ',.0f'):>9} q/s {fmt(x['q_per_cpu_s'], ',.0f'):>9} q/CPU-s"
+                             f"  avg {fmt(x['avg_ms'], '.2f')} ms  lost {x['lost']}")
+        for who in ("sinkhole", "dnsmasq"):
+            a, b = look.get(f"{who} 1k", {}).get("qps"), look.get(f"{who} 1M", {}).get("qps")
+            if a and b:
+                lines.append(f"  {who}: 1M rules answer at {b / a:.2f}x the rate of 1k rules")
     if "dnsmasq_error" in m:
         lines.append(f"1M rules, dnsmasq: {m['dnsmasq_error']}")
     else:
@@ -564,6 +609,8 @@ def run(args: argparse.Namespace, work: Path, servers: Servers) -> dict:
     upstream_pid = upstream.proc.pid
     workers = sinkhole_workers_option()
     start_sinkhole(work, "sinkhole", up, [], servers)
+    # the audit log's cost: the same server with no audit log, measured on load (a) only
+    start_sinkhole(work, NO_LOG, up, ["--log-queries", "none"], servers)
     if workers:
         start_sinkhole(work, "sinkhole --workers 1", up, ["--workers", "1"], servers)
     servers.add("dnsmasq", lambda: Dnsmasq(work, up, domains).start())
@@ -598,6 +645,8 @@ def run(args: argparse.Namespace, work: Path, servers: Servers) -> dict:
         for load in LOADS:
             for name in names:
                 server = servers.by_name[name]
+                if name == NO_LOG and load != "a":
+                    continue
                 if not alive(name):
                     continue
                 if load in "bd":
@@ -614,7 +663,7 @@ def run(args: argparse.Namespace, work: Path, servers: Servers) -> dict:
     for load in "ab":
         for name in names:
             server = servers.by_name[name]
-            if not alive(name):
+            if name == NO_LOG or not alive(name):
                 continue
             if load == "b":
                 warm(server.port, hot)
@@ -635,8 +684,9 @@ def run(args: argparse.Namespace, work: Path, servers: Servers) -> dict:
             fx = next((x for x in fixed if x["load"] == load and x["server"] == name), None)
             summary.setdefault(load, {})[name] = summarize(mine, fx)
 
-    audits = [audit_check(name, s) for name, s in servers.by_name.items() if isinstance(s, Sinkhole) and alive(name)]
-    million = None if args.quick else million_rules(work, up)
+    audits = [audit_check(name, s) for name, s in servers.by_name.items()
+              if isinstance(s, Sinkhole) and name != NO_LOG and alive(name)]
+    million = None if args.quick else million_rules(work, up, upstream_pid)
 
     settings = (f"dnsperf -c {CLIENTS} -T {THREADS} -q {OUTSTANDING} -t 3 -l {args.seconds} on the same machine; "
                 f"median of {args.rounds} round(s); p50/p99 from a {args.seconds} s run at -Q {FIXED_QPS} "
@@ -666,6 +716,10 @@ def run(args: argparse.Namespace, work: Path, servers: Servers) -> dict:
         print(f"audit check {a['server']}: blocked answers {a['blocked_answers']}, audit rows {a['audit_rows_blocked']}"
               f" (written {a['audit_written']}, dropped {a['audit_dropped']}): "
               f"{'EQUAL' if a['equal'] else 'NOT EQUAL'}; exit code {a['exit_code']}")
+    on, off = (summary.get("a", {}).get(n, {}).get("qps") for n in ("sinkhole", NO_LOG))
+    if on and off:
+        print(f"audit log cost, load (a): {on:,.0f} q/s with the audit log, {off:,.0f} q/s without "
+              f"({100 * (1 - on / off):.0f}% fewer with it)")
     if million is not None:
         print(million_text(million))
     return {
