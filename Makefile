@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench bench-deps bench-log soak clean install install-venv install-files
+.PHONY: run test lint bench bench-deps bench-log profile soak clean install install-venv install-files
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ soak: $(STAMP) bench-deps
 ## bench-log: `log`/`stats` on a 10M-row audit log in /tmp (builds it once, ~2 min; BENCH_LOG_ARGS=--reuse)
 bench-log: $(STAMP)
 	$(BIN)/python bench/logquery.py $(BENCH_LOG_ARGS)
+
+## profile: where one worker's time goes under dnsperf load, sampled by py-spy (PROFILE_ARGS='--load hot')
+profile: $(STAMP) bench-deps
+	$(BIN)/python -m pip install --quiet py-spy
+	$(BIN)/python bench/profile.py $(PROFILE_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
