@@ -19,7 +19,6 @@ from sinkhole.listener import Listener, _Tasks, bind_all
 from sinkhole.pipeline import Pipeline
 from sinkhole.policy import Policy
 from sinkhole.store import Store
-from sinkhole.upstream import Forwarder
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +105,7 @@ class Server:
         self.audit = AuditLog(self.db, cfg.node, cfg.log_queries,
                               seed=lists.seed if cfg.shipped_lists else None, synchronous=cfg.audit_synchronous,
                               client_prefix=cfg.client_prefix(), shipper=shipping.from_config(cfg))
-        self.forwarder = Forwarder(cfg.upstreams(), cfg.timeout, cfg.max_inflight)
+        self.forwarder = cfg.make_forwarder()
         self.pipeline = Pipeline(lambda: self.policy, self.forwarder, self.audit, cfg.answers(), cfg.make_guard(),
                                  cfg.make_cache())
         self.reloader: PolicyReloader | None = None
@@ -198,7 +197,7 @@ class Server:
             await asyncio.wait(set(self.tasks.tasks), timeout=self.cfg.timeout + 1.0)
         for listener in self.listeners:
             listener.close()
-        self.forwarder.close()
+        await self.forwarder.aclose()
         if self.reloader is not None:
             self.reloader.stopping.set()
             self.reloader.join(5)
