@@ -232,6 +232,8 @@ def _reason(exc: BaseException) -> str:
     seen: BaseException | None = exc
     while seen is not None:
         if isinstance(seen, ssl.SSLCertVerificationError):
+            if seen.verify_code in (62, 64):  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
+                return f"certificate is for another name ({seen.verify_message}); write the name it carries as #NAME"
             return f"certificate not trusted ({seen.verify_message or seen}); see upstream_ca"
         seen = seen.__cause__ or seen.__context__
     if isinstance(exc, TimeoutError):
