@@ -177,12 +177,23 @@ def _coerce(name: str, value: Any, origin: str) -> Any:
         raise ConfigError(f"{origin}: {name}: {exc}") from None
 
 
+def _flatten(table: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """TOML reads an unquoted `corp.example = [...]` as nested tables: join the keys back into the zone."""
+    out: list[tuple[str, Any]] = []
+    for key, value in table.items():
+        if isinstance(value, Mapping):
+            out += _flatten(value, f"{prefix}{key}.")
+        else:
+            out.append((f"{prefix}{key}", value))
+    return out
+
+
 def _forward_zones(value: Any) -> tuple[str, ...]:
     """A TOML table {"corp.example" = ["10.0.0.53", ...]} or a list of "ZONE=URL[,URL]" strings; in the
     environment and flags, such strings separated by ';' or blanks."""
     if isinstance(value, Mapping):
         out = []
-        for zone, urls in value.items():
+        for zone, urls in _flatten(value):
             if isinstance(urls, str):
                 urls = [urls]
             if not isinstance(urls, list | tuple) or not all(isinstance(u, str) for u in urls):
