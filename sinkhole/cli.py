@@ -164,8 +164,15 @@ def _rule_category(category: str | None, client_group: str | None) -> str:
 @cli.command()
 @click.option("--listen", multiple=True, metavar="HOST:PORT",
               help="Address to serve UDP and TCP on; repeatable [default 127.0.0.1:5353].")
-@click.option("--upstream", multiple=True, metavar="HOST[:PORT]",
-              help="Resolver to forward to, in order of preference; repeatable [default: /etc/resolv.conf].")
+@click.option("--upstream", multiple=True, metavar="URL",
+              help="Resolver to forward to: HOST[:PORT], udp://, tcp://, tls://HOST[:853][#NAME] or "
+                   "https://HOST/dns-query; in order of preference; repeatable [default: /etc/resolv.conf].")
+@click.option("--upstream-strategy", type=click.Choice(["failover", "fastest", "parallel"]), default=None,
+              help="failover: in order; fastest: lowest measured latency; parallel: the two best at once [failover].")
+@click.option("--upstream-ca", default=None, metavar="PEM",
+              help="CA bundle that tls:// and https:// upstreams must chain to [the system's CAs].")
+@click.option("--forward-zone", "forward_zones", multiple=True, metavar="ZONE=URL[,URL]",
+              help="Names at or under ZONE go to these upstreams (most specific zone wins); repeatable.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
               envvar="SINKHOLE_CONFIG", help="TOML file with settings (flags and SINKHOLE_* override it).")
 @click.option("--mode", type=click.Choice(["sinkhole", "nxdomain"]), default=None,

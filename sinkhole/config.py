@@ -17,13 +17,25 @@ from sinkhole.answer import AnswerConfig
 from sinkhole.audit import MODES as LOG_MODES
 from sinkhole.cache import Cache
 from sinkhole.errors import ConfigError
-from sinkhole.upstream import Upstream, parse_hostport, parse_upstream, system_upstreams
+from sinkhole.upstream import (
+    STRATEGIES,
+    Forwarder,
+    Upstream,
+    parse_hostport,
+    parse_upstream,
+    parse_zones,
+    system_upstreams,
+    tls_context,
+)
 
 
 @dataclass(frozen=True)
 class ServeConfig:
     listen: tuple[str, ...] = ("127.0.0.1:5353",)
     upstream: tuple[str, ...] = ()  # empty: the nameservers of /etc/resolv.conf
+    upstream_strategy: str = "failover"  # failover (in order) | fastest (lowest smoothed RTT) | parallel (two at once)
+    upstream_ca: str = ""  # PEM CA bundle tls:// and https:// upstreams must chain to; empty: the system's CAs
+    forward_zones: tuple[str, ...] = ()  # "ZONE=URL[,URL...]": names at or under ZONE go to those upstreams
     timeout: float = 2.0  # seconds until a client gets SERVFAIL when no upstream answers
     mode: str = "sinkhole"  # or "nxdomain"
     block_a: str = "0.0.0.0"  # "none": NODATA for A
@@ -92,8 +104,30 @@ class ServeConfig:
 
     def upstreams(self) -> list[Upstream]:
         if self.upstream:
-            return [parse_upstream(u) for u in self.upstream]
+            try:
+                return [parse_upstream(u) for u in self.upstream]
+            except ConfigError as exc:
+                raise ConfigError(f"upstream: {exc}") from None
         return system_upstreams()
+
+    def zones(self) -> dict[str, list[Upstream]]:
+        """forward_zones as {zone: upstreams}."""
+        table: dict[str, list[str]] = {}
+        try:
+            for entry in self.forward_zones:
+                zone, eq, urls = entry.partition("=")
+                if not eq or not zone.strip():
+                    raise ConfigError(f"{entry!r}: expected ZONE=UPSTREAM[,UPSTREAM...]")
+                if zone.strip() in table:
+                    raise ConfigError(f"zone {zone.strip()!r} is given twice")
+                table[zone.strip()] = [u for u in (x.strip() for x in urls.split(",")) if u]
+            return parse_zones(table)
+        except ConfigError as exc:
+            raise ConfigError(f"forward_zones: {exc}") from None
+
+    def make_forwarder(self) -> Forwarder:
+        return Forwarder(self.upstreams(), self.timeout, self.max_inflight, self.upstream_strategy,
+                         self.upstream_ca or None, self.zones())
 
     def listen_addresses(self) -> list[tuple[str, int]]:
         return [parse_hostport(x, 53) for x in self.listen]
@@ -118,6 +152,8 @@ def _coerce(name: str, value: Any, origin: str) -> Any:
     f = FIELDS[name]
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
     try:
+        if name == "forward_zones":
+            return _forward_zones(value)
         if kind.startswith("tuple"):
             if isinstance(value, str):
                 return tuple(v.strip() for v in value.split(",") if v.strip())
@@ -143,6 +179,36 @@ def _coerce(name: str, value: Any, origin: str) -> Any:
         return str(value)
     except ValueError as exc:
         raise ConfigError(f"{origin}: {name}: {exc}") from None
+
+
+def _flatten(table: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """TOML reads an unquoted `corp.example = [...]` as nested tables: join the keys back into the zone."""
+    out: list[tuple[str, Any]] = []
+    for key, value in table.items():
+        if isinstance(value, Mapping):
+            out += _flatten(value, f"{prefix}{key}.")
+        else:
+            out.append((f"{prefix}{key}", value))
+    return out
+
+
+def _forward_zones(value: Any) -> tuple[str, ...]:
+    """A TOML table {"corp.example" = ["10.0.0.53", ...]} or a list of "ZONE=URL[,URL]" strings; in the
+    environment and flags, such strings separated by ';' or blanks."""
+    if isinstance(value, Mapping):
+        out = []
+        for zone, urls in _flatten(value):
+            if isinstance(urls, str):
+                urls = [urls]
+            if not isinstance(urls, list | tuple) or not all(isinstance(u, str) for u in urls):
+                raise ValueError(f"zone {zone!r}: expected an upstream or a list of upstreams")
+            out.append(f"{zone}={','.join(urls)}")
+        return tuple(out)
+    if isinstance(value, str):
+        value = value.replace(";", " ").split()
+    if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+        return tuple(v.strip() for v in value if v.strip())
+    raise ValueError('expected a table like {"corp.example" = ["10.0.0.53"]} or a list of "ZONE=UPSTREAM,..."')
 
 
 def _validate(cfg: ServeConfig) -> ServeConfig:
@@ -179,6 +245,11 @@ def _validate(cfg: ServeConfig) -> ServeConfig:
     cfg.listen_addresses()
     if cfg.upstream:
         cfg.upstreams()
+    if cfg.upstream_strategy not in STRATEGIES:
+        raise ConfigError(f"upstream_strategy must be one of {', '.join(STRATEGIES)}, not {cfg.upstream_strategy!r}")
+    if cfg.upstream_ca:
+        tls_context(cfg.upstream_ca)
+    cfg.zones()
     return cfg
 
 

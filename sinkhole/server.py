@@ -19,7 +19,6 @@ from sinkhole.listener import Listener, _Tasks, bind_all
 from sinkhole.pipeline import Pipeline
 from sinkhole.policy import Policy
 from sinkhole.store import Store, iso
-from sinkhole.upstream import Forwarder
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +47,7 @@ def drop_privileges(user: str) -> None:
     """Import now what later code imports lazily (the new user may not be able to read the
     installation, e.g. a Python under /root), then become `user`."""
     import concurrent.futures.thread  # noqa: F401  (run_in_executor at shutdown)
-    import encodings.idna  # noqa: F401  (codecs are looked up, and imported, on first use)
+    import encodings.idna  # (codecs are looked up, and imported, on first use)
     import encodings.utf_8_sig  # noqa: F401  (list files are read as UTF-8 with or without a BOM)
     import importlib.metadata  # noqa: F401  (sqlite-utils plugins)
 
@@ -149,7 +148,7 @@ class Server:
         self.audit = AuditLog(self.db, cfg.node, cfg.log_queries,
                               seed=lists.seed if cfg.shipped_lists else None, synchronous=cfg.audit_synchronous,
                               client_prefix=cfg.client_prefix(), shipper=shipping.from_config(cfg))
-        self.forwarder = Forwarder(cfg.upstreams(), cfg.timeout, cfg.max_inflight)
+        self.forwarder = cfg.make_forwarder()
         self.pipeline = Pipeline(lambda: self.policy, self.forwarder, self.audit, cfg.answers(), cfg.make_guard(),
                                  cfg.make_cache())
         self.reloader: PolicyReloader | None = None
@@ -245,7 +244,7 @@ class Server:
             await asyncio.wait(set(self.tasks.tasks), timeout=self.cfg.timeout + 1.0)
         for listener in self.listeners:
             listener.close()
-        self.forwarder.close()
+        await self.forwarder.aclose()
         if self.reloader is not None:
             self.reloader.stopping.set()
             self.reloader.join(5)

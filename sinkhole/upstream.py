@@ -1,9 +1,20 @@
-"""Forwarding to the agency's resolvers: failover, RFC 5452 reply matching, TC -> TCP.
+"""Forwarding to the agency's resolvers: UDP, TCP, DNS over TLS and over HTTPS; strategies,
+conditional forwarding, RFC 5452 reply matching, TC -> TCP.
 
-The client's query bytes go upstream unchanged but for a fresh random ID, from a fresh
-socket (a random source port chosen by the kernel); a reply counts only when it comes
-from the upstream's address and port (connected socket), has QR set, our ID and the
-same question. Anything else is ignored while we keep waiting for the real reply.
+Upstreams are written as URLs (`parse_upstream`):
+
+    HOST[:PORT], udp://HOST[:PORT]   UDP, and TCP when the reply is truncated
+    tcp://HOST[:PORT]                TCP only, one pooled pipelined connection
+    tls://HOST[:PORT][#NAME]         DNS over TLS (RFC 7858, port 853), pooled and pipelined like TCP
+    https://HOST[:PORT]/PATH[#NAME]  DNS over HTTPS (RFC 8484), POST, HTTP/2 with connection reuse
+
+`#NAME` is the name the TLS certificate must carry (and the SNI), for an upstream given by
+address, as Unbound's `addr@port#name`; without it the host itself is checked.
+
+Over UDP the client's query bytes go upstream unchanged but for a fresh random ID, from a
+fresh socket (a random source port chosen by the kernel); a reply counts only when it comes
+from the upstream's address and port (connected socket), has QR set, our ID and the same
+question. Anything else is ignored while we keep waiting for the real reply.
 """
 
 from __future__ import annotations
@@ -12,36 +23,71 @@ import asyncio
 import errno
 import ipaddress
 import logging
+import re
 import secrets
 import socket
+import ssl
 import struct
 import time
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
 
 from sinkhole import codec
+from sinkhole.domains import DomainError, SuffixTable, normalize
 from sinkhole.errors import ConfigError, UpstreamError
 from sinkhole.model import Query
 
 log = logging.getLogger(__name__)
 
-DOWN_FOR = 5.0  # seconds an upstream that timed out is tried after the healthy ones
+DOWN_FOR = 5.0  # seconds an upstream that failed is tried after the healthy ones
+DEFAULT_PORTS = {"udp": 53, "tcp": 53, "tls": 853, "https": 443}
+STRATEGIES = ("failover", "fastest", "parallel")
+RTT_WEIGHT = 0.3  # weight of a new round-trip sample in the smoothed RTT (EWMA)
+PROBE_EVERY = 16  # fastest / parallel: every 16th choice puts another upstream first, to measure it again
+DOH_CONNECTIONS = 4  # HTTP connections per DoH upstream (HTTP/2 multiplexes many queries on each)
+_LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9])?"
+_HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*$")
+_FAILURES = (TimeoutError, OSError, asyncio.IncompleteReadError, UpstreamError)
 
 
 @dataclass(frozen=True, slots=True)
 class Upstream:
-    host: str
+    host: str  # an IP address; tls:// and https:// may name a host instead
     port: int = 53
+    proto: str = "udp"  # udp (TCP on TC) | tcp | tls | https
+    name: str = ""  # tls / https: the name the certificate must carry (SNI); "" = host
+    path: str = ""  # https: the DoH path
 
     @property
     def family(self) -> int:
         return socket.AF_INET6 if ":" in self.host else socket.AF_INET
 
+    @property
+    def server_name(self) -> str:
+        return self.name or self.host
+
+    @property
+    def encrypted(self) -> bool:
+        return self.proto in ("tls", "https")
+
     def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        where = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        tail = f"#{self.name}" if self.name else ""
+        if self.proto == "udp":
+            return where
+        if self.proto == "https":
+            return f"https://{where}{self.path}{tail}"
+        return f"{self.proto}://{where}{tail}"
 
 
 def parse_hostport(text: str, default_port: int) -> tuple[str, int]:
     """'1.2.3.4', '1.2.3.4:53', '::1', '[::1]:53' -> (host, port). Hosts must be IP addresses."""
+    return _hostport(text, default_port, names=False)
+
+
+def _hostport(text: str, default_port: int, names: bool) -> tuple[str, int]:
     text = text.strip()
     host, port = text, default_port
     if text.startswith("["):
@@ -59,8 +105,17 @@ def parse_hostport(text: str, default_port: int) -> tuple[str, int]:
     try:
         ipaddress.ip_address(host)
     except ValueError as exc:
-        raise ConfigError(f"bad address {text!r}: {host!r} is not an IP address") from exc
+        if not names or text.startswith("["):
+            raise ConfigError(f"bad address {text!r}: {host!r} is not an IP address") from exc
+        host = _hostname(host, text)
     return host, port
+
+
+def _hostname(name: str, whole: str) -> str:
+    name = name.lower().rstrip(".")
+    if not _HOSTNAME.match(name):
+        raise ConfigError(f"bad address {whole!r}: {name!r} is neither an IP address nor a host name")
+    return name
 
 
 def _port(text: str, whole: str) -> int:
@@ -70,10 +125,71 @@ def _port(text: str, whole: str) -> int:
 
 
 def parse_upstream(text: str) -> Upstream:
-    host, port = parse_hostport(text, 53)
+    """One upstream URL (see the module's docstring) -> Upstream; ConfigError saying what is wrong."""
+    raw = text.strip()
+    scheme, sep, rest = raw.partition("://")
+    if not sep:
+        scheme, rest = "udp", raw
+    scheme = scheme.lower()
+    if scheme == "http":
+        raise ConfigError(f"bad upstream {text!r}: DNS over HTTPS needs https://")
+    if scheme not in DEFAULT_PORTS:
+        raise ConfigError(f"bad upstream {text!r}: use HOST[:PORT], udp://, tcp://, tls:// or https://")
+    try:
+        if scheme == "https":
+            return _parse_doh(raw)
+        rest, hashed, name = rest.partition("#")
+        if hashed and scheme not in ("tls",):
+            raise ConfigError(f"bad upstream {text!r}: '#NAME' (the certificate's name) is for tls:// and https://")
+        if "/" in rest or "?" in rest or "@" in rest:
+            raise ConfigError(f"bad upstream {text!r}: only {scheme}://HOST[:PORT] is expected here")
+        host, port = _hostport(rest, DEFAULT_PORTS[scheme], names=scheme == "tls")
+        if hashed:
+            name = _hostname(name, text)
+    except ConfigError as exc:  # say it of the whole URL
+        reason = str(exc).split(": ", 1)[-1]
+        raise ConfigError(f"bad upstream {text!r}: {reason}") from None
     if port == 0:
         raise ConfigError(f"bad upstream {text!r}: port 0")
-    return Upstream(host, port)
+    return Upstream(host, port, scheme, name if name != host else "")
+
+
+def _parse_doh(text: str) -> Upstream:
+    try:
+        url = urlsplit(text.replace("{?dns}", "", 1))  # the RFC 8484 URI template as servers publish it
+        port = url.port or 443
+    except ValueError as exc:
+        raise ConfigError(f"bad upstream {text!r}: {exc}") from None
+    if url.username is not None or url.password is not None or url.query:
+        raise ConfigError(f"bad upstream {text!r}: no user, password or query string in a DoH URL")
+    if not url.hostname:
+        raise ConfigError(f"bad upstream {text!r}: no host")
+    path = url.path
+    if path in ("", "/"):
+        path = "/dns-query"
+    if not path.startswith("/") or any(c in path for c in " {}"):
+        raise ConfigError(f"bad upstream {text!r}: bad path {path!r}")
+    host, _ = _hostport(url.hostname if ":" not in url.hostname else f"[{url.hostname}]", 443, names=True)
+    name = _hostname(url.fragment, text) if url.fragment else ""
+    if port == 0:
+        raise ConfigError(f"bad upstream {text!r}: port 0")
+    return Upstream(host, port, "https", name if name != host else "", path)
+
+
+def parse_zones(zones: Mapping[str, Sequence[str]]) -> dict[str, list[Upstream]]:
+    """{zone: [upstream URL, ...]} -> {normalized zone: [Upstream, ...]}."""
+    out: dict[str, list[Upstream]] = {}
+    for zone, urls in zones.items():
+        try:
+            key = normalize(zone)
+        except DomainError as exc:
+            raise ConfigError(f"bad zone {zone!r}: {exc}") from None
+        if key in out:
+            raise ConfigError(f"zone {key!r} is given twice")
+        if not urls:
+            raise ConfigError(f"zone {key!r}: no upstream given")
+        out[key] = [parse_upstream(u) for u in urls]
+    return out
 
 
 def system_upstreams(path: str = "/etc/resolv.conf") -> list[Upstream]:
@@ -90,6 +206,16 @@ def system_upstreams(path: str = "/etc/resolv.conf") -> list[Upstream]:
     return ups
 
 
+def tls_context(ca: str | None = None) -> ssl.SSLContext:
+    """Certificates verified against `ca` only (a pinned CA bundle) or else the system's CAs; TLS 1.2 or later."""
+    try:
+        ctx = ssl.create_default_context(cafile=ca) if ca else ssl.create_default_context()
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"upstream_ca: cannot load {ca!r} as PEM CA certificates: {exc}") from None
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
 def _matches(reply: bytes, qid: int, question: bytes) -> bool:
     if len(reply) < 12 + len(question):
         return False
@@ -101,21 +227,80 @@ def _matches(reply: bytes, qid: int, question: bytes) -> bool:
             and reply[name_end:name_end + 4] == question[-4:])
 
 
+def _reason(exc: BaseException) -> str:
+    """What went wrong, in words an operator can act on (a certificate error is said as such)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            if seen.verify_code in (62, 64):  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
+                return f"certificate is for another name ({seen.verify_message}); write the name it carries as #NAME"
+            return f"certificate not trusted ({seen.verify_message or seen}); see upstream_ca"
+        seen = seen.__cause__ or seen.__context__
+    if isinstance(exc, TimeoutError):
+        return "TimeoutError"
+    return str(exc) or type(exc).__name__
+
+
+class _Stop(Exception):
+    """No upstream is to blame (out of sockets, out of time): stop trying."""
+
+
+@dataclass
+class _Tries:
+    errors: list[str] = field(default_factory=list)
+    fallback: tuple[bytes, Upstream] | None = None  # a truncated UDP reply, for when TCP fails
+
+
 class Forwarder:
-    def __init__(self, upstreams: list[Upstream], timeout: float = 2.0, max_inflight: int = 1000) -> None:
+    def __init__(self, upstreams: list[Upstream], timeout: float = 2.0, max_inflight: int = 1000,
+                 strategy: str = "failover", ca: str | None = None,
+                 zones: Mapping[str, Iterable[Upstream]] | None = None) -> None:
         if not upstreams:
             raise ConfigError("at least one upstream is needed")
+        if strategy not in STRATEGIES:
+            raise ConfigError(f"upstream_strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
         self.upstreams = list(upstreams)
         self.timeout = timeout
+        self.strategy = strategy
         self.max_inflight = max_inflight  # each forward holds a socket: bounded, beyond it SERVFAIL at once
         self.inflight = 0
+        # conditional forwarding: most specific zone wins, one dict probe per label; None: no zones at all
+        self.zones: SuffixTable | None = SuffixTable({z: list(u) for z, u in zones.items()}) if zones else None
+        everyone = self.upstreams + [u for ups in (zones or {}).values() for u in ups]
+        self._tls = tls_context(ca) if any(u.proto == "tls" for u in everyone) else None
+        self._https_ctx = tls_context(ca) if any(u.proto == "https" for u in everyone) else None
         self._tcp_pool: dict[Upstream, _TcpConnection] = {}
+        self._connecting: dict[Upstream, asyncio.Task[_TcpConnection]] = {}
+        self._doh: dict[Upstream, _DohClient] = {}
         self._down_until: dict[Upstream, float] = {}
+        self._rtt: dict[Upstream, float] = {}  # smoothed round-trip time, seconds
+        self._picks = 0
 
-    def _order(self) -> list[Upstream]:
-        now = time.monotonic()
-        healthy = [u for u in self.upstreams if self._down_until.get(u, 0.0) <= now]
-        return healthy + [u for u in self.upstreams if u not in healthy]
+    def upstreams_for(self, name: str) -> list[Upstream]:
+        """The upstreams a (normalized) name goes to: those of the most specific zone holding it, or the default."""
+        if self.zones is not None:
+            hit = self.zones.lookup_name(name)
+            if hit is not None:
+                return hit[1]  # type: ignore[return-value]
+        return self.upstreams
+
+    def _order(self, ups: list[Upstream]) -> list[Upstream]:
+        down = self._down_until
+        if down:
+            now = time.monotonic()
+            healthy = [u for u in ups if down.get(u, 0.0) <= now]
+            late = [u for u in ups if down.get(u, 0.0) > now]
+        else:
+            healthy, late = ups, []
+        if self.strategy != "failover" and len(healthy) > 1:
+            rtt = self._rtt
+            healthy = sorted(healthy, key=lambda u: rtt.get(u, 0.0))  # never measured: first, to be measured
+            self._picks += 1
+            first = 0 if self.strategy == "fastest" else 1  # parallel: the best one always goes
+            if self._picks % PROBE_EVERY == 0 and len(healthy) > first + 1:
+                j = first + 1 + secrets.randbelow(len(healthy) - first - 1)
+                healthy[first], healthy[j] = healthy[j], healthy[first]
+        return healthy + late if late else healthy
 
     async def forward(self, query: Query, client_tcp: bool) -> tuple[bytes, Upstream]:
         """Relay `query` and return the upstream's reply, carrying the client's ID.
@@ -133,40 +318,119 @@ class Forwarder:
     async def _forward(self, query: Query, client_tcp: bool) -> tuple[bytes, Upstream]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
-        order = self._order()
-        question = query.question
-        fallback: tuple[bytes, Upstream] | None = None
-        errors = []
+        order = self._order(self.upstreams_for(query.name) if self.zones is not None else self.upstreams)
+        tries = _Tries()
+        if self.strategy == "parallel" and len(order) > 1:
+            got = await self._parallel(order, query, client_tcp, deadline, tries)
+        else:
+            got = await self._failover(order, query, client_tcp, deadline, tries)
+        if got is not None:
+            return codec.set_id(got[0], query.id), got[1]
+        if tries.fallback is not None and not client_tcp:
+            # the TCP retry failed: a UDP client gets the truncated reply and may retry over TCP itself
+            return codec.set_id(tries.fallback[0], query.id), tries.fallback[1]
+        raise UpstreamError("; ".join(tries.errors) or "no time left to ask an upstream")
+
+    async def _failover(self, order: list[Upstream], query: Query, client_tcp: bool, deadline: float,
+                        tries: _Tries) -> tuple[bytes, Upstream] | None:
+        loop = asyncio.get_running_loop()
         for i, up in enumerate(order):
             remaining = deadline - loop.time()
             if remaining <= 0:
                 break
             # share what is left among the upstreams not yet tried
-            budget = remaining / (len(order) - i)
-            qid = secrets.randbits(16)
-            out = codec.set_id(query.wire, qid)
             try:
-                reply = await self._udp(up, out, qid, question, budget)
-                if codec.is_truncated(reply):
-                    fallback = (reply, up)
-                    if deadline - loop.time() <= 0:
-                        break  # our time is up, not the upstream's fault
-                    reply = await self._tcp(up, out, qid, question, deadline - loop.time())
-                    if not client_tcp and len(reply) > query.max_udp:
-                        reply = fallback[0]
-            except (TimeoutError, OSError, asyncio.IncompleteReadError, UpstreamError) as exc:
-                reason = type(exc).__name__ if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
-                errors.append(f"{up}: {reason}")
-                if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS):
-                    break  # out of sockets here: no upstream is to blame
-                self._down_until[up] = time.monotonic() + DOWN_FOR
+                return await self._attempt(up, query, client_tcp, remaining / (len(order) - i), deadline, tries), up
+            except _Stop:
+                break
+            except _FAILURES:
                 continue
-            self._down_until.pop(up, None)
-            return codec.set_id(reply, query.id), up
-        if fallback is not None and not client_tcp:
-            # the TCP retry failed: a UDP client gets the truncated reply and may retry over TCP itself
-            return codec.set_id(fallback[0], query.id), fallback[1]
-        raise UpstreamError("; ".join(errors) or "no time left to ask an upstream")
+        return None
+
+    async def _parallel(self, order: list[Upstream], query: Query, client_tcp: bool, deadline: float,
+                        tries: _Tries) -> tuple[bytes, Upstream] | None:
+        """The two best at once; the first good answer wins. A SERVFAIL or REFUSED is kept only
+        until the other has answered or failed. When both fail, the next two, and so on."""
+        loop = asyncio.get_running_loop()
+        poor: tuple[bytes, Upstream] | None = None
+        for i in range(0, len(order), 2):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            pairs_left = (len(order) - i + 1) // 2
+            budget = remaining / pairs_left
+            tasks = {loop.create_task(self._attempt(up, query, client_tcp, budget, deadline, tries)): up
+                     for up in order[i:i + 2]}
+            stop = False
+            try:
+                while tasks:
+                    done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                    for task in done:
+                        up = tasks.pop(task)
+                        exc = task.exception()
+                        if exc is not None:
+                            stop = stop or isinstance(exc, _Stop)
+                            continue
+                        reply = task.result()
+                        if codec.header_rcode(reply) in (codec.SERVFAIL, codec.REFUSED):
+                            poor = poor or (reply, up)
+                            continue
+                        return reply, up
+            finally:
+                for task in tasks:
+                    task.cancel()
+                if tasks:
+                    await asyncio.gather(*tasks, return_exceptions=True)
+            if poor is not None or stop:
+                break
+        return poor
+
+    async def _attempt(self, up: Upstream, query: Query, client_tcp: bool, budget: float, deadline: float,
+                       tries: _Tries) -> bytes:
+        """One upstream, one try; its health and round-trip time are noted. Raises on failure."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        question = query.question
+        try:
+            if up.proto == "udp":
+                qid = secrets.randbits(16)
+                reply = await self._udp(up, codec.set_id(query.wire, qid), qid, question, budget)
+                if codec.is_truncated(reply):
+                    tries.fallback = (reply, up)
+                    if deadline - loop.time() <= 0:
+                        raise _Stop  # our time is up, not the upstream's fault
+                    full = await self._stream(up, query.wire, question, deadline - loop.time())
+                    if client_tcp or len(full) <= query.max_udp:
+                        reply = full
+            elif up.proto == "https":
+                reply = await self._doh_client(up).ask(query.wire, question, budget)
+            else:
+                reply = await self._stream(up, query.wire, question, budget)
+        except _Stop:
+            raise
+        except _FAILURES as exc:
+            reason = _reason(exc)
+            tries.errors.append(f"{up}: {reason}")
+            if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS):
+                raise _Stop from exc  # out of sockets here: no upstream is to blame
+            self._failed(up, reason, loop.time() - started)
+            raise
+        self._answered(up, loop.time() - started)
+        return reply
+
+    def _answered(self, up: Upstream, rtt: float) -> None:
+        if self._down_until.pop(up, None) is not None:
+            log.info("upstream %s answers again", up)
+        old = self._rtt.get(up)
+        self._rtt[up] = rtt if old is None else old + RTT_WEIGHT * (rtt - old)
+
+    def _failed(self, up: Upstream, reason: str, spent: float) -> None:
+        if self._down_until.get(up, 0.0) <= time.monotonic():
+            log.warning("upstream %s failed: %s; tried after the others for %.0f s", up, reason, DOWN_FOR)
+        self._down_until[up] = time.monotonic() + DOWN_FOR
+        old = self._rtt.get(up)
+        penalty = max(spent, self.timeout)  # a quick refusal must not look fast
+        self._rtt[up] = penalty if old is None else old + RTT_WEIGHT * (penalty - old)
 
     async def _udp(self, up: Upstream, out: bytes, qid: int, question: bytes, timeout: float) -> bytes:
         loop = asyncio.get_running_loop()
@@ -184,35 +448,85 @@ class Forwarder:
         finally:
             sock.close()
 
-    async def _tcp(self, up: Upstream, out: bytes, qid: int, question: bytes, timeout: float) -> bytes:
-        """Over the upstream's pooled TCP connection (opened when there is none), pipelined by ID."""
+    async def _stream(self, up: Upstream, wire: bytes, question: bytes, timeout: float) -> bytes:
+        """Over the upstream's pooled TCP or TLS connection (opened when there is none), pipelined by ID."""
         conn = None
         try:
             async with asyncio.timeout(timeout):
-                conn = self._tcp_pool.get(up)
-                if conn is None or conn.closed or qid in conn.waiting:
-                    reader, writer = await asyncio.open_connection(up.host, up.port)
-                    conn = _TcpConnection(reader, writer)
-                    old, self._tcp_pool[up] = self._tcp_pool.get(up), conn
-                    if old is not None and not old.waiting:
-                        old.close()
-                reply = await conn.ask(out, qid)
+                for retry in (False, True):
+                    conn, fresh = await self._connection(up)
+                    qid = secrets.randbits(16)
+                    while qid in conn.waiting:
+                        qid = secrets.randbits(16)
+                    try:
+                        reply = await conn.ask(codec.set_id(wire, qid), qid)
+                        break
+                    except ConnectionError:
+                        if fresh or retry:
+                            raise
+                        # the upstream closed the idle connection as we used it: once more, on a new one
+                        log.debug("pooled connection to %s was closed; opening another", up)
         except TimeoutError:
             if conn is not None and not conn.waiting:
                 conn.close()  # a connection that did not answer in time is not used again
             raise
         if not _matches(reply, qid, question):
-            raise UpstreamError(f"{up}: a TCP reply with our ID but another question")
+            raise UpstreamError(f"a {up.proto.upper()} reply with our ID but another question")
         return reply
 
+    async def _connection(self, up: Upstream) -> tuple[_TcpConnection, bool]:
+        """The pooled connection, or a new one; queries arriving while one is being opened share it."""
+        conn = self._tcp_pool.get(up)
+        if conn is not None and not conn.closed:
+            return conn, False
+        opening = self._connecting.get(up)
+        if opening is None:
+            opening = self._connecting[up] = asyncio.get_running_loop().create_task(self._open(up))
+            opening.add_done_callback(lambda task: self._opened(up, task))
+        return await asyncio.shield(opening), True
+
+    async def _open(self, up: Upstream) -> _TcpConnection:
+        async with asyncio.timeout(max(self.timeout, 1.0)):
+            if up.proto == "tls":
+                reader, writer = await asyncio.open_connection(up.host, up.port, ssl=self._tls,
+                                                               server_hostname=up.server_name)
+            else:
+                reader, writer = await asyncio.open_connection(up.host, up.port)
+        return _TcpConnection(reader, writer)
+
+    def _opened(self, up: Upstream, task: asyncio.Task[_TcpConnection]) -> None:
+        if self._connecting.get(up) is task:
+            del self._connecting[up]
+        if task.cancelled() or task.exception() is not None:
+            return
+        old, self._tcp_pool[up] = self._tcp_pool.get(up), task.result()
+        if old is not None and not old.waiting:
+            old.close()
+
+    def _doh_client(self, up: Upstream) -> _DohClient:
+        client = self._doh.get(up)
+        if client is None:
+            assert self._https_ctx is not None
+            client = self._doh[up] = _DohClient(up, self._https_ctx, self.timeout)
+        return client
+
     def close(self) -> None:
+        """Close the pooled TCP/TLS connections; DoH clients need `aclose`."""
+        for task in self._connecting.values():
+            task.cancel()
         for conn in self._tcp_pool.values():
             conn.close()
         self._tcp_pool.clear()
 
+    async def aclose(self) -> None:
+        self.close()
+        clients, self._doh = list(self._doh.values()), {}
+        for client in clients:
+            await client.aclose()
+
 
 class _TcpConnection:
-    """One TCP connection to an upstream, reused for many queries (RFC 7766 pipelining): replies
+    """One TCP or TLS connection to an upstream, reused for many queries (RFC 7766 pipelining): replies
     are matched to their queries by ID as they come, in any order."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -223,6 +537,8 @@ class _TcpConnection:
         self._reading = asyncio.get_running_loop().create_task(self._read())
 
     async def ask(self, out: bytes, qid: int) -> bytes:
+        if self.closed:
+            raise ConnectionError("upstream connection closed")
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self.waiting[qid] = future
         try:
@@ -233,7 +549,7 @@ class _TcpConnection:
             self.waiting.pop(qid, None)
 
     async def _read(self) -> None:
-        error: BaseException = ConnectionError("upstream closed the TCP connection")
+        error: BaseException = ConnectionError("upstream closed the connection")
         try:
             while True:
                 (length,) = struct.unpack("!H", await self.reader.readexactly(2))
@@ -243,7 +559,7 @@ class _TcpConnection:
                     if future is not None and not future.done():
                         future.set_result(reply)
         except (OSError, asyncio.IncompleteReadError) as exc:
-            error = ConnectionError(f"upstream TCP connection lost: {exc}")
+            error = ConnectionError(f"upstream connection lost: {exc}")
         except asyncio.CancelledError:
             pass
         finally:
@@ -256,3 +572,47 @@ class _TcpConnection:
     def close(self) -> None:
         self.closed = True
         self._reading.cancel()
+
+
+class _DohClient:
+    """DNS over HTTPS (RFC 8484): POST application/dns-message with ID 0, over httpx's connection
+    pool (HTTP/2 when the server offers it: many queries multiplexed on one connection)."""
+
+    def __init__(self, up: Upstream, ctx: ssl.SSLContext, timeout: float) -> None:
+        import httpx
+
+        self._httpx = httpx
+        host = f"[{up.host}]" if ":" in up.host else up.host
+        self.url = f"https://{host}:{up.port}{up.path}"
+        self.headers = {"content-type": "application/dns-message", "accept": "application/dns-message"}
+        self.extensions: dict[str, Any] = {}
+        if up.name:  # connect to the address, but name the certificate's host in SNI and Host
+            self.extensions["sni_hostname"] = up.name
+            self.headers["host"] = up.name if up.port == 443 else f"{up.name}:{up.port}"
+        options: dict[str, Any] = dict(
+            verify=ctx, trust_env=False, timeout=httpx.Timeout(max(timeout, 1.0)),
+            limits=httpx.Limits(max_connections=DOH_CONNECTIONS, max_keepalive_connections=DOH_CONNECTIONS))
+        try:
+            self.client = httpx.AsyncClient(http2=True, **options)
+        except ImportError:  # the h2 package is missing: HTTP/1.1 keep-alive connections still get reused
+            log.warning("DoH upstream %s: HTTP/2 needs the h2 package; using HTTP/1.1", up)
+            self.client = httpx.AsyncClient(**options)
+
+    async def ask(self, wire: bytes, question: bytes, timeout: float) -> bytes:
+        try:
+            async with asyncio.timeout(timeout):
+                r = await self.client.post(self.url, content=codec.set_id(wire, 0), headers=self.headers,
+                                           extensions=self.extensions)
+        except self._httpx.HTTPError as exc:
+            raise UpstreamError(_reason(exc)) from exc
+        if r.status_code != 200:
+            raise UpstreamError(f"HTTP status {r.status_code}")
+        kind = r.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if kind != "application/dns-message":
+            raise UpstreamError(f"a DoH reply of type {kind!r}, not application/dns-message")
+        if not _matches(r.content, 0, question):
+            raise UpstreamError("a DoH reply that does not match the question")
+        return r.content
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
