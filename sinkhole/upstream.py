@@ -9,6 +9,7 @@ same question. Anything else is ignored while we keep waiting for the real reply
 from __future__ import annotations
 
 import asyncio
+import bisect
 import errno
 import ipaddress
 import logging
@@ -25,6 +26,8 @@ from sinkhole.model import Query
 log = logging.getLogger(__name__)
 
 DOWN_FOR = 5.0  # seconds an upstream that timed out is tried after the healthy ones
+# upper bounds (seconds) of the latency histogram buckets kept per upstream (sinkhole.metrics exports them)
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +114,26 @@ class Forwarder:
         self.inflight = 0
         self._tcp_pool: dict[Upstream, _TcpConnection] = {}
         self._down_until: dict[Upstream, float] = {}
+        # per upstream, for metrics: answers per latency bucket (the last: above every bound), their
+        # total seconds, and failed attempts (timeouts, errors); plain ints, read at scrape time
+        self.latency: dict[Upstream, list[int]] = {u: [0] * (len(LATENCY_BUCKETS) + 1) for u in self.upstreams}
+        self.latency_sum: dict[Upstream, float] = dict.fromkeys(self.upstreams, 0.0)
+        self.failures: dict[Upstream, int] = dict.fromkeys(self.upstreams, 0)
+
+    def set_upstreams(self, upstreams: list[Upstream]) -> None:
+        """A reloaded configuration: new upstreams are asked from the next query on."""
+        if not upstreams:
+            raise ConfigError("at least one upstream is needed")
+        for u in upstreams:
+            self.latency.setdefault(u, [0] * (len(LATENCY_BUCKETS) + 1))
+            self.latency_sum.setdefault(u, 0.0)
+            self.failures.setdefault(u, 0)
+        for u in set(self.upstreams) - set(upstreams):
+            conn = self._tcp_pool.pop(u, None)
+            if conn is not None and not conn.waiting:
+                conn.close()
+            self._down_until.pop(u, None)
+        self.upstreams = list(upstreams)
 
     def _order(self) -> list[Upstream]:
         now = time.monotonic()
@@ -145,6 +168,7 @@ class Forwarder:
             budget = remaining / (len(order) - i)
             qid = secrets.randbits(16)
             out = codec.set_id(query.wire, qid)
+            asked = time.perf_counter()
             try:
                 reply = await self._udp(up, out, qid, question, budget)
                 if codec.is_truncated(reply):
@@ -160,8 +184,14 @@ class Forwarder:
                 if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS):
                     break  # out of sockets here: no upstream is to blame
                 self._down_until[up] = time.monotonic() + DOWN_FOR
+                self.failures[up] = self.failures.get(up, 0) + 1
                 continue
             self._down_until.pop(up, None)
+            took = time.perf_counter() - asked
+            buckets = self.latency.get(up)
+            if buckets is not None:
+                buckets[bisect.bisect_left(LATENCY_BUCKETS, took)] += 1
+                self.latency_sum[up] += took
             return codec.set_id(reply, query.id), up
         if fallback is not None and not client_tcp:
             # the TCP retry failed: a UDP client gets the truncated reply and may retry over TCP itself
