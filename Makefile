@@ -51,7 +51,8 @@ clean:
 
 # ---------------------------------------------------------------------------- install
 # `sudo make install` on a Debian host: a venv in $(PREFIX), `sinkhole` in $(BINDIR), the unit
-# files, the `sinkhole` system user and an example /etc/default/sinkhole (kept if present).
+# files, the `sinkhole` system user, an example /etc/default/sinkhole and /etc/sinkhole/sinkhole.toml
+# (both kept if present).
 # DESTDIR=/some/dir stages everything under that directory instead (no user, no systemctl).
 # Then: sudo systemctl enable --now sinkhole.socket sinkhole.service
 PREFIX ?= /opt/sinkhole
@@ -78,7 +79,10 @@ install-venv:
 	fi
 
 install-files:
-	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSCONFDIR)/default
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSCONFDIR)/default $(DESTDIR)$(SYSCONFDIR)/sinkhole
+	@# every setting commented out at its default; an edited file is kept
+	test -e $(DESTDIR)$(SYSCONFDIR)/sinkhole/sinkhole.toml || \
+	  install -m 0644 etc/sinkhole.toml $(DESTDIR)$(SYSCONFDIR)/sinkhole/sinkhole.toml
 	ln -sfn $(PREFIX)/bin/sinkhole $(DESTDIR)$(BINDIR)/sinkhole
 	sed 's#^ExecStart=/usr/local/bin/sinkhole #ExecStart=$(BINDIR)/sinkhole #' systemd/sinkhole.service \
 	  > $(DESTDIR)$(UNITDIR)/sinkhole.service

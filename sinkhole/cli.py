@@ -174,7 +174,9 @@ def _rule_category(category: str | None, client_group: str | None) -> str:
 @click.option("--forward-zone", "forward_zones", multiple=True, metavar="ZONE=URL[,URL]",
               help="Names at or under ZONE go to these upstreams (most specific zone wins); repeatable.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
-              envvar="SINKHOLE_CONFIG", help="TOML file with settings (flags and SINKHOLE_* override it).")
+              envvar="SINKHOLE_CONFIG", help="TOML file with settings (flags and SINKHOLE_* override it) "
+                                             "[default: /etc/sinkhole/sinkhole.toml if it exists]. "
+                                             "SIGHUP reads it again.")
 @click.option("--mode", type=click.Choice(["sinkhole", "nxdomain"]), default=None,
               help="Answer blocked names with the sinkhole address (A/AAAA; NODATA otherwise) or NXDOMAIN.")
 @click.option("--block-a", default=None, metavar="IPV4|none", help="Address for blocked A queries [0.0.0.0].")
@@ -207,16 +209,74 @@ def _rule_category(category: str | None, client_group: str | None) -> str:
               help="Seconds between chain heads sent to syslog; one is sent at shutdown too [60].")
 @click.option("--retention-days", type=click.IntRange(min=0), default=None,
               help="Prune audit rows older than this, hourly, leaving checkpoints [365; 0: keep forever].")
+@click.option("--metrics", default=None, metavar="HOST:PORT",
+              help="Serve Prometheus /metrics and /healthz here, e.g. 127.0.0.1:9153 [off].")
 @pass_env
 def serve(env: Env, config_file: Path | None, **flags: Any) -> None:
-    """Serve DNS: sinkhole listed names, forward the rest, audit every block."""
+    """Serve DNS: sinkhole listed names, forward the rest, audit every block.
+
+    SIGHUP reads the configuration again and applies what can change at run time."""
     from sinkhole import config, server
 
+    config_file = config_file or config.default_file()
     # a repeatable option given no value comes as (): not set, rather than set to nothing
-    cfg = config.load(config_file, flags={k: (None if v == () else v) for k, v in flags.items()})
+    given = {k: (None if v == () else v) for k, v in flags.items()}
+    cfg = config.load(config_file, flags=given)
     logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s sinkhole %(levelname)s %(message)s")
-    sys.exit(server.run(cfg, env.db_path))
+    sys.exit(server.run(cfg, env.db_path, reload=lambda: config.load(config_file, flags=given)))
+
+
+# ---------------------------------------------------------------------------- config
+
+
+@cli.group("config")
+def config_group() -> None:
+    """Check the settings file, and show the settings a server would run with."""
+
+
+@config_group.command("check")
+@click.argument("file", required=False, type=click.Path(dir_okay=False, path_type=Path), envvar="SINKHOLE_CONFIG")
+def config_check(file: Path | None) -> None:
+    """Validate FILE [SINKHOLE_CONFIG, else /etc/sinkhole/sinkhole.toml]: every error, each with its
+    line; exit 2 if there is any."""
+    from sinkhole import config
+
+    file = file or config.default_file()
+    if file is None:
+        raise ConfigError(f"no settings file: give FILE, set SINKHOLE_CONFIG, or create {config.DEFAULT_PATH}")
+    problems = config.check_file(file)
+    for problem in problems:
+        click.echo(problem.format(file), err=True)
+    if problems:
+        sys.exit(2)
+    click.echo(f"{file}: ok")
+
+
+@config_group.command("show")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), envvar="SINKHOLE_CONFIG",
+              help="The settings file [default: /etc/sinkhole/sinkhole.toml if it exists].")
+@click.option("--format", "fmt", type=click.Choice(["toml", "json"]), default="toml", show_default=True)
+def config_show(config_file: Path | None, fmt: str) -> None:
+    """The effective settings (defaults < file < SINKHOLE_* environment), each with where it came from."""
+    from sinkhole import config
+
+    config_file = config_file or config.default_file()
+    cfg, sources = config.load_sources(config_file)
+    if fmt == "json":
+        click.echo(json.dumps({"file": str(config_file) if config_file else None, "settings": {
+            name: {"value": list(v) if isinstance(v := getattr(cfg, name), tuple) else v, "source": sources[name]}
+            for name in config.FIELDS}}, indent=2))
+        return
+    click.echo(f"# effective settings: defaults < {config_file or '(no file)'} < SINKHOLE_* environment")
+    for name in config.FIELDS:
+        source = sources[name]
+        if source == "env":
+            source = f"env SINKHOLE_{name.upper()}"
+        elif source == "file":
+            source = f"file {config_file}"
+        line = f"{name} = {config.to_toml(getattr(cfg, name))}"
+        click.echo(f"{line}  # {source}")
 
 
 # ---------------------------------------------------------------------------- block / allow
@@ -1091,7 +1151,7 @@ def check(env: Env, name: str, qtype: str, client: str, config_file: Path | None
         ipaddress.ip_address(client)
     except (ValueError, dns.rdatatype.UnknownRdatatype):
         raise click.BadParameter(f"{qtype!r} or {client!r} is not a query type / an IP address") from None
-    cfg = config.load(config_file)
+    cfg = config.load(config_file or config.default_file())
     quiet = logging.getLogger("sinkhole")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # the server's own warnings are not the answer here

@@ -1,10 +1,17 @@
-"""Settings for `sinkhole serve`: defaults < TOML file < SINKHOLE_* environment < command-line flags."""
+"""Settings for `sinkhole serve`: defaults < TOML file < SINKHOLE_* environment < command-line flags.
+
+The file is `--config FILE` (env SINKHOLE_CONFIG), else /etc/sinkhole/sinkhole.toml when it exists.
+`check_file` validates a file and names the line of every error; `load_sources` also says where each
+effective value came from; `reload_plan` splits a changed configuration into what a running server
+applies (RELOADABLE) and what needs a restart.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import ipaddress
 import os
+import re
 import socket
 import tomllib
 from collections.abc import Mapping
@@ -74,6 +81,7 @@ class ServeConfig:
     anchor_interval: float = 60.0  # seconds between chain heads sent to syslog (and one at shutdown)
     retention_days: int = 365  # audit rows older than this are pruned, leaving checkpoints (0: kept forever)
     prune_interval: float = 3600.0  # seconds between two prunes (and one at start)
+    metrics: str = ""  # HOST:PORT serving Prometheus /metrics and /healthz; empty: off
 
     def answers(self) -> AnswerConfig:
         return AnswerConfig(mode=self.mode, a=_addr(self.block_a, 4, "block_a"),
@@ -132,8 +140,26 @@ class ServeConfig:
     def listen_addresses(self) -> list[tuple[str, int]]:
         return [parse_hostport(x, 53) for x in self.listen]
 
+    def metrics_address(self) -> tuple[str, int] | None:
+        return parse_hostport(self.metrics, METRICS_PORT) if self.metrics.strip() else None
+
 
 FIELDS = {f.name: f for f in dataclasses.fields(ServeConfig)}
+DEFAULT_PATH = Path("/etc/sinkhole/sinkhole.toml")
+METRICS_PORT = 9153
+# what a running server applies on SIGHUP; every other change is reported as needing a restart
+RELOADABLE = frozenset({
+    "log_queries", "log_level", "mode", "block_a", "block_aaaa", "block_ttl",
+    "allow_clients", "rate_limit", "rate_limit_burst", "rate_limit_net", "rate_limit_net_burst",
+    "rate_limit_v4_prefix", "rate_limit_v6_prefix", "rate_limit_action", "rate_limit_exempt",
+    "upstream", "timeout", "max_inflight", "cache_size", "cache_min_ttl", "cache_max_ttl",
+    "cache_negative_max_ttl", "reload_interval",
+})
+
+
+def default_file() -> Path | None:
+    """/etc/sinkhole/sinkhole.toml when it exists: used when no --config / SINKHOLE_CONFIG is given."""
+    return DEFAULT_PATH if DEFAULT_PATH.is_file() else None
 
 
 def _addr(text: str, version: int, name: str) -> Any:
@@ -240,6 +266,7 @@ def _validate(cfg: ServeConfig) -> ServeConfig:
     shipping.facility_code(cfg.syslog_facility)
     if not 0 < cfg.anchor_interval <= 86400:
         raise ConfigError("anchor_interval must be above zero and at most a day (86400 seconds)")
+    cfg.metrics_address()
     cfg.answers()
     cfg.make_guard()
     cfg.listen_addresses()
@@ -253,30 +280,164 @@ def _validate(cfg: ServeConfig) -> ServeConfig:
     return cfg
 
 
-def load(file: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None,
-         flags: Mapping[str, Any] | None = None) -> ServeConfig:
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    server = data.get("server")
+    return server if isinstance(server, dict) else data
+
+
+def load_sources(file: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None,
+                 flags: Mapping[str, Any] | None = None) -> tuple[ServeConfig, dict[str, str]]:
+    """The effective settings and, for each, where it came from: default, file, env or flag."""
     values: dict[str, Any] = {}
+    sources = dict.fromkeys(FIELDS, "default")
     if file is not None:
         path = Path(file)
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise ConfigError(f"{path}: {exc.strerror}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: {exc}") from None
-        data = data.get("server", data)
-        for key, value in data.items():
+        for key, value in _read(path).items():
             name = key.replace("-", "_")
             if name not in FIELDS:
                 raise ConfigError(f"{path}: unknown setting {key!r}")
             values[name] = _coerce(name, value, str(path))
+            sources[name] = "file"
     env = os.environ if env is None else env
     for name in FIELDS:
         var = f"SINKHOLE_{name.upper()}"
         if var in env:
             values[name] = _coerce(name, env[var], var)
+            sources[name] = "env"
     for name, value in (flags or {}).items():
         if value is None:
             continue
         values[name] = _coerce(name, value, "--" + name.replace("_", "-"))
-    return _validate(ServeConfig(**values))
+        sources[name] = "flag"
+    return _validate(ServeConfig(**values)), sources
+
+
+def load(file: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None,
+         flags: Mapping[str, Any] | None = None) -> ServeConfig:
+    return load_sources(file, env, flags)[0]
+
+
+# ---------------------------------------------------------------------------- config check
+
+
+@dataclass(frozen=True)
+class Problem:
+    line: int  # 1-based; 0 when no line can be named
+    column: int
+    message: str
+
+    def format(self, path: str | os.PathLike[str]) -> str:
+        where = f"{path}:{self.line}" if self.line else str(path)
+        return f"{where}:{self.column}: {self.message}" if self.column else f"{where}: {self.message}"
+
+
+_TOML_AT = re.compile(r"\s*\(at line (\d+), column (\d+)\)\s*$")
+_TOML_END = re.compile(r"\s*\(at end of document\)\s*$")
+
+
+def _key_line(text: str, key: str) -> int:
+    """The line of `key = ...` in the file (bare or quoted key, in any table), or 0."""
+    pattern = re.compile(r"^[ \t]*(?:" + re.escape(key) + r"|\"" + re.escape(key) + r"\"|'" + re.escape(key)
+                         + r"')[ \t]*=", re.MULTILINE)
+    m = pattern.search(text)
+    return text.count("\n", 0, m.start()) + 1 if m else 0
+
+
+def _strip_origin(message: str) -> str:
+    return message.split(": ", 1)[1] if message.startswith(("/", ".")) and ": " in message else message
+
+
+def check_file(file: str | os.PathLike[str]) -> list[Problem]:
+    """Every error in a settings file at once, each with its line (as `config check` prints them).
+
+    TOML syntax errors carry tomllib's line and column (the file cannot be read further); unknown
+    keys and bad values name the line of their key; a value that is wrong only together with
+    another (cache_min_ttl above cache_max_ttl) names the line of the first key the message names."""
+    path = Path(file)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        return [Problem(0, 0, exc.strerror or str(exc))]
+    except UnicodeDecodeError:
+        return [Problem(0, 0, "not UTF-8 text")]
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        message = str(exc)
+        m = _TOML_AT.search(message)
+        if m:
+            return [Problem(int(m.group(1)), int(m.group(2)), message[:m.start()])]
+        end = _TOML_END.sub("", message)
+        return [Problem(text.count("\n") + 1, 0, end)]
+    server = data.get("server")
+    if isinstance(server, dict):
+        extra = [k for k in data if k != "server"]
+        data = server
+        problems = [Problem(_key_line(text, k), 0, f"unknown setting {k!r} (outside [server])") for k in extra]
+    else:
+        problems = []
+    good: dict[str, Any] = {}
+    lines: dict[str, int] = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        line = _key_line(text, key)
+        if name not in FIELDS:
+            problems.append(Problem(line, 0, f"unknown setting {key!r}"))
+            continue
+        try:
+            good[name] = _coerce(name, value, "")
+        except ConfigError as exc:
+            problems.append(Problem(line, 0, str(exc).lstrip(": ")))
+            continue
+        lines[name] = line
+
+    def error_of(values: dict[str, Any]) -> str | None:
+        try:
+            _validate(ServeConfig(**values))
+        except ConfigError as exc:
+            return _strip_origin(str(exc))
+        return None
+
+    if error_of(good) is not None:
+        for name in list(good):  # each value alone over the defaults: which ones are wrong by themselves
+            message = error_of({name: good[name]})
+            if message is not None:
+                problems.append(Problem(lines[name], 0, message))
+                del good[name]
+        message = error_of(good)
+        if message is not None:  # wrong only together
+            named = [n for n in good if re.search(r"\b" + re.escape(n) + r"\b", message)]
+            problems.append(Problem(lines[named[0]] if named else 0, 0, message))
+    return sorted(problems, key=lambda p: (p.line, p.column))
+
+
+# ---------------------------------------------------------------------------- reload
+
+
+def reload_plan(running: ServeConfig, new: ServeConfig) -> tuple[ServeConfig, list[str], list[str]]:
+    """(the running settings with every reloadable change applied, names applied, names needing a restart)."""
+    changed = [f for f in FIELDS if getattr(running, f) != getattr(new, f)]
+    applied = [f for f in changed if f in RELOADABLE]
+    restart = [f for f in changed if f not in RELOADABLE]
+    return dataclasses.replace(running, **{f: getattr(new, f) for f in applied}), applied, restart
+
+
+def to_toml(value: Any) -> str:
+    """A setting's value as TOML (strings, numbers, booleans, lists of strings)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(to_toml(v) for v in value) + "]"
+    import json
+
+    return json.dumps(str(value), ensure_ascii=False)

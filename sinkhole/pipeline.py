@@ -65,6 +65,8 @@ class Pipeline:
         self.answers = answers
         self.counts: dict[str, int] = {}
         self._background: set[asyncio.Task[None]] = set()  # cache refreshes (prefetch) in flight
+        # (action, qtype, transport, group) -> queries: read by sinkhole.metrics at scrape time
+        self.detail: dict[tuple[str, int, str, str | None], int] = {}
 
     def _record(self, action: Action, client: str, proto: str, qname: str, qtype: int, rcode: int,
                 verdict: Verdict | None = None, summary: str | None = None, version: int = 0,
@@ -73,12 +75,26 @@ class Pipeline:
         name = action.value
         counts = self.counts
         counts[name] = counts.get(name, 0) + 1
+        key = (name, qtype, proto, group)
+        detail = self.detail
+        detail[key] = detail.get(key, 0) + 1
         if self.audit.wants(action):
             rule = verdict.rule if verdict is not None else None
             self.audit.submit(AuditEvent(
                 time.time(), client, proto, qname, qtype, name,
                 rule.domain if rule else None, rule.category if rule else None, rcode, summary, version,
                 upstream, latency_ms, group, wire, rule.source if rule else None))
+
+    def set_answers(self, answers: answer.AnswerConfig) -> None:
+        """A reloaded configuration (SIGHUP): blocked answers are built anew from the next query on."""
+        self.answers = answers
+        self._canary_answers = {
+            "nxdomain": answer.AnswerConfig(mode="nxdomain", ttl=answers.ttl),
+            "nodata": answer.AnswerConfig(mode="sinkhole", a=None, aaaa=None, ttl=answers.ttl),
+        }
+        self._memo.clear()
+        self._group_memos.clear()
+        self._shapes.clear()
 
     def begin(self, wire: bytes, client: str, proto: str) -> bytes | Pending | None:
         policy = self.get_policy()

@@ -8,11 +8,12 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import sqlite_utils
 
-from sinkhole import lists, privileges, shipping, systemd
+from sinkhole import config, lists, privileges, shipping, systemd
 from sinkhole.audit import AuditLog
 from sinkhole.config import ServeConfig
 from sinkhole.listener import Listener, _Tasks, bind_all
@@ -135,8 +136,12 @@ class Pruner(threading.Thread):
 
 class Server:
     def __init__(self, cfg: ServeConfig, db: str | Path, sockets: list | None = None,
-                 worker: int | None = None) -> None:
-        """`sockets`: (host, port, udp, tcp) already bound by a supervisor, which also speaks to systemd."""
+                 worker: int | None = None, reload: Callable[[], ServeConfig] | None = None) -> None:
+        """`sockets`: (host, port, udp, tcp) already bound by a supervisor, which also speaks to systemd.
+        `reload`: reads the configuration again (file < env < flags) on SIGHUP; raises ConfigError."""
+        self.reload = reload
+        self.policy_loaded = False
+        self.exporter = None
         self.sockets = sockets
         self.worker = worker
         self.cfg = cfg
@@ -159,6 +164,7 @@ class Server:
         started = time.perf_counter()
         policy = store.load_policy(self.cfg.bypass_canaries)
         old, self.policy = self.policy, policy  # one assignment: every query sees the old or the new policy
+        self.policy_loaded = True
         if old.blocks + old.allows > 10_000:
             del old
             _give_back_memory()
@@ -201,6 +207,11 @@ class Server:
             self.pruner.start()
         if self.sockets is not None:
             return
+        address = self.cfg.metrics_address()
+        if address is not None:
+            from sinkhole import metrics
+
+            self.exporter = metrics.for_server(self, address)
         log.info("forwarding to %s; audit log %s in %s", ", ".join(map(str, self.forwarder.upstreams)),
                  self.cfg.log_queries, self.db)
         systemd.notify("READY=1\nSTATUS=serving on " + ", ".join(self.addresses))
@@ -216,6 +227,54 @@ class Server:
 
     def request_stop(self) -> None:
         self._stop.set()
+
+    def reload_config(self) -> None:
+        """SIGHUP: read the configuration again and apply what can change at run time; a bad file is
+        refused with the reason and the running settings stay."""
+        who = "" if self.worker is None else f"worker {self.worker}: "
+        if self.reload is None:
+            log.warning("%sSIGHUP: no configuration to read again", who)
+            return
+        try:
+            new = self.reload()
+        except Exception as exc:  # whatever is wrong with the new file, the running settings stay
+            log.error("%sconfig reload refused, the running settings stay: %s", who, exc)
+            return
+        self.apply_config(new, who)
+
+    def apply_config(self, new: ServeConfig, who: str = "") -> tuple[list[str], list[str]]:
+        """Apply the settings of `new` that can change at run time (config.RELOADABLE); returns
+        (applied, needing a restart)."""
+        running, applied, restart = config.reload_plan(self.cfg, new)
+        changed = set(applied)
+        try:
+            answers = running.answers()
+            guard = running.make_guard() if changed & GUARD_SETTINGS else None
+            upstreams = running.upstreams() if "upstream" in changed else None
+        except Exception as exc:
+            log.error("%sconfig reload refused, the running settings stay: %s", who, exc)
+            return [], restart
+        self.cfg = running
+        self.audit.mode = running.log_queries
+        logging.getLogger().setLevel(running.log_level.upper())
+        if changed & ANSWER_SETTINGS:
+            self.pipeline.set_answers(answers)
+        if guard is not None:
+            self.pipeline.guard = guard
+        if upstreams is not None:
+            self.forwarder.set_upstreams(upstreams)
+        self.forwarder.timeout = running.timeout
+        self.forwarder.max_inflight = running.max_inflight
+        cache = self.pipeline.cache
+        cache.max_entries, cache.min_ttl = running.cache_size, running.cache_min_ttl
+        cache.max_ttl, cache.negative_max_ttl = running.cache_max_ttl, running.cache_negative_max_ttl
+        if self.reloader is not None:
+            self.reloader.interval = running.reload_interval
+        log.info("%sconfig reloaded: %s%s", who,
+                 f"applied {', '.join(f'{k} = {config.to_toml(getattr(running, k))}' for k in applied)}"
+                 if applied else "no change to apply",
+                 f"; needs a restart: {', '.join(restart)}" if restart else "")
+        return applied, restart
 
     async def wait(self) -> None:
         await self._stop.wait()
@@ -251,6 +310,8 @@ class Server:
         if self.pruner is not None:  # between batches it stops at once; a batch in hand is finished first
             self.pruner.stopping.set()
         await asyncio.get_running_loop().run_in_executor(None, self.audit.close)
+        if self.exporter is not None:
+            self.exporter.close()
         a = self.audit
         log.info("%sstopped: %s; audit rows written %d, dropped %d (queue full %d, unwritable %d; %d gap rows, "
                  "%d failed batches, %d reopened)", "" if self.worker is None else f"worker {self.worker} ",
@@ -258,26 +319,34 @@ class Server:
                  a.written, a.dropped, a.queue_dropped, a.write_dropped, a.gaps, a.failed_batches, a.reopened)
 
 
-async def _serve(cfg: ServeConfig, db: Path) -> None:
-    server = Server(cfg, db)
+GUARD_SETTINGS = frozenset({"allow_clients", "rate_limit", "rate_limit_burst", "rate_limit_net",
+                            "rate_limit_net_burst", "rate_limit_v4_prefix", "rate_limit_v6_prefix",
+                            "rate_limit_action", "rate_limit_exempt"})
+ANSWER_SETTINGS = frozenset({"mode", "block_a", "block_aaaa", "block_ttl"})
+
+
+async def _serve(cfg: ServeConfig, db: Path, reload: Callable[[], ServeConfig] | None) -> None:
+    server = Server(cfg, db, reload=reload)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.request_stop)
+    loop.add_signal_handler(signal.SIGHUP, server.reload_config)
     await server.start()
     await server.wait()
 
 
-def run(cfg: ServeConfig, db: Path) -> int:
-    """Serve until SIGTERM or SIGINT; uses uvloop when it is installed; returns the exit code."""
+def run(cfg: ServeConfig, db: Path, reload: Callable[[], ServeConfig] | None = None) -> int:
+    """Serve until SIGTERM or SIGINT; SIGHUP calls `reload` and applies what can change at run time;
+    uses uvloop when it is installed; returns the exit code."""
     workers = cfg.workers or os.cpu_count() or 1
     if workers > 1:
         from sinkhole.workers import Supervisor
 
-        return Supervisor(cfg, db, workers).run()
+        return Supervisor(cfg, db, workers, reload).run()
     try:
         import uvloop
     except ImportError:
-        asyncio.run(_serve(cfg, db))
+        asyncio.run(_serve(cfg, db, reload))
     else:
-        uvloop.run(_serve(cfg, db))
+        uvloop.run(_serve(cfg, db, reload))
     return 0

@@ -20,6 +20,7 @@ question. Anything else is ignored while we keep waiting for the real reply.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import errno
 import ipaddress
 import logging
@@ -50,6 +51,8 @@ DOH_CONNECTIONS = 4  # HTTP connections per DoH upstream (HTTP/2 multiplexes man
 _LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9])?"
 _HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*$")
 _FAILURES = (TimeoutError, OSError, asyncio.IncompleteReadError, UpstreamError)
+# upper bounds (seconds) of the latency histogram buckets kept per upstream (sinkhole.metrics exports them)
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,6 +278,27 @@ class Forwarder:
         self._down_until: dict[Upstream, float] = {}
         self._rtt: dict[Upstream, float] = {}  # smoothed round-trip time, seconds
         self._picks = 0
+        # per upstream, for metrics: answers per latency bucket (the last: above every bound), their
+        # total seconds, and failed attempts (timeouts, errors); plain ints, read at scrape time
+        everyone_ = list(dict.fromkeys(everyone))
+        self.latency: dict[Upstream, list[int]] = {u: [0] * (len(LATENCY_BUCKETS) + 1) for u in everyone_}
+        self.latency_sum: dict[Upstream, float] = dict.fromkeys(everyone_, 0.0)
+        self.failures: dict[Upstream, int] = dict.fromkeys(everyone_, 0)
+
+    def set_upstreams(self, upstreams: list[Upstream]) -> None:
+        """A reloaded configuration: new (default) upstreams are asked from the next query on."""
+        if not upstreams:
+            raise ConfigError("at least one upstream is needed")
+        for u in upstreams:
+            self.latency.setdefault(u, [0] * (len(LATENCY_BUCKETS) + 1))
+            self.latency_sum.setdefault(u, 0.0)
+            self.failures.setdefault(u, 0)
+        for u in set(self.upstreams) - set(upstreams):
+            conn = self._tcp_pool.pop(u, None)
+            if conn is not None and not conn.waiting:
+                conn.close()
+            self._down_until.pop(u, None)
+        self.upstreams = list(upstreams)
 
     def upstreams_for(self, name: str) -> list[Upstream]:
         """The upstreams a (normalized) name goes to: those of the most specific zone holding it, or the default."""
@@ -421,10 +445,17 @@ class Forwarder:
     def _answered(self, up: Upstream, rtt: float) -> None:
         if self._down_until.pop(up, None) is not None:
             log.info("upstream %s answers again", up)
+        buckets = self.latency.get(up)
+        if buckets is None:
+            buckets = self.latency[up] = [0] * (len(LATENCY_BUCKETS) + 1)
+            self.latency_sum[up] = 0.0
+        buckets[bisect.bisect_left(LATENCY_BUCKETS, rtt)] += 1
+        self.latency_sum[up] += rtt
         old = self._rtt.get(up)
         self._rtt[up] = rtt if old is None else old + RTT_WEIGHT * (rtt - old)
 
     def _failed(self, up: Upstream, reason: str, spent: float) -> None:
+        self.failures[up] = self.failures.get(up, 0) + 1
         if self._down_until.get(up, 0.0) <= time.monotonic():
             log.warning("upstream %s failed: %s; tried after the others for %.0f s", up, reason, DOWN_FOR)
         self._down_until[up] = time.monotonic() + DOWN_FOR

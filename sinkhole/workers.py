@@ -5,6 +5,12 @@ creates the database once, then forks the workers: each runs its own event loop,
 policy reloader and audit writer on the inherited sockets (the kernel hands each datagram
 and connection to one of them). The supervisor restarts a worker that dies, forwards
 SIGTERM/SIGINT, speaks sd_notify for all of them, and adds up their counts at the end.
+
+SIGHUP: the supervisor reads the configuration again; a bad one is refused (logged, nothing
+forwarded), a good one is kept for workers started later and SIGHUP is forwarded to every
+worker, which reads and applies it itself. With `metrics` set, the supervisor alone serves
+/metrics and /healthz, adding up the snapshots its workers send over their pipes
+(sinkhole.metrics).
 """
 
 from __future__ import annotations
@@ -15,10 +21,12 @@ import os
 import select
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from sinkhole import systemd
+from sinkhole import config, systemd
 from sinkhole.config import ServeConfig
 from sinkhole.listener import Bound, bind_all
 
@@ -43,8 +51,12 @@ def _show(host: str, port: int) -> str:
 
 
 class Supervisor:
-    def __init__(self, cfg: ServeConfig, db: Path, count: int) -> None:
+    def __init__(self, cfg: ServeConfig, db: Path, count: int,
+                 reload: Callable[[], ServeConfig] | None = None) -> None:
         self.cfg = cfg
+        self.reload = reload
+        self.hup = False
+        self.snapshots: Any = None  # metrics.WorkerSnapshots when metrics are on
         self.db = db
         self.count = count
         self.workers: dict[int, Worker] = {}
@@ -58,11 +70,34 @@ class Supervisor:
     def _on_signal(self, signum: int, frame: object) -> None:
         self.stopping = True
 
+    def _on_hup(self, signum: int, frame: object) -> None:
+        self.hup = True
+
+    def _reload(self) -> None:
+        """SIGHUP: check the new configuration once here, then let every worker apply it."""
+        self.hup = False
+        if self.reload is None:
+            log.warning("SIGHUP: no configuration to read again")
+            return
+        try:
+            new = self.reload()
+        except Exception as exc:  # a bad file never reaches the workers
+            log.error("config reload refused, the running settings stay: %s", exc)
+            return
+        self.cfg, applied, restart = config.reload_plan(self.cfg, new)  # for workers started from now on
+        logging.getLogger().setLevel(self.cfg.log_level.upper())
+        for pid in self.workers:
+            _kill(pid, signal.SIGHUP)
+        log.info("config reloaded by %d workers: %s%s", len(self.workers),
+                 f"applying {', '.join(applied)}" if applied else "no change to apply",
+                 f"; needs a restart: {', '.join(restart)}" if restart else "")
+
     def run(self) -> int:
         from sinkhole.server import drop_privileges, open_store
 
         signal.signal(signal.SIGTERM, self._on_signal)  # from the start: a stop while starting is a stop
         signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGHUP, self._on_hup)
         self.bound, from_systemd = bind_all(self.cfg.listen_addresses())
         for host, port, udp, tcp in self.bound:
             kinds = "+".join(k for k, s in (("udp", udp), ("tcp", tcp)) if s is not None)
@@ -75,6 +110,14 @@ class Supervisor:
         interval = systemd.watchdog_interval()
         for index in range(self.count):
             self._spawn(index, interval)
+        exporter = None
+        address = self.cfg.metrics_address()
+        if address is not None:
+            from sinkhole.metrics import WorkerSnapshots
+
+            self.snapshots = WorkerSnapshots()
+            self.snapshots.expected = self.count
+            exporter = self.snapshots.exporter(address)
         notified_ready = False
         last_ping = 0.0
         sent_stop = False
@@ -84,6 +127,8 @@ class Supervisor:
                 for pid in self.workers:
                     _kill(pid, signal.SIGTERM)
                 sent_stop = True
+            if self.hup and not self.stopping:
+                self._reload()
             fds = [w.fd for w in self.workers.values()]
             try:
                 readable, _, _ = select.select(fds, [], [], 0.2)
@@ -108,6 +153,8 @@ class Supervisor:
             for s in (udp, tcp):
                 if s is not None:
                     s.close()
+        if exporter is not None:
+            exporter.close()
         self._log_totals()
         return 1 if self.failed else 0
 
@@ -118,13 +165,14 @@ class Supervisor:
         if pid == 0:  # the worker
             os.close(r)
             # held until the worker's event loop handles them: a stop during start-up is not a crash
-            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.signal(signal.SIGHUP, signal.SIG_DFL)
             code = 1
             try:
                 _die_with(supervisor)
-                code = worker_main(self.cfg, self.db, self.bound, w, index, interval, supervisor)
+                code = worker_main(self.cfg, self.db, self.bound, w, index, interval, supervisor, self.reload)
             except BaseException:
                 log.exception("worker %d failed", index)
             finally:
@@ -144,6 +192,9 @@ class Supervisor:
                 w.ready = True
             elif line == b"beat":
                 w.last_beat = time.monotonic()
+            elif line.startswith(b"metrics "):
+                if self.snapshots is not None:
+                    self.snapshots.update(w.pid, json.loads(line[8:]))
             elif line.startswith(b"{"):
                 w.report = json.loads(line)
 
@@ -160,6 +211,8 @@ class Supervisor:
                 continue
             self._read(w)
             os.close(w.fd)
+            if self.snapshots is not None:
+                self.snapshots.exited(pid)  # its counters stay in the sums
             if w.report:
                 self.reports.append(w.report)
             code = os.waitstatus_to_exitcode(status)
@@ -176,6 +229,8 @@ class Supervisor:
                 self.stopping = True
                 continue
             self.restarts += 1
+            if self.snapshots is not None:
+                self.snapshots.restarts = self.restarts
             log.error("worker %d (pid %d) exited with %s; starting it again", w.index, pid, code)
             self._spawn(w.index, interval)
             self.workers[next(reversed(self.workers))].ready = True  # the others keep READY as it was
@@ -214,7 +269,7 @@ def _die_with(supervisor: int) -> None:
 
 
 def worker_main(cfg: ServeConfig, db: Path, bound: list[Bound], fd: int, index: int,
-                interval: float | None, parent: int) -> int:
+                interval: float | None, parent: int, reload: Callable[[], ServeConfig] | None = None) -> int:
     """One worker: an event loop serving the inherited sockets until SIGTERM/SIGINT."""
     import asyncio
 
@@ -227,11 +282,12 @@ def worker_main(cfg: ServeConfig, db: Path, bound: list[Bound], fd: int, index: 
             pass
 
     async def main() -> None:
-        server = Server(cfg, db, sockets=bound, worker=index)
+        server = Server(cfg, db, sockets=bound, worker=index, reload=reload)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, server.request_stop)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+        loop.add_signal_handler(signal.SIGHUP, server.reload_config)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
         await server.start()
         say("ready")
 
@@ -245,8 +301,21 @@ def worker_main(cfg: ServeConfig, db: Path, bound: list[Bound], fd: int, index: 
                 await asyncio.sleep(min(interval or 1.0, 1.0))
 
         beater = loop.create_task(beat())
+        reporter = None
+        if cfg.metrics_address() is not None:
+            from sinkhole import metrics
+
+            async def report() -> None:  # counters for the supervisor's /metrics
+                while True:
+                    say("metrics " + json.dumps(metrics.snapshot(server)))
+                    await asyncio.sleep(metrics.SNAPSHOT_INTERVAL)
+
+            reporter = loop.create_task(report())
         await server.wait()
         beater.cancel()
+        if reporter is not None:
+            reporter.cancel()
+            say("metrics " + json.dumps(metrics.snapshot(server)))  # the last counters, after the drain
         say(json.dumps({"counts": server.pipeline.counts, "written": server.audit.written,
                         "dropped": server.audit.dropped}))
 
