@@ -195,6 +195,10 @@ def _rule_category(category: str | None, client_group: str | None) -> str:
               help="Write every audit row as a JSON line on stdout (journald under systemd) [no].")
 @click.option("--anchor-interval", type=float, default=None, metavar="SECONDS",
               help="Seconds between chain heads sent to syslog; one is sent at shutdown too [60].")
+@click.option("--rpz-listen", default=None, metavar="HOST:PORT",
+              help="Serve the policy as an RPZ zone here (SOA, AXFR, IXFR over TCP; NOTIFY in) [off].")
+@click.option("--policy-from", default=None, metavar="HOST:PORT",
+              help="Run as a secondary: pull the RPZ zone from this primary into category rpz:ZONE [off].")
 @pass_env
 def serve(env: Env, config_file: Path | None, **flags: Any) -> None:
     """Serve DNS: sinkhole listed names, forward the rest, audit every block."""
@@ -616,6 +620,43 @@ def lists_update(env: Env, categories: tuple[str, ...]) -> None:
         store.close()
     if failed:
         sys.exit(1)
+
+
+# ---------------------------------------------------------------------------- export
+
+
+@cli.group("export")
+def export_group() -> None:
+    """Write the policy in another system's format."""
+
+
+@export_group.command("rpz")
+@click.option("--group", "client_group", default="default", show_default=True, callback=_category,
+              help="Export what is in force for the clients of this group.")
+@click.option("--zone", default=None, metavar="NAME", help="Name of the policy zone [rpz_zone: rpz.sinkhole.].")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), envvar="SINKHOLE_CONFIG",
+              help="The server's settings file: the answers (mode, block_a, block_aaaa, block_ttl) become the actions.")
+@pass_env
+def export_rpz(env: Env, client_group: str, zone: str | None, config_file: Path | None) -> None:
+    """The policy in force as a Response Policy Zone file (BIND, Unbound, Knot Resolver, PowerDNS).
+
+    Each rule NAME becomes NAME and *.NAME (a rule covers every subdomain) with the action of the
+    server's answers: local data (A 0.0.0.0, AAAA ::) or CNAME . (NXDOMAIN); an allow rule is
+    CNAME rpz-passthru.; a blocked network an rpz-ip trigger. /regex/ rules have no RPZ form: they
+    are left out, named in a comment and on stderr. The serial is the policy version.
+    """
+    from sinkhole import config, rpz
+
+    cfg = config.load(config_file)
+    origin = rpz.zone_name(zone if zone is not None else cfg.rpz_zone)
+    store = env.store()
+    try:
+        result = rpz.export(store, cfg.answers(), origin, client_group, cfg.rpz_refresh)
+    finally:
+        store.close()
+    for line in result.skipped:
+        click.echo(f"sinkhole: warning: left out of the zone: {line}", err=True)
+    click.echo(result.to_text(), nl=False)
 
 
 # ---------------------------------------------------------------------------- log / stats

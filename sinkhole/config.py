@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sinkhole import guard, shipping
+from sinkhole import guard, rpz, shipping
 from sinkhole.answer import AnswerConfig
 from sinkhole.audit import MODES as LOG_MODES
 from sinkhole.cache import Cache
@@ -59,6 +59,15 @@ class ServeConfig:
     syslog_facility: str = "local0"
     json_log: bool = False  # every audit row as a JSON line on stdout (journald under systemd)
     anchor_interval: float = 60.0  # seconds between chain heads sent to syslog (and one at shutdown)
+    # RPZ (sinkhole.rpz): the policy as a zone served to secondaries, or pulled from a primary
+    rpz_listen: str = ""  # HOST:PORT: serve the zone (SOA, AXFR, IXFR) and take NOTIFY here; "" off
+    rpz_zone: str = "rpz.sinkhole."
+    rpz_group: str = "default"  # whose policy the served zone holds
+    rpz_secondaries: tuple[str, ...] = ("127.0.0.0/8", "::1/128")  # may transfer; others get REFUSED
+    rpz_notify: tuple[str, ...] = ()  # HOST:PORT of secondaries to NOTIFY on every change
+    rpz_tsig: str = ""  # NAME:ALGORITHM:BASE64SECRET: transfers and NOTIFY must be signed with it
+    rpz_refresh: int = 60  # SOA refresh of the served zone; a secondary checks the serial this often
+    policy_from: str = ""  # HOST:PORT of a primary: pull its zone into category rpz:<zone>
 
     def answers(self) -> AnswerConfig:
         return AnswerConfig(mode=self.mode, a=_addr(self.block_a, 4, "block_a"),
@@ -169,6 +178,7 @@ def _validate(cfg: ServeConfig) -> ServeConfig:
     if not 0 < cfg.anchor_interval <= 86400:
         raise ConfigError("anchor_interval must be above zero and at most a day (86400 seconds)")
     cfg.answers()
+    rpz.check_config(cfg)
     cfg.make_guard()
     cfg.listen_addresses()
     if cfg.upstream:
