@@ -502,8 +502,8 @@ class Primary:
         """RFC 1996: tell every secondary the zone changed, retrying until it answers (5 tries)."""
         for host, port in self.notify_to:
             message = dns.message.make_query(self.origin, dns.rdatatype.SOA, use_edns=False)
+            message.flags = dns.flags.AA  # and no RD; the opcode lives in the flags: set it after
             message.set_opcode(dns.opcode.NOTIFY)
-            message.flags = dns.flags.AA
             message.answer.append(dns.rrset.from_rdata(self.origin, self.answers.ttl, self.zone_soa(serial)))
             if self.tsig is not None:
                 message.use_tsig(self.tsig.key)
