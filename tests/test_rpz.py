@@ -345,3 +345,19 @@ def test_notify_from_another_address_is_refused(make_server, stub, tmp_path):
     q.set_opcode(dns.opcode.NOTIFY)
     r = dns.query.udp(q, "127.0.0.1", port=rpz_port(secondary), timeout=3)
     assert r.rcode() == dns.rcode.REFUSED
+
+
+def test_secondary_with_the_tsig_key_pulls_and_one_with_another_key_keeps_what_it_has(make_server, stub, db,
+                                                                                       tmp_path, caplog):
+    primary = make_server(upstream=(stub.address,), shipped_lists=False, rpz_listen="127.0.0.1:0", rpz_refresh=1,
+                          rpz_tsig=TSIG, db=seeded(db))
+    good = make_server(upstream=(stub.address,), shipped_lists=False, db=tmp_path / "good.db", rpz_tsig=TSIG,
+                       policy_from=f"127.0.0.1:{rpz_port(primary)}")
+    other = base64.b64encode(b"not the primary's key").decode()
+    bad = make_server(upstream=(stub.address,), shipped_lists=False, db=tmp_path / "bad.db",
+                      rpz_tsig=f"xfr-key:hmac-sha256:{other}", policy_from=f"127.0.0.1:{rpz_port(primary)}")
+    assert wait_for(lambda: ask(good, "chat.deepseek.com").answer[0][0].to_text() == "0.0.0.0", timeout=10)
+    assert wait_for(lambda: bad.server.rpz.secondary._failing_since is not None, timeout=10)
+    assert ask(bad, "chat.deepseek.com").answer[0][0].to_text() != "0.0.0.0"
+    assert Store(tmp_path / "bad.db").list_rules(category="rpz:rpz.sinkhole") == []
+    assert any("keeping the policy in force" in r.getMessage() for r in caplog.records)
