@@ -138,7 +138,8 @@ def _domains(names: tuple[str, ...], networks: bool = False) -> list[str]:
     return out
 
 
-_CATEGORY = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}\Z")
+# a category: letters, digits, '-' and '_'; or a secondary's pulled zone, `rpz:<zone name>`
+_CATEGORY = re.compile(r"(?:[a-z0-9][a-z0-9_-]{0,62}|rpz:[a-z0-9_-][a-z0-9._-]{0,252})\Z")
 
 
 def _category(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -211,6 +212,10 @@ def _rule_category(category: str | None, client_group: str | None) -> str:
               help="Prune audit rows older than this, hourly, leaving checkpoints [365; 0: keep forever].")
 @click.option("--metrics", default=None, metavar="HOST:PORT",
               help="Serve Prometheus /metrics and /healthz here, e.g. 127.0.0.1:9153 [off].")
+@click.option("--rpz-listen", default=None, metavar="HOST:PORT",
+              help="Serve the policy as an RPZ zone here (SOA, AXFR, IXFR over TCP; NOTIFY in) [off].")
+@click.option("--policy-from", default=None, metavar="HOST:PORT",
+              help="Run as a secondary: pull the RPZ zone from this primary into category rpz:ZONE [off].")
 @pass_env
 def serve(env: Env, config_file: Path | None, **flags: Any) -> None:
     """Serve DNS: sinkhole listed names, forward the rest, audit every block.
@@ -688,6 +693,43 @@ def lists_update(env: Env, categories: tuple[str, ...]) -> None:
         store.close()
     if failed:
         sys.exit(1)
+
+
+# ---------------------------------------------------------------------------- export
+
+
+@cli.group("export")
+def export_group() -> None:
+    """Write the policy in another system's format."""
+
+
+@export_group.command("rpz")
+@click.option("--group", "client_group", default="default", show_default=True, callback=_category,
+              help="Export what is in force for the clients of this group.")
+@click.option("--zone", default=None, metavar="NAME", help="Name of the policy zone [rpz_zone: rpz.sinkhole.].")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), envvar="SINKHOLE_CONFIG",
+              help="The server's settings file: the answers (mode, block_a, block_aaaa, block_ttl) become the actions.")
+@pass_env
+def export_rpz(env: Env, client_group: str, zone: str | None, config_file: Path | None) -> None:
+    """The policy in force as a Response Policy Zone file (BIND, Unbound, Knot Resolver, PowerDNS).
+
+    Each rule NAME becomes NAME and *.NAME (a rule covers every subdomain) with the action of the
+    server's answers: local data (A 0.0.0.0, AAAA ::) or CNAME . (NXDOMAIN); an allow rule is
+    CNAME rpz-passthru.; a blocked network an rpz-ip trigger. /regex/ rules have no RPZ form: they
+    are left out, named in a comment and on stderr. The serial is the policy version.
+    """
+    from sinkhole import config, rpz
+
+    cfg = config.load(config_file)
+    origin = rpz.zone_name(zone if zone is not None else cfg.rpz_zone)
+    store = env.store()
+    try:
+        result = rpz.export(store, cfg.answers(), origin, client_group, cfg.rpz_refresh)
+    finally:
+        store.close()
+    for line in result.skipped:
+        click.echo(f"sinkhole: warning: left out of the zone: {line}", err=True)
+    click.echo(result.to_text(), nl=False)
 
 
 # ---------------------------------------------------------------------------- log / stats

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sinkhole import guard, shipping
+from sinkhole import guard, rpz, shipping
 from sinkhole.answer import AnswerConfig
 from sinkhole.audit import MODES as LOG_MODES
 from sinkhole.cache import Cache
@@ -82,6 +82,15 @@ class ServeConfig:
     retention_days: int = 365  # audit rows older than this are pruned, leaving checkpoints (0: kept forever)
     prune_interval: float = 3600.0  # seconds between two prunes (and one at start)
     metrics: str = ""  # HOST:PORT serving Prometheus /metrics and /healthz; empty: off
+    # RPZ (sinkhole.rpz): the policy as a zone served to secondaries, or pulled from a primary
+    rpz_listen: str = ""  # HOST:PORT: serve the zone (SOA, AXFR, IXFR) and take NOTIFY here; "" off
+    rpz_zone: str = "rpz.sinkhole."
+    rpz_group: str = "default"  # whose policy the served zone holds
+    rpz_secondaries: tuple[str, ...] = ("127.0.0.0/8", "::1/128")  # may transfer; others get REFUSED
+    rpz_notify: tuple[str, ...] = ()  # HOST:PORT of secondaries to NOTIFY on every change
+    rpz_tsig: str = ""  # NAME:ALGORITHM:BASE64SECRET: transfers and NOTIFY must be signed with it
+    rpz_refresh: int = 60  # SOA refresh of the served zone; a secondary checks the serial this often
+    policy_from: str = ""  # HOST:PORT of a primary: pull its zone into category rpz:<zone>
 
     def answers(self) -> AnswerConfig:
         return AnswerConfig(mode=self.mode, a=_addr(self.block_a, 4, "block_a"),
@@ -268,6 +277,7 @@ def _validate(cfg: ServeConfig) -> ServeConfig:
         raise ConfigError("anchor_interval must be above zero and at most a day (86400 seconds)")
     cfg.metrics_address()
     cfg.answers()
+    rpz.check_config(cfg)
     cfg.make_guard()
     cfg.listen_addresses()
     if cfg.upstream:

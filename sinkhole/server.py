@@ -13,7 +13,7 @@ from pathlib import Path
 
 import sqlite_utils
 
-from sinkhole import config, lists, privileges, shipping, systemd
+from sinkhole import config, lists, privileges, rpz, shipping, systemd
 from sinkhole.audit import AuditLog
 from sinkhole.config import ServeConfig
 from sinkhole.listener import Listener, _Tasks, bind_all
@@ -158,6 +158,8 @@ class Server:
                                  cfg.make_cache())
         self.reloader: PolicyReloader | None = None
         self.pruner: Pruner | None = None
+        # RPZ primary/secondary: one per server, so with several workers only worker 0 runs it
+        self.rpz = rpz.Node(cfg, self.db) if (cfg.rpz_listen or cfg.policy_from) and not worker else None
         self._watchdog: asyncio.Task[None] | None = None
 
     def load_policy(self, store: Store) -> None:
@@ -171,6 +173,8 @@ class Server:
         log.info("policy version %d in force: %d block and %d allow rules, %d client groups (loaded in %.0f ms)",
                  policy.version, policy.blocks, policy.allows, len(policy.groups),
                  (time.perf_counter() - started) * 1000)
+        if self.rpz is not None:  # a new zone serial and NOTIFY, from the same thread (never the event loop)
+            self.rpz.policy_changed(store)
 
     @property
     def addresses(self) -> list[str]:
@@ -199,6 +203,8 @@ class Server:
             self.listeners.append(listener)
             if self.sockets is None:
                 log.info("listening on %s %s%s", listener.transports, listener, " (from systemd)" if passed else "")
+        if self.rpz is not None:
+            await self.rpz.start()
         self.audit.start()
         self.reloader = PolicyReloader(self, self.db, self.cfg.reload_interval)
         self.reloader.start()
@@ -288,6 +294,8 @@ class Server:
             self._watchdog.cancel()
         for listener in self.listeners:
             listener.stop_tcp()
+        if self.rpz is not None:
+            await self.rpz.stop()
         # answer the datagrams already queued in the kernel: keep reading until a quiet moment
         deadline = time.monotonic() + 1.0
         last = -1

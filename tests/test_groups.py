@@ -187,3 +187,15 @@ def test_two_clients_two_policies_over_real_sockets(make_server, stub, db):
     regex_rows = [r for r in audit_rows(db) if r["qname"] == "ai12.corp.example"]
     assert {r["rule"] for r in regex_rows} == {"/^ai[0-9]+\\.corp\\.example$/"}
     assert dns.rcode.NOERROR == ask_from(s, "127.0.0.2", "aix.corp.example").rcode()
+
+
+def test_a_secondary_zone_category_can_be_named(db):
+    """A secondary's pulled zone is category `rpz:<zone>`: groups and `lists` must be able to name it."""
+    result = run(db, "group", "add", "branch", "--network", "10.7.0.0/16", "--categories", "deepseek,rpz:rpz.sinkhole")
+    assert result.exit_code == 0, result.output
+    rows = {r["name"]: r for r in map(__import__("json").loads,
+                                      run(db, "group", "list", "--format", "json").output.splitlines())}
+    assert "rpz:rpz.sinkhole" in rows["branch"]["in_force"]
+    assert run(db, "lists", "disable", "rpz:rpz.sinkhole").exit_code == 2  # no such category yet: named, not refused
+    assert "no category 'rpz:rpz.sinkhole'" in run(db, "lists", "disable", "rpz:rpz.sinkhole").output
+    assert run(db, "group", "add", "x", "--categories", "rpz:").exit_code == 2
