@@ -251,6 +251,7 @@ class _Writer:
         self.ident: tuple[int, int] | None = None
         self.opened_at = 0.0
         self.suspect = False  # the last write failed: reopen before the next try
+        self.reopen_pending = False  # the file was replaced and the new one is not open yet
         self.busy_ms = 0
         self.pending: deque[AuditEvent] = deque()
         self.failing_since: float | None = None
@@ -437,6 +438,7 @@ class _Writer:
             return self.store
         if replaced:
             log.warning("audit: %s was deleted or replaced; writing to a new database there", a.db_path)
+            self.reopen_pending = True  # counted once the new one is open (opening it may fail and be retried)
         self.close_store()
         seed = a.seed() if a.seed is not None and not a.db_path.exists() else None
         self.opened_at = time.monotonic()
@@ -449,8 +451,9 @@ class _Writer:
             raise
         self.store, self.ident = store, (st.st_dev, st.st_ino)
         self.suspect = False
-        if replaced:
+        if self.reopen_pending:
             a.reopened += 1
+            self.reopen_pending = False
         return store
 
     def set_busy(self, store: Store, ms: int) -> None:

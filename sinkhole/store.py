@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import itertools
 import json
@@ -216,11 +217,26 @@ class Store:
 
     # ------------------------------------------------------------------ schema
 
+    @contextlib.contextmanager
+    def _immediate(self) -> Iterator[None]:
+        """A write transaction that takes the write lock at BEGIN, waiting (busy timeout) for it: a deferred one
+        that reads first fails at once with "database is locked" when another connection writes in between
+        (two processes creating the same new database)."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise
+        else:
+            self.conn.execute("COMMIT")
+
     def _migrate(self, seed: Iterable[Seed] | None) -> None:
         version = self.conn.execute("PRAGMA user_version").fetchone()[0]
         if version >= SCHEMA_VERSION:
             return
-        with self.db.atomic():
+        with self._immediate():
             # re-read inside the write transaction: another process may have won the race
             version = self.conn.execute("PRAGMA user_version").fetchone()[0]
             if version >= SCHEMA_VERSION:
