@@ -1,6 +1,6 @@
 """Side-by-side benchmark: sinkhole, dnsmasq and Unbound (1 and 2 threads); loopback only, bounded.
 
-    .venv/bin/python bench/bench.py [--seconds 8] [--rounds 2] [--quick] [--keep]
+    .venv/bin/python bench/bench.py [--seconds 8] [--rounds 2] [--quick | --million-only] [--keep]
 
 One local Unbound is the upstream of every server under test (it answers every name under
 example.test itself and never recurses). Every server blocks the same domains (the shipped
@@ -565,6 +565,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=int, default=8, help="length of every dnsperf run [8]")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the max-throughput runs [2]")
     ap.add_argument("--quick", action="store_true", help="skip the 1M-rule case")
+    ap.add_argument("--million-only", action="store_true", help="only the 1M-rule case (and its lookup cost)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (configs, databases, inputs)")
     args = ap.parse_args()
     need("dnsperf", "unbound", "dnsmasq")
@@ -594,7 +595,19 @@ def main() -> None:
     print(f"written {out.relative_to(ROOT)} (run took {report['duration_s']} s)")
 
 
+def run_million_only(work: Path, servers: Servers) -> dict:
+    upstream = Unbound(work, threads=1, extra='  local-data: "example.test. 300 IN AAAA 2001:db8::1"')
+    servers.stoppers.append(upstream.stop)
+    upstream.start()
+    assert upstream.proc is not None
+    million = million_rules(work, upstream.port, upstream.proc.pid)
+    print(million_text(million))
+    return {"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine(), "million_rules": million}
+
+
 def run(args: argparse.Namespace, work: Path, servers: Servers) -> dict:
+    if args.million_only:
+        return run_million_only(work, servers)
     domains = blocked_domains()
     facts = machine()
     print(f"inputs: {len(domains)} blocked domains; generating dnsperf files ...", file=sys.stderr)

@@ -736,7 +736,7 @@ def export_rpz(env: Env, client_group: str, zone: str | None, config_file: Path 
 
 LOG_TABLE_COLUMNS = ["time", "client", "transport", "qname", "qtype", "action", "rule", "answer"]
 LOG_COLUMNS = ["seq", "time", "client", "transport", "qname", "qtype", "action", "rule", "category", "rcode",
-               "answer", "policy_version", "upstream", "latency_ms", "node"]
+               "answer", "policy_version", "upstream", "latency_ms", "node", "grp", "asked", "list"]
 
 
 @cli.group("log", invoke_without_command=True)
@@ -756,10 +756,12 @@ LOG_COLUMNS = ["seq", "time", "client", "transport", "qname", "qtype", "action",
               hidden=True, help="Seconds between two looks at the log with --follow.")
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True,
               help="json is JSON Lines: one object a row.")
+@click.option("--db", "dbs", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Query these databases (several nodes') as one log, ordered by time; repeatable.")
 @click.pass_context
 def log_(ctx: click.Context, since: str | None, until: str | None, client: str | None, domain: str | None,
          action: str | None, group: str | None, category: str | None, rule: str | None, limit: int | None,
-         follow: bool, interval: float, fmt: str) -> None:
+         follow: bool, interval: float, fmt: str, dbs: tuple[Path, ...]) -> None:
     """Show the audit log, oldest first; `log verify` checks its chains, `log anchor` prints their heads."""
     import ipaddress
 
@@ -779,6 +781,22 @@ def log_(ctx: click.Context, since: str | None, until: str | None, client: str |
     domain = normalize(domain) if domain else None
     filters = {"since": since_iso, "until": until_iso, "client": client, "domain": domain, "action": action,
                "group": group, "category": category, "rule": rule}
+    if dbs:
+        if follow:
+            raise ConfigError("--follow reads one database: run one `log --follow` per node, or ship to syslog")
+        merged: list[dict] = []
+        for path in dict.fromkeys(dbs):
+            one = Env(path).existing_store()
+            try:
+                merged.extend(one.query_log(limit=limit, **filters))
+            finally:
+                one.close()
+        # one log: by time, then node (each row names the node that wrote it), then each node's own order
+        merged.sort(key=lambda r: (r["time"], r["node"] or "", r["seq"]))
+        if limit:
+            merged = merged[-limit:]
+        emit(merged, [*LOG_TABLE_COLUMNS, "node"] if fmt == "table" else LOG_COLUMNS, fmt)
+        return
     store = env.existing_store()
     try:
         if follow:
@@ -880,19 +898,47 @@ _SERVER_KEY = click.option("--key", "key", type=click.Path(dir_okay=False, path_
 
 
 @log_.command("verify")
-@click.option("--key-file", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="The operator's copy of the audit key (from `log anchor --export-key`), kept off this host.")
-@click.option("--anchor", "anchor_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Heads saved earlier by `sinkhole log anchor`: a tail cut off since then is reported.")
+@click.option("--key-file", "key_files", required=True, multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The operator's copy of the audit key (from `log anchor --export-key`), kept off this host; "
+                   "with several --db, one for all or one per --db in the same order.")
+@click.option("--anchor", "anchor_files", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Heads saved earlier by `sinkhole log anchor`: a tail cut off since then is reported "
+                   "(with several --db: one per --db, in the same order).")
+@click.option("--db", "dbs", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Verify these databases (several nodes'), each with the key file next to it; repeatable.")
 @_SERVER_KEY
 @pass_env
-def log_verify(env: Env, key_file: Path, anchor_file: Path | None, key: Path | None) -> None:
+def log_verify(env: Env, key_files: tuple[Path, ...], anchor_files: tuple[Path, ...], dbs: tuple[Path, ...],
+               key: Path | None) -> None:
     """Walk every chain of the audit log and check every row's MAC; exit 1 naming the first bad row of each."""
+    from sinkhole.chain import default_key_path
+
+    paths = list(dbs) or [env.db_path]
+    if len(key_files) not in (1, len(paths)):
+        raise ConfigError(f"{len(key_files)} --key-file for {len(paths)} databases: give one for all, or one per --db")
+    if anchor_files and len(anchor_files) != len(paths):
+        raise ConfigError(f"{len(anchor_files)} --anchor for {len(paths)} databases: give one per --db")
+    if key is not None and len(paths) > 1:
+        raise ConfigError("--key names one database's server key: with several --db each uses the key file next to it")
+    failed = 0
+    for i, path in enumerate(paths):
+        if len(paths) > 1:
+            click.echo(f"== {path}")
+        server_key = key or (default_key_path(path) if dbs else _key_path(env, None))
+        ok = _verify_one(Env(path), key_files[i if len(key_files) > 1 else 0],
+                         anchor_files[i] if anchor_files else None, server_key)
+        failed += not ok
+    if failed:
+        if len(paths) > 1:
+            click.echo(f"verification failed for {failed} of {len(paths)} databases")
+        sys.exit(1)
+
+
+def _verify_one(env: Env, key_file: Path, anchor_file: Path | None, server_key: Path) -> bool:
     from sinkhole import chain
 
     generation, secret = chain.read_key(key_file)
     anchor = chain.read_anchor(anchor_file) if anchor_file is not None else None
-    server_key = _key_path(env, key)
     try:
         current: tuple[int, bytes] | None = chain.read_key(server_key)
     except chain.AuditKeyError as exc:
@@ -938,8 +984,9 @@ def log_verify(env: Env, key_file: Path, anchor_file: Path | None, key: Path | N
         click.echo("note: without --anchor a tail cut off the end of a chain cannot be told")
     if problems:
         click.echo(f"verification failed: {len(problems)} problems in {len(report.chains)} chains and the journal")
-        sys.exit(1)
+        return False
     click.echo(f"verified: {len(report.chains)} chains, {sum(w.rows for w in report.chains.values())} rows")
+    return True
 
 
 @log_.command("anchor")

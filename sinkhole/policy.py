@@ -9,6 +9,7 @@ rules cost a million rules, not ten million.
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import re
 from collections.abc import Iterable
@@ -64,8 +65,8 @@ class Policy:
     allow regex beats a block regex. Canaries are answered for every group.
     """
 
-    __slots__ = ("_client_groups", "_map", "_networks", "_regexes", "allows", "blocks", "canaries", "default",
-                 "groups", "ip_rules", "version")
+    __slots__ = ("_client_groups", "_combos", "_in_force", "_kinds", "_map", "_networks", "_regexes", "allows",
+                 "blocks", "canaries", "categories", "default", "groups", "ip_rules", "version")
 
     def __init__(self, rules: Iterable[Rule | tuple] = (), version: int = 0, canaries: bool = True,
                  groups: Iterable[GroupSpec] = (), disabled: Iterable[str] = ()) -> None:
@@ -77,7 +78,6 @@ class Policy:
         explicit = {c for g in specs.values() if g.categories is not None for c in g.categories}
         if default_spec is not None and default_spec.categories is not None:
             explicit.update(default_spec.categories)
-        wanted: dict[str, bool] = {}
 
         def in_force_somewhere(category: str) -> bool:
             if category.startswith(GROUP_PREFIX):
@@ -85,50 +85,55 @@ class Policy:
             return category not in off or category in explicit
 
         table: dict[str, tuple[Entry, ...]] = {}
-        interned: dict[tuple, tuple] = {}
+        combos: dict[tuple, tuple] = {}  # every distinct tuple of entries, shared by the names that have it
+        # (kind, category, source) -> (in force somewhere, entry, its one-entry combo, is an allow rule): the
+        # per-rule work is one small-tuple lookup here and one dict store, with no enum hashing (Python-level)
+        kinds: dict[tuple, tuple[bool, Entry, tuple[Entry, ...], bool]] = {}
         regexes: list[tuple[re.Pattern[str], Entry, str]] = []
         self.ip_rules: list[tuple[Network, str, str | None]] = []
-        seen: set[str] = set()
-        blocks = allows = 0
-        for rule in rules:
-            if isinstance(rule, Rule):
-                domain, kind, category, source = rule.domain, rule.kind.value, rule.category, rule.source
-            else:
-                domain, kind, category = rule[0], rule[1], rule[2]
-                source = rule[3] if len(rule) > 3 else None
-            keep = wanted.get(category)
-            if keep is None:
-                keep = wanted[category] = in_force_somewhere(category)
-            if not keep:
-                continue
-            entry = interned.get((kind, category, source))
-            if entry is None:
-                entry = interned[(kind, category, source)] = (RuleKind(kind), category, source)
-            seen.add(category)
-            if "/" in domain:
-                if is_regex(domain):  # checked when it was stored; a bad one is skipped, never fatal here
-                    try:
-                        regexes.append((re.compile(domain[1:-1]), entry, domain))
-                    except re.error:
-                        continue
-                    if entry[0] is RuleKind.ALLOW:
-                        allows += 1
+        counts = [0, 0]  # block, allow
+        collecting = gc.isenabled()
+        gc.disable()  # a million rules allocate millions of small objects: no collections while they do
+        try:
+            for rule in rules:
+                if isinstance(rule, Rule):
+                    domain, key = rule.domain, (rule.kind.value, rule.category, rule.source)
+                else:
+                    domain, key = rule[0], (rule[1], rule[2], rule[3] if len(rule) > 3 else None)
+                info = kinds.get(key)
+                if info is None:
+                    entry = (RuleKind(key[0]), key[1], key[2])
+                    info = kinds[key] = (in_force_somewhere(key[1]), entry, (entry,), entry[0] is RuleKind.ALLOW)
+                    combos[(entry,)] = info[2]
+                keep, entry, single, allow = info
+                if not keep:
+                    continue
+                if "/" in domain:
+                    if is_regex(domain):  # checked when it was stored; a bad one is skipped, never fatal here
+                        try:
+                            regexes.append((re.compile(domain[1:-1]), entry, domain))
+                        except re.error:
+                            continue
+                    elif not allow:  # a network: answers holding an address in it are blocked
+                        self.ip_rules.append((ipaddress.ip_network(domain, strict=False), key[1], key[2]))
                     else:
-                        blocks += 1
-                elif entry[0] is RuleKind.BLOCK:  # a network: answers holding an address in it are blocked
-                    self.ip_rules.append((ipaddress.ip_network(domain, strict=False), category, source))
-                    blocks += 1
-                continue
-            if entry[0] is RuleKind.ALLOW:
-                allows += 1
-            else:
-                blocks += 1
-            have = table.get(domain)
-            combo = (entry,) if have is None else (*have, entry)
-            shared = interned.get(combo)
-            if shared is None:
-                shared = interned[combo] = combo
-            table[domain] = shared
+                        continue
+                    counts[allow] += 1
+                    continue
+                counts[allow] += 1
+                have = table.get(domain)
+                if have is None:
+                    table[domain] = single
+                elif entry not in have:
+                    combo = (*have, entry)
+                    table[domain] = combos.setdefault(combo, combo)
+        finally:
+            if collecting:
+                gc.enable()
+        seen = {key[1] for key, info in kinds.items() if info[0]}
+        blocks, allows = counts
+        self._kinds, self._combos, self._in_force = kinds, combos, in_force_somewhere
+        self.categories = frozenset(seen)  # the categories with rules in force for some group
         self._map = table
         self._regexes = regexes
         self.version = version
@@ -147,6 +152,48 @@ class Policy:
         networks.sort(key=lambda item: item[0].prefixlen, reverse=True)  # most specific first
         self._networks = networks
         self._client_groups: dict[str, Group] = {}
+
+    def patched(self, touched: Iterable[str], rules: Iterable[tuple], version: int) -> Policy | None:
+        """This policy with the rules of the `touched` names replaced by `rules` (every rule each of those
+        names has now: (domain, kind, category, source)), as version `version`: a `block add` on a million-
+        rule policy costs a copy of the name table, not a rebuild. None when the change needs a rebuild
+        (a category this policy has no rules in: it may change what groups inherit; a regex or network)."""
+        touched = set(touched)
+        if any("/" in d for d in touched):
+            return None
+        now: dict[str, list[tuple]] = {}
+        for rule in rules:
+            now.setdefault(rule[0], []).append(rule)
+        kinds, combos = self._kinds, self._combos
+        table = self._map.copy()
+        counts = [self.blocks, self.allows]
+        for domain in touched:
+            old = table.pop(domain, ())
+            for entry in old:
+                counts[entry[0] is RuleKind.ALLOW] -= 1
+            entries: list[Entry] = []
+            for _, kind, category, source in now.get(domain, ()):
+                if (category not in self.categories and category != EVERYWHERE
+                        and not category.startswith(GROUP_PREFIX) and self._in_force(category)):
+                    return None  # a category new to this policy: what groups inherit may change
+                key = (kind, category, source)
+                info = kinds.get(key)
+                if info is None:
+                    entry = (RuleKind(kind), category, source)
+                    info = kinds[key] = (self._in_force(category), entry, (entry,), entry[0] is RuleKind.ALLOW)
+                    combos[(entry,)] = info[2]
+                if info[0] and info[1] not in entries:
+                    entries.append(info[1])
+                    counts[info[3]] += 1
+            if entries:
+                combo = tuple(entries)
+                table[domain] = combos.setdefault(combo, combo)
+        new = object.__new__(Policy)
+        for name in Policy.__slots__:
+            setattr(new, name, getattr(self, name))
+        new._map, new.version, new.blocks, new.allows = table, version, counts[0], counts[1]
+        new._client_groups = {}
+        return new
 
     # ------------------------------------------------------------------ groups
 

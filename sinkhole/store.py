@@ -32,6 +32,11 @@ SCHEMA_VERSION = 4
 # 4: audit grp/asked/list, client groups, list sources, journal link/mac
 Seed = tuple[str, list[tuple[str, str]], str]  # (category, [(domain, note)], source)
 BUSY_TIMEOUT_S = 10.0
+# journal actions a running server applies by patching its policy (they add or remove the names they list),
+# and those that change nothing in the policy; any other action makes it read the policy whole
+PATCHABLE = frozenset({"block add", "block remove", "allow add", "allow remove"})
+NOT_POLICY = frozenset({"settings reload", "log prune"})
+PATCH_MAX = 50_000  # names: beyond this, reading the policy whole is as quick
 PRUNE_BATCH = 2000  # rows deleted in one write transaction by a prune
 PRUNE_PAUSE = 0.02  # seconds between two of them, so that the audit writer gets the lock in between
 JOURNAL_FIELDS = ["id", "time", "user", "sudo_user", "host", "command", "action", "kind", "category", "domains",
@@ -467,6 +472,31 @@ class Store:
             return Policy(self.conn.execute("SELECT domain, kind, category, source FROM rules"), version, canaries,
                           specs, disabled)
 
+    def patch_policy(self, policy: Policy) -> Policy | None:
+        """`policy` brought to the current version by patching, when every journal entry since it only added
+        or removed named rules (or changed nothing in the policy); None when a full load is needed."""
+        with self.db.atomic():
+            version = self.policy_version()
+            if version < policy.version:
+                return None  # an older or other database: read it whole
+            touched: set[str] = set()
+            for action, domains in self.conn.execute(
+                    "SELECT action, domains FROM journal WHERE id > ? ORDER BY id", (policy.version,)):
+                if action in PATCHABLE:
+                    touched.update(json.loads(domains or "[]"))
+                elif action not in NOT_POLICY:
+                    return None
+                if len(touched) > PATCH_MAX:
+                    return None
+            rows: list[tuple] = []
+            names = sorted(touched)
+            for i in range(0, len(names), 500):
+                chunk = names[i:i + 500]
+                rows += self.conn.execute(
+                    f"SELECT domain, kind, category, source FROM rules WHERE domain IN ({','.join('?' * len(chunk))})",
+                    chunk).fetchall()
+            return policy.patched(touched, rows, version)
+
     def categories(self) -> list[dict]:
         """Every category with its rule counts, where its rules came from, and whether it is in force."""
         return [dict(r) for r in self.db.query(
@@ -488,6 +518,12 @@ class Store:
             if changed:
                 self._journal(actor, "lists enable" if enabled else "lists disable", None, category, [])
         return bool(changed)
+
+    def journal_settings(self, values: dict[str, str], actor: Actor | None = None) -> int:
+        """A configuration reload that changed settings: one journal entry naming each new value."""
+        with self.db.atomic():
+            return self._journal(actor or Actor(), "settings reload", None, None, sorted(values),
+                                 json.dumps(values, sort_keys=True))
 
     # ------------------------------------------------------------------ groups
 

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import re
 import signal
+import sqlite3
 import textwrap
 
 import dns.message
@@ -184,6 +185,15 @@ def lines_with(p, text: str) -> int:
     return sum(text in line for line in list(p.lines))
 
 
+def journal_entries(db, action: str) -> list[dict]:
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    conn.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in conn.execute("SELECT * FROM journal WHERE action = ?", (action,))]
+    finally:
+        conn.close()
+
+
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_sighup_applies_a_new_file_and_refuses_a_broken_one(server_process, stub, db, tmp_path, workers):
     f = tmp_path / "sinkhole.toml"
@@ -207,6 +217,11 @@ def test_sighup_applies_a_new_file_and_refuses_a_broken_one(server_process, stub
     forwarded = wait_for(lambda: [r for r in audit_rows(db) if r["action"] == "forwarded"])
     assert [r["qname"] for r in forwarded] == ["www2.example.test"]  # log_queries = "all" from now on
     assert "elsewhere" not in {r["node"] for r in audit_rows(db)}  # node needs a restart
+    # the applied settings are in the change journal, once whatever the number of workers
+    entries = wait_for(lambda: journal_entries(db, "settings reload"))
+    assert len(entries) == 1
+    assert json.loads(entries[0]["detail"]) == {"block_ttl": "30", "log_queries": '"all"'}
+    assert entries[0]["command"].startswith("SIGHUP")
 
     f.write_text('block_ttl = "soon"\n')
     p.proc.send_signal(signal.SIGHUP)

@@ -199,3 +199,22 @@ def test_a_secondary_zone_category_can_be_named(db):
     assert run(db, "lists", "disable", "rpz:rpz.sinkhole").exit_code == 2  # no such category yet: named, not refused
     assert "no category 'rpz:rpz.sinkhole'" in run(db, "lists", "disable", "rpz:rpz.sinkhole").output
     assert run(db, "group", "add", "x", "--categories", "rpz:").exit_code == 2
+
+
+def test_rule_changes_patch_the_running_policy_and_others_reload_it(make_server, stub, db, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="sinkhole.server")
+    s = make_server(upstream=(stub.address,), shipped_lists=False)
+    assert run(db, "block", "add", "--category", "genai", "chat.example").exit_code == 0
+    assert wait_for(lambda: addresses(ask_from(s, "127.0.0.1", "chat.example")) == ["0.0.0.0"], timeout=1.0)
+    assert run(db, "block", "add", "more.chat.example", "other.example").exit_code == 0
+    assert wait_for(lambda: addresses(ask_from(s, "127.0.0.1", "other.example")) == ["0.0.0.0"], timeout=1.0)
+    assert run(db, "block", "remove", "other.example").exit_code == 0
+    assert wait_for(lambda: is_forwarded(ask_from(s, "127.0.0.1", "other.example")), timeout=1.0)
+    messages = [r.getMessage() for r in caplog.records if "policy version" in r.getMessage()]
+    assert sum("patched" in m for m in messages) >= 2, messages  # add and remove of names in known categories
+    assert s.server.policy.blocks == 2
+    assert run(db, "lists", "disable", "genai").exit_code == 0  # not a named-rule change: read whole
+    assert wait_for(lambda: is_forwarded(ask_from(s, "127.0.0.1", "chat.example")), timeout=1.0)
+    assert "loaded" in [r.getMessage() for r in caplog.records if "policy version" in r.getMessage()][-1]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from sinkhole.model import Action, Rule, RuleKind
-from sinkhole.policy import Policy
+from sinkhole.policy import GroupSpec, Policy
 
 
 def labels(name: str) -> tuple[str, ...]:
@@ -40,3 +40,30 @@ def test_escaped_labels_never_match():
     p = Policy([Rule("deepseek.com", RuleKind.BLOCK, "deepseek")])
     # a single label holding "deepseek.com" reaches the policy escaped, so it cannot match
     assert not p.decide_labels(("deepseek\\046com",)).blocked
+
+
+def test_a_patched_policy_equals_one_built_whole():
+    """A running server applies `block add` / `remove` by patching its policy: the result must decide every
+    name as a policy read whole from the same rules would."""
+    base = [("deepseek.com", "block", "deepseek", "lists/deepseek.txt"), ("x.example", "block", "manual", "cli"),
+            ("ok.deepseek.com", "allow", "manual", "cli"), ("lab.example", "block", "group:lab", "cli")]
+    groups = [GroupSpec("lab", ("10.1.0.0/16",), ("deepseek",))]
+    p = Policy(base, 3, groups=groups)
+    # add y.example (manual), remove x.example, add an allow next to a block, give deepseek.com a second entry
+    after = [r for r in base if r[0] != "x.example"] + [
+        ("y.example", "block", "manual", "cli"), ("lab.example", "allow", "manual", "cli"),
+        ("deepseek.com", "block", "manual", "cli")]
+    touched = {"x.example", "y.example", "lab.example", "deepseek.com"}
+    patched = p.patched(touched, [r for r in after if r[0] in touched], 9)
+    whole = Policy(after, 9, groups=groups)
+    assert patched is not None and patched.version == 9
+    assert (patched.blocks, patched.allows) == (whole.blocks, whole.allows)
+    for name in ("deepseek.com", "chat.deepseek.com", "ok.deepseek.com", "x.example", "y.example", "a.y.example",
+                 "lab.example", "none.example"):
+        for client in ("10.1.2.3", "192.0.2.1"):
+            assert patched.decide_name(name, patched.group_of(client)) == whole.decide_name(
+                name, whole.group_of(client)), (name, client)
+    assert p.decide_name("x.example").blocked and not p.decide_name("y.example").blocked  # the old one is untouched
+    # a category this policy has no rules in, a regex or a network: read whole instead
+    assert p.patched({"z.example"}, [("z.example", "block", "newcat", "cli")], 10) is None
+    assert p.patched({"/^a/"}, [("/^a/", "block", "manual", "cli")], 10) is None
