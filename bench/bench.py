@@ -358,9 +358,15 @@ def million_rules(work: Path, upstream: int, upstream_pid: int) -> dict:
         out["sinkhole_load_s"] = round(time.monotonic() - t0, 2)
         assert sink.proc is not None
         out["after_load"] = memory(sink.proc.pid)
-        out["lookup"]["sinkhole 1M"] = lookup_run(sink, upstream_pid, blocked)
         out["reload"] = reload_under_load(sink, blocked)
         out["after_reload"] = memory(sink.proc.pid)
+        # a change that is not a named rule: the whole list imported again (one name more), read whole
+        full = write_lines(work / "1m-plus-probe.txt", MILLION + 1,
+                           lambda i: "full-probe.test" if i == MILLION else f"r{i}.bench-rules.test")
+        out["full_reload"] = reload_under_load(sink, blocked, seconds=60, command=[
+            "lists", "import", str(full), "--category", "bench-1m"], probe="full-probe.test")
+        out["after_full_reload"] = memory(sink.proc.pid)
+        out["lookup"]["sinkhole 1M"] = lookup_run(sink, upstream_pid, blocked)  # last: full speed grows queues
     finally:
         sink.kill()
     out["sinkhole_policy_log"] = [line.strip() for line in sink.lines if "policy version" in line]
@@ -416,8 +422,10 @@ def memory(pid: int) -> dict:
             "pss_mib_sum": mib(pss_kb(pid)), "peak_rss_mib_per_process": [mib(k) for k in per_process_kb(pid, "VmHWM")]}
 
 
-def reload_under_load(sink: Sinkhole, blocked: Path, seconds: int = 30, qps: int = 5000, lead: float = 3.0) -> dict:
-    """Add one rule with the CLI while dnsperf sends `qps` blocked names; time until the rule is in force.
+def reload_under_load(sink: Sinkhole, blocked: Path, seconds: int = 30, qps: int = 5000, lead: float = 3.0,
+                      command: list[str] | None = None, probe: str = "") -> dict:
+    """Add one rule with the CLI (or run `command`) while dnsperf sends `qps` blocked names; time until the
+    rule (`probe`) is in force.
 
     The load starts `lead` seconds before the change and runs `seconds` in all (bounded by -l), long
     enough to cover a reload of 1M rules; `covered` says whether it did.
@@ -428,15 +436,16 @@ def reload_under_load(sink: Sinkhole, blocked: Path, seconds: int = 30, qps: int
         time.sleep(lead)
         exe = Path(sys.executable).parent / "sinkhole"
         t0 = time.monotonic()
-        cli = subprocess.run([str(exe), "--db", str(sink.db), "block", "add", PROBE], capture_output=True, text=True,
-                             timeout=120)
+        probe = probe or PROBE
+        cli = subprocess.run([str(exe), "--db", str(sink.db), *(command or ["block", "add", PROBE])],
+                             capture_output=True, text=True, timeout=300)
         cli_s = time.monotonic() - t0
         result: dict = {"cli_exit": cli.returncode, "cli_s": round(cli_s, 2)}
         if cli.returncode:
             result["cli_error"] = cli.stderr.strip()[-300:]
         else:
             try:
-                wait_dns(sink.port, PROBE, timeout=seconds, proc=sink.proc, want="0.0.0.0")
+                wait_dns(sink.port, probe, timeout=seconds, proc=sink.proc, want="0.0.0.0")
                 reload_s = time.monotonic() - t0
                 result.update(reload_s=round(reload_s, 2), covered=lead + reload_s < seconds)
             except RuntimeError as exc:
@@ -535,6 +544,17 @@ def million_text(m: dict) -> str:
         f"({'within' if r.get('covered') else 'NOT within'} the load); dnsperf sent {r.get('sent')} of "
         f"{r.get('expected')}, completed {r.get('completed')}, lost {r.get('lost')}, max latency {r.get('max_ms')} ms",
     ]
+    f = m.get("full_reload", {})
+    if f:
+        took = round(f["reload_s"] - f["cli_s"], 2) if "reload_s" in f else "?"
+        when = f.get("reload_s", f.get("reload_error") or f.get("cli_error"))
+        lines.append(
+            f"  full reload under load (`lists import` of the 1M list plus one name, read whole): import took "
+            f"{f.get('cli_s')} s; the new name blocked {when} s after the command started, so the reload took "
+            f"{took} s; dnsperf sent {f.get('sent')} of {f.get('expected')}, completed {f.get('completed')}, "
+            f"lost {f.get('lost')}, max latency {f.get('max_ms')} ms")
+        lines.append(f"  after the full reload: {mem(m.get('after_full_reload', {}))}; peak RSS per process "
+                     f"{m.get('after_full_reload', {}).get('peak_rss_mib_per_process')} MiB")
     for line in m.get("sinkhole_policy_log", []):
         lines.append(f"  server: {line.split(' - ')[-1]}")
     look = m.get("lookup", {})

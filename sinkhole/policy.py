@@ -12,7 +12,7 @@ from __future__ import annotations
 import gc
 import ipaddress
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from sinkhole.model import FORWARD, Action, Query, Rule, RuleKind, Verdict
@@ -69,7 +69,11 @@ class Policy:
                  "blocks", "canaries", "categories", "default", "groups", "ip_rules", "version")
 
     def __init__(self, rules: Iterable[Rule | tuple] = (), version: int = 0, canaries: bool = True,
-                 groups: Iterable[GroupSpec] = (), disabled: Iterable[str] = ()) -> None:
+                 groups: Iterable[GroupSpec] = (), disabled: Iterable[str] = (),
+                 bulk: Iterable[tuple[tuple[str, str, str | None], Callable[[], list[str]]]] = ()) -> None:
+        """`rules`: (domain, kind, category[, source]) tuples or Rules. `bulk`: the plain names (no regex, no
+        network) of each (kind, category, source), as a function that returns them: called only for those
+        in force for some group, and taken into the table in C (dict.fromkeys), not a name at a time."""
         self.canaries = canaries
         groups = list(groups)
         specs = {g.name: g for g in groups if g.name != DEFAULT_GROUP}
@@ -95,6 +99,27 @@ class Policy:
         collecting = gc.isenabled()
         gc.disable()  # a million rules allocate millions of small objects: no collections while they do
         try:
+            for key, fetch in bulk:
+                info = kinds.get(key)
+                if info is None:
+                    entry = (RuleKind(key[0]), key[1], key[2])
+                    info = kinds[key] = (in_force_somewhere(key[1]), entry, (entry,), entry[0] is RuleKind.ALLOW)
+                    combos[(entry,)] = info[2]
+                if not info[0]:
+                    continue
+                names = fetch()
+                counts[info[3]] += len(names)
+                if not table:
+                    table = dict.fromkeys(names, info[2])
+                    continue
+                dups = table.keys() & names
+                for domain in dups:  # a name in two lists: rare, one at a time
+                    have = table[domain]
+                    if info[1] not in have:
+                        combo = (*have, info[1])
+                        table[domain] = combos.setdefault(combo, combo)
+                table.update(dict.fromkeys(set(names) - dups if dups else names, info[2]))
+                del names
             for rule in rules:
                 if isinstance(rule, Rule):
                     domain, key = rule.domain, (rule.kind.value, rule.category, rule.source)

@@ -175,8 +175,8 @@ class Server:
             policy, how = store.load_policy(self.cfg.bypass_canaries), "loaded"
         old, self.policy = self.policy, policy  # one assignment: every query sees the old or the new policy
         self.policy_loaded = True
-        if how == "loaded" and old.blocks + old.allows > 10_000:
-            del old
+        if how == "loaded" and max(old.blocks + old.allows, policy.blocks + policy.allows) > 10_000:
+            del old  # and the lists read to build the new one: give the heap they leave back to the system
             _give_back_memory()
         log.info("policy version %d in force: %d block and %d allow rules, %d client groups (%s in %.0f ms)",
                  policy.version, policy.blocks, policy.allows, len(policy.groups), how,
