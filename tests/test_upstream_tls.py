@@ -59,14 +59,24 @@ def make_server_cert(d: Path, ca: str) -> tuple[Path, Path]:
 
 
 def free_ports(n: int) -> list[int]:
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
+    """n loopback ports free for both TCP and UDP right now (Unbound binds both on each)."""
+    socks: list[socket.socket] = []
+    ports: list[int] = []
+    while len(ports) < n:
+        t = socket.socket()
+        t.bind(("127.0.0.1", 0))
+        port = t.getsockname()[1]
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            u.bind(("127.0.0.1", port))
+        except OSError:
+            t.close()
+            u.close()
+            continue
+        socks += [t, u]
+        ports.append(port)
+    for sock in socks:
+        sock.close()
     return ports
 
 
@@ -111,6 +121,15 @@ class Relay:
 
 class Unbound:
     def __init__(self, d: Path, stub: StubResolver, key: Path, pem: Path) -> None:
+        for attempt in range(3):  # a port taken between free_ports() and Unbound's bind: new ports, once more
+            try:
+                self._start(d, stub, key, pem)
+                return
+            except RuntimeError as exc:
+                if "address already in use" not in str(exc) or attempt == 2:
+                    raise
+
+    def _start(self, d: Path, stub: StubResolver, key: Path, pem: Path) -> None:
         self.plain, self.tls, self.https = free_ports(3)
         conf = d / "unbound.conf"
         conf.write_text(f"""
@@ -155,6 +174,10 @@ forward-zone:
                 break
             except (OSError, dns.exception.Timeout):
                 if self.proc.poll() is not None or time.monotonic() > deadline:
+                    if self.proc.poll() is None:
+                        self.proc.kill()
+                        self.proc.wait(10)
+                    self._logfile.close()
                     raise RuntimeError("unbound did not start: " + self.log.read_text()) from None
 
     def close(self) -> None:
