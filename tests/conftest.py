@@ -219,3 +219,23 @@ def server_process(db: Path) -> Iterator:
 
 
 __all__ = ["RunningServer", "ServerProcess", "ask", "dns", "ede_of", "wait_for"]
+
+
+def select(db: Path, table: str, where: str = "1", order: str = "rowid") -> list[dict]:
+    """Rows of a table of the database as dicts (tests that tamper with the log read it this way)."""
+    conn = sqlite3.connect(db)
+    conn.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in conn.execute(f"SELECT * FROM {table} WHERE {where} ORDER BY {order}")]
+    finally:
+        conn.close()
+
+
+def sql(db: Path, statement: str, args: tuple = ()) -> None:
+    """One statement on the database, committed: how the tests play the intruder."""
+    conn = sqlite3.connect(db)
+    try:
+        with conn:
+            conn.execute(statement, args)
+    finally:
+        conn.close()

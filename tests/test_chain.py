@@ -18,29 +18,16 @@ from sinkhole import chain
 from sinkhole.cli import cli
 from sinkhole.server import open_store
 from sinkhole.store import SCHEMA_VERSION, Store
-from tests.conftest import ask, audit_rows, wait_for
+from tests.conftest import ask, audit_rows, select, sql, wait_for
 
 
 def run(db: Path, *args: str) -> Result:
     return CliRunner().invoke(cli, ["--db", str(db), *args], catch_exceptions=False)
 
 
+
 def rows(db: Path) -> list[dict]:
-    conn = sqlite3.connect(db)
-    conn.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in conn.execute("SELECT * FROM audit ORDER BY seq")]
-    finally:
-        conn.close()
-
-
-def sql(db: Path, statement: str, args: tuple = ()) -> None:
-    conn = sqlite3.connect(db)
-    try:
-        with conn:
-            conn.execute(statement, args)
-    finally:
-        conn.close()
+    return select(db, "audit", order="seq")
 
 
 @pytest.fixture

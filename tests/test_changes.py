@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import sqlite3
 from pathlib import Path
 
 import pytest
@@ -14,29 +13,17 @@ from click.testing import CliRunner, Result
 
 from sinkhole.cli import cli
 from sinkhole.store import _safe_user
-from tests.conftest import ask, audit_rows, wait_for
+from tests.conftest import ask, audit_rows, select, sql, wait_for
 
 
 def run(db: Path, *args: str, env: dict | None = None) -> Result:
     return CliRunner().invoke(cli, ["--db", str(db), *args], catch_exceptions=False, env=env)
 
 
+
+
 def journal(db: Path) -> list[dict]:
-    conn = sqlite3.connect(db)
-    conn.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in conn.execute("SELECT * FROM journal ORDER BY id")]
-    finally:
-        conn.close()
-
-
-def sql(db: Path, statement: str, args: tuple = ()) -> None:
-    conn = sqlite3.connect(db)
-    try:
-        with conn:
-            conn.execute(statement, args)
-    finally:
-        conn.close()
+    return select(db, "journal", order="id")
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from click.testing import CliRunner, Result
 from sinkhole.audit import AuditLog
 from sinkhole.cli import cli
 from sinkhole.server import open_store
-from tests.conftest import ask, wait_for
+from tests.conftest import ask, select, sql, wait_for
 from tests.test_data_faults import event
 
 DAY = 86400.0
@@ -24,22 +23,10 @@ def run(db: Path, *args: str) -> Result:
     return CliRunner().invoke(cli, ["--db", str(db), *args], catch_exceptions=False)
 
 
+
+
 def rows(db: Path, where: str = "1") -> list[dict]:
-    conn = sqlite3.connect(db)
-    conn.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in conn.execute(f"SELECT * FROM audit WHERE {where} ORDER BY seq")]
-    finally:
-        conn.close()
-
-
-def sql(db: Path, statement: str, args: tuple = ()) -> None:
-    conn = sqlite3.connect(db)
-    try:
-        with conn:
-            conn.execute(statement, args)
-    finally:
-        conn.close()
+    return select(db, "audit", where, "seq")
 
 
 def write(db: Path, node: str, ages_days: list[float]) -> str:
