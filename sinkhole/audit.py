@@ -35,6 +35,7 @@ from pathlib import Path
 
 from sinkhole import codec
 from sinkhole.chain import Chain, default_key_path
+from sinkhole.domains import reverse_name
 from sinkhole.model import Action, AuditEvent
 from sinkhole.shipping import Shipper
 from sinkhole.store import AUDIT_INSERT, Seed, Store, iso
@@ -218,7 +219,7 @@ class AuditLog:
             client = self._truncated(client)
         return (iso(e.time), client, e.transport, e.qname, qtype, e.action, e.rule, e.category,
                 codec.rcode_name(e.rcode), e.answer, e.policy_version, e.upstream, e.latency_ms, self.node,
-                e.group, asked, e.source, ".".join(reversed(e.qname.split("."))) if e.qname else None)
+                e.group, asked, e.source, reverse_name(e.qname) if e.qname else None)
 
     def _truncated(self, client: str) -> str:
         done = self._clients.get(client)

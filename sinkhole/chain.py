@@ -45,6 +45,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sinkhole.domains import reverse_name
 from sinkhole.errors import ConfigError
 
 EPOCH_ROWS = 1000  # the chain key evolves every this many rows of a chain
@@ -530,7 +531,7 @@ def verify(conn: sqlite3.Connection, key_generation: int, key: bytes,
             if hmac.compare_digest(good.hex(), mac):
                 w.prev, w.expected, w.last_seq, w.last_time = good, link + 1, seq, row["time"]
                 rname = row["rname"]
-                if rname is not None and rname != ".".join(reversed(str(row["qname"]).split("."))):
+                if rname is not None and rname != reverse_name(str(row["qname"])):
                     w.problem = f"seq {seq}: edited (rname {rname!r} does not match qname {row['qname']!r})"
             else:
                 w.pending = (seq, "edited or forged (MAC mismatch)", link)

@@ -61,6 +61,23 @@ def is_ip_address(text: str) -> bool:
     return True
 
 
+def client_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """A client's address as a socket gives it: without an IPv6 zone (`%eth0`), an IPv4-mapped IPv6
+    address (`::ffff:192.0.2.1`, from a dual-stack socket) as the IPv4 one; None if it is not an address."""
+    try:
+        address = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def reverse_name(name: str) -> str:
+    """'chat.deepseek.com' -> 'com.deepseek.chat': names under one domain sort together after it."""
+    return ".".join(reversed(name.split(".")))
+
+
 def is_subdomain(name: str, parent: str) -> bool:
     """True when `name` equals `parent` or lies under it, at a label boundary."""
     return name == parent or name.endswith("." + parent)

@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import Iterable
 
+from sinkhole.domains import client_address
 from sinkhole.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -94,13 +95,10 @@ class Guard:
         known = self._known.get(client)
         if known is not None:
             return known
-        try:
-            addr = ipaddress.ip_address(client.split("%", 1)[0])
-        except ValueError:
+        addr = client_address(client)
+        if addr is None:
             info: tuple[bool, bool, object] = (False, False, client)
         else:
-            if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-                addr = addr.ipv4_mapped
             prefix = self.v4_prefix if addr.version == 4 else self.v6_prefix
             net = ipaddress.ip_network(f"{addr}/{prefix}", strict=False)
             info = (any(addr in n for n in self.allow), any(addr in n for n in self.exempt), net)

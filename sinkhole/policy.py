@@ -15,6 +15,7 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from sinkhole.domains import client_address
 from sinkhole.model import FORWARD, Action, Query, Rule, RuleKind, Verdict
 
 # Names that browsers and operating systems ask to learn whether they may bypass this resolver.
@@ -230,12 +231,9 @@ class Policy:
         group = memo.get(client)
         if group is None:
             group = self.default
-            try:
-                address = ipaddress.ip_address(client.split("%", 1)[0])
-            except ValueError:
+            address = client_address(client)
+            if address is None:
                 return group
-            if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-                address = address.ipv4_mapped
             for network, candidate in self._networks:
                 if address.version == network.version and address in network:
                     group = candidate

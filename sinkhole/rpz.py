@@ -48,6 +48,7 @@ import dns.versioned
 import dns.xfr
 
 from sinkhole.answer import AnswerConfig
+from sinkhole.domains import client_address
 from sinkhole.errors import ConfigError, ListFormatError, SinkholeError
 from sinkhole.policy import Policy, is_regex
 
@@ -301,23 +302,15 @@ def _error(wire: bytes, rcode: int) -> bytes:
 
 
 def _allowed(peer: str, networks: list) -> bool:
-    try:
-        address = ipaddress.ip_address(peer.split("%", 1)[0])
-    except ValueError:
+    address = client_address(peer)
+    if address is None:
         return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
     return any(address.version == n.version and address in n for n in networks)
 
 
 def _same_host(a: str, b: str) -> bool:
-    try:
-        x, y = ipaddress.ip_address(a.split("%", 1)[0]), ipaddress.ip_address(b.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(x, ipaddress.IPv6Address) and x.ipv4_mapped is not None:
-        x = x.ipv4_mapped
-    return x == y
+    x, y = client_address(a), client_address(b)
+    return x is not None and x == y
 
 
 @dataclass

@@ -24,6 +24,7 @@ from pathlib import Path
 import sqlite_utils
 
 from sinkhole import chain
+from sinkhole.domains import reverse_name
 from sinkhole.errors import ConfigError
 from sinkhole.model import RuleKind
 from sinkhole.policy import DEFAULT_GROUP, GROUP_PREFIX, GroupSpec, Policy
@@ -100,11 +101,6 @@ def file_identity(path: str | os.PathLike[str]) -> tuple[int, int] | None:
     except OSError:
         return None
     return st.st_dev, st.st_ino
-
-
-def reverse_name(name: str) -> str:
-    """'chat.deepseek.com' -> 'com.deepseek.chat': names under one domain sort together after it."""
-    return ".".join(reversed(name.split(".")))
 
 
 def default_db_path() -> Path:

@@ -12,7 +12,8 @@ import pytest
 from click.testing import CliRunner, Result
 
 from sinkhole.cli import cli
-from sinkhole.store import Store, iso, reverse_name
+from sinkhole.domains import reverse_name
+from sinkhole.store import Store, iso
 from tests.conftest import ask, audit_rows, wait_for
 
 HOSTILE = "<script>alert(1)</script>.evil.example"
