@@ -97,15 +97,13 @@ class Policy:
         regexes: list[tuple[re.Pattern[str], Entry, str]] = []
         self.ip_rules: list[tuple[Network, str, str | None]] = []
         counts = [0, 0]  # block, allow
+        self._kinds, self._combos, self._in_force = kinds, combos, in_force_somewhere
+        new_kind = self._new_kind
         collecting = gc.isenabled()
         gc.disable()  # a million rules allocate millions of small objects: no collections while they do
         try:
             for key, fetch in bulk:
-                info = kinds.get(key)
-                if info is None:
-                    entry = (RuleKind(key[0]), key[1], key[2])
-                    info = kinds[key] = (in_force_somewhere(key[1]), entry, (entry,), entry[0] is RuleKind.ALLOW)
-                    combos[(entry,)] = info[2]
+                info = kinds.get(key) or new_kind(key)
                 if not info[0]:
                     continue
                 names = fetch()
@@ -126,12 +124,7 @@ class Policy:
                     domain, key = rule.domain, (rule.kind.value, rule.category, rule.source)
                 else:
                     domain, key = rule[0], (rule[1], rule[2], rule[3] if len(rule) > 3 else None)
-                info = kinds.get(key)
-                if info is None:
-                    entry = (RuleKind(key[0]), key[1], key[2])
-                    info = kinds[key] = (in_force_somewhere(key[1]), entry, (entry,), entry[0] is RuleKind.ALLOW)
-                    combos[(entry,)] = info[2]
-                keep, entry, single, allow = info
+                keep, entry, single, allow = kinds.get(key) or new_kind(key)
                 if not keep:
                     continue
                 if "/" in domain:
@@ -158,7 +151,6 @@ class Policy:
                 gc.enable()
         seen = {key[1] for key, info in kinds.items() if info[0]}
         blocks, allows = counts
-        self._kinds, self._combos, self._in_force = kinds, combos, in_force_somewhere
         self.categories = frozenset(seen)  # the categories with rules in force for some group
         self._map = table
         self._regexes = regexes
@@ -178,6 +170,14 @@ class Policy:
         networks.sort(key=lambda item: item[0].prefixlen, reverse=True)  # most specific first
         self._networks = networks
         self._client_groups: dict[str, Group] = {}
+
+    def _new_kind(self, key: tuple[str, str, str | None]) -> tuple[bool, Entry, tuple[Entry, ...], bool]:
+        """The shared entry for (kind, category, source) the first time it is met: whether its category is
+        in force for some group, the entry, its one-entry combo, and whether it allows."""
+        entry = (RuleKind(key[0]), key[1], key[2])
+        info = self._kinds[key] = (self._in_force(key[1]), entry, (entry,), entry[0] is RuleKind.ALLOW)
+        self._combos[(entry,)] = info[2]
+        return info
 
     def patched(self, touched: Iterable[str], rules: Iterable[tuple], version: int) -> Policy | None:
         """This policy with the rules of the `touched` names replaced by `rules` (every rule each of those
@@ -203,11 +203,7 @@ class Policy:
                         and not category.startswith(GROUP_PREFIX) and self._in_force(category)):
                     return None  # a category new to this policy: what groups inherit may change
                 key = (kind, category, source)
-                info = kinds.get(key)
-                if info is None:
-                    entry = (RuleKind(kind), category, source)
-                    info = kinds[key] = (self._in_force(category), entry, (entry,), entry[0] is RuleKind.ALLOW)
-                    combos[(entry,)] = info[2]
+                info = kinds.get(key) or self._new_kind(key)
                 if info[0] and info[1] not in entries:
                     entries.append(info[1])
                     counts[info[3]] += 1
