@@ -444,16 +444,17 @@ def group_remove(env: Env, name: str, networks: tuple[str, ...]) -> None:
         click.echo(f"removed from group {name}: {', '.join(gone)}")
 
 
-def _group_rows(store: Store) -> list[dict]:
+def _group_rows(store: Store, categories: list[dict]) -> list[dict]:
+    """store.groups() with, for each, the categories in force (`categories`: store.categories(), read once)."""
+    from sinkhole.policy import EVERYWHERE, GROUP_PREFIX
+
     rows = store.groups()
-    known = sorted(r["category"] for r in store.categories())
-    disabled = {r["category"] for r in store.categories() if not r["enabled"]}
-    inherited = [c for c in known if c not in disabled and not c.startswith("group:")]
+    inherited = [r["category"] for r in categories if r["enabled"] and not r["category"].startswith(GROUP_PREFIX)]
     for r in rows:
         if r["name"] == "default":
             r["networks"] = r["networks"] or ["(every client of no other group)"]
         r["inherits"] = r["categories"] is None
-        r["in_force"] = sorted(set(inherited if r["categories"] is None else r["categories"]) | {"manual"})
+        r["in_force"] = sorted(set(inherited if r["categories"] is None else r["categories"]) | {EVERYWHERE})
     return rows
 
 
@@ -464,7 +465,7 @@ def group_list(env: Env, fmt: str) -> None:
     """Every group: its networks, categories in force and number of extra rules."""
     store = env.store()
     try:
-        rows = _group_rows(store)
+        rows = _group_rows(store, store.categories())
     finally:
         store.close()
     if fmt != "json":
@@ -484,11 +485,12 @@ def group_show(env: Env, name: str, fmt: str) -> None:
 
     store = env.store()
     try:
-        rows = {r["name"]: r for r in _group_rows(store)}
+        categories = store.categories()
+        rows = {r["name"]: r for r in _group_rows(store, categories)}
         if name not in rows:
             raise ConfigError(f"no group {name!r}: see `sinkhole group list`")
         row = rows[name]
-        counts = {r["category"]: r for r in store.categories()}
+        counts = {r["category"]: r for r in categories}
         row["categories_in_force"] = [{"category": c, "block": (counts.get(c) or {}).get("block") or 0,
                                        "allow": (counts.get(c) or {}).get("allow") or 0} for c in row["in_force"]]
         row["extra_rules"] = [{"domain": r["domain"], "kind": r["kind"], "note": r["note"]}
