@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -146,6 +147,28 @@ def ede_of(reply: dns.message.Message) -> list[tuple[int, str]]:
     return [(o.code, o.text or "") for o in reply.options if isinstance(o, dns.edns.EDEOption)]
 
 
+def free_ports(n: int) -> list[int]:
+    """n distinct loopback ports free for both TCP and UDP right now (Unbound binds both on each)."""
+    socks: list[socket.socket] = []
+    ports: list[int] = []
+    while len(ports) < n:
+        t = socket.socket()
+        t.bind(("127.0.0.1", 0))
+        port = t.getsockname()[1]
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            u.bind(("127.0.0.1", port))
+        except OSError:
+            t.close()
+            u.close()
+            continue
+        socks += [t, u]
+        ports.append(port)
+    for sock in socks:
+        sock.close()
+    return ports
+
+
 def wait_for(predicate, timeout: float = 5.0, interval: float = 0.02):
     """Poll `predicate` until it returns something true; return it, or the last value on timeout."""
     deadline = time.monotonic() + timeout
@@ -221,14 +244,19 @@ def server_process(db: Path) -> Iterator:
 __all__ = ["RunningServer", "ServerProcess", "ask", "dns", "ede_of", "wait_for"]
 
 
-def select(db: Path, table: str, where: str = "1", order: str = "rowid") -> list[dict]:
-    """Rows of a table of the database as dicts (tests that tamper with the log read it this way)."""
-    conn = sqlite3.connect(db)
+def query(db: Path, sql: str, args: tuple = ()) -> list[dict]:
+    """The rows of one SELECT on the database, as dicts."""
+    conn = sqlite3.connect(str(db))
     conn.row_factory = sqlite3.Row
     try:
-        return [dict(r) for r in conn.execute(f"SELECT * FROM {table} WHERE {where} ORDER BY {order}")]
+        return [dict(r) for r in conn.execute(sql, args)]
     finally:
         conn.close()
+
+
+def select(db: Path, table: str, where: str = "1", order: str = "rowid") -> list[dict]:
+    """Rows of a table of the database as dicts (tests that tamper with the log read it this way)."""
+    return query(db, f"SELECT * FROM {table} WHERE {where} ORDER BY {order}")
 
 
 def sql(db: Path, statement: str, args: tuple = ()) -> None:

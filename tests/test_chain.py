@@ -25,7 +25,6 @@ def run(db: Path, *args: str) -> Result:
     return CliRunner().invoke(cli, ["--db", str(db), *args], catch_exceptions=False)
 
 
-
 def rows(db: Path) -> list[dict]:
     return select(db, "audit", order="seq")
 

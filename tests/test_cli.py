@@ -14,7 +14,6 @@ import os
 import pwd
 import shutil
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ from click.testing import CliRunner, Result
 from sinkhole import __version__
 from sinkhole.cli import cli
 from sinkhole.store import Store, iso
-from tests.conftest import ask, wait_for
+from tests.conftest import ask, query, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 SINKHOLE = shutil.which("sinkhole", path=str(Path(sys.executable).parent))
@@ -62,15 +61,6 @@ def run_process(*args: str, env: dict[str, str] | None = None) -> subprocess.Com
     assert SINKHOLE, "the `sinkhole` console script is not installed next to this Python"
     return subprocess.run([SINKHOLE, *args], capture_output=True, text=True, timeout=30,
                           env={**os.environ, **(env or {})})
-
-
-def query(db: Path, sql: str, args: tuple = ()) -> list[dict]:
-    conn = sqlite3.connect(str(db))
-    conn.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in conn.execute(sql, args)]
-    finally:
-        conn.close()
 
 
 def rules(db: Path, kind: str = "block", category: str | None = None) -> list[dict]:

@@ -12,7 +12,6 @@ import hashlib
 import ipaddress
 import json
 import socket
-import sqlite3
 import threading
 import time
 from email.utils import formatdate
@@ -25,7 +24,7 @@ from click.testing import CliRunner, Result
 from sinkhole import fetch, lists
 from sinkhole.cli import cli
 from sinkhole.errors import ListFormatError
-from tests.conftest import ask, wait_for
+from tests.conftest import ask, query, wait_for
 from tests.dnsstub import address_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,15 +48,6 @@ def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def run(db: Path, *args: str) -> Result:
     return CliRunner().invoke(cli, ["--db", str(db), *args], catch_exceptions=False)
-
-
-def query(db: Path, sql: str, args: tuple = ()) -> list[dict]:
-    conn = sqlite3.connect(str(db))
-    conn.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in conn.execute(sql, args)]
-    finally:
-        conn.close()
 
 
 def rules_of(db: Path, category: str, kind: str = "block") -> set[str]:

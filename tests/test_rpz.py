@@ -30,7 +30,7 @@ from sinkhole.config import load
 from sinkhole.errors import ConfigError
 from sinkhole.model import RuleKind
 from sinkhole.store import Store
-from tests.conftest import ask, wait_for
+from tests.conftest import ask, free_ports, wait_for
 
 ZONE = "rpz.sinkhole."
 SECRET = base64.b64encode(b"sixteen byte key, and then some").decode()
@@ -60,20 +60,6 @@ def records(zone: dns.zone.Zone) -> dict[str, set[str]]:
             for rdata in rdataset:
                 out.setdefault(name.to_text(), set()).add(f"{dns.rdatatype.to_text(rdataset.rdtype)} {rdata}")
     return out
-
-
-def free_port() -> int:
-    """A loopback port free for both UDP and TCP (for a listener whose port another side must know first)."""
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-            t.bind(("127.0.0.1", 0))
-            port = t.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-                try:
-                    u.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-        return port
 
 
 def rpz_port(server) -> int:
@@ -304,7 +290,7 @@ def test_other_names_and_garbage_get_no_zone(primary):
 
 def test_secondary_applies_the_zone_blocks_new_names_and_keeps_its_policy_without_primary(make_server, stub, db,
                                                                                           tmp_path):
-    notify_port = free_port()
+    notify_port = free_ports(1)[0]
     primary = make_server(upstream=(stub.address,), shipped_lists=False, rpz_listen="127.0.0.1:0",
                           rpz_refresh=3600, rpz_notify=(f"127.0.0.1:{notify_port}",), db=seeded(db))
     secondary_db = tmp_path / "secondary.db"

@@ -19,9 +19,9 @@ import pytest
 
 from sinkhole.model import RuleKind
 from sinkhole.store import Store
-from tests.conftest import wait_for
+from tests.conftest import free_ports, wait_for
 from tests.dnsstub import address_for
-from tests.test_rpz import free_port, run
+from tests.test_rpz import run
 
 UNBOUND = shutil.which("unbound") or shutil.which("unbound", path="/usr/sbin:/sbin")
 ZONE = "rpz.sinkhole."
@@ -97,7 +97,7 @@ def unbound_with_rpz(server_process, stub, db, tmp_path):
     store.add_rules(RuleKind.BLOCK, ["deepseek.com"], category="test")
     store.add_rules(RuleKind.ALLOW, ["status.deepseek.com"], category="test")
     store.close()
-    unbound_port, rpz_port = free_port(), free_port()
+    unbound_port, rpz_port = free_ports(2)
     sinkhole = server_process("--upstream", stub.address, "--no-shipped-lists", "--rpz-listen",
                               f"127.0.0.1:{rpz_port}", "--workers", "2",
                               env={"SINKHOLE_RPZ_NOTIFY": f"127.0.0.1:{unbound_port}",
@@ -137,7 +137,7 @@ def test_unbound_answers_nxdomain_when_the_server_does(server_process, stub, db,
     store = Store(db)
     store.add_rules(RuleKind.BLOCK, ["deepseek.com"], category="test")
     store.close()
-    unbound_port, rpz_port = free_port(), free_port()
+    unbound_port, rpz_port = free_ports(2)
     server_process("--upstream", stub.address, "--no-shipped-lists", "--rpz-listen", f"127.0.0.1:{rpz_port}",
                    "--mode", "nxdomain", "--workers", "1", env={"SINKHOLE_RPZ_NOTIFY": f"127.0.0.1:{unbound_port}"})
     unbound = Unbound(tmp_path, unbound_port, rpz_port, stub.port)

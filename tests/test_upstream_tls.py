@@ -26,7 +26,7 @@ import pytest
 
 from sinkhole import codec
 from sinkhole.upstream import Forwarder, parse_upstream
-from tests.conftest import ask
+from tests.conftest import ask, free_ports
 from tests.dnsstub import StubResolver, address_for
 
 UNBOUND = shutil.which("unbound") or "/usr/sbin/unbound"
@@ -56,28 +56,6 @@ def make_server_cert(d: Path, ca: str) -> tuple[Path, Path]:
     _openssl("x509", "-req", "-in", "server.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key", "-CAcreateserial",
              "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf", cwd=d)
     return d / "server.key", d / "server.pem"
-
-
-def free_ports(n: int) -> list[int]:
-    """n loopback ports free for both TCP and UDP right now (Unbound binds both on each)."""
-    socks: list[socket.socket] = []
-    ports: list[int] = []
-    while len(ports) < n:
-        t = socket.socket()
-        t.bind(("127.0.0.1", 0))
-        port = t.getsockname()[1]
-        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            u.bind(("127.0.0.1", port))
-        except OSError:
-            t.close()
-            u.close()
-            continue
-        socks += [t, u]
-        ports.append(port)
-    for sock in socks:
-        sock.close()
-    return ports
 
 
 class Relay:
