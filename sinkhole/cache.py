@@ -5,6 +5,11 @@ decreased by the time it spent here: no message object is built. Negative answer
 cached for the SOA's TTL or MINIMUM, whichever is lower (RFC 2308). Entries are keyed
 on the lower-cased question name, type, class and the EDNS/DO/CD bits of the query,
 bounded in number, and evicted least recently used first.
+
+Serve-stale (RFC 8767, off unless `serve_stale` > 0): an expired entry is kept that many
+seconds more; when no upstream answers, the pipeline answers from it with every TTL set to
+30 s and, for EDNS clients, Extended DNS Error 3 (Stale Answer, RFC 8914). A refresh that
+succeeds replaces it.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from sinkhole.model import Query
 
 _RR = struct.Struct("!HHIH")
 _TTL = struct.Struct("!I")
+STALE_TTL = 30  # RFC 8767 section 4: the TTL of a stale answer
+EDE_STALE = 3  # RFC 8914: Stale Answer
 
 
 @dataclass(slots=True)
@@ -29,6 +36,7 @@ class Entry:
     stored: float
     expires: float
     prefetch_at: float = float("inf")  # after this, a hit also refreshes the entry from the upstream
+    opt_at: int = -1  # where the OPT record starts when it is the last record (-1: none; -2: not last)
 
 
 def key_of(query: Query) -> bytes:
@@ -49,16 +57,22 @@ def _skip_name(wire: bytes, pos: int) -> int:
         pos += 1 + length
 
 
-def scan(wire: bytes, qlen: int) -> tuple[list[int], list[int], int | None, bool]:
-    """TTL offsets and values of every record but OPT; the negative TTL (SOA) if any; answers present."""
+def scan(wire: bytes, qlen: int) -> tuple[list[int], list[int], int | None, bool, int]:
+    """TTL offsets and values of every record but OPT; the negative TTL (SOA) if any; answers present;
+    where the OPT record starts if it is the last one (-1: no OPT; -2: an OPT before other records)."""
     _, _, _, ancount, nscount, arcount = struct.unpack_from("!HHHHHH", wire)
     pos = 12 + qlen
     offsets, ttls = [], []
     negative_ttl = None
-    for i in range(ancount + nscount + arcount):
+    opt_at = -1
+    total = ancount + nscount + arcount
+    for i in range(total):
+        start = pos
         pos = _skip_name(wire, pos)
         rtype, _, ttl, rdlen = _RR.unpack_from(wire, pos)
-        if rtype != codec.T_OPT:
+        if rtype == codec.T_OPT:
+            opt_at = start if i == total - 1 else -2
+        else:
             offsets.append(pos + 4)
             ttls.append(ttl)
             if rtype == codec.T_SOA and ancount <= i < ancount + nscount and rdlen >= 22:
@@ -68,13 +82,16 @@ def scan(wire: bytes, qlen: int) -> tuple[list[int], list[int], int | None, bool
         pos += 10 + rdlen
     if pos > len(wire):
         raise ValueError("records run past the end")
-    return offsets, ttls, negative_ttl, ancount > 0
+    return offsets, ttls, negative_ttl, ancount > 0, opt_at
 
 
 class Cache:
     def __init__(self, max_entries: int = 100_000, min_ttl: int = 0, max_ttl: int = 86400,
-                 negative_max_ttl: int = 3600, prefetch: bool = False) -> None:
+                 negative_max_ttl: int = 3600, prefetch: bool = False, serve_stale: float = 0.0) -> None:
         self.max_entries = max_entries
+        # seconds an expired entry is kept to answer from when no upstream answers (RFC 8767); 0: off
+        self.serve_stale = serve_stale
+        self.stale_served = 0
         # prefetch (as Unbound's `prefetch: yes`): a hit in the last tenth of an entry's TTL refreshes it in
         # the background, so a popular name never expires for its clients; the hit is served as usual
         self.prefetch = prefetch
@@ -100,8 +117,9 @@ class Cache:
             self.misses += 1
             return None
         if now >= entry.expires:
-            del self._entries[key]
-            self.misses += 1
+            if now >= entry.expires + self.serve_stale:
+                del self._entries[key]
+            self.misses += 1  # a stale entry is only for when the upstream fails (stale())
             return None
         self._entries.move_to_end(key)
         self.hits += 1
@@ -126,6 +144,29 @@ class Cache:
                 _TTL.pack_into(out, off, max(0, ttl - elapsed))
         return bytes(out)
 
+    def stale(self, key: bytes, query: Query, now: float) -> bytes | None:
+        """When no upstream answered: the entry for `key`, if it expired less than `serve_stale` seconds ago
+        (or has not expired: another forward stored it meanwhile), with every TTL at 30 s and EDE 3."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if now < entry.expires:
+            return self.render(entry, query, now)
+        if now >= entry.expires + self.serve_stale:
+            return None
+        self.stale_served += 1
+        out = bytearray(self.render(entry, query, entry.stored))
+        for off in entry.ttl_offsets:
+            _TTL.pack_into(out, off, STALE_TTL)
+        if query.edns is not None and entry.opt_at != -2:  # our OPT, with the EDE, in place of the upstream's
+            rcode = out[3] & 0xF
+            if entry.opt_at >= 0:
+                del out[entry.opt_at:]
+            else:
+                struct.pack_into("!H", out, 10, struct.unpack_from("!H", out, 10)[0] + 1)
+            out += codec.opt_record(query.edns, rcode, (EDE_STALE, "stale answer: no upstream answered"))
+        return bytes(out)
+
     def put(self, key: bytes, query: Query, reply: bytes, now: float) -> None:
         """Store a validated upstream reply when it may be reused; anything odd is simply not cached."""
         if self.max_entries <= 0 or len(reply) < 12 + len(query.question):
@@ -135,7 +176,7 @@ class Cache:
         if flags & codec.TC or rcode not in (codec.NOERROR, codec.NXDOMAIN):
             return
         try:
-            offsets, ttls, negative_ttl, has_answer = scan(reply, len(query.question))
+            offsets, ttls, negative_ttl, has_answer, opt_at = scan(reply, len(query.question))
         except (IndexError, struct.error, ValueError):
             return
         if has_answer and rcode == codec.NOERROR:
@@ -147,7 +188,7 @@ class Cache:
             return  # a negative answer without SOA: RFC 2308 says not to cache it
         if ttl <= 0:
             return
-        entry = Entry(reply, len(query.question), tuple(offsets), tuple(ttls), now, now + ttl)
+        entry = Entry(reply, len(query.question), tuple(offsets), tuple(ttls), now, now + ttl, opt_at=opt_at)
         if self.prefetch and ttl >= 2:  # not for TTLs of a second or less
             entry.prefetch_at = now + ttl * (1 - self.prefetch_fraction)
         self._entries[key] = entry

@@ -200,6 +200,9 @@ def _rule_category(category: str | None, client_group: str | None) -> str:
               help="Load the shipped lists into a new database [yes].")
 @click.option("--cache-prefetch/--no-cache-prefetch", default=None,
               help="Refresh popular cache entries before they expire (a hit in the last tenth of the TTL) [no].")
+@click.option("--cache-serve-stale", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
+              help="When no upstream answers, answer from a cache entry that expired less than this long ago "
+                   "(RFC 8767: TTL 30 s, EDE 3) [0: never].")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=None)
 @click.option("--syslog", default=None, metavar="[udp://|tcp://]HOST:PORT",
               help="Ship every audit row and the chain heads to this syslog collector (RFC 5424; UDP unless tcp://).")

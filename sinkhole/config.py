@@ -65,6 +65,7 @@ class ServeConfig:
     cache_max_ttl: int = 86400
     cache_negative_max_ttl: int = 3600
     cache_prefetch: bool = False  # a hit in the last tenth of a TTL refreshes the entry in the background
+    cache_serve_stale: float = 0.0  # seconds past expiry an entry may answer when no upstream does (0: never)
     tcp_idle_timeout: float = 10.0
     tcp_max_clients: int = 1000
     max_inflight: int = 1000  # forwards waiting for an upstream at once (each holds a socket)
@@ -117,7 +118,7 @@ class ServeConfig:
 
     def make_cache(self) -> Cache:
         return Cache(self.cache_size, self.cache_min_ttl, self.cache_max_ttl, self.cache_negative_max_ttl,
-                     self.cache_prefetch)
+                     self.cache_prefetch, self.cache_serve_stale)
 
     def upstreams(self) -> list[Upstream]:
         if self.upstream:
@@ -162,7 +163,7 @@ RELOADABLE = frozenset({
     "allow_clients", "rate_limit", "rate_limit_burst", "rate_limit_net", "rate_limit_net_burst",
     "rate_limit_v4_prefix", "rate_limit_v6_prefix", "rate_limit_action", "rate_limit_exempt",
     "upstream", "timeout", "max_inflight", "cache_size", "cache_min_ttl", "cache_max_ttl",
-    "cache_negative_max_ttl", "reload_interval",
+    "cache_negative_max_ttl", "cache_serve_stale", "reload_interval",
 })
 
 
@@ -260,6 +261,8 @@ def _validate(cfg: ServeConfig) -> ServeConfig:
         raise ConfigError(f"log_level must be debug, info, warning or error, not {cfg.log_level!r}")
     if cfg.tcp_max_clients < 1 or cfg.max_inflight < 1 or cfg.cache_negative_max_ttl < 0:
         raise ConfigError("tcp_max_clients and max_inflight must be 1 or more, cache_negative_max_ttl 0 or more")
+    if cfg.cache_serve_stale < 0:
+        raise ConfigError("cache_serve_stale must be 0 (off) or more seconds")
     if cfg.workers < 0:
         raise ConfigError("workers must be 0 (one per core) or more")
     if cfg.cache_size < 0 or not 0 <= cfg.cache_min_ttl <= cfg.cache_max_ttl:

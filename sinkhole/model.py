@@ -15,6 +15,7 @@ class Action(enum.StrEnum):
     CANARY = "canary"  # a bypass canary (DoH canary, iCloud Private Relay, DDR): answered as the OS expects
     FORWARDED = "forwarded"
     CACHED = "cached"
+    STALE = "stale"  # no upstream answered: an expired cache entry, served as RFC 8767 allows (cache_serve_stale)
     REFUSED = "refused"
     LIMITED = "limited"  # over the rate limit: TC=1 over UDP so that the client comes back over TCP
     LOCAL = "local"  # answered here without the upstream (ANY per RFC 8482)

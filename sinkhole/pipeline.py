@@ -215,6 +215,15 @@ class Pipeline:
         try:
             reply, upstream, cloaked = await self._coalesced(pending, proto == "tcp")
         except UpstreamError as exc:
+            stale = self.cache.stale(pending.key, query, time.monotonic())
+            if stale is not None:  # serve-stale (RFC 8767): the last answer we had, TTL 30 s, EDE 3
+                log.warning("stale answer for %s %s: %s", query.qname, codec.qtype_name(query.qtype), exc)
+                if proto == "udp" and len(stale) > query.max_udp:
+                    stale = answer.truncated(query, codec.header_rcode(stale))
+                self._record(Action.STALE, client, proto, query.qname, query.qtype, codec.header_rcode(stale),
+                             verdict, None, version, None, (time.perf_counter() - started) * 1000,
+                             pending.group.name, query.wire)
+                return stale
             log.warning("SERVFAIL for %s %s: %s", query.qname, codec.qtype_name(query.qtype), exc)
             self._record(Action.SERVFAIL, client, proto, query.qname, query.qtype, codec.SERVFAIL, verdict,
                          None, version, None, (time.perf_counter() - started) * 1000, pending.group.name, query.wire)

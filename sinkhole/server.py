@@ -300,6 +300,7 @@ class Server:
         cache = self.pipeline.cache
         cache.max_entries, cache.min_ttl = running.cache_size, running.cache_min_ttl
         cache.max_ttl, cache.negative_max_ttl = running.cache_max_ttl, running.cache_negative_max_ttl
+        cache.serve_stale = running.cache_serve_stale
         if self.reloader is not None:
             self.reloader.interval = running.reload_interval
         log.info("%sconfig reloaded: %s%s", who,

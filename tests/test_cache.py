@@ -6,6 +6,7 @@ import concurrent.futures
 import struct
 import time
 
+import dns.edns
 import dns.flags
 import dns.message
 import dns.name
@@ -16,7 +17,7 @@ import pytest
 
 from sinkhole import codec
 from sinkhole.cache import Cache, key_of
-from tests.conftest import ask
+from tests.conftest import ask, audit_rows, ede_of
 from tests.dnsstub import address_for
 
 
@@ -187,3 +188,74 @@ def test_without_prefetch_an_expired_entry_is_fetched_again(make_server, stub):
     assert ask(s, "plain.example.test").answer
     assert len(stub.queries("plain.example.test")) == 2
     assert "prefetched" not in s.server.pipeline.counts
+
+
+# ---------------------------------------------------------------------------- serve-stale (RFC 8767)
+
+
+def test_stale_entry_answers_only_within_its_window_with_ttl_30_and_ede_3():
+    q = dns.message.make_query("s.example.test", "A", use_edns=0)
+    query = codec.decode_query(q.to_wire())
+    r = dns.message.make_response(q)
+    r.use_edns(0, payload=1232)
+    r.answer.append(dns.rrset.from_text("s.example.test.", 60, "IN", "A", "192.0.2.7"))
+    c = Cache(serve_stale=100)
+    key = key_of(query)
+    c.put(key, query, r.to_wire(), 0.0)
+    assert c.get(key, query, 61.0) is None  # expired: a miss, so the upstream is asked first
+    out = dns.message.from_wire(c.stale(key, query, 61.0))
+    assert out.answer[0].ttl == 30 and out.answer[0][0].address == "192.0.2.7" and out.id == q.id
+    assert [(o.code, o.text) for o in out.options if isinstance(o, dns.edns.EDEOption)] == [
+        (3, "stale answer: no upstream answered")]
+    assert len(out.additional) == 0 and out.edns == 0  # one OPT: ours replaced the upstream's
+    assert c.stale(key, query, 160.0) is None  # past expiry + 100 s
+    assert c.get(key, query, 160.0) is None and len(c) == 0  # and gone
+    assert c.stale_served == 1
+
+
+def test_stale_answer_to_a_client_without_edns_has_no_opt():
+    query, wire = reply_for("plain.example.test", ttl=5)
+    c = Cache(serve_stale=10)
+    c.put(key_of(query), query, wire, 0.0)
+    out = dns.message.from_wire(c.stale(key_of(query), query, 7.0))
+    assert out.edns == -1 and out.answer[0].ttl == 30
+
+
+def test_without_serve_stale_an_expired_entry_is_dropped():
+    query, wire = reply_for("gone.example.test", ttl=5)
+    c = Cache()
+    c.put(key_of(query), query, wire, 0.0)
+    assert c.get(key_of(query), query, 5.0) is None and len(c) == 0
+    assert c.stale(key_of(query), query, 5.0) is None
+
+
+def test_serve_stale_keeps_a_name_resolving_while_the_upstream_is_down(make_server, stub, db):
+    s = make_server(upstream=(stub.address,), cache_max_ttl=1, cache_serve_stale=60, timeout=0.5,
+                    log_queries="all")
+    first = ask(s, "kept.example.test")
+    assert first.answer[0][0].to_text() == address_for("kept.example.test")
+    time.sleep(1.1)  # expired
+    stub.silent = True
+    r = ask(s, "kept.example.test")
+    assert r.rcode() == dns.rcode.NOERROR and r.answer[0][0].to_text() == address_for("kept.example.test")
+    assert r.answer[0].ttl == 30 and ede_of(r) == [(3, "stale answer: no upstream answered")]
+    assert ask(s, "kept.example.test", tcp=True).answer[0].ttl == 30
+    assert ask(s, "never.example.test").rcode() == dns.rcode.SERVFAIL  # nothing to fall back on
+    assert len(stub.queries("kept.example.test")) == 3, "the upstream is asked first every time"
+    stub.silent = False
+    fresh = ask(s, "kept.example.test")
+    assert fresh.answer[0].ttl == first.answer[0].ttl != 30 and not ede_of(fresh)  # the upstream's answer again
+    s.stop()
+    actions = [(row["qname"], row["transport"], row["action"]) for row in audit_rows(db)
+               if row["qname"] in ("kept.example.test", "never.example.test")]
+    assert actions == [("kept.example.test", "udp", "forwarded"), ("kept.example.test", "udp", "stale"),
+                       ("kept.example.test", "tcp", "stale"), ("never.example.test", "udp", "servfail"),
+                       ("kept.example.test", "udp", "forwarded")]
+
+
+def test_without_serve_stale_an_outage_gives_servfail_for_expired_names(make_server, stub):
+    s = make_server(upstream=(stub.address,), cache_max_ttl=1, timeout=0.5)
+    assert ask(s, "lost.example.test").answer
+    time.sleep(1.1)
+    stub.silent = True
+    assert ask(s, "lost.example.test").rcode() == dns.rcode.SERVFAIL
