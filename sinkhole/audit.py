@@ -35,7 +35,7 @@ from pathlib import Path
 
 from sinkhole import codec
 from sinkhole.chain import Chain, default_key_path
-from sinkhole.domains import reverse_name
+from sinkhole.domains import client_address, reverse_name
 from sinkhole.model import Action, AuditEvent
 from sinkhole.shipping import Shipper
 from sinkhole.store import AUDIT_INSERT, Seed, Store, iso
@@ -224,9 +224,8 @@ class AuditLog:
     def _truncated(self, client: str) -> str:
         done = self._clients.get(client)
         if done is None:
-            try:
-                address = ipaddress.ip_address(client.split("%", 1)[0])
-            except ValueError:
+            address = client_address(client)  # a v4-mapped address (dual-stack socket) as its IPv4 one
+            if address is None:
                 return client
             assert self.client_prefix is not None
             bits = self.client_prefix[0] if address.version == 4 else self.client_prefix[1]

@@ -30,6 +30,14 @@ def test_ipv6_clients_keep_their_v6_prefix(tmp_path):
     assert AuditLog(tmp_path / "b.db", "n", seed=None)._row(event)[1] == "2001:db8:1:2:3::7"
 
 
+def test_a_v4_mapped_client_is_truncated_as_ipv4(tmp_path):
+    """A dual-stack listener (::) sees IPv4 clients as ::ffff:a.b.c.d: their /24 is stored, not ::/56."""
+    log = AuditLog(tmp_path / "a.db", "n", client_prefix=(24, 56), seed=None)
+    for client in ("::ffff:192.0.2.77", "fe80::1%eth0"):
+        event = AuditEvent(0.0, client, "udp", "x.example", 1, "blocked", None, None, 0, None, 1)
+        assert log._row(event)[1] == {"::ffff:192.0.2.77": "192.0.2.0/24", "fe80::1%eth0": "fe80::/56"}[client]
+
+
 @pytest.mark.parametrize("level, expected", [("full", 2), ("off", 0), ("normal", 1)])
 def test_synchronous_level_is_the_writers(make_server, stub, db, level, expected):
     s = make_server(upstream=(stub.address,), audit_synchronous=level)
