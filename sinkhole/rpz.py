@@ -23,6 +23,7 @@ import base64
 import binascii
 import ipaddress
 import logging
+import socket
 import struct
 import threading
 import time
@@ -339,11 +340,15 @@ class Endpoint:
         self.udp: asyncio.DatagramTransport | None = None
         self.conns: set[asyncio.Task] = set()
 
-    async def start(self) -> None:
+    async def start(self, sockets: tuple[socket.socket, socket.socket] | None = None) -> None:
+        """Serve on `sockets` (from bind(), made before root was dropped), or bind now."""
+        from sinkhole.listener import bind_pair
+
         loop = asyncio.get_running_loop()
-        self.tcp_server = await asyncio.start_server(self._tcp_client, self.host, self.port, reuse_address=True)
-        self.port = self.tcp_server.sockets[0].getsockname()[1]  # port 0: the one TCP got, for UDP too
-        self.udp, _ = await loop.create_datagram_endpoint(lambda: _Udp(self), local_addr=(self.host, self.port))
+        udp, tcp = sockets if sockets is not None else bind_pair(self.host, self.port)[2:]
+        self.port = tcp.getsockname()[1]
+        self.tcp_server = await asyncio.start_server(self._tcp_client, sock=tcp)
+        self.udp, _ = await loop.create_datagram_endpoint(lambda: _Udp(self), sock=udp)
         log.info("RPZ %s on udp+tcp %s", " and ".join(
             w for w, on in (("primary for zone " + str(self.primary.origin) if self.primary else "", self.primary),
                             ("NOTIFY from " + self.secondary.where if self.secondary else "", self.secondary)) if on),
@@ -762,6 +767,19 @@ class Secondary(threading.Thread):
 # ---------------------------------------------------------------------------- wiring
 
 
+def bind(cfg: ServeConfig) -> tuple[socket.socket, socket.socket] | None:
+    """The UDP and TCP sockets of rpz_listen (port 0: the same free port for both), bound before --user
+    drops root so that the zone can be served on port 53; None when there is no rpz_listen."""
+    from sinkhole.listener import bind_pair
+    from sinkhole.upstream import parse_hostport
+
+    if not cfg.rpz_listen:
+        return None
+    host, port = parse_hostport(cfg.rpz_listen, 53)
+    _, _, udp, tcp = bind_pair(host, port)
+    return udp, tcp
+
+
 class Node:
     """What `sinkhole serve` runs for RPZ: a primary, a secondary, or both, and their listener."""
 
@@ -774,9 +792,9 @@ class Node:
         if self.primary is not None:
             self.primary.policy_changed(store)
 
-    async def start(self) -> None:
+    async def start(self, sockets: tuple[socket.socket, socket.socket] | None = None) -> None:
         if self.endpoint is not None:
-            await self.endpoint.start()
+            await self.endpoint.start(sockets)
         if self.secondary is not None:
             self.secondary.start()
 

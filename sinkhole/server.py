@@ -136,13 +136,16 @@ class Pruner(threading.Thread):
 
 class Server:
     def __init__(self, cfg: ServeConfig, db: str | Path, sockets: list | None = None,
-                 worker: int | None = None, reload: Callable[[], ServeConfig] | None = None) -> None:
-        """`sockets`: (host, port, udp, tcp) already bound by a supervisor, which also speaks to systemd.
+                 worker: int | None = None, reload: Callable[[], ServeConfig] | None = None,
+                 rpz_sockets: tuple | None = None) -> None:
+        """`sockets`: (host, port, udp, tcp) already bound by a supervisor, which also speaks to systemd;
+        `rpz_sockets`: the (udp, tcp) of rpz_listen, bound by it too (worker 0 serves them).
         `reload`: reads the configuration again (file < env < flags) on SIGHUP; raises ConfigError."""
         self.reload = reload
         self.policy_loaded = False
         self.exporter = None
         self.sockets = sockets
+        self.rpz_sockets = rpz_sockets
         self.worker = worker
         self.cfg = cfg
         self.db = Path(db)
@@ -198,6 +201,15 @@ class Server:
             bound, passed = self.sockets, False
         else:
             bound, passed = bind_all(self.cfg.listen_addresses())
+            if self.rpz is not None:
+                try:
+                    self.rpz_sockets = rpz.bind(self.cfg)
+                except BaseException:
+                    for _, _, udp, tcp in bound:
+                        for sock in (udp, tcp):
+                            if sock is not None:
+                                sock.close()
+                    raise
             if self.cfg.user:
                 drop_privileges(self.cfg.user)
         store = open_store(self.db, self.cfg.shipped_lists)
@@ -212,7 +224,7 @@ class Server:
             if self.sockets is None:
                 log.info("listening on %s %s%s", listener.transports, listener, " (from systemd)" if passed else "")
         if self.rpz is not None:
-            await self.rpz.start()
+            await self.rpz.start(self.rpz_sockets)
         self.audit.start()
         self.reloader = PolicyReloader(self, self.db, self.cfg.reload_interval)
         self.reloader.start()

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sinkhole import config, systemd
+from sinkhole import config, rpz, systemd
 from sinkhole.config import ServeConfig
 from sinkhole.listener import Bound, bind_all
 
@@ -99,6 +99,7 @@ class Supervisor:
         signal.signal(signal.SIGINT, self._on_signal)
         signal.signal(signal.SIGHUP, self._on_hup)
         self.bound, from_systemd = bind_all(self.cfg.listen_addresses())
+        self.rpz_bound = rpz.bind(self.cfg)  # before --user drops root: port 53 works; worker 0 serves it
         for host, port, udp, tcp in self.bound:
             kinds = "+".join(k for k, s in (("udp", udp), ("tcp", tcp)) if s is not None)
             log.info("listening on %s %s (%d workers)%s", kinds, _show(host, port), self.count,
@@ -172,7 +173,8 @@ class Supervisor:
             code = 1
             try:
                 _die_with(supervisor)
-                code = worker_main(self.cfg, self.db, self.bound, w, index, interval, supervisor, self.reload)
+                code = worker_main(self.cfg, self.db, self.bound, w, index, interval, supervisor, self.reload,
+                                   self.rpz_bound if index == 0 else None)
             except BaseException:
                 log.exception("worker %d failed", index)
             finally:
@@ -269,7 +271,8 @@ def _die_with(supervisor: int) -> None:
 
 
 def worker_main(cfg: ServeConfig, db: Path, bound: list[Bound], fd: int, index: int,
-                interval: float | None, parent: int, reload: Callable[[], ServeConfig] | None = None) -> int:
+                interval: float | None, parent: int, reload: Callable[[], ServeConfig] | None = None,
+                rpz_sockets: tuple | None = None) -> int:
     """One worker: an event loop serving the inherited sockets until SIGTERM/SIGINT."""
     import asyncio
 
@@ -282,7 +285,7 @@ def worker_main(cfg: ServeConfig, db: Path, bound: list[Bound], fd: int, index: 
             pass
 
     async def main() -> None:
-        server = Server(cfg, db, sockets=bound, worker=index, reload=reload)
+        server = Server(cfg, db, sockets=bound, worker=index, reload=reload, rpz_sockets=rpz_sockets)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, server.request_stop)

@@ -479,3 +479,54 @@ def test_serve_with_unknown_user_is_one_line_exit_2(tmp_path: Path) -> None:
     assert len(out.stderr.strip().splitlines()) >= 1
     assert out.stderr.strip().splitlines()[-1].startswith("sinkhole: ")
     assert "no-such-user-xyz" in out.stderr.strip().splitlines()[-1]
+
+
+def _privileged_port() -> int:
+    """A port below 1024 free for UDP and TCP on 127.0.0.1 (only root may bind it)."""
+    for port in range(1023, 899, -1):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u, socket.socket() as t:
+            try:
+                u.bind(("127.0.0.1", port))
+                t.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    pytest.skip("no free port in 900..1023")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="binding as root and dropping needs root")
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_rpz_primary_on_a_privileged_port_is_bound_before_root_is_dropped(tmp_path: Path, server_process, stub,
+                                                                         workers: str) -> None:
+    """--rpz-listen on a port below 1024 with --user: bound as root like the DNS port, served after the drop
+    (by the only process, or by worker 0)."""
+    import tempfile
+
+    import dns.exception
+    import dns.query
+    import dns.zone
+
+    unprivileged_start = Path("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+    port = _privileged_port()
+    if unprivileged_start.exists() and int(unprivileged_start.read_text()) <= port:
+        pytest.skip("any user may bind that port here: the test would prove nothing")
+    state = Path(tempfile.mkdtemp(prefix="sinkhole-drop-", dir="/tmp"))
+    state.chmod(0o777)
+    try:
+        p = server_process("--upstream", stub.address, "--user", "nobody", "--workers", workers,
+                           "--rpz-listen", f"127.0.0.1:{port}", db=state / "a.db")
+        from tests.conftest import wait_for
+
+        def zone() -> dns.zone.Zone | None:
+            try:
+                return dns.zone.from_xfr(dns.query.xfr("127.0.0.1", "rpz.sinkhole.", port=port, timeout=3))
+            except (OSError, dns.exception.DNSException):
+                return None
+
+        z = wait_for(zone, timeout=10)
+        assert z is not None, "the RPZ primary does not answer on its port"
+        owners = {name.to_text() for name in z.nodes}
+        assert {"deepseek.com", "*.deepseek.com"} <= owners  # a shipped rule, served as a zone
+        assert p.terminate() == 0
+    finally:
+        shutil.rmtree(state)
