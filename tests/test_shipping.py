@@ -438,8 +438,12 @@ if $app-name == "sinkhole" then {{
             params = {m["name"]: re.sub(r'\\(["\\\]])', r"\1", m["value"]) for m in PARAM.finditer(g["sd"])}
             assert params == expected_params(r)
             assert g["msg"].startswith(f"blocked {r['qname']} A from 127.0.0.1")
-        anchors = (work / "anchors.jsonl").read_text().splitlines()
-        assert anchors[-1] == cli_anchor(db)[0]
+        anchor_file = work / "anchors.jsonl"  # rsyslog's second action: written just after the first one
+
+        def anchors() -> list[str]:
+            return anchor_file.read_text().splitlines() if anchor_file.exists() else []
+
+        assert wait_for(lambda: anchors() and anchors()[-1] == cli_anchor(db)[0], timeout=10), anchors()
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
