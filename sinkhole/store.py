@@ -74,6 +74,15 @@ AUDIT_COLUMNS = {
 AUDIT_INSERT = [c for c in AUDIT_COLUMNS if c != "seq"]
 _AUDIT_INSERT_SQL = (f"INSERT INTO audit ({', '.join(AUDIT_INSERT)}) "
                      f"VALUES ({', '.join('?' for _ in AUDIT_INSERT)})")
+_CHUNK = 256  # audit rows per INSERT statement (x 21 columns: well under SQLite's 32766 variables)
+
+
+@functools.lru_cache(maxsize=16)
+def _chunk_sql(rows: int) -> str:
+    one = f"({', '.join('?' for _ in AUDIT_INSERT)})"
+    return f"INSERT INTO audit ({', '.join(AUDIT_INSERT)}) VALUES {', '.join([one] * rows)}"
+
+
 _iso_second: list = [None, ""]  # the last whole second formatted, and its text
 
 
@@ -772,7 +781,15 @@ class Store:
         if rows and isinstance(rows[0], dict):
             rows = [tuple(r.get(c) for c in AUDIT_INSERT) for r in rows]  # type: ignore[union-attr]
         with self.db.atomic():
-            self.conn.executemany(_AUDIT_INSERT_SQL, rows)
+            # many rows per statement: one sqlite3_step (one release of the GIL) for each chunk, where
+            # executemany steps, and so hands the GIL to the event loop and back, once per row
+            # chunks of 256, then 128, 64, ... 1 for the rest: nine statement texts, each prepared once
+            i, n, size = 0, len(rows), _CHUNK
+            while i < n:
+                while n - i < size:
+                    size >>= 1
+                self.conn.execute(_chunk_sql(size), [v for r in rows[i:i + size] for v in r])
+                i += size
 
     def _log_where(self, since: str | None, until: str | None, client: str | None, domain: str | None,
                    action: str | None, *, group: str | None = None, category: str | None = None,
