@@ -170,3 +170,4 @@ def test_odd_bytes_in_a_name_are_escaped_in_the_log_and_never_a_false_match(serv
     assert r.rcode() == dns.rcode.FORMERR
     rows = wait_for(lambda: audit_rows(db))
     assert [row["qname"] for row in rows] == [r"a\032b\059.chat.deepseek.com"]
+

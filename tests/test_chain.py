@@ -9,6 +9,7 @@ import json
 import os
 import sqlite3
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -363,3 +364,28 @@ def test_rname_is_checked_against_qname_and_group_asked_list_are_covered(tmp_pat
         conn.commit()
     assert verify_db(db, operator_key).ok
     assert len(AUDIT_INSERT) == len(sealed[0])
+
+
+@pytest.mark.parametrize("n", [1, 255, 256, 257, 300, 5000])
+def test_rows_are_stored_in_order_whatever_the_batch_size(db, operator_key, n):
+    """The writer stores a batch as INSERTs of 256, 128, ... 1 rows: every row once, in order, each value
+    in its column, and the chain verifies."""
+    from sinkhole.audit import AuditLog
+    from sinkhole.model import AuditEvent
+
+    log = AuditLog(db, "n1", seed=None)
+    log.start()
+    t0 = time.time()
+    for i in range(n):
+        log.submit(AuditEvent(t0 + i * 1e-6, f"10.0.{i // 256}.{i % 256}", "udp", f"q{i}.chatgpt.com", 1,
+                              "blocked", "chatgpt.com", "genai", 0, "0.0.0.0", 7, group="default", source="s"))
+    log.close()
+    rows = audit_rows(db)
+    assert [r["qname"] for r in rows] == [f"q{i}.chatgpt.com" for i in range(n)]
+    assert [r["client"] for r in rows] == [f"10.0.{i // 256}.{i % 256}" for i in range(n)]
+    assert [r["seq"] for r in rows] == list(range(rows[0]["seq"], rows[0]["seq"] + n))
+    assert {(r["rule"], r["category"], r["policy_version"], r["grp"], r["list"], r["node"]) for r in rows} == {
+        ("chatgpt.com", "genai", 7, "default", "s", "n1")}
+    assert [r["rname"] for r in rows[:2]] == ["com.chatgpt.q0", "com.chatgpt.q1"][:n]
+    result = verify(db, operator_key)
+    assert result.exit_code == 0, result.output
