@@ -125,6 +125,7 @@ class AuditLog:
         # privacy: store each client as its network (e.g. /24 and /56), never its address
         self.client_prefix = client_prefix
         self._clients: dict[str, str] = {}
+        self._rnames: dict[str, str] = {}  # qname -> reversed name (the indexed rname column)
         self._writer: _Writer | None = None
         self.key_path = Path(key_path) if key_path is not None else default_key_path(self.db_path)
         self.chains: list[str] = []  # the chains this log started, oldest first
@@ -217,9 +218,14 @@ class AuditLog:
         client = e.client
         if self.client_prefix is not None:
             client = self._truncated(client)
+        rname = self._rnames.get(e.qname)  # blocked names repeat: each is reversed once
+        if rname is None and e.qname:
+            if len(self._rnames) >= 65536:
+                self._rnames.clear()
+            rname = self._rnames[e.qname] = reverse_name(e.qname)
         return (iso(e.time), client, e.transport, e.qname, qtype, e.action, e.rule, e.category,
                 codec.rcode_name(e.rcode), e.answer, e.policy_version, e.upstream, e.latency_ms, self.node,
-                e.group, asked, e.source, reverse_name(e.qname) if e.qname else None)
+                e.group, asked, e.source, rname)
 
     def _truncated(self, client: str) -> str:
         done = self._clients.get(client)
