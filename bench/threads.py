@@ -1,0 +1,85 @@
+"""CPU per blocked query, split by thread (event loop / audit writer) and by user / kernel time.
+
+    .venv/bin/python bench/threads.py [--rounds 3] [--seconds 8] [--log-queries blocked|none]
+
+Starts a local Unbound upstream and one `sinkhole serve` (2 workers unless --workers) on
+127.0.0.1, then runs dnsperf with load (a) of bench.py (blocked names) --rounds times in a row
+against the same server, so that its audit database grows from run to run. After each run it
+prints the throughput, the database and WAL sizes, and the CPU time per answered query of the
+workers' main threads (the event loop) and of their other threads (the audit writer), as user
+and kernel time, read from /proc/PID/task/TID/stat. Not a test: nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import need, process_tree
+
+import bench
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu(server_pid: int) -> dict[str, float]:
+    """Seconds of CPU of the server's processes, by (main thread | other threads) x (user | kernel)."""
+    out = {"loop user": 0.0, "loop kernel": 0.0, "writer user": 0.0, "writer kernel": 0.0}
+    for pid in process_tree(server_pid):
+        if pid == server_pid and len(process_tree(server_pid)) > 1:
+            continue  # the supervisor: it answers nothing
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            try:
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            role = "loop" if int(task.name) == pid else "writer"
+            out[f"{role} user"] += int(fields[11]) / TICK
+            out[f"{role} kernel"] += int(fields[12]) / TICK
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=int, default=8)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--log-queries", default="blocked", choices=["blocked", "none"])
+    args = ap.parse_args()
+    need("dnsperf", "unbound")
+    work = Path(tempfile.mkdtemp(prefix="sinkhole-threads-"))
+    servers = bench.Servers()
+    try:
+        files = bench.write_inputs(work, bench.blocked_domains(), args.seconds, 1)
+        upstream = bench.Unbound(work, threads=1, extra='  local-data: "example.test. 300 IN AAAA 2001:db8::1"')
+        servers.stoppers.append(upstream.stop)
+        upstream.start()
+        assert upstream.proc is not None
+        bench.start_sinkhole(work, "s", upstream.port, ["--workers", str(args.workers), "--log-queries",
+                                                        args.log_queries], servers)
+        server = servers.by_name["s"]
+        assert server.proc is not None
+        print(f"sinkhole --workers {args.workers} --log-queries {args.log_queries}; load (a), "
+              f"{args.seconds} s per round; microseconds of CPU per answered query")
+        for r in range(args.rounds):
+            before = thread_cpu(server.proc.pid)
+            res = bench.measure(server, upstream.proc.pid, files["a"][0], args.seconds)
+            after = thread_cpu(server.proc.pid)
+            n = max(1, res["completed"])
+            sizes = {p.name.removeprefix("s.db").lstrip("-") or "db": p.stat().st_size / 2**20
+                     for p in work.glob("s.db*") if p.name in ("s.db", "s.db-wal")}
+            per = "  ".join(f"{k} {(after[k] - before[k]) * 1e6 / n:5.1f}" for k in after)
+            print(f"round {r + 1}: {res['qps']:>8,.0f} q/s  db {sizes.get('db', 0):4.0f} MiB, "
+                  f"wal {sizes.get('wal', 0):4.0f} MiB  |  {per}", flush=True)
+    finally:
+        servers.stop_all()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
