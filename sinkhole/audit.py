@@ -100,6 +100,12 @@ class _EventQueue:
 WRITE_BUSY_MS = 2000  # how long one write waits for another connection's lock before it counts as failed
 FINAL_BUSY_MS = 500  # the same while closing
 GAP_MIN_INTERVAL = 1.0  # seconds between gap rows while the database is fine but the queue overflows
+# Several writers (one per worker) that are always in a transaction keep SQLite's automatic checkpoint from
+# ever starting the WAL over: under sustained load it grew past 500 MiB in 24 s. Past WAL_LIMIT bytes a
+# writer runs a RESTART checkpoint (it waits, within the busy timeout, for the others' transactions), and
+# journal_size_limit cuts the file back to WAL_LIMIT when the log starts over.
+WAL_LIMIT = 64 * 2**20
+WAL_CHECK_INTERVAL = 1.0  # seconds between two looks at the WAL's size
 CHAIN_RETRY = 10.0  # seconds between two tries to start a chain while the audit key cannot be taken
 _UNSEALED = [c for c in AUDIT_INSERT if c not in ("chain", "link", "mac")]  # what _row gives
 _NO_MAC = (None, None, None)
@@ -151,6 +157,8 @@ class AuditLog:
         self.gaps = 0  # gap rows written
         self.lost_logged = 0  # lost rows that a log line has reported
         self.reopened = 0  # times the database was reopened
+        self.wal_limit = WAL_LIMIT
+        self.wal_checkpoints = 0  # RESTART checkpoints run because the WAL had grown past wal_limit
         self.pending = 0  # rows held by the writer
         # the times of the rows the hot path dropped since the last gap row (approximate under races)
         self._drop_first: float | None = None
@@ -255,6 +263,7 @@ class _Writer:
     """The state of the writer thread; one instance per AuditLog.start()."""
 
     def __init__(self, audit: AuditLog) -> None:
+        self.wal_checked = time.monotonic()
         self.a = audit
         self.store: Store | None = None
         self.ident: tuple[int, int] | None = None
@@ -309,6 +318,9 @@ class _Writer:
                 self.pending.popleft()
             a.pending = len(self.pending)
             now = time.monotonic()
+            if now - self.wal_checked >= WAL_CHECK_INTERVAL:
+                self.wal_checked = now
+                self.bound_wal()
             if self.failing_since is not None:
                 log.warning("audit: writing to %s again after %.1f s; %s; %d held rows to write", a.db_path,
                             now - self.failing_since,
@@ -395,6 +407,19 @@ class _Writer:
             return lost
         raise OSError(f"{a.db_path} keeps being replaced")
 
+    def bound_wal(self) -> None:
+        """A RESTART checkpoint when the WAL file has grown past wal_limit (see WAL_LIMIT)."""
+        a = self.a
+        try:
+            if os.stat(f"{a.db_path}-wal").st_size <= a.wal_limit or self.store is None:
+                return
+            busy = self.store.conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()[0]
+        except (OSError, sqlite3.Error) as exc:
+            log.debug("audit: WAL checkpoint of %s: %s", a.db_path, exc)
+            return
+        if not busy:
+            a.wal_checkpoints += 1
+
     def chain_for_file(self) -> Chain | None:
         """The chain of the open database file: started at the first write to each file (a file made anew
         after a deletion gets a new chain); None, for now, while the audit key cannot be taken."""
@@ -459,6 +484,7 @@ class _Writer:
             # (a hot index page is copied into the database once per checkpoint, not four times)
             store.conn.execute("PRAGMA cache_size=-16384")
             store.conn.execute("PRAGMA wal_autocheckpoint=4000")
+            store.conn.execute(f"PRAGMA journal_size_limit={int(a.wal_limit)}")
             st = os.stat(a.db_path)
         except BaseException:
             store.close()

@@ -171,3 +171,49 @@ def test_odd_bytes_in_a_name_are_escaped_in_the_log_and_never_a_false_match(serv
     rows = wait_for(lambda: audit_rows(db))
     assert [row["qname"] for row in rows] == [r"a\032b\059.chat.deepseek.com"]
 
+
+
+def test_two_busy_writers_keep_the_wal_bounded(db, monkeypatch):
+    """Two workers' writers, always in a transaction, starve SQLite's automatic checkpoint: the WAL only
+    grew. Past wal_limit a writer runs a RESTART checkpoint and the file is cut back; here the WAL stays
+    well under the 16 MiB that the automatic checkpoint alone lets it reach before it even tries."""
+    import threading
+
+    from sinkhole import audit as audit_mod
+    from sinkhole.audit import AuditLog
+    from sinkhole.model import AuditEvent
+
+    monkeypatch.setattr(audit_mod, "WAL_CHECK_INTERVAL", 0.05)
+    logs = [AuditLog(db, f"n{i}", seed=None, batch_size=2000) for i in range(2)]
+    for log in logs:
+        log.wal_limit = 1 << 20
+        log.start()
+    wal = db.parent / (db.name + "-wal")
+    biggest = 0
+    done = threading.Event()
+
+    def watch() -> None:
+        nonlocal biggest
+        while not done.is_set():
+            biggest = max(biggest, wal.stat().st_size if wal.exists() else 0)
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    t0 = time.time()
+    try:
+        for i in range(60_000):
+            logs[i % 2].submit(AuditEvent(t0 + i * 1e-6, f"10.1.{i % 200}.{i % 250}", "udp",
+                                          f"w{i}.chatgpt.com", 1, "blocked", "chatgpt.com", "genai", 0,
+                                          "0.0.0.0", 1))
+            if i % 2000 == 0:
+                time.sleep(0.01)  # as a server would: the writers take batches while rows keep coming
+        for log in logs:
+            log.close()
+    finally:
+        done.set()
+        watcher.join()
+    assert sum(log.written for log in logs) == 60_000
+    assert biggest < 12 * 2**20, f"the WAL reached {biggest / 2**20:.1f} MiB"
+    assert sum(log.wal_checkpoints for log in logs) >= 1
+    assert len(audit_rows(db)) == 60_000
