@@ -64,12 +64,17 @@ def bind_all(addresses: list[tuple[str, int]]) -> tuple[list[Bound], bool]:
         for host, port in addresses:
             bound.append(bind_pair(host, port))
     except BaseException:
-        for _, _, udp, tcp in bound:
-            for sock in (udp, tcp):
-                if sock is not None:
-                    sock.close()
+        close_all(bound)
         raise
     return bound, False
+
+
+def close_all(bound: list[Bound]) -> None:
+    """Close the sockets of bind_all (when what follows the binding fails)."""
+    for _, _, udp, tcp in bound:
+        for sock in (udp, tcp):
+            if sock is not None:
+                sock.close()
 
 
 class _Tasks:

@@ -16,7 +16,7 @@ import sqlite_utils
 from sinkhole import config, lists, privileges, rpz, shipping, systemd
 from sinkhole.audit import AuditLog
 from sinkhole.config import ServeConfig
-from sinkhole.listener import Listener, _Tasks, bind_all
+from sinkhole.listener import Listener, _Tasks, bind_all, close_all
 from sinkhole.pipeline import Pipeline
 from sinkhole.policy import Policy
 from sinkhole.store import Store, iso
@@ -205,10 +205,7 @@ class Server:
                 try:
                     self.rpz_sockets = rpz.bind(self.cfg)
                 except BaseException:
-                    for _, _, udp, tcp in bound:
-                        for sock in (udp, tcp):
-                            if sock is not None:
-                                sock.close()
+                    close_all(bound)
                     raise
             if self.cfg.user:
                 drop_privileges(self.cfg.user)

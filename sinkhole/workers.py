@@ -28,7 +28,7 @@ from typing import Any
 
 from sinkhole import config, rpz, systemd
 from sinkhole.config import ServeConfig
-from sinkhole.listener import Bound, bind_all
+from sinkhole.listener import Bound, bind_all, close_all
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,7 @@ class Supervisor:
         self.count = count
         self.workers: dict[int, Worker] = {}
         self.bound: list[Bound] = []
+        self.rpz_bound: tuple | None = None  # the (udp, tcp) of rpz_listen, bound here, served by worker 0
         self.stopping = False
         self.restarts = 0
         self.restart_times: list[float] = []
@@ -99,7 +100,11 @@ class Supervisor:
         signal.signal(signal.SIGINT, self._on_signal)
         signal.signal(signal.SIGHUP, self._on_hup)
         self.bound, from_systemd = bind_all(self.cfg.listen_addresses())
-        self.rpz_bound = rpz.bind(self.cfg)  # before --user drops root: port 53 works; worker 0 serves it
+        try:
+            self.rpz_bound = rpz.bind(self.cfg)  # before --user drops root: port 53 works; worker 0 serves it
+        except BaseException:
+            close_all(self.bound)
+            raise
         for host, port, udp, tcp in self.bound:
             kinds = "+".join(k for k, s in (("udp", udp), ("tcp", tcp)) if s is not None)
             log.info("listening on %s %s (%d workers)%s", kinds, _show(host, port), self.count,
@@ -150,10 +155,9 @@ class Supervisor:
                     now - w.last_beat < 3 * interval for w in self.workers.values()):
                 systemd.notify("WATCHDOG=1")
                 last_ping = now
-        for _, _, udp, tcp in self.bound:
-            for s in (udp, tcp):
-                if s is not None:
-                    s.close()
+        close_all(self.bound)
+        for sock in self.rpz_bound or ():
+            sock.close()
         if exporter is not None:
             exporter.close()
         self._log_totals()
