@@ -28,6 +28,7 @@ from sinkhole.model import RuleKind
 from sinkhole.store import Store
 from tests.conftest import free_ports, wait_for
 from tests.dnsstub import address_for
+from tests.resolvers import ResolverProcess
 from tests.test_rpz import run
 
 NAMED = shutil.which("named") or shutil.which("named", path="/usr/sbin:/sbin")
@@ -38,9 +39,8 @@ SECRET = base64.b64encode(b"sinkhole-bind-interop-test-key!!").decode()
 pytestmark = pytest.mark.skipif(NAMED is None, reason="named not installed (apt-get install bind9; .ci/run does)")
 
 
-class Named:
+class Named(ResolverProcess):
     def __init__(self, work: Path, port: int, rpz_port: int, stub_port: int) -> None:
-        self.port = port
         (work / "root.hints").write_text(". 3600000 IN NS a.root.invalid.\na.root.invalid. 3600000 IN A 127.0.0.1\n")
         self.conf = work / "named.conf"
         self.conf.write_text(f"""
@@ -71,31 +71,8 @@ zone "{ZONE}" {{
         if CHECKCONF is not None:
             check = subprocess.run([CHECKCONF, str(self.conf)], capture_output=True, text=True, timeout=30)
             assert check.returncode == 0, check.stdout + check.stderr
-        self.log = work / "named.log"
-        self.out = self.log.open("w")
         # -g: foreground, log to stderr; -4: IPv4 only; -n 1: one worker thread
-        self.proc = subprocess.Popen([str(NAMED), "-g", "-4", "-n", "1", "-c", str(self.conf)], stdout=self.out,
-                                     stderr=subprocess.STDOUT)
-
-    def answer(self, name: str, qtype: str = "A") -> list[str] | str:
-        """The addresses named answers, or its rcode's name when it is not NOERROR."""
-        try:
-            r = dns.query.udp(dns.message.make_query(name, qtype), "127.0.0.1", port=self.port, timeout=2)
-        except dns.exception.Timeout:
-            return "timeout"
-        if r.rcode() != dns.rcode.NOERROR:
-            return dns.rcode.to_text(r.rcode())
-        return sorted(rr.to_text() for rrset in r.answer for rr in rrset if rrset.rdtype == r.question[0].rdtype)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.out.close()
+        super().__init__([str(NAMED), "-g", "-4", "-n", "1", "-c", str(self.conf)], port, work / "named.log")
 
 
 def test_bind_applies_block_add_and_remove_within_seconds(server_process, stub, db, tmp_path):

@@ -8,19 +8,15 @@ test stub. A `sinkhole block add` must reach Unbound's answers within seconds, a
 from __future__ import annotations
 
 import shutil
-import subprocess
 from pathlib import Path
 
-import dns.exception
-import dns.message
-import dns.query
-import dns.rcode
 import pytest
 
 from sinkhole.model import RuleKind
 from sinkhole.store import Store
 from tests.conftest import free_ports, wait_for
 from tests.dnsstub import address_for
+from tests.resolvers import ResolverProcess
 from tests.test_rpz import run
 
 UNBOUND = shutil.which("unbound") or shutil.which("unbound", path="/usr/sbin:/sbin")
@@ -29,9 +25,8 @@ ZONE = "rpz.sinkhole."
 pytestmark = pytest.mark.skipif(UNBOUND is None, reason="unbound not installed (apt-get install unbound; .ci/run does)")
 
 
-class Unbound:
+class Unbound(ResolverProcess):
     def __init__(self, work: Path, port: int, rpz_port: int, stub_port: int) -> None:
-        self.port = port
         self.conf = work / "unbound.conf"
         self.conf.write_text(f"""server:
     interface: 127.0.0.1
@@ -61,33 +56,7 @@ forward-zone:
     name: "."
     forward-addr: 127.0.0.1@{stub_port}
 """)
-        self.log = work / "unbound.log"
-        self.out = self.log.open("w")
-        self.proc = subprocess.Popen([str(UNBOUND), "-d", "-c", str(self.conf)], stdout=self.out,
-                                     stderr=subprocess.STDOUT)
-
-    def ask(self, name: str, qtype: str = "A") -> dns.message.Message:
-        return dns.query.udp(dns.message.make_query(name, qtype), "127.0.0.1", port=self.port, timeout=2)
-
-    def answer(self, name: str, qtype: str = "A") -> list[str] | str:
-        """The addresses Unbound answers, or its rcode's name when it is not NOERROR."""
-        try:
-            r = self.ask(name, qtype)
-        except dns.exception.Timeout:
-            return "timeout"
-        if r.rcode() != dns.rcode.NOERROR:
-            return dns.rcode.to_text(r.rcode())
-        return sorted(rr.to_text() for rrset in r.answer for rr in rrset if rrset.rdtype == r.question[0].rdtype)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.out.close()
+        super().__init__([str(UNBOUND), "-d", "-c", str(self.conf)], port, work / "unbound.log")
 
 
 @pytest.fixture
