@@ -147,7 +147,7 @@ class Cache:
     def stale(self, key: bytes, query: Query, now: float) -> bytes | None:
         """When no upstream answered: the entry for `key`, if it expired less than `serve_stale` seconds ago
         (or has not expired: another forward stored it meanwhile), with every TTL at 30 s and EDE 3."""
-        entry = self._entries.get(key)
+        entry = self._entries.get(key) if self.serve_stale > 0 else None
         if entry is None:
             return None
         if now < entry.expires:

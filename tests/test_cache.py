@@ -227,6 +227,8 @@ def test_without_serve_stale_an_expired_entry_is_dropped():
     c.put(key_of(query), query, wire, 0.0)
     assert c.get(key_of(query), query, 5.0) is None and len(c) == 0
     assert c.stale(key_of(query), query, 5.0) is None
+    c.put(key_of(query), query, wire, 10.0)
+    assert c.stale(key_of(query), query, 11.0) is None, "off: an upstream failure is a SERVFAIL, cache or not"
 
 
 def test_serve_stale_keeps_a_name_resolving_while_the_upstream_is_down(make_server, stub, db):
