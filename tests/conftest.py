@@ -100,6 +100,22 @@ class RunningServer:
 
 
 @pytest.fixture
+def operator_key(db: Path, tmp_path: Path) -> Path:
+    """The operator's copy of the audit key, exported before the server or a command first writes."""
+    from click.testing import CliRunner
+
+    from sinkhole.cli import cli
+
+    out = tmp_path / "offline" / "audit.key"
+    out.parent.mkdir()
+    result = CliRunner().invoke(cli, ["--db", str(db), "log", "anchor", "--export-key", str(out)],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "exported audit key generation 0" in result.output
+    return out
+
+
+@pytest.fixture
 def make_server(db: Path) -> Iterator:
     started: list[RunningServer] = []
 

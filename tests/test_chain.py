@@ -32,17 +32,6 @@ def rows(db: Path) -> list[dict]:
     return select(db, "audit", order="seq")
 
 
-@pytest.fixture
-def operator_key(db: Path, tmp_path: Path) -> Path:
-    """The operator's copy of the audit key, exported before the server first writes."""
-    out = tmp_path / "offline" / "audit.key"
-    out.parent.mkdir()
-    result = run(db, "log", "anchor", "--export-key", str(out))
-    assert result.exit_code == 0, result.output
-    assert "exported audit key generation 0" in result.output
-    return out
-
-
 def verify(db: Path, key: Path, *args: str) -> Result:
     return run(db, "log", "verify", "--key-file", str(key), *args)
 

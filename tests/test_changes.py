@@ -27,14 +27,6 @@ def journal(db: Path) -> list[dict]:
 
 
 @pytest.fixture
-def operator_key(db: Path, tmp_path: Path) -> Path:
-    out = tmp_path / "offline" / "audit.key"
-    out.parent.mkdir()
-    assert run(db, "log", "anchor", "--export-key", str(out)).exit_code == 0
-    return out
-
-
-@pytest.fixture
 def changed(db: Path, operator_key: Path) -> list[dict]:
     """A few changes through the CLI, one of them as if through sudo."""
     assert run(db, "block", "add", "one.example", "two.example", "--note", "TICKET-1").exit_code == 0

@@ -72,13 +72,6 @@ def assert_self_contained(page: Page, text: str) -> None:
 
 
 @pytest.fixture
-def operator_key(db: Path, tmp_path: Path) -> Path:
-    out = tmp_path / "offline.key"
-    assert run(db, "log", "anchor", "--export-key", str(out)).exit_code == 0
-    return out
-
-
-@pytest.fixture
 def served(make_server, stub, db, operator_key) -> list[dict]:
     """A real server blocked names from this client; its rows are chained with the exported key."""
     s = make_server(upstream=(stub.address,))

@@ -46,12 +46,10 @@ def verify(db: Path, key: Path, *args: str) -> Result:
 
 
 @pytest.fixture
-def operator_key(db: Path, tmp_path: Path) -> Path:
-    out = tmp_path / "offline" / "audit.key"
-    out.parent.mkdir()
-    assert run(db, "log", "anchor", "--export-key", str(out)).exit_code == 0
-    open_store(db).close()  # the first start: shipped lists, journaled
-    return out
+def operator_key(operator_key: Path, db: Path) -> Path:
+    """conftest's, then the first start: shipped lists, journaled."""
+    open_store(db).close()
+    return operator_key
 
 
 @pytest.fixture
