@@ -34,6 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from sinkhole.domains import is_ip_address
 from sinkhole.errors import ConfigError
 from sinkhole.store import AUDIT_INSERT
 
@@ -98,19 +99,9 @@ def parse_target(text: str) -> Target:
         host, port = rest.split(":")
     if not port.isdigit() or not 0 < int(port) <= 65535:
         raise ConfigError(f"syslog: {text!r}: the port must be a number from 1 to 65535")
-    if not host or not (_is_ip(host) or _HOSTNAME.match(host)):
+    if not host or not (is_ip_address(host) or _HOSTNAME.match(host)):
         raise ConfigError(f"syslog: {text!r}: {host!r} is neither an IP address nor a host name")
     return Target(transport, host, int(port))
-
-
-def _is_ip(host: str) -> bool:
-    import ipaddress
-
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def facility_code(name: str) -> int:
