@@ -340,13 +340,11 @@ class Endpoint:
         self.udp: asyncio.DatagramTransport | None = None
         self.conns: set[asyncio.Task] = set()
 
-    async def start(self, sockets: tuple[socket.socket, socket.socket] | None = None) -> None:
-        """Serve on `sockets` (from bind(), made before root was dropped), or bind now."""
-        from sinkhole.listener import bind_pair
-
+    async def start(self, sockets: tuple[socket.socket, socket.socket]) -> None:
+        """Serve on `sockets`: those of bind(), made before root was dropped."""
         loop = asyncio.get_running_loop()
-        udp, tcp = sockets if sockets is not None else bind_pair(self.host, self.port)[2:]
-        self.port = tcp.getsockname()[1]
+        udp, tcp = sockets
+        self.port = tcp.getsockname()[1]  # port 0: the one bind() got
         self.tcp_server = await asyncio.start_server(self._tcp_client, sock=tcp)
         self.udp, _ = await loop.create_datagram_endpoint(lambda: _Udp(self), sock=udp)
         log.info("RPZ %s on udp+tcp %s", " and ".join(
@@ -792,8 +790,10 @@ class Node:
         if self.primary is not None:
             self.primary.policy_changed(store)
 
-    async def start(self, sockets: tuple[socket.socket, socket.socket] | None = None) -> None:
+    async def start(self, sockets: tuple[socket.socket, socket.socket] | None) -> None:
+        """`sockets`: from bind(); None only when there is no rpz_listen."""
         if self.endpoint is not None:
+            assert sockets is not None, "rpz_listen is bound before the server starts (rpz.bind)"
             await self.endpoint.start(sockets)
         if self.secondary is not None:
             self.secondary.start()

@@ -72,15 +72,17 @@ AUDIT_COLUMNS = {
 
 
 AUDIT_INSERT = [c for c in AUDIT_COLUMNS if c != "seq"]
-_AUDIT_INSERT_SQL = (f"INSERT INTO audit ({', '.join(AUDIT_INSERT)}) "
-                     f"VALUES ({', '.join('?' for _ in AUDIT_INSERT)})")
 _CHUNK = 256  # audit rows per INSERT statement (x 21 columns: well under SQLite's 32766 variables)
 
 
 @functools.lru_cache(maxsize=16)
 def _chunk_sql(rows: int) -> str:
+    """INSERT of `rows` audit rows (AUDIT_INSERT columns, in order)."""
     one = f"({', '.join('?' for _ in AUDIT_INSERT)})"
     return f"INSERT INTO audit ({', '.join(AUDIT_INSERT)}) VALUES {', '.join([one] * rows)}"
+
+
+_AUDIT_INSERT_SQL = _chunk_sql(1)
 
 
 _iso_second: list = [None, ""]  # the last whole second formatted, and its text
