@@ -305,13 +305,10 @@ def _rule_group(kind: RuleKind, verb: str) -> click.Group:
             note: str | None) -> None:
         category = _rule_category(category, client_group)
         domains = _domains(names, networks=kind is RuleKind.BLOCK)
-        store = env.store()
-        try:
+        with env.store() as store:
             if client_group is not None and client_group not in {g["name"] for g in store.groups()}:
                 raise ConfigError(f"no group {client_group!r}: see `sinkhole group list`")
             added, present = store.add_rules(kind, domains, category=category, note=note)
-        finally:
-            store.close()
         for d in added:
             click.echo(f"{verb}: {d} (category {category})")
         for d in present:
@@ -329,11 +326,8 @@ def _rule_group(kind: RuleKind, verb: str) -> click.Group:
         if client_group is not None:
             category = _rule_category(category, client_group)
         domains = _domains(names, networks=kind is RuleKind.BLOCK)
-        store = env.store()
-        try:
+        with env.store() as store:
             removed, missing = store.remove_rules(kind, domains, category)
-        finally:
-            store.close()
         for d in removed:
             click.echo(f"removed {kind.value} rule: {d}")
         if missing:
@@ -350,11 +344,8 @@ def _rule_group(kind: RuleKind, verb: str) -> click.Group:
     def list_(env: Env, category: str | None, client_group: str | None, fmt: str) -> None:
         if client_group is not None:
             category = _rule_category(category, client_group)
-        store = env.store()
-        try:
+        with env.store() as store:
             rows = store.list_rules(kind, category)
-        finally:
-            store.close()
         emit(rows, ["domain", "category", "source", "added_at", "added_by", "note"], fmt)
 
     list_.help = f"List {kind.value} rules."
@@ -414,12 +405,9 @@ def group_add(env: Env, name: str, networks: tuple[str, ...], categories: str | 
     """
     nets = _networks(networks)
     cats = _categories(categories)
-    store = env.store()
-    try:
+    with env.store() as store:
         known = {r["category"] for r in store.categories()}
         created, added = store.save_group(name, nets, cats, note)
-    finally:
-        store.close()
     click.echo(f"{'created' if created else 'changed'} group {name}"
                + (f": networks {', '.join(added)}" if added else ""))
     if cats is not None:
@@ -436,11 +424,8 @@ def group_add(env: Env, name: str, networks: tuple[str, ...], categories: str | 
 def group_remove(env: Env, name: str, networks: tuple[str, ...]) -> None:
     """Remove group NAME (its clients fall back to the default group, its extra rules go), or some networks."""
     nets = _networks(networks) if networks else None
-    store = env.store()
-    try:
+    with env.store() as store:
         gone = store.remove_group(name, nets)
-    finally:
-        store.close()
     if nets is None:
         click.echo(f"removed group {name}" + (f" and its networks {', '.join(gone)}" if gone else ""))
     else:
@@ -466,11 +451,8 @@ def _group_rows(store: Store, categories: list[dict]) -> list[dict]:
 @pass_env
 def group_list(env: Env, fmt: str) -> None:
     """Every group: its networks, categories in force and number of extra rules."""
-    store = env.store()
-    try:
+    with env.store() as store:
         rows = _group_rows(store, store.categories())
-    finally:
-        store.close()
     if fmt != "json":
         for r in rows:
             r["networks"] = " ".join(r["networks"])
@@ -486,8 +468,7 @@ def group_show(env: Env, name: str, fmt: str) -> None:
     """One group: networks, categories in force with their rule counts, and its extra rules."""
     from sinkhole.policy import GROUP_PREFIX
 
-    store = env.store()
-    try:
+    with env.store() as store:
         categories = store.categories()
         rows = {r["name"]: r for r in _group_rows(store, categories)}
         if name not in rows:
@@ -498,8 +479,6 @@ def group_show(env: Env, name: str, fmt: str) -> None:
                                        "allow": (counts.get(c) or {}).get("allow") or 0} for c in row["in_force"]]
         row["extra_rules"] = [{"domain": r["domain"], "kind": r["kind"], "note": r["note"]}
                               for r in store.list_rules(None, GROUP_PREFIX + name)]
-    finally:
-        store.close()
     if fmt == "json":
         click.echo(json.dumps(row, indent=2))
         return
@@ -525,12 +504,9 @@ def lists_show(env: Env, fmt: str) -> None:
     """Every category: rules, source, in force or not; and the shipped lists not loaded."""
     from sinkhole import lists
 
-    store = env.store()
-    try:
+    with env.store() as store:
         rows = store.categories()
         shapes = store.rule_shapes()
-    finally:
-        store.close()
     for r in rows:
         r["regex"] = (shapes.get(r["category"]) or {}).get("regex") or 0
     known = {r["category"] for r in rows}
@@ -551,9 +527,8 @@ def lists_enable(env: Env, category: str) -> None:
     """Put CATEGORY's rules in force again; a shipped list not loaded yet (e.g. deepseek-telemetry) is loaded."""
     from sinkhole import lists
 
-    store = env.store()
     loaded = False
-    try:
+    with env.store() as store:
         if not any(r["category"] == category for r in store.categories()):
             shipped = {bl.headers.get("category", bl.name): (src, bl) for src, bl in lists.shipped_lists(False)}
             if category not in shipped:
@@ -563,8 +538,6 @@ def lists_enable(env: Env, category: str) -> None:
             click.echo(f"loaded {len(bl.entries)} rules into category {category} from {source}")
             loaded = True
         changed = store.set_enabled(category, True)
-    finally:
-        store.close()
     click.echo(f"category {category} is in force" + ("" if changed or loaded else " (it was already)"))
 
 
@@ -573,13 +546,10 @@ def lists_enable(env: Env, category: str) -> None:
 @pass_env
 def lists_disable(env: Env, category: str) -> None:
     """Take CATEGORY's rules out of force (they stay stored: `lists enable` brings them back)."""
-    store = env.store()
-    try:
+    with env.store() as store:
         if not any(r["category"] == category for r in store.categories()):
             raise ConfigError(f"no category {category!r}: see `sinkhole lists show`")
         changed = store.set_enabled(category, False)
-    finally:
-        store.close()
     click.echo(f"category {category} is out of force" + ("" if changed else " (it was already)"))
 
 
@@ -634,13 +604,10 @@ def lists_import(env: Env, source: str, category: str | None, fmt: str) -> None:
         _category(click.get_current_context(), None, name)
     except click.BadParameter:
         raise ConfigError(f"{name!r} cannot be a category name: give one with --category") from None
-    store = env.store()
-    try:
+    with env.store() as store:
         # files: the sources row keeps the absolute path (for `lists update`), the rules the path as typed
         store.import_list(name, parsed.entries, parsed.allows, location, fmt, got.sha256 or "", got.etag,
                           got.last_modified, rule_source=source)
-    finally:
-        store.close()
     click.echo(f"imported {_counts(parsed)} ({parsed.format}) into category {name} from {source}")
 
 
@@ -664,9 +631,8 @@ def lists_update(env: Env, categories: tuple[str, ...]) -> None:
     """
     from sinkhole import fetch, lists
 
-    store = env.store()
     failed = 0
-    try:
+    with env.store() as store:
         sources = store.sources(categories or None)
         missing = sorted(set(categories) - {s["category"] for s in sources})
         if missing:
@@ -694,8 +660,6 @@ def lists_update(env: Env, categories: tuple[str, ...]) -> None:
             except (fetch.FetchError, ListFormatError) as exc:
                 failed += 1
                 click.echo(f"{name}: failed, rules in force unchanged: {exc}", err=True)
-    finally:
-        store.close()
     if failed:
         sys.exit(1)
 
@@ -727,11 +691,8 @@ def export_rpz(env: Env, client_group: str, zone: str | None, config_file: Path 
 
     cfg = config.load(config_file)
     origin = rpz.zone_name(zone if zone is not None else cfg.rpz_zone)
-    store = env.store()
-    try:
+    with env.store() as store:
         result = rpz.export(store, cfg.answers(), origin, client_group, cfg.rpz_refresh)
-    finally:
-        store.close()
     for line in result.skipped:
         click.echo(f"sinkhole: warning: left out of the zone: {line}", err=True)
     click.echo(result.to_text(), nl=False)
@@ -802,14 +763,11 @@ def log_(ctx: click.Context, since: str | None, until: str | None, client: str |
             merged = merged[-limit:]
         emit(merged, [*LOG_TABLE_COLUMNS, "node"] if fmt == "table" else LOG_COLUMNS, fmt)
         return
-    store = env.existing_store()
-    try:
+    with env.existing_store() as store:
         if follow:
             _follow(env, store, filters, limit if limit or since else 10, fmt, interval)
             return
         rows = list(store.query_log(limit=limit, **filters))
-    finally:
-        store.close()
     emit(rows, LOG_TABLE_COLUMNS if fmt == "table" else LOG_COLUMNS, fmt)
 
 
@@ -949,12 +907,9 @@ def _verify_one(env: Env, key_file: Path, anchor_file: Path | None, server_key: 
     except chain.AuditKeyError as exc:
         current = None
         click.echo(f"note: {exc}; a chain deleted whole since the last chain start is only found with --anchor")
-    store = env.existing_store()
-    try:
+    with env.existing_store() as store:
         report = chain.verify(store.conn, generation, secret, anchor, current)
         journal = chain.verify_journal(store.conn, generation, secret)
-    finally:
-        store.close()
     if report.before_chain:
         click.echo(f"{report.before_chain} rows from before the chain started (written without a MAC: not covered)")
     bad = {name for name, _ in report.problems}
@@ -1013,11 +968,8 @@ def log_anchor(env: Env, fmt: str, export_key: Path | None, key: Path | None) ->
         click.echo(f"exported audit key generation {generation} (fingerprint {chain.fingerprint(secret)}) to "
                    f"{export_key}: keep it off this host; it verifies every chain started from now on")
         return
-    store = env.existing_store()
-    try:
+    with env.existing_store() as store:
         heads = chain.heads(store.conn)
-    finally:
-        store.close()
     if fmt == "json":
         for head in heads:
             click.echo(json.dumps(head))
@@ -1047,13 +999,10 @@ def log_prune(env: Env, retention_days: int | None, before_text: str | None, nod
     else:
         before = iso_dt(datetime.now(UTC) - timedelta(days=retention_days or 365))
     assert before is not None
-    store = env.existing_store()
-    if key is not None:
-        store.key_path = key
-    try:
+    with env.existing_store() as store:
+        if key is not None:
+            store.key_path = key
         res = store.prune_audit(before, node or socket.gethostname(), actor=Actor())
-    finally:
-        store.close()
     if not res.rows:
         click.echo(f"nothing to prune: no audit rows older than {before}")
     else:
@@ -1103,11 +1052,8 @@ def changes(env: Env, since: str | None, until: str | None, user: str | None, fm
 
     The id is the policy version: audit rows carry the id of the change in force when they were written."""
     since_iso, until_iso = parse_when(since, "--since"), parse_when(until, "--until")
-    store = env.existing_store()
-    try:
+    with env.existing_store() as store:
         entries = store.journal(since_iso, until_iso, user)
-    finally:
-        store.close()
     rows = []
     for e in entries:
         domains, what = _what(e)
@@ -1128,11 +1074,8 @@ def changes(env: Env, since: str | None, until: str | None, user: str | None, fm
 def stats(env: Env, since: str, until: str | None, top: int, fmt: str) -> None:
     """Totals, top blocked rules and names, top clients, bypass attempts, groups, categories, blocked per hour."""
     since_iso, until_iso = parse_when(since, "--since"), parse_when(until, "--until")
-    store = env.existing_store()
-    try:
+    with env.existing_store() as store:
         result = store.stats(since_iso, until_iso, top)
-    finally:
-        store.close()
     if fmt == "json":
         click.echo(json.dumps({"since": since_iso, **result}, indent=2))
         return
@@ -1206,12 +1149,9 @@ def report(env: Env, since: str, until: str | None, output: Path, key_file: Path
     assert since_iso is not None
     if key_file is not None and not key_file.is_file():
         raise click.BadParameter(f"{str(key_file)!r}: no such file", param_hint="--key-file")
-    store = env.existing_store()
-    try:
+    with env.existing_store() as store:
         stats_ = store.stats(since_iso, until_iso, top)
         status = report_mod.chain_status(store, key_file, _key_path(env, key))
-    finally:
-        store.close()
     page = report_mod.render(stats_, since_iso, until_iso, status, str(env.db_path))
     tmp = output.with_name(f".{output.name}.tmp")
     tmp.write_text(page, encoding="utf-8")
@@ -1250,11 +1190,8 @@ def check(env: Env, name: str, qtype: str, client: str, config_file: Path | None
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # the server's own warnings are not the answer here
     try:
-        store = env.store()
-        try:
+        with env.store() as store:
             result = explain(store, cfg, domain, qtype, client)
-        finally:
-            store.close()
     finally:
         quiet.setLevel(level)  # a process that goes on (tests, a caller) keeps its logging
     if fmt == "json":
