@@ -35,6 +35,9 @@ class SinkholeGroup(click.Group):
         except USAGE_ERRORS as exc:
             click.echo(f"sinkhole: {exc}", err=True)
             ctx.exit(2)
+        except BrokenPipeError:  # `sinkhole block list | head`: the reader is gone, nothing to say
+            sys.stdout = open(os.devnull, "w")  # python flushes stdout at exit: let that go nowhere
+            ctx.exit(0)
         except (SinkholeError, sqlite3.Error, OSError) as exc:
             click.echo(f"sinkhole: {exc}", err=True)
             ctx.exit(1)
@@ -809,9 +812,6 @@ def _follow(env: Env, store: Store, filters: dict, limit: int | None, fmt: str, 
                 out.write(rows)
                 last = rows[-1]["seq"] if len(rows) == FOLLOW_BATCH else top
     except (KeyboardInterrupt, _Stop):
-        return
-    except BrokenPipeError:  # `log --follow | head`: the reader is gone, nothing to say
-        sys.stdout = open(os.devnull, "w")  # python flushes stdout at exit: let that go nowhere
         return
     finally:
         signal.signal(signal.SIGTERM, previous)

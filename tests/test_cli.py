@@ -12,6 +12,7 @@ import io
 import json
 import os
 import pwd
+import shlex
 import shutil
 import socket
 import subprocess
@@ -25,6 +26,8 @@ from click.testing import CliRunner, Result
 
 from sinkhole import __version__
 from sinkhole.cli import cli
+from sinkhole.model import RuleKind
+from sinkhole.server import open_store
 from sinkhole.store import Store, iso
 from tests.conftest import ask, query, wait_for
 
@@ -993,3 +996,20 @@ def test_lists_show_disable_enable_reach_a_running_server(make_server, stub, db,
     actions = [r["action"] for r in query(db, "SELECT action FROM journal ORDER BY id")]
     assert actions[-3:] == ["lists disable", "lists enable", "lists import"]
     assert run(db, "lists", "disable", "no-such").exit_code == 2
+
+
+@pytest.mark.parametrize("args", [["block", "list"], ["log", "--limit", "5000", "--format", "json"]])
+def test_a_reader_that_stops_early_is_not_an_error(db, args):
+    """`sinkhole block list | head -1`: the reader closes the pipe; sinkhole exits 0 without a word."""
+    open_store(db).close()
+    store = Store(db)  # far more output than a pipe holds (64 KiB), so that the write after head exits fails
+    store.add_rules(RuleKind.BLOCK, [f"n{i}.example-ai.test" for i in range(5000)], category="bulk")
+    store.insert_audit([{"time": "2026-11-22T10:00:00.000000Z", "client": "10.0.0.1", "transport": "udp",
+                         "qname": f"n{i}.chatgpt.com", "qtype": "A", "action": "blocked",
+                         "rname": f"com.chatgpt.n{i}"} for i in range(5000)])
+    store.close()
+    cmd = " ".join(shlex.quote(a) for a in [SINKHOLE, "--db", str(db), *args])
+    proc = subprocess.run(["bash", "-c", f"set -o pipefail; {cmd} | head -1"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "" and len(proc.stdout.splitlines()) == 1
