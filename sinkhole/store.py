@@ -27,16 +27,17 @@ from sinkhole import chain
 from sinkhole.domains import reverse_name
 from sinkhole.errors import ConfigError
 from sinkhole.model import RuleKind
-from sinkhole.policy import DEFAULT_GROUP, GROUP_PREFIX, GroupSpec, Policy
+from sinkhole.policy import DEFAULT_GROUP, EVERYWHERE, GROUP_PREFIX, GroupSpec, Policy
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 # 2: audit rows carry chain, link and mac (sinkhole.chain); 3: disabled categories;
-# 4: audit grp/asked/list, client groups, list sources, journal link/mac
+# 4: audit grp/asked/list, client groups, list sources, journal link/mac;
+# 5: rules.expires_at (rules in force until then), access_requests (from the block page)
 Seed = tuple[str, list[tuple[str, str]], str]  # (category, [(domain, note)], source)
 BUSY_TIMEOUT_S = 10.0
 # journal actions a running server applies by patching its policy (they add or remove the names they list),
 # and those that change nothing in the policy; any other action makes it read the policy whole
-PATCHABLE = frozenset({"block add", "block remove", "allow add", "allow remove"})
+PATCHABLE = frozenset({"block add", "block remove", "allow add", "allow remove", "block expire", "allow expire"})
 NOT_POLICY = frozenset({"settings reload", "log prune"})
 PATCH_MAX = 50_000  # names: beyond this, reading the policy whole is as quick
 PRUNE_BATCH = 2000  # rows deleted in one write transaction by a prune
@@ -275,6 +276,8 @@ class Store:
                             kind = "INTEGER" if column == "link" else "TEXT"
                             self.conn.execute(f"ALTER TABLE {table} ADD COLUMN [{column}] {kind}")
                 self._create_v4_tables()
+            if version in (1, 2, 3, 4):  # 4 -> 5
+                self._create_v5_tables()
                 self.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
                 return
             db = self.db
@@ -295,6 +298,7 @@ class Store:
                 db["audit"].create_index(cols, if_not_exists=True)
             self._create_disabled_categories()
             self._create_v4_tables()
+            self._create_v5_tables()
             self.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             if seed is not None:
                 actor = Actor(command="first start: load shipped lists")
@@ -316,6 +320,18 @@ class Store:
         # where each imported category came from, for `lists update` (conditional requests)
         db["sources"].create({"category": str, "location": str, "format": str, "etag": str, "last_modified": str,
                               "sha256": str, "fetched_at": str, "rules": int}, pk="category", if_not_exists=True)
+
+    def _create_v5_tables(self) -> None:
+        if "expires_at" not in {r[1] for r in self.conn.execute("PRAGMA table_info(rules)")}:
+            self.conn.execute("ALTER TABLE rules ADD COLUMN expires_at TEXT")  # ISO UTC; NULL: no end
+        self.conn.execute("CREATE INDEX IF NOT EXISTS rules_expires ON rules(expires_at) WHERE expires_at IS NOT NULL")
+        # access requests filed on the block page: pending until `sinkhole requests approve|deny`
+        self.db["access_requests"].create(
+            {"id": int, "time": str, "client": str, "grp": str, "host": str, "rule": str, "category": str,
+             "name": str, "reason": str, "ref": str, "status": str, "decided_at": str, "decided_by": str,
+             "allow_rule": str, "expires_at": str},
+            pk="id", not_null={"time", "client", "host", "status"}, if_not_exists=True)
+        self.db["access_requests"].create_index(["status", "time"], if_not_exists=True)
 
     # ------------------------------------------------------------------ rules
 
@@ -364,20 +380,39 @@ class Store:
                      (generation, chain.journal_mac(key, prev, entry).hex(), ident))
 
     def add_rules(self, kind: RuleKind, domains: list[str], category: str = "manual", source: str = "cli",
-                  note: str | None = None, actor: Actor | None = None) -> tuple[list[str], list[str]]:
-        """Add rules; returns (added, already_present). One journal entry for the whole call."""
+                  note: str | None = None, actor: Actor | None = None,
+                  expires: str | None = None) -> tuple[list[str], list[str]]:
+        """Add rules; returns (added, already_present). One journal entry for the whole call.
+        `expires` (ISO UTC): the rules are in force until then; a running server removes them at that time,
+        journaled as `<kind> expire`."""
         actor = actor or Actor()
         now = iso(time.time())
         added, present = [], []
         with self.db.atomic():
             for domain in dict.fromkeys(domains):
                 cur = self.conn.execute(
-                    "INSERT OR IGNORE INTO rules (domain, kind, category, source, added_at, added_by, note)"
-                    " VALUES (?,?,?,?,?,?,?)", (domain, kind.value, category, source, now, actor.user, note))
+                    "INSERT OR IGNORE INTO rules (domain, kind, category, source, added_at, added_by, note, expires_at)"
+                    " VALUES (?,?,?,?,?,?,?,?)", (domain, kind.value, category, source, now, actor.user, note, expires))
                 (added if cur.rowcount else present).append(domain)
             if added:
-                self._journal(actor, f"{kind.value} add", kind.value, category, added, note or "")
+                detail = (note or "") + (f"{'; ' if note else ''}expires {expires}" if expires else "")
+                self._journal(actor, f"{kind.value} add", kind.value, category, added, detail)
         return added, present
+
+    def next_expiry(self) -> str | None:
+        """The earliest `expires_at` of the rules (ISO UTC), None when no rule expires."""
+        return self.conn.execute("SELECT min(expires_at) FROM rules WHERE expires_at IS NOT NULL").fetchone()[0]
+
+    def expire_rules(self, now: str, actor: Actor) -> list[tuple[str, str, str]]:
+        """Remove the rules whose `expires_at` has passed, one journal entry per kind and category
+        (`allow expire`, `block expire`); returns the (kind, category, domain) removed."""
+        with self.db.atomic():
+            gone = self.conn.execute("SELECT kind, category, domain FROM rules WHERE expires_at <= ? ORDER BY kind,"
+                                     " category, domain", (now,)).fetchall()
+            self.conn.execute("DELETE FROM rules WHERE expires_at <= ?", (now,))
+            for (kind, category), rows in itertools.groupby(gone, key=lambda r: (r[0], r[1])):
+                self._journal(actor, f"{kind} expire", kind, category, [r[2] for r in rows], f"expired by {now}")
+        return [tuple(r) for r in gone]
 
     def remove_rules(self, kind: RuleKind, domains: list[str], category: str | None = None,
                      actor: Actor | None = None) -> tuple[list[str], list[str]]:
@@ -481,9 +516,12 @@ class Store:
         categories."""
         conn = self.conn
 
+        now = iso(time.time())  # rules past their expiry are out of force, removed or not yet
+
         def names(key: tuple) -> list[str]:
             text = conn.execute("SELECT group_concat(domain, char(10)) FROM rules WHERE kind = ? AND category = ?"
-                                " AND source IS ? AND instr(domain, '/') = 0", key).fetchone()[0]
+                                " AND source IS ? AND instr(domain, '/') = 0 AND (expires_at IS NULL OR expires_at > ?)",
+                                (*key, now)).fetchone()[0]
             return text.split("\n") if text else []
 
         with self.db.atomic():
@@ -493,7 +531,8 @@ class Store:
             keys = conn.execute("SELECT DISTINCT kind, category, source FROM rules").fetchall()
             # plain names in bulk, a list per (kind, category, source) as one string split in C; the few
             # regexes and networks a row at a time
-            return Policy(conn.execute("SELECT domain, kind, category, source FROM rules WHERE instr(domain, '/') > 0"),
+            return Policy(conn.execute("SELECT domain, kind, category, source FROM rules WHERE instr(domain, '/') > 0"
+                                       " AND (expires_at IS NULL OR expires_at > ?)", (now,)),
                           version, canaries, specs, disabled, bulk=[(k, functools.partial(names, k)) for k in keys])
 
     def patch_policy(self, policy: Policy) -> Policy | None:
@@ -517,8 +556,8 @@ class Store:
             for i in range(0, len(names), 500):
                 chunk = names[i:i + 500]
                 rows += self.conn.execute(
-                    f"SELECT domain, kind, category, source FROM rules WHERE domain IN ({','.join('?' * len(chunk))})",
-                    chunk).fetchall()
+                    f"SELECT domain, kind, category, source FROM rules WHERE domain IN ({','.join('?' * len(chunk))})"
+                    " AND (expires_at IS NULL OR expires_at > ?)", [*chunk, iso(time.time())]).fetchall()
             return policy.patched(touched, rows, version)
 
     def categories(self) -> list[dict]:
@@ -651,6 +690,70 @@ class Store:
             where.append("(user = ? OR sudo_user = ?)")
             args += [user, user]
         return list(self.db["journal"].rows_where(" AND ".join(where) or None, args, order_by="id"))
+
+    # ------------------------------------------------------------------ access requests (the block page)
+
+    def add_request(self, client: str, group: str, host: str, rule: str | None, category: str | None, name: str,
+                    reason: str, ref: str, max_pending: int = 10_000) -> tuple[int, bool]:
+        """File a pending access request; returns (id, new). A pending request of the same client for the
+        same host is returned instead of a second one; past `max_pending` pending requests, ConfigError."""
+        with self._immediate():
+            have = self.conn.execute("SELECT id FROM access_requests WHERE status = 'pending' AND client = ? AND"
+                                     " host = ?", (client, host)).fetchone()
+            if have is not None:
+                return int(have[0]), False
+            pending = self.conn.execute("SELECT count(*) FROM access_requests WHERE status = 'pending'").fetchone()[0]
+            if pending >= max_pending:
+                raise ConfigError(f"{pending} access requests are pending already")
+            cur = self.conn.execute(
+                "INSERT INTO access_requests (time, client, grp, host, rule, category, name, reason, ref, status)"
+                " VALUES (?,?,?,?,?,?,?,?,?, 'pending')",
+                (iso(time.time()), client, group, host, rule, category, name, reason, ref))
+            return int(cur.lastrowid or 0), True
+
+    def requests(self, status: str | None = None) -> list[dict]:
+        where, args = ("status = ?", [status]) if status else (None, [])
+        return list(self.db["access_requests"].rows_where(where, args, order_by="id"))
+
+    def request(self, ident: int) -> dict:
+        row = self.conn.execute("SELECT * FROM access_requests WHERE id = ?", (ident,)).fetchone()
+        if row is None:
+            raise ConfigError(f"no access request {ident} (sinkhole requests list)")
+        cur = self.conn.execute("SELECT * FROM access_requests LIMIT 0")
+        return dict(zip([d[0] for d in cur.description], row, strict=True))
+
+    def decide_request(self, ident: int, approve: bool, actor: Actor | None = None, group: str | None = None,
+                       domain: str | None = None, expires: str | None = None) -> dict:
+        """Approve (an allow rule for `domain` in group `group`'s own rules, until `expires`) or deny a pending
+        request, in one transaction with the rule's journal entry; returns the request as decided."""
+        actor = actor or Actor()
+        with self.db.atomic():
+            req = self.request(ident)
+            if req["status"] != "pending":
+                raise ConfigError(f"access request {ident} was {req['status']} already ({req['decided_at']})")
+            allow_rule = None
+            if approve:
+                assert group is not None and domain is not None
+                category = EVERYWHERE if group == DEFAULT_GROUP else GROUP_PREFIX + group
+                if group != DEFAULT_GROUP and not self.conn.execute("SELECT 1 FROM groups WHERE name = ?",
+                                                                    (group,)).fetchone():
+                    raise ConfigError(f"no group {group!r}: see `sinkhole group list`")
+                self.add_rules(RuleKind.ALLOW, [domain], category=category, note=f"access request {ident}",
+                               actor=actor, expires=expires)
+                allow_rule = f"{domain} ({category})"
+            self.conn.execute("UPDATE access_requests SET status = ?, decided_at = ?, decided_by = ?, allow_rule = ?,"
+                              " expires_at = ? WHERE id = ?", ("approved" if approve else "denied", iso(time.time()),
+                                                               actor.sudo_user or actor.user, allow_rule,
+                                                               expires if approve else None, ident))
+            return self.request(ident)
+
+    def find_dns_row(self, client: str, qname: str, since: str, until: str) -> int | None:
+        """The seq of the latest DNS audit row of `client` for `qname` between the two times (ISO UTC), if any:
+        the query a block page view follows."""
+        row = self.conn.execute(
+            "SELECT seq FROM audit WHERE client = ? AND time >= ? AND time <= ? AND qname = ? AND action != 'page'"
+            " ORDER BY time DESC LIMIT 1", (client, since, until, qname)).fetchone()
+        return None if row is None else int(row[0])
 
     # ------------------------------------------------------------------ retention
 
@@ -899,6 +1002,9 @@ class Store:
         # a bypass attempt: a canary, or a lookup of a public encrypted-DNS resolver (the doh-bypass list)
         bypass = where + (" AND " if where else " WHERE ") + "(action = 'canary' OR category = 'doh-bypass')"
         totals["bypass_attempts"] = one(f"SELECT count(*) FROM audit{bypass}", args).fetchone()[0]
+        page = where + (" AND " if where else " WHERE ") + "action = 'page'"
+        totals["page_views"], totals["page_clients"] = one(
+            f"SELECT count(*), count(DISTINCT client) FROM audit{page}", args).fetchone()
         bypass_clients = [dict(r) for r in self.db.query(
             f"SELECT client, count(*) AS attempts, group_concat(DISTINCT qname) AS canaries FROM audit{bypass}"
             f" GROUP BY client ORDER BY attempts DESC, client LIMIT {int(top)}", args)]

@@ -725,7 +725,8 @@ def test_stats_json(db, audit):
     result = run(db, "stats", "--since", "24h", "--format", "json")
     assert result.exit_code == 0, result.output
     s = json.loads(result.stdout)
-    assert s["totals"] == {"queries_logged": 7, "blocked": 5, "clients": 4, "domains": 5, "bypass_attempts": 0}
+    assert s["totals"] == {"queries_logged": 7, "blocked": 5, "clients": 4, "domains": 5, "bypass_attempts": 0,
+                           "page_views": 0, "page_clients": 0}
     assert s["top_rules"] == [
         {"rule": "deepseek.com", "category": "deepseek", "queries": 3, "clients": 2},
         {"rule": "chatgpt.com", "category": "genai", "queries": 1, "clients": 1},
@@ -749,11 +750,13 @@ def test_stats_default_is_last_24_hours(db, audit):
 
 def test_stats_window_and_top(db, audit):
     s = json.loads(run(db, "stats", "--since", "1w", "--top", "1", "--format", "json").stdout)
-    assert s["totals"] == {"queries_logged": 8, "blocked": 6, "clients": 4, "domains": 5, "bypass_attempts": 0}
+    assert s["totals"] == {"queries_logged": 8, "blocked": 6, "clients": 4, "domains": 5, "bypass_attempts": 0,
+                           "page_views": 0, "page_clients": 0}
     assert s["top_rules"] == [{"rule": "deepseek.com", "category": "deepseek", "queries": 4, "clients": 2}]
     assert s["top_clients"] == [{"client": "10.1.2.3", "queries": 3, "names": 2}]
     s = json.loads(run(db, "stats", "--since", "2h", "--until", "20m", "--format", "json").stdout)
-    assert s["totals"] == {"queries_logged": 3, "blocked": 2, "clients": 2, "domains": 2, "bypass_attempts": 0}
+    assert s["totals"] == {"queries_logged": 3, "blocked": 2, "clients": 2, "domains": 2, "bypass_attempts": 0,
+                           "page_views": 0, "page_clients": 0}
 
 
 def test_stats_table(db, audit):
