@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 MODES = ("blocked", "all", "none")
 _QTYPES: dict[int, str] = {}
-_BLOCKED_MODE = frozenset({Action.BLOCKED, Action.CNAME_BLOCKED, Action.IP_BLOCKED, Action.CANARY})
+_BLOCKED_MODE = frozenset({Action.BLOCKED, Action.CNAME_BLOCKED, Action.IP_BLOCKED, Action.CANARY, Action.PAGE})
 GAP = "gap"  # the action of a row that records lost rows
 _WAKE = object()  # put by close() to wake a writer waiting on an empty queue
 
@@ -215,8 +215,8 @@ class AuditLog:
     def _row(self, e: AuditEvent) -> tuple:
         """The row in store.AUDIT_INSERT order, without chain, link and mac (Chain.seal adds them)."""
         qtype = _QTYPES.get(e.qtype)
-        if qtype is None:
-            qtype = _QTYPES.setdefault(e.qtype, codec.qtype_name(e.qtype))
+        if qtype is None:  # a str (an HTTP method) stands for itself
+            qtype = _QTYPES.setdefault(e.qtype, e.qtype if isinstance(e.qtype, str) else codec.qtype_name(e.qtype))
         asked = None
         wire = e.wire
         if wire is not None:
@@ -232,7 +232,8 @@ class AuditLog:
                 self._rnames.clear()
             rname = self._rnames[e.qname] = reverse_name(e.qname)
         return (iso(e.time), client, e.transport, e.qname, qtype, e.action, e.rule, e.category,
-                codec.rcode_name(e.rcode), e.answer, e.policy_version, e.upstream, e.latency_ms, self.node,
+                e.rcode if isinstance(e.rcode, str) else codec.rcode_name(e.rcode), e.answer, e.policy_version,
+                e.upstream, e.latency_ms, self.node,
                 e.group, asked, e.source, rname)
 
     def _truncated(self, client: str) -> str:

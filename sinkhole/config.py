@@ -92,10 +92,41 @@ class ServeConfig:
     rpz_tsig: str = ""  # NAME:ALGORITHM:BASE64SECRET: transfers and NOTIFY must be signed with it
     rpz_refresh: int = 60  # SOA refresh of the served zone; a secondary checks the serial this often
     policy_from: str = ""  # HOST:PORT of a primary: pull its zone into category rpz:<zone>
+    # the block page (sinkhole.web.blockpage): what a person whose browser asked a blocked name sees
+    blockpage_listen: tuple[str, ...] = ()  # HOST:PORT (a bare HOST: ports 80 and 443), each HTTP and HTTPS; () off
+    blockpage_ca: str = ""  # the CA directory (sinkhole ca init/import); empty: ca/ beside the database
+    blockpage_agency: str = ""  # the agency's name, shown on the page
+    blockpage_contact: str = ""  # whom to ask: a helpdesk number, a mail address
+    blockpage_policy: str = ""  # a sentence on the policy (e.g. its reference), shown on the page
+    blockpage_logo: str = ""  # a PNG, JPEG or SVG file (at most 256 KiB), inlined in the page
+    blockpage_templates: str = "/etc/sinkhole/blockpage"  # blockpage.html here replaces the shipped one
+    blockpage_language: str = "en"  # en or ko: the page's language when Accept-Language names neither
+    blockpage_requests: bool = True  # the page's access request form (sinkhole requests list|approve|deny)
 
     def answers(self) -> AnswerConfig:
-        return AnswerConfig(mode=self.mode, a=_addr(self.block_a, 4, "block_a"),
-                            aaaa=_addr(self.block_aaaa, 6, "block_aaaa"), ttl=self.block_ttl)
+        """With a block page, blocked A/AAAA answers point at its address (unless block_a / block_aaaa are
+        set to something other than their defaults); a family it does not listen on gets no data."""
+        a, aaaa = self.block_a, self.block_aaaa
+        pages = self.blockpage_addresses()
+        if pages:
+            if a == DEFAULT.block_a:
+                a = next((h for h, _ in pages if ":" not in h), "none")
+            if aaaa == DEFAULT.block_aaaa:
+                aaaa = next((h for h, _ in pages if ":" in h), "none")
+            for host in (a, aaaa):
+                if host in ("0.0.0.0", "::"):
+                    raise ConfigError("blockpage_listen is a wildcard address: set block_a (and block_aaaa) to the "
+                                      "address clients reach the block page at")
+        return AnswerConfig(mode=self.mode, a=_addr(a, 4, "block_a"), aaaa=_addr(aaaa, 6, "block_aaaa"),
+                            ttl=self.block_ttl)
+
+    def blockpage_addresses(self) -> list[tuple[str, int]]:
+        """Where the block page listens: HOST:PORT each, a bare HOST as HOST:80 and HOST:443."""
+        out: list[tuple[str, int]] = []
+        for text in self.blockpage_listen:
+            host, port = parse_hostport(text, -1)  # -1: no port given
+            out += [(host, 80), (host, 443)] if port == -1 else [(host, port)]
+        return list(dict.fromkeys(out))
 
     def make_guard(self) -> guard.Guard:
         return guard.Guard(self.allow_clients, self.rate_limit, self.rate_limit_burst, self.rate_limit_net,
@@ -155,6 +186,7 @@ class ServeConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(ServeConfig)}
+DEFAULT = ServeConfig()
 DEFAULT_PATH = Path("/etc/sinkhole/sinkhole.toml")
 METRICS_PORT = 9153
 # what a running server applies on SIGHUP; every other change is reported as needing a restart
@@ -290,6 +322,10 @@ def _validate(cfg: ServeConfig) -> ServeConfig:
     if cfg.upstream_ca:
         tls_context(cfg.upstream_ca)
     cfg.zones()
+    if cfg.blockpage_language not in ("en", "ko"):
+        raise ConfigError(f"blockpage_language must be en or ko, not {cfg.blockpage_language!r}")
+    if cfg.blockpage_logo and not Path(cfg.blockpage_logo).is_file():
+        raise ConfigError(f"blockpage_logo: {cfg.blockpage_logo}: no such file")
     return cfg
 
 

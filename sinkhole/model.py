@@ -24,6 +24,7 @@ class Action(enum.StrEnum):
     NOTIMP = "notimp"
     GAP = "gap"  # written by the audit writer: rows that could not be stored, how many and when
     CHECKPOINT = "checkpoint"  # written by a prune: what the verifier needs to resume the chains it cut
+    PAGE = "page"  # a browser showed the block page (sinkhole.web.blockpage): qtype is the HTTP method
 
 
 class RuleKind(enum.StrEnum):
@@ -97,11 +98,11 @@ class AuditEvent:
     client: str
     transport: str
     qname: str
-    qtype: int
+    qtype: int | str  # a str for rows that are not DNS queries (the block page's HTTP method)
     action: str
     rule: str | None
     category: str | None
-    rcode: int
+    rcode: int | str  # a str likewise (the block page's HTTP status)
     answer: str | None
     policy_version: int
     upstream: str | None = None
