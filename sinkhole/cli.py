@@ -222,6 +222,9 @@ def _rule_category(category: str | None, client_group: str | None) -> str:
               help="Serve the policy as an RPZ zone here (SOA, AXFR, IXFR over TCP; NOTIFY in) [off].")
 @click.option("--policy-from", default=None, metavar="HOST:PORT",
               help="Run as a secondary: pull the RPZ zone from this primary into category rpz:ZONE [off].")
+@click.option("--blockpage-listen", multiple=True, metavar="HOST[:PORT]",
+              help="Serve the block page here (HTTP and HTTPS on each port; a bare HOST: ports 80 and 443); "
+                   "blocked A/AAAA answers then point at it; repeatable [off].")
 @pass_env
 def serve(env: Env, config_file: Path | None, **flags: Any) -> None:
     """Serve DNS: sinkhole listed names, forward the rest, audit every block.

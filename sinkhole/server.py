@@ -83,6 +83,8 @@ class PolicyReloader(threading.Thread):
                             self.server.load_policy(store)
                             replaced = False
                             continue
+                    if self.server.worker in (None, 0):  # one sweeper: the single server or worker 0
+                        expire_due_rules(store)
                     version = store.policy_version()
                     if version != self.server.policy.version:
                         self.server.load_policy(store, incremental=True)
@@ -91,6 +93,20 @@ class PolicyReloader(threading.Thread):
         finally:
             if store is not None:
                 store.close()
+
+
+def expire_due_rules(store: Store) -> None:
+    """Rules whose expiry has passed (`allow add --expires`) are removed, journaled as `allow expire`: the
+    change reaches every worker, and RPZ secondaries, as any removal does."""
+    now = iso(time.time())
+    due = store.next_expiry()
+    if due is None or due > now:
+        return
+    from sinkhole.store import Actor
+
+    gone = store.expire_rules(now, Actor(command="sinkhole serve: rules past their expiry"))
+    for kind, category, domain in gone:
+        log.info("%s rule %s (category %s) expired", kind, domain, category)
 
 
 class Pruner(threading.Thread):
@@ -137,15 +153,18 @@ class Pruner(threading.Thread):
 class Server:
     def __init__(self, cfg: ServeConfig, db: str | Path, sockets: list | None = None,
                  worker: int | None = None, reload: Callable[[], ServeConfig] | None = None,
-                 rpz_sockets: tuple | None = None) -> None:
+                 rpz_sockets: tuple | None = None, blockpage_sockets: list | None = None) -> None:
         """`sockets`: (host, port, udp, tcp) already bound by a supervisor, which also speaks to systemd;
-        `rpz_sockets`: the (udp, tcp) of rpz_listen, bound by it too (worker 0 serves them).
+        `rpz_sockets`: the (udp, tcp) of rpz_listen, bound by it too (worker 0 serves them), and so are
+        `blockpage_sockets`, the listening sockets of blockpage_listen.
         `reload`: reads the configuration again (file < env < flags) on SIGHUP; raises ConfigError."""
         self.reload = reload
         self.policy_loaded = False
         self.exporter = None
         self.sockets = sockets
         self.rpz_sockets = rpz_sockets
+        self.blockpage_sockets = blockpage_sockets
+        self.blockpage = None  # sinkhole.web.blockpage.Service, when blockpage_listen is set
         self.worker = worker
         self.cfg = cfg
         self.db = Path(db)
@@ -207,6 +226,13 @@ class Server:
                 except BaseException:
                     close_all(bound)
                     raise
+            try:
+                self.blockpage_sockets = bind_blockpage(self.cfg)
+            except BaseException:
+                close_all(bound)
+                for sock in self.rpz_sockets or ():
+                    sock.close()
+                raise
             if self.cfg.user:
                 drop_privileges(self.cfg.user)
         store = open_store(self.db, self.cfg.shipped_lists)
@@ -223,6 +249,14 @@ class Server:
         if self.rpz is not None:
             await self.rpz.start(self.rpz_sockets)
         self.audit.start()
+        if self.blockpage_sockets:
+            from sinkhole.web import blockpage
+            from sinkhole.web.limits import where
+
+            page = blockpage.from_config(self.cfg, self.db, lambda: self.policy, self.audit)
+            self.blockpage = blockpage.Service(page, self.blockpage_sockets)
+            self.blockpage.start()
+            log.info("block page on %s (HTTP and HTTPS)", ", ".join(where(s) for s in self.blockpage_sockets))
         self.reloader = PolicyReloader(self, self.db, self.cfg.reload_interval)
         self.reloader.start()
         if self.cfg.retention_days and self.worker in (None, 0):  # one pruner, not one per worker
@@ -332,6 +366,8 @@ class Server:
             listener.stop_tcp()
         if self.rpz is not None:
             await self.rpz.stop()
+        if self.blockpage is not None:  # before the audit log closes: its last page views are written
+            await asyncio.get_running_loop().run_in_executor(None, self.blockpage.stop)
         # answer the datagrams already queued in the kernel: keep reading until a quiet moment
         deadline = time.monotonic() + 1.0
         last = -1
@@ -361,6 +397,16 @@ class Server:
                  "%d failed batches, %d reopened)", "" if self.worker is None else f"worker {self.worker} ",
                  ", ".join(f"{k} {v}" for k, v in sorted(self.pipeline.counts.items())) or "no queries",
                  a.written, a.dropped, a.queue_dropped, a.write_dropped, a.gaps, a.failed_batches, a.reopened)
+
+
+def bind_blockpage(cfg: ServeConfig) -> list:
+    """The block page's listening sockets (systemd's, else bound now, before --user drops root); [] when off."""
+    if not cfg.blockpage_listen:
+        return []
+    from sinkhole.systemd import BLOCKPAGE
+    from sinkhole.web.limits import bind
+
+    return bind(cfg.blockpage_addresses(), BLOCKPAGE)
 
 
 GUARD_SETTINGS = frozenset({"allow_clients", "rate_limit", "rate_limit_burst", "rate_limit_net",

@@ -520,8 +520,8 @@ class Store:
 
         def names(key: tuple) -> list[str]:
             text = conn.execute("SELECT group_concat(domain, char(10)) FROM rules WHERE kind = ? AND category = ?"
-                                " AND source IS ? AND instr(domain, '/') = 0 AND (expires_at IS NULL OR expires_at > ?)",
-                                (*key, now)).fetchone()[0]
+                                " AND source IS ? AND instr(domain, '/') = 0"
+                                " AND (expires_at IS NULL OR expires_at > ?)", (*key, now)).fetchone()[0]
             return text.split("\n") if text else []
 
         with self.db.atomic():

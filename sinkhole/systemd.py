@@ -18,15 +18,29 @@ LISTEN_FDS_START = 3  # SD_LISTEN_FDS_START: the first file descriptor systemd p
 SocketPair = dict[str, socket.socket | None]
 
 
-def listen_sockets() -> list[socket.socket]:
+BLOCKPAGE = "blockpage"  # FileDescriptorName= of sinkhole-blockpage.socket; every other name is DNS's
+_unclaimed: list[tuple[str, socket.socket]] = []  # passed by systemd, not yet taken by a listen_sockets() call
+
+
+def listen_sockets(name: str | None = None) -> list[socket.socket]:
     """The sockets systemd passed to this process (socket activation), non-blocking and close-on-exec.
 
-    Empty when LISTEN_PID is not our process id or LISTEN_FDS is unset. The LISTEN_* variables are
-    removed from the environment either way, so that child processes do not take them for theirs.
+    `name`: only those of that FileDescriptorName= (e.g. BLOCKPAGE); None: the DNS ones, every name but
+    BLOCKPAGE. Each socket is returned once. Empty when LISTEN_PID is not our process id or LISTEN_FDS is
+    unset. The LISTEN_* variables are removed from the environment either way, so that child processes do
+    not take them for theirs.
     """
+    _unclaimed.extend(_take_passed())
+    taken = [(n, s) for n, s in _unclaimed if (n == name if name is not None else n != BLOCKPAGE)]
+    for item in taken:
+        _unclaimed.remove(item)
+    return [s for _, s in taken]
+
+
+def _take_passed() -> list[tuple[str, socket.socket]]:
     pid = os.environ.pop("LISTEN_PID", None)
     fds = os.environ.pop("LISTEN_FDS", None)
-    os.environ.pop("LISTEN_FDNAMES", None)
+    names = os.environ.pop("LISTEN_FDNAMES", "").split(":")
     if pid is None or fds is None:
         return []
     try:
@@ -36,8 +50,8 @@ def listen_sockets() -> list[socket.socket]:
     except ValueError:
         log.warning("ignoring malformed LISTEN_PID=%r LISTEN_FDS=%r", pid, fds)
         return []
-    socks: list[socket.socket] = []
-    for fd in range(LISTEN_FDS_START, LISTEN_FDS_START + max(count, 0)):
+    socks: list[tuple[str, socket.socket]] = []
+    for i, fd in enumerate(range(LISTEN_FDS_START, LISTEN_FDS_START + max(count, 0))):
         try:
             sock = socket.socket(fileno=fd)  # the kernel tells family, type and protocol
         except OSError as exc:
@@ -45,7 +59,7 @@ def listen_sockets() -> list[socket.socket]:
             continue
         sock.setblocking(False)
         sock.set_inheritable(False)
-        socks.append(sock)
+        socks.append((names[i] if i < len(names) else "", sock))
     return socks
 
 

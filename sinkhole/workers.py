@@ -62,6 +62,7 @@ class Supervisor:
         self.workers: dict[int, Worker] = {}
         self.bound: list[Bound] = []
         self.rpz_bound: tuple | None = None  # the (udp, tcp) of rpz_listen, bound here, served by worker 0
+        self.blockpage_bound: list = []  # blockpage_listen's listening sockets, bound here, served by worker 0
         self.stopping = False
         self.restarts = 0
         self.restart_times: list[float] = []
@@ -94,7 +95,7 @@ class Supervisor:
                  f"; needs a restart: {', '.join(restart)}" if restart else "")
 
     def run(self) -> int:
-        from sinkhole.server import drop_privileges, open_store
+        from sinkhole.server import bind_blockpage, drop_privileges, open_store
 
         signal.signal(signal.SIGTERM, self._on_signal)  # from the start: a stop while starting is a stop
         signal.signal(signal.SIGINT, self._on_signal)
@@ -102,8 +103,11 @@ class Supervisor:
         self.bound, from_systemd = bind_all(self.cfg.listen_addresses())
         try:
             self.rpz_bound = rpz.bind(self.cfg)  # before --user drops root: port 53 works; worker 0 serves it
+            self.blockpage_bound = bind_blockpage(self.cfg)  # the same for ports 80 and 443
         except BaseException:
             close_all(self.bound)
+            for sock in self.rpz_bound or ():
+                sock.close()
             raise
         for host, port, udp, tcp in self.bound:
             kinds = "+".join(k for k, s in (("udp", udp), ("tcp", tcp)) if s is not None)
@@ -156,7 +160,7 @@ class Supervisor:
                 systemd.notify("WATCHDOG=1")
                 last_ping = now
         close_all(self.bound)
-        for sock in self.rpz_bound or ():
+        for sock in [*(self.rpz_bound or ()), *self.blockpage_bound]:
             sock.close()
         if exporter is not None:
             exporter.close()
@@ -178,7 +182,8 @@ class Supervisor:
             try:
                 _die_with(supervisor)
                 code = worker_main(self.cfg, self.db, self.bound, w, index, interval, supervisor, self.reload,
-                                   self.rpz_bound if index == 0 else None)
+                                   self.rpz_bound if index == 0 else None,
+                                   self.blockpage_bound if index == 0 else None)
             except BaseException:
                 log.exception("worker %d failed", index)
             finally:
@@ -276,7 +281,7 @@ def _die_with(supervisor: int) -> None:
 
 def worker_main(cfg: ServeConfig, db: Path, bound: list[Bound], fd: int, index: int,
                 interval: float | None, parent: int, reload: Callable[[], ServeConfig] | None = None,
-                rpz_sockets: tuple | None = None) -> int:
+                rpz_sockets: tuple | None = None, blockpage_sockets: list | None = None) -> int:
     """One worker: an event loop serving the inherited sockets until SIGTERM/SIGINT."""
     import asyncio
 
@@ -289,7 +294,8 @@ def worker_main(cfg: ServeConfig, db: Path, bound: list[Bound], fd: int, index: 
             pass
 
     async def main() -> None:
-        server = Server(cfg, db, sockets=bound, worker=index, reload=reload, rpz_sockets=rpz_sockets)
+        server = Server(cfg, db, sockets=bound, worker=index, reload=reload, rpz_sockets=rpz_sockets,
+                        blockpage_sockets=blockpage_sockets)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, server.request_stop)

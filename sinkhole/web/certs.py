@@ -167,7 +167,10 @@ def _read_certs(path: Path) -> list[x509.Certificate]:
     except OSError as exc:
         raise CertError(f"{path}: {exc.strerror or exc}") from None
     try:
-        certs = x509.load_pem_x509_certificates(data) if b"-----BEGIN" in data else [x509.load_der_x509_certificate(data)]
+        if b"-----BEGIN" in data:
+            certs = x509.load_pem_x509_certificates(data)
+        else:
+            certs = [x509.load_der_x509_certificate(data)]
     except ValueError as exc:
         raise CertError(f"{path}: not a PEM or DER certificate ({exc})") from None
     return certs

@@ -1,0 +1,269 @@
+"""The HTTP layer the block page and the web console share: an aiohttp app behind a gate that bounds
+what any one client can hold.
+
+`Gate.serve(sockets)` accepts on listening sockets bound earlier (before root was dropped, or passed by
+systemd). Each new connection is checked against the caps before a byte of it is read: connections in
+all (`max_connections`) and per client address (`per_address`), and a token bucket of new connections
+per address (`rate`, `burst`); over a cap the connection is closed at once. Then its first byte says
+what it speaks: 0x16 starts a TLS handshake (the gate asks `tls_for(peer)` for the context, with a
+handshake deadline), anything else is plain HTTP. The aiohttp server behind it limits each request
+(header lines and fields, the body: `max_body`) and closes idle keep-alive connections; the gate also
+aborts any connection older than `lifetime`, so that a client trickling bytes cannot hold a slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from sinkhole.domains import client_address
+
+log = logging.getLogger(__name__)
+
+TLS_HANDSHAKE = 0x16  # the first byte of a TLS record carrying a ClientHello
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_connections: int = 512  # open at once, all clients
+    per_address: int = 16  # open at once from one client address
+    rate: float = 10.0  # new connections per second per address (token bucket) ...
+    burst: float = 40.0  # ... and how many may come at once
+    first_byte: float = 10.0  # seconds a new connection has to send its first byte
+    handshake: float = 10.0  # seconds for the TLS handshake
+    lifetime: float = 60.0  # seconds any connection may stay open, busy or not
+    keepalive: float = 5.0  # seconds an idle keep-alive connection stays open
+    max_body: int = 8192  # bytes of a request body (the access request form)
+    max_line: int = 4096  # bytes of the request line and of one header line
+    max_headers: int = 64
+
+    def server_kwargs(self) -> dict:
+        """What aiohttp's AppRunner takes for these limits."""
+        return {"keepalive_timeout": self.keepalive, "max_line_size": self.max_line,
+                "max_field_size": self.max_line, "max_headers": self.max_headers, "access_log": None}
+
+
+def bind(addresses: list[tuple[str, int]], name: str) -> list[socket.socket]:
+    """Listening TCP sockets: those systemd passed under FileDescriptorName `name`, else bound here (before
+    root is dropped, so that ports 80 and 443 work); port 0 picks a free port."""
+    from sinkhole import systemd
+
+    passed = systemd.listen_sockets(name)
+    if passed:
+        return passed
+    socks: list[socket.socket] = []
+    try:
+        for host, port in addresses:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            socks.append(sock)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(socket.SOMAXCONN)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
+def where(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class _Bucket:
+    __slots__ = ("stamp", "tokens")
+
+    def __init__(self, tokens: float, stamp: float) -> None:
+        self.tokens, self.stamp = tokens, stamp
+
+
+class _Counted(asyncio.Protocol):
+    """aiohttp's protocol for one connection, with the gate told when it closes."""
+
+    def __init__(self, inner: asyncio.Protocol, done: Callable[[], None]) -> None:
+        self.inner = inner
+        self.done = done
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        try:
+            self.inner.connection_lost(exc)
+        finally:
+            self.done()
+
+
+def peer_key(address: str) -> str:
+    """The address a cap counts: a v4-mapped IPv6 address as its IPv4 address."""
+    parsed = client_address(address)
+    return str(parsed) if parsed is not None else address
+
+
+class Gate:
+    """Accepts connections for one aiohttp app within `limits` (see the module's text)."""
+
+    def __init__(self, app: web.Application, limits: Limits,
+                 tls_for: Callable[[str], ssl.SSLContext | None] | None = None, name: str = "web") -> None:
+        self.app = app
+        self.limits = limits
+        self.tls_for = tls_for
+        self.name = name
+        self.runner: web.AppRunner | None = None
+        self.open: dict[str, int] = {}
+        self.total = 0
+        self.buckets: dict[str, _Bucket] = {}
+        self.refused = 0  # connections closed at accept, over a cap
+        self.accepted = 0
+        self._accepting: list[asyncio.Task[None]] = []
+        self._connections: set[asyncio.Task[None]] = set()
+        self._transports: set[asyncio.BaseTransport] = set()
+        self.sockets: list[socket.socket] = []
+
+    async def serve(self, sockets: list[socket.socket]) -> None:
+        self.runner = web.AppRunner(self.app, handle_signals=False, **self.limits.server_kwargs())
+        await self.runner.setup()
+        loop = asyncio.get_running_loop()
+        for sock in sockets:
+            sock.setblocking(False)
+            self.sockets.append(sock)
+            self._accepting.append(loop.create_task(self._accept(sock)))
+
+    async def close(self) -> None:
+        for task in self._accepting:
+            task.cancel()
+        for task in list(self._connections):
+            task.cancel()
+        for transport in list(self._transports):
+            transport.abort()
+        if self.runner is not None:
+            await self.runner.cleanup()
+        for sock in self.sockets:
+            sock.close()
+
+    # ------------------------------------------------------------------ admission
+
+    def admit(self, peer: str, now: float) -> bool:
+        """Whether a new connection from `peer` may open (and count it if so)."""
+        lim = self.limits
+        if self.total >= lim.max_connections or self.open.get(peer, 0) >= lim.per_address:
+            return False
+        bucket = self.buckets.get(peer)
+        if bucket is None:
+            if len(self.buckets) >= 65536:  # forget the full buckets of clients long gone
+                self.buckets = {k: b for k, b in self.buckets.items() if now - b.stamp < lim.burst / lim.rate}
+            bucket = self.buckets[peer] = _Bucket(lim.burst, now)
+        bucket.tokens = min(lim.burst, bucket.tokens + (now - bucket.stamp) * lim.rate)
+        bucket.stamp = now
+        if bucket.tokens < 1.0:
+            return False
+        bucket.tokens -= 1.0
+        self.open[peer] = self.open.get(peer, 0) + 1
+        self.total += 1
+        return True
+
+    def release(self, peer: str) -> None:
+        left = self.open.get(peer, 0) - 1
+        if left > 0:
+            self.open[peer] = left
+        else:
+            self.open.pop(peer, None)
+        self.total -= 1
+
+    async def _accept(self, listening: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, address = await loop.sock_accept(listening)
+            except asyncio.CancelledError:
+                raise
+            except OSError as exc:  # EMFILE and the like: wait a moment rather than spin
+                log.warning("%s: accept failed: %s", self.name, exc)
+                await asyncio.sleep(0.1)
+                continue
+            peer = peer_key(address[0])
+            if not self.admit(peer, time.monotonic()):
+                self.refused += 1
+                with contextlib.suppress(OSError):
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                conn.close()
+                continue
+            self.accepted += 1
+            conn.setblocking(False)
+            task = loop.create_task(self._connection(conn, peer))
+            self._connections.add(task)
+            task.add_done_callback(self._connections.discard)
+
+    async def _connection(self, conn: socket.socket, peer: str) -> None:
+        """Peek at the first byte, then hand the socket to aiohttp, over TLS or not; abort it at its deadline."""
+        loop = asyncio.get_running_loop()
+        closed: asyncio.Future[None] = loop.create_future()
+
+        def done() -> None:
+            if not closed.done():
+                closed.set_result(None)
+                self.release(peer)
+
+        try:
+            readable = loop.create_future()
+            loop.add_reader(conn.fileno(), lambda: readable.done() or readable.set_result(None))
+            try:
+                await asyncio.wait_for(readable, self.limits.first_byte)
+            finally:
+                loop.remove_reader(conn.fileno())
+            first = conn.recv(1, socket.MSG_PEEK)
+            if not first:
+                raise ConnectionError("closed before a byte")
+            ctx = None
+            if first[0] == TLS_HANDSHAKE:
+                ctx = self.tls_for(peer) if self.tls_for is not None else None
+                if ctx is None:
+                    raise ConnectionError("TLS asked, none configured")
+            assert self.runner is not None and self.runner.server is not None
+            protocol = _Counted(self.runner.server(), done)
+            transport, _ = await asyncio.wait_for(loop.connect_accepted_socket(
+                lambda: protocol, conn, ssl=ctx, ssl_handshake_timeout=self.limits.handshake if ctx else None),
+                self.limits.handshake + 1)
+        except (OSError, ConnectionError, TimeoutError, ssl.SSLError) as exc:
+            log.debug("%s: connection from %s closed before a request: %s", self.name, peer, exc)
+            conn.close()
+            done()
+            return
+        except asyncio.CancelledError:
+            conn.close()
+            done()
+            raise
+        self._transports.add(transport)
+        try:
+            await asyncio.wait_for(asyncio.shield(closed), self.limits.lifetime)
+        except TimeoutError:  # its deadline, whatever it was doing
+            log.debug("%s: connection from %s aborted after %.0f s", self.name, peer, self.limits.lifetime)
+            transport.abort()
+            done()
+        finally:
+            self._transports.discard(transport)
