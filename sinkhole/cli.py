@@ -118,6 +118,26 @@ def parse_when(text: str | None, option: str) -> str | None:
         raise click.BadParameter(f"{text!r} is out of the range of dates", param_hint=option) from None
 
 
+def parse_expiry(text: str | None, option: str = "--expires") -> str | None:
+    """'7d', '12h', '2w' from now, or an ISO 8601 time -> ISO UTC text; it must lie in the future."""
+    if text is None:
+        return None
+    m = _RELATIVE.match(text.strip().lower())
+    try:
+        if m:
+            when = datetime.now(UTC) + timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
+        else:
+            when = datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
+            if when.tzinfo is None:
+                when = when.replace(tzinfo=UTC)
+    except (ValueError, OverflowError):
+        raise click.BadParameter(f"{text!r} is neither a duration like 12h/7d/2w nor an ISO 8601 time in range",
+                                 param_hint=option) from None
+    if when <= datetime.now(UTC):
+        raise click.BadParameter(f"{text!r} is not in the future", param_hint=option)
+    return iso_dt(when)
+
+
 def _domains(names: tuple[str, ...], networks: bool = False) -> list[str]:
     """Normalized names, and `/pattern/` regular expressions; with `networks`, an IP network (CIDR) is
     taken too: a block rule on a network blocks forwarded answers that hold an address in it."""
@@ -306,17 +326,21 @@ def _rule_group(kind: RuleKind, verb: str) -> click.Group:
     @click.option("--group", "client_group", default=None, callback=_category,
                   help="Only for the clients of this group (an extra rule of the group).")
     @click.option("--note", default=None, help="Why: a ticket number, a policy reference.")
+    @click.option("--expires", default=None, metavar="DURATION|TIME",
+                  help="In force until then (12h, 7d, 2w, or an ISO 8601 time); a running server removes it "
+                       "at that time [never].")
     @pass_env
     def add(env: Env, names: tuple[str, ...], category: str | None, client_group: str | None,
-            note: str | None) -> None:
+            note: str | None, expires: str | None) -> None:
         category = _rule_category(category, client_group)
         domains = _domains(names, networks=kind is RuleKind.BLOCK)
+        until = parse_expiry(expires)
         with env.store() as store:
             if client_group is not None and client_group not in {g["name"] for g in store.groups()}:
                 raise ConfigError(f"no group {client_group!r}: see `sinkhole group list`")
-            added, present = store.add_rules(kind, domains, category=category, note=note)
+            added, present = store.add_rules(kind, domains, category=category, note=note, expires=until)
         for d in added:
-            click.echo(f"{verb}: {d} (category {category})")
+            click.echo(f"{verb}: {d} (category {category})" + (f" until {until}" if until else ""))
         for d in present:
             click.echo(f"already {verb}: {d} (category {category})")
 
@@ -352,7 +376,7 @@ def _rule_group(kind: RuleKind, verb: str) -> click.Group:
             category = _rule_category(category, client_group)
         with env.store() as store:
             rows = store.list_rules(kind, category)
-        emit(rows, ["domain", "category", "source", "added_at", "added_by", "note"], fmt)
+        emit(rows, ["domain", "category", "source", "added_at", "added_by", "expires_at", "note"], fmt)
 
     list_.help = f"List {kind.value} rules."
     return group
@@ -721,6 +745,7 @@ LOG_COLUMNS = ["seq", "time", "client", "transport", "qname", "qtype", "action",
 @click.option("--category", metavar="NAME", help="Only rows whose rule is in this category (e.g. doh-bypass).")
 @click.option("--rule", metavar="TEXT", help="Only rows decided by this rule, exactly as stored (e.g. deepseek.com).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="At most this many rows (the latest).")
+@click.option("--ref", metavar="CODE", help="The block page view with this reference code, and the DNS row it follows.")
 @click.option("--follow", "-f", is_flag=True,
               help="Then keep printing matching rows as they are written, until Ctrl-C or SIGTERM "
                    "(starts with the last 10 unless --since or --limit says otherwise).")
@@ -733,7 +758,7 @@ LOG_COLUMNS = ["seq", "time", "client", "transport", "qname", "qtype", "action",
 @click.pass_context
 def log_(ctx: click.Context, since: str | None, until: str | None, client: str | None, domain: str | None,
          action: str | None, group: str | None, category: str | None, rule: str | None, limit: int | None,
-         follow: bool, interval: float, fmt: str, dbs: tuple[Path, ...]) -> None:
+         ref: str | None, follow: bool, interval: float, fmt: str, dbs: tuple[Path, ...]) -> None:
     """Show the audit log, oldest first; `log verify` checks its chains, `log anchor` prints their heads."""
     import ipaddress
 
@@ -770,11 +795,35 @@ def log_(ctx: click.Context, since: str | None, until: str | None, client: str |
         emit(merged, [*LOG_TABLE_COLUMNS, "node"] if fmt == "table" else LOG_COLUMNS, fmt)
         return
     with env.existing_store() as store:
-        if follow:
+        if ref is not None:
+            rows = _page_view(store, ref)
+        elif follow:
             _follow(env, store, filters, limit if limit or since else 10, fmt, interval)
             return
-        rows = list(store.query_log(limit=limit, **filters))
+        else:
+            rows = list(store.query_log(limit=limit, **filters))
     emit(rows, LOG_TABLE_COLUMNS if fmt == "table" else LOG_COLUMNS, fmt)
+
+
+def _page_view(store: Store, ref: str) -> list[dict]:
+    """The audit row of the block page view with reference `ref` (its second is in the code), and the DNS row
+    it names; exit 1 when there is none."""
+    from sinkhole.web.blockpage import parse_ref
+
+    try:
+        code, second = parse_ref(ref)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--ref") from None
+    rows = [r for r in store.query_log(since=iso_dt(datetime.fromtimestamp(second, UTC)),
+                                       until=iso_dt(datetime.fromtimestamp(second + 1, UTC)), action="page")
+            if (r["answer"] or "").split(";")[0] == f"ref {code}"]
+    if not rows:
+        raise SinkholeError(f"no block page view with reference {code} (written at "
+                            f"{iso_dt(datetime.fromtimestamp(second, UTC))[:19]}Z, if it was)")
+    m = re.search(r"; dns seq (\d+)", rows[0]["answer"] or "")
+    if m:
+        rows[:0] = [dict(r) for r in store.db.query("SELECT * FROM audit WHERE seq = ?", [int(m.group(1))])]
+    return rows
 
 
 FOLLOW_BATCH = 5000
@@ -1201,12 +1250,185 @@ def check(env: Env, name: str, qtype: str, client: str, config_file: Path | None
         click.echo(json.dumps(result))
         return
     for key in ("name", "qtype", "client", "group", "decision", "rule", "kind", "category", "list", "source",
-                "policy_version"):
+                "policy_version", "blockpage"):
         if result[key] is not None:
             click.echo(f"{key:15} {result[key]}")
     click.echo("answer:")
     for line in str(result["answer"]).splitlines():
         click.echo(f"  {line}")
+
+
+# ---------------------------------------------------------------------------- ca (the block page's certificates)
+
+_CA_DIR = click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path),
+                       envvar="SINKHOLE_BLOCKPAGE_CA", default=None,
+                       help="The CA directory [env SINKHOLE_BLOCKPAGE_CA, as the server's blockpage_ca; default: "
+                            "ca/ beside the database].")
+
+
+def _ca_dir(env: Env, directory: Path | None) -> Path:
+    from sinkhole.web import certs
+
+    return directory or certs.ca_directory(env.db_path)
+
+
+@cli.group("ca")
+def ca_group() -> None:
+    """The block page's certificate authority: PCs that trust it see the page over HTTPS for blocked names."""
+
+
+def _deploy_hint(directory: Path) -> None:
+    click.echo(f"key: {directory / 'ca.key'} (0600: only the server's account may read it; never copy it)")
+    click.echo("deploy the certificate (sinkhole ca export -o sinkhole-ca.crt) to every managed PC as a trusted root:")
+    click.echo("  Windows: Group Policy > Computer Configuration > Windows Settings > Security Settings > "
+               "Public Key Policies > Trusted Root Certification Authorities > Import")
+    click.echo("  Firefox: policy ImportEnterpriseRoots = true (it then trusts the Windows roots)")
+    click.echo("  Chrome/Edge: policy QuicAllowed = false (HTTP/3 would not reach the page); see README.md")
+
+
+@ca_group.command("init")
+@click.option("--name", default="sinkhole block page CA", show_default=True, help="The CA's common name.")
+@click.option("--organization", default="", help="The agency's name, in the certificate's subject.")
+@click.option("--days", type=click.IntRange(1, 36500), default=3650, show_default=True, help="Validity of the root.")
+@click.option("--permit", "permitted", multiple=True, metavar="DOMAIN",
+              help="Name constraint: the CA can sign only for DOMAIN and its subdomains (browsers enforce it); "
+                   "repeatable [no constraint].")
+@click.option("--force", is_flag=True, help="Replace an existing CA (every PC must then trust the new one).")
+@_CA_DIR
+@pass_env
+def ca_init(env: Env, name: str, organization: str, days: int, permitted: tuple[str, ...], force: bool,
+            directory: Path | None) -> None:
+    """Make a new root CA for the block page (ECDSA P-256; key 0600) and say how to deploy it."""
+    from sinkhole.web import certs
+
+    where = _ca_dir(env, directory)
+    ca = certs.init_ca(where, name, organization, days, tuple(normalize(p) for p in permitted), force)
+    click.echo(f"made CA {ca.describe()}")
+    click.echo(f"certificate: {where / certs.CERT_FILE}")
+    if permitted:
+        click.echo(f"name constraints: it can sign only for {', '.join(ca.permitted or ())} and their subdomains")
+    _deploy_hint(where)
+
+
+@ca_group.command("import")
+@click.option("--cert", "cert_file", required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="The intermediate CA certificate the agency's CA issued (PEM or DER; its chain may follow it).")
+@click.option("--key", "key_file", required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="Its private key, unencrypted (PEM or DER).")
+@click.option("--chain", "chain_file", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="The certificates above it, up to the agency's root (PEM).")
+@click.option("--force", is_flag=True, help="Replace an existing CA.")
+@_CA_DIR
+@pass_env
+def ca_import(env: Env, cert_file: Path, key_file: Path, chain_file: Path | None, force: bool,
+              directory: Path | None) -> None:
+    """Use an intermediate CA issued by the agency's own CA (already trusted by its PCs)."""
+    from sinkhole.web import certs
+
+    where = _ca_dir(env, directory)
+    ca = certs.import_ca(where, cert_file, key_file, chain_file, force)
+    click.echo(f"imported CA {ca.describe()}" + (f" with {len(ca.chain)} chain certificates" if ca.chain else ""))
+    click.echo(f"key: {where / certs.KEY_FILE} (0600); the original at {key_file} can now be removed")
+
+
+@ca_group.command("export")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the certificate here [stdout].")
+@click.option("--der", is_flag=True, help="DER (binary .cer/.crt, as the Group Policy import takes it) [PEM].")
+@click.option("--force", is_flag=True, help="Overwrite --output if it exists.")
+@_CA_DIR
+@pass_env
+def ca_export(env: Env, output: Path | None, der: bool, force: bool, directory: Path | None) -> None:
+    """The CA certificate (never the key), for Group Policy and the other trust stores."""
+    from cryptography.hazmat.primitives import serialization
+
+    from sinkhole.web import certs
+
+    ca = certs.load_ca(_ca_dir(env, directory))
+    data = ca.cert.public_bytes(serialization.Encoding.DER if der else serialization.Encoding.PEM)
+    if output is None:
+        if der:
+            raise click.BadParameter("DER is binary: give --output FILE", param_hint="--der")
+        click.echo(data.decode(), nl=False)
+        return
+    if output.exists() and not force:
+        raise ConfigError(f"{output} exists; not overwriting it (--force)")
+    output.write_bytes(data)
+    click.echo(f"wrote {output}: {ca.describe()}", err=True)
+
+
+@ca_group.command("show")
+@_CA_DIR
+@pass_env
+def ca_show(env: Env, directory: Path | None) -> None:
+    """The CA in use: subject, validity, fingerprint, name constraints."""
+    from sinkhole.web import certs
+
+    where = _ca_dir(env, directory)
+    ca = certs.load_ca(where)
+    click.echo(f"{where}: {ca.describe()}")
+    permitted = ca.permitted
+    click.echo("name constraints: " + (", ".join(permitted) if permitted is not None
+                                       else "none (it may sign any name)"))
+    for c in ca.chain:
+        click.echo(f"chain: {c.subject.rfc4514_string()}")
+
+
+# ---------------------------------------------------------------------------- requests (from the block page)
+
+
+@cli.group("requests")
+def requests_group() -> None:
+    """Access requests people filed on the block page: list, approve (an allow rule with an expiry), deny."""
+
+
+REQUEST_COLUMNS = ["id", "time", "status", "client", "grp", "host", "rule", "name", "reason", "ref", "decided_by",
+                   "allow_rule", "expires_at"]
+
+
+@requests_group.command("list")
+@click.option("--status", type=click.Choice(["pending", "approved", "denied", "all"]), default="pending",
+              show_default=True)
+@click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
+@pass_env
+def requests_list(env: Env, status: str, fmt: str) -> None:
+    """Access requests, oldest first: who asked (address, group, the name they gave), for which host, why."""
+    with env.store() as store:
+        rows = store.requests(None if status == "all" else status)
+    emit(rows, REQUEST_COLUMNS, fmt)
+
+
+@requests_group.command("approve")
+@click.argument("ident", metavar="ID", type=click.IntRange(min=1))
+@click.option("--expires", default="7d", show_default=True, metavar="DURATION|TIME",
+              help="The allow rule is in force until then.")
+@click.option("--group", "client_group", default=None, callback=_category,
+              help="Allow it for this client group [the group the client was in when it asked].")
+@click.option("--name", "domain", default=None, metavar="NAME",
+              help="Allow this name (and its subdomains) [the host that was asked].")
+@pass_env
+def requests_approve(env: Env, ident: int, expires: str, client_group: str | None, domain: str | None) -> None:
+    """Approve request ID: an allow rule for the host, for the client's group, until --expires (journaled)."""
+    until = parse_expiry(expires)
+    with env.store() as store:
+        req = store.request(ident)
+        group = client_group or req["grp"] or "default"
+        name = normalize(domain) if domain else req["host"]
+        done = store.decide_request(ident, True, group=group, domain=name, expires=until)
+    click.echo(f"approved request {ident}: allowed {name} for group {group} until {until} ({done['allow_rule']})")
+    if group == "default":
+        click.echo("note: the default group holds every client of no other group: all of them get this exception",
+                   err=True)
+
+
+@requests_group.command("deny")
+@click.argument("ident", metavar="ID", type=click.IntRange(min=1))
+@pass_env
+def requests_deny(env: Env, ident: int) -> None:
+    """Deny request ID (it stays listed with --status denied)."""
+    with env.store() as store:
+        store.decide_request(ident, False)
+    click.echo(f"denied request {ident}")
 
 
 def main() -> None:

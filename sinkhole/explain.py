@@ -39,9 +39,14 @@ def explain(store: Store, cfg: ServeConfig, name: str, qtype: str = "A", client:
             (rule.domain, rule.kind.value, rule.category)).fetchone()
         if row is not None:
             source, note = row
+    page = None
+    if decision == "blocked" and cfg.blockpage_listen:
+        answers = cfg.answers()
+        at = [str(a) for a in (answers.a, answers.aaaa) if a is not None]
+        page = f"https://{name}/ and http://{name}/ show the block page at {' and '.join(at)}" if at else None
     return {
         "name": name, "qtype": qtype.upper(), "client": client, "group": group.name, "decision": decision,
         "rule": rule.domain if rule else None, "kind": rule.kind.value if rule else None,
         "category": rule.category if rule else None, "list": source, "source": note,
-        "policy_version": policy.version, "answer": shown,
+        "policy_version": policy.version, "blockpage": page, "answer": shown,
     }
