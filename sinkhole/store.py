@@ -406,7 +406,7 @@ class Store:
     def expire_rules(self, now: str, actor: Actor) -> list[tuple[str, str, str]]:
         """Remove the rules whose `expires_at` has passed, one journal entry per kind and category
         (`allow expire`, `block expire`); returns the (kind, category, domain) removed."""
-        with self.db.atomic():
+        with self._immediate():  # reads, then writes: the write lock from the start
             gone = self.conn.execute("SELECT kind, category, domain FROM rules WHERE expires_at <= ? ORDER BY kind,"
                                      " category, domain", (now,)).fetchall()
             self.conn.execute("DELETE FROM rules WHERE expires_at <= ?", (now,))
@@ -623,7 +623,7 @@ class Store:
         (an empty list: none but the operator's own `manual` rules and its extra rules). Returns (created,
         networks added). A network that already belongs to another group is an error: nothing is written."""
         actor = actor or Actor()
-        with self.db.atomic():
+        with self._immediate():  # reads, then writes: the write lock from the start
             have = self.conn.execute("SELECT categories FROM groups WHERE name = ?", (name,)).fetchone()
             if name == DEFAULT_GROUP and networks:
                 raise ConfigError("the default group holds every client no other group holds: it takes no networks")
@@ -654,7 +654,7 @@ class Store:
         """Remove some networks of a group, or (networks None) the whole group, its networks and extra rules.
         Returns what was removed; raises ConfigError for a group or network that is not there."""
         actor = actor or Actor()
-        with self.db.atomic():
+        with self._immediate():  # reads, then writes: the write lock from the start
             exists = self.conn.execute("SELECT 1 FROM groups WHERE name = ?", (name,)).fetchone()
             if networks is None:
                 if name == DEFAULT_GROUP:
@@ -727,7 +727,7 @@ class Store:
         """Approve (an allow rule for `domain` in group `group`'s own rules, until `expires`) or deny a pending
         request, in one transaction with the rule's journal entry; returns the request as decided."""
         actor = actor or Actor()
-        with self.db.atomic():
+        with self._immediate():  # reads, then writes: the write lock from the start
             req = self.request(ident)
             if req["status"] != "pending":
                 raise ConfigError(f"access request {ident} was {req['status']} already ({req['decided_at']})")
