@@ -87,6 +87,7 @@ install-files:
 	sed 's#^ExecStart=/usr/local/bin/sinkhole #ExecStart=$(BINDIR)/sinkhole #' systemd/sinkhole.service \
 	  > $(DESTDIR)$(UNITDIR)/sinkhole.service
 	install -m 0644 systemd/sinkhole.socket $(DESTDIR)$(UNITDIR)/sinkhole.socket
+	install -m 0644 systemd/sinkhole-blockpage.socket $(DESTDIR)$(UNITDIR)/sinkhole-blockpage.socket
 	chmod 0644 $(DESTDIR)$(UNITDIR)/sinkhole.service
 	test -e $(DESTDIR)$(SYSCONFDIR)/default/sinkhole || printf '%s\n' \
 	  '# Settings for sinkhole.service, as environment variables: SINKHOLE_<KEY>=value, lists' \

@@ -401,10 +401,17 @@ class Server:
 
 def bind_blockpage(cfg: ServeConfig) -> list:
     """The block page's listening sockets (systemd's, else bound now, before --user drops root); [] when off."""
-    if not cfg.blockpage_listen:
-        return []
-    from sinkhole.systemd import BLOCKPAGE
+    from sinkhole.systemd import BLOCKPAGE, listen_sockets
     from sinkhole.web.limits import bind
+
+    if not cfg.blockpage_listen:
+        unused = listen_sockets(BLOCKPAGE)
+        if unused:
+            log.warning("systemd passed %d block page sockets, but blockpage_listen is not set: not serving them "
+                        "(set SINKHOLE_BLOCKPAGE_LISTEN, or disable sinkhole-blockpage.socket)", len(unused))
+        for sock in unused:
+            sock.close()
+        return []
 
     return bind(cfg.blockpage_addresses(), BLOCKPAGE)
 

@@ -322,14 +322,15 @@ def units_with_existing_binary(tmp_path: Path) -> Path:
     (tmp_path / "sinkhole.service").write_text(service.replace("ExecStart=/usr/local/bin/sinkhole",
                                                                f"ExecStart={exe}"))
     shutil.copy(UNITS / "sinkhole.socket", tmp_path / "sinkhole.socket")
+    shutil.copy(UNITS / "sinkhole-blockpage.socket", tmp_path / "sinkhole-blockpage.socket")
     return tmp_path
 
 
 def test_systemd_analyze_verify_passes(tmp_path: Path) -> None:
     exe = systemd_analyze()
     units = units_with_existing_binary(tmp_path)
-    proc = subprocess.run([exe, "verify", str(units / "sinkhole.service"), str(units / "sinkhole.socket")],
-                          capture_output=True, text=True, timeout=30)
+    proc = subprocess.run([exe, "verify", str(units / "sinkhole.service"), str(units / "sinkhole.socket"),
+                           str(units / "sinkhole-blockpage.socket")], capture_output=True, text=True, timeout=30)
     complaints = [line for line in (proc.stdout + proc.stderr).splitlines() if "sinkhole" in line]
     assert proc.returncode == 0 and not complaints, proc.stdout + proc.stderr
 
@@ -377,6 +378,9 @@ def test_make_install_files_stages_units_user_defaults_and_link(tmp_path: Path) 
     assert link.is_symlink() and os.readlink(link) == "/opt/sinkhole/bin/sinkhole"
     units = dest / "etc/systemd/system"
     assert (units / "sinkhole.socket").read_text() == (UNITS / "sinkhole.socket").read_text()
+    blockpage = (units / "sinkhole-blockpage.socket").read_text()
+    assert blockpage == (UNITS / "sinkhole-blockpage.socket").read_text()
+    assert "\nFileDescriptorName=blockpage\n" in blockpage and "\nService=sinkhole.service\n" in blockpage
     assert (units / "sinkhole.service").read_text() == (UNITS / "sinkhole.service").read_text()
     defaults = dest / "etc/default/sinkhole"
     assert "#SINKHOLE_UPSTREAM=" in defaults.read_text()
