@@ -171,7 +171,8 @@ def render(stats: dict, since: str, until: str | None, status: ChainStatus, db: 
     until_text = until or generated.isoformat(timespec="seconds").replace("+00:00", "Z") + " (now)"
     cards = "".join(f'<div><b>{_fmt(v)}</b>{esc(k)}</div>' for k, v in (
         ("blocked queries", t["blocked"]), ("clients blocked", t["clients"]), ("names blocked", t["domains"]),
-        ("bypass attempts", t["bypass_attempts"]), ("rows in the log", t["queries_logged"])))
+        ("bypass attempts", t["bypass_attempts"]), ("block page views", t.get("page_views", 0)),
+        ("rows in the log", t["queries_logged"])))
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>

@@ -348,3 +348,13 @@ def test_serve_refuses_a_wildcard_block_page_address_without_block_a(tmp_path: P
     assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].startswith("sinkhole: blockpage_listen")
     assert not (tmp_path / "a.db").exists()
 
+
+
+def test_report_counts_block_page_views(page, ca, db, tmp_path: Path) -> None:
+    for _ in range(2):
+        fetch(page, "chat.deepseek.com", ca=ca)
+    assert wait_for(lambda: len(page_rows(db)) == 2, timeout=10.0)
+    out = tmp_path / "report.html"
+    result = run(db, "report", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    assert re.search(r"<b>2</b>block page views", out.read_text())
