@@ -236,6 +236,10 @@ class AuditLog:
                 e.upstream, e.latency_ms, self.node,
                 e.group, asked, e.source, rname)
 
+    def stored_client(self, client: str) -> str:
+        """The client as its rows store it (its network, with log_client_prefix)."""
+        return self._truncated(client) if self.client_prefix is not None else client
+
     def _truncated(self, client: str) -> str:
         done = self._clients.get(client)
         if done is None:

@@ -358,3 +358,10 @@ def test_report_counts_block_page_views(page, ca, db, tmp_path: Path) -> None:
     result = run(db, "report", "-o", str(out))
     assert result.exit_code == 0, result.output
     assert re.search(r"<b>2</b>block page views", out.read_text())
+
+
+def test_with_log_client_prefix_the_view_still_finds_its_dns_row(make_server, stub, ca, db) -> None:
+    s = make_server(upstream=(stub.address,), blockpage_listen=(f"{PAGE_HOST}:0",), log_client_prefix="24/56")
+    fetch(s, "chat.deepseek.com", ca=ca)
+    row = wait_for(lambda: next((r for r in page_rows(db) if "dns seq" in (r["answer"] or "")), None), 10.0)
+    assert row is not None and row["client"] == "127.0.0.0/24"

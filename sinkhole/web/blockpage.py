@@ -406,7 +406,7 @@ class BlockPage:
 
     async def _follow(self, event: AuditEvent) -> None:
         loop = asyncio.get_running_loop()
-        client = self.audit._truncated(event.client) if self.audit.client_prefix else event.client
+        client = self.audit.stored_client(event.client)
         since, until = iso(event.time - FOLLOW_WINDOW), iso(event.time + 1)
         seq = None
         started = time.monotonic()
