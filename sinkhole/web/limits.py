@@ -155,12 +155,12 @@ class Gate:
             self._accepting.append(loop.create_task(self._accept(sock)))
 
     async def close(self) -> None:
-        for task in self._accepting:
-            task.cancel()
-        for task in list(self._connections):
+        tasks = [*self._accepting, *self._connections]
+        for task in tasks:
             task.cancel()
         for transport in list(self._transports):
             transport.abort()
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self.runner is not None:
             await self.runner.cleanup()
         for sock in self.sockets:
