@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import hashlib
 import ipaddress
 import logging
 import os
@@ -354,7 +353,3 @@ class Minter:
             self.minted += 1
         return ctx
 
-
-def key_fingerprint(ca: CA) -> str:
-    """A short identifier of the CA key (SHA-256 of its public key), for log lines."""
-    return hashlib.sha256(_public_der(ca.key.public_key())).hexdigest()[:16]
