@@ -36,9 +36,11 @@ class Built:
     summary: str  # what the client got, for the audit log: an address, NODATA or NXDOMAIN
 
 
-def _soa(owner: str, ttl: int, serial: int) -> bytes:
+def _soa(owner: str | bytes, ttl: int, serial: int) -> bytes:
+    """Our SOA record; `owner` a name, or its wire form (a pointer to the question)."""
     rdata = SOA_MNAME + SOA_RNAME + struct.pack("!IIIII", serial & 0xFFFFFFFF, 3600, 600, 86400, ttl)
-    return codec.encode_name(owner) + struct.pack("!HHIH", codec.T_SOA, 1, ttl, len(rdata)) + rdata
+    owned = owner if isinstance(owner, bytes) else codec.encode_name(owner)
+    return owned + struct.pack("!HHIH", codec.T_SOA, 1, ttl, len(rdata)) + rdata
 
 
 def blocked(query: Query, rule: Rule, cfg: AnswerConfig, serial: int = 1) -> Built:
@@ -55,6 +57,10 @@ def blocked(query: Query, rule: Rule, cfg: AnswerConfig, serial: int = 1) -> Bui
         section = b"\xc0\x0c" + struct.pack("!HHIH", query.qtype, 1, cfg.ttl, len(rdata)) + rdata
         counts = (1, 0)
         summary = str(address)
+    elif rcode == codec.NOERROR and query.qtype == codec.T_SOA and query.qclass == 1 and query.name == rule.domain:
+        section = _soa(b"\xc0\x0c", cfg.ttl, serial)  # the SOA of the rule's apex is what was asked: an answer
+        counts = (1, 0)
+        summary = "SOA"
     else:
         # the SOA of the rule's zone; for a rule that matched in the answer (cname:..., ip:...), the name asked
         owner = rule.domain if is_subdomain(query.name, rule.domain) else query.name
@@ -79,10 +85,15 @@ def minimal_any(query: Query, ttl: int = 3600) -> bytes:
     return head + query.question + section + opt
 
 
-def truncated(query: Query, rcode: int = codec.NOERROR) -> bytes:
-    """An empty reply with TC=1: the client must ask again over TCP."""
-    reply = codec.error_reply(query.id, query.flags, rcode, query.question, query.edns)
-    return reply[:2] + bytes([reply[2] | 0x02]) + reply[3:]
+def truncated(query: Query, reply: bytes | None = None) -> bytes:
+    """An empty reply with TC=1: the client must ask again over TCP. Cut from `reply` (one too big for the
+    client's UDP buffer), it keeps that reply's flags and rcode (AA, AD ...), as a resolver's own TC reply does."""
+    out = bytearray(codec.error_reply(query.id, query.flags, codec.header_rcode(reply) if reply else codec.NOERROR,
+                                      query.question, query.edns))
+    if reply is not None:
+        out[2:4] = reply[2:4]
+    out[2] |= 0x02
+    return bytes(out)
 
 
 def refused(query: Query) -> bytes:

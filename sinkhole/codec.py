@@ -14,7 +14,7 @@ import struct
 
 import dnslib
 
-from sinkhole.model import Edns, Query
+from sinkhole.model import MAX_UDP, Edns, Query
 
 # Header flag bits
 QR = 0x8000
@@ -26,16 +26,18 @@ CD = 0x0010
 OPCODE_MASK = 0x7800
 
 # RCODEs
-NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED = 0, 1, 2, 3, 4, 5
+NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED, NOTAUTH = 0, 1, 2, 3, 4, 5, 9
 BADVERS = 16
-RCODE_NAMES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED", 16: "BADVERS"}
+BADKEY = 17  # a TSIG error (RFC 8945)
+RCODE_NAMES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED", 9: "NOTAUTH",
+               16: "BADVERS"}
 
 # Types
 T_A, T_NS, T_SOA, T_AAAA, T_OPT = 1, 2, 6, 28, 41
 T_TKEY, T_TSIG, T_IXFR, T_AXFR, T_ANY = 249, 250, 251, 252, 255
 META_QTYPES = frozenset({0, T_OPT, T_TKEY, T_TSIG})
 
-OUR_UDP_SIZE = 1232  # DNS flag day 2020 recommendation
+OUR_UDP_SIZE = MAX_UDP  # DNS flag day 2020 recommendation: what we advertise, and the most we send over UDP
 _HEADER = struct.Struct("!HHHHHH")
 _RR_FIXED = struct.Struct("!HHIH")
 _PLAIN_LABEL = re.compile(rb"[a-z0-9_-]+\Z")
@@ -50,7 +52,7 @@ class BadQuery(Exception):
     """The packet is a query we answer with an error rcode; carries what is needed to echo."""
 
     def __init__(self, rcode: int, reason: str, qid: int, flags: int, question: bytes = b"",
-                 edns: Edns | None = None) -> None:
+                 edns: Edns | None = None, tail: bytes = b"") -> None:
         super().__init__(reason)
         self.rcode = rcode
         self.reason = reason
@@ -58,6 +60,10 @@ class BadQuery(Exception):
         self.flags = flags
         self.question = question
         self.edns = edns
+        self.tail = tail  # a record the reply ends with: the unsigned TSIG of a NOTAUTH (RFC 8945 §5.2.2)
+
+    def reply(self) -> bytes:
+        return error_reply(self.qid, self.flags, self.rcode, self.question, self.edns, tail=self.tail)
 
 
 def qtype_name(qtype: int) -> str:
@@ -113,7 +119,8 @@ def decode_query(wire: bytes) -> Query:
     if flags & QR:
         raise Drop("QR set: a response, not a query")
     if flags & OPCODE_MASK:
-        raise BadQuery(NOTIMP, f"opcode {(flags & OPCODE_MASK) >> 11} not implemented", qid, flags)
+        raise BadQuery(NOTIMP, f"opcode {(flags & OPCODE_MASK) >> 11} not implemented", qid, flags,
+                       _first_question(wire) if qdcount == 1 else b"")
     if qdcount != 1:
         raise BadQuery(FORMERR, f"QDCOUNT is {qdcount}, not 1", qid, flags)
     # Question name: plain labels only (nothing earlier in the message to point to).
@@ -160,7 +167,7 @@ def decode_query(wire: bytes) -> Query:
     if qtype in META_QTYPES:
         raise BadQuery(FORMERR, f"meta type {qtype} asked as a question", qid, flags, question)
     edns = None
-    for _ in range(arcount):
+    for i in range(arcount):
         name_start = pos
         pos = _skip_name(wire, pos, qid, flags, question)
         if pos + 10 > end:
@@ -176,12 +183,29 @@ def decode_query(wire: bytes) -> Query:
                 raise BadQuery(FORMERR, "OPT record not owned by the root", qid, flags, question)
             _check_options(wire, pos, pos + rdlen, qid, flags, question)
             edns = Edns(udp_size=rclass, version=(ttl >> 16) & 0xFF, do=bool(ttl & 0x8000))
+        elif rtype == T_TSIG:
+            if i != arcount - 1:
+                raise BadQuery(FORMERR, "a TSIG record that is not the last one", qid, flags, question, edns)
+            # RFC 8945 §5.2.2: we hold no key, so the key is unknown: NOTAUTH, TSIG error BADKEY, unsigned
+            raise BadQuery(NOTAUTH, "TSIG-signed query: sinkhole holds no TSIG keys", qid, flags, question, edns,
+                           _unsigned_tsig(wire, name_start, pos, pos + rdlen, qid, flags, question, edns))
         pos += rdlen
     if edns is not None and edns.version != 0:
         raise BadQuery(BADVERS, f"EDNS version {edns.version}", qid, flags, question,
                        Edns(edns.udp_size, 0, edns.do))
     return Query(wire=wire, id=qid, flags=flags, name=name, qtype=qtype, qclass=qclass,
                  question=question, edns=edns)
+
+
+def _first_question(wire: bytes) -> bytes:
+    """The question section of a message we answer with an error before reading it, to echo it; b"" when it
+    cannot be read (compressed, cut short)."""
+    pos, end = 12, len(wire)
+    while pos < end and wire[pos] and not wire[pos] & 0xC0:
+        pos += 1 + wire[pos]
+    if pos >= end or wire[pos] or pos + 5 > end or pos - 12 > 255:
+        return b""
+    return wire[12:pos + 5]
 
 
 _MEMO: dict[bytes, Query] = {}
@@ -236,12 +260,36 @@ def _check_options(wire: bytes, pos: int, end: int, qid: int, flags: int, questi
             raise BadQuery(FORMERR, "EDNS option data runs past the record", qid, flags, question)
 
 
+def _unsigned_tsig(wire: bytes, owner: int, rdata: int, end: int, qid: int, flags: int, question: bytes,
+                   edns: Edns | None) -> bytes:
+    """The TSIG record of an error reply to a signed query whose key we do not know: the same key name,
+    algorithm, time and fudge, no MAC, the query's original ID and error BADKEY (RFC 8945 §5.2.2)."""
+    try:
+        key, _ = read_name(wire, owner, {})
+        algorithm, pos = read_name(wire, rdata, {})
+    except Malformed as exc:
+        raise BadQuery(FORMERR, f"unreadable TSIG record: {exc}", qid, flags, question, edns) from None
+    if pos + 10 > end:
+        raise BadQuery(FORMERR, "TSIG record too short", qid, flags, question, edns)
+    signed_fudge = wire[pos:pos + 8]
+    (mac_size,) = struct.unpack_from("!H", wire, pos + 8)
+    pos += 10 + mac_size
+    if pos + 6 > end:
+        raise BadQuery(FORMERR, "TSIG record too short", qid, flags, question, edns)
+    original_id = wire[pos:pos + 2]
+    data = encode_name(algorithm) + signed_fudge + b"\0\0" + original_id + struct.pack("!HH", BADKEY, 0)
+    return encode_name(key) + _RR_FIXED.pack(T_TSIG, 255, 0, len(data)) + data
+
+
 # ---------------------------------------------------------------------------- encoding
 
 
 def reply_flags(query_flags: int, rcode: int, aa: bool = False) -> int:
-    """QR and RA set; opcode, RD and CD copied from the query; rcode's low four bits."""
-    flags = QR | RA | (query_flags & (OPCODE_MASK | RD | CD)) | (rcode & 0xF)
+    """QR set; opcode, RD and CD copied from the query; rcode's low four bits; RA for opcode QUERY only
+    (recursion is what we offer for queries, not for NOTIFY, UPDATE or whatever else is asked)."""
+    flags = QR | (query_flags & (OPCODE_MASK | RD | CD)) | (rcode & 0xF)
+    if not query_flags & OPCODE_MASK:
+        flags |= RA
     return flags | AA if aa else flags
 
 
@@ -268,12 +316,13 @@ def opt_record(edns: Edns, rcode: int = 0, ede: tuple[int, str] | None = None) -
 
 
 def error_reply(qid: int, query_flags: int, rcode: int, question: bytes = b"",
-                edns: Edns | None = None, ede: tuple[int, str] | None = None) -> bytes:
-    """A reply with no records but the echoed question (when known) and OPT (when asked)."""
-    arcount = 1 if edns is not None else 0
+                edns: Edns | None = None, ede: tuple[int, str] | None = None, tail: bytes = b"") -> bytes:
+    """A reply with no records but the echoed question (when known), OPT (when asked) and `tail` (one
+    more additional record: a TSIG)."""
+    arcount = (1 if edns is not None else 0) + (1 if tail else 0)
     head = _HEADER.pack(qid, reply_flags(query_flags, rcode), 1 if question else 0, 0, 0, arcount)
-    tail = opt_record(edns, rcode, ede) if edns is not None else b""
-    return head + question + tail
+    opt = opt_record(edns, rcode, ede) if edns is not None else b""
+    return head + question + opt + tail
 
 
 def set_id(wire: bytes, qid: int) -> bytes:
@@ -357,3 +406,63 @@ def answer_facts(wire: bytes) -> tuple[list[tuple[str, str]], list[str]]:
         if name:
             out.append((kind, name))
     return out, addresses
+
+
+# ---------------------------------------------------------------------------- names
+
+
+class Malformed(Exception):
+    """An upstream reply that cannot be read record by record: never relayed (the client gets SERVFAIL)."""
+
+
+def read_name(wire: bytes, pos: int, seen: dict[int, str]) -> tuple[str, int]:
+    """The name at `pos` (normalized like Query.name) and where the bytes after it start. Compression
+    pointers must point before the labels that hold them, so that every name ends; `seen` keeps the names
+    already read by where they start, for the pointers of later records."""
+    labels: list[str] = []
+    starts: list[int] = []
+    after = -1
+    limit = pos
+    size = 1
+    end = len(wire)
+    while True:
+        if pos >= end:
+            raise Malformed("a name runs past the end")
+        length = wire[pos]
+        if length == 0:
+            break
+        if length & 0xC0 == 0xC0:
+            if pos + 1 >= end:
+                raise Malformed("a compression pointer runs past the end")
+            target = (length & 0x3F) << 8 | wire[pos + 1]
+            if after < 0:
+                after = pos + 2
+            if target >= limit:
+                raise Malformed("a compression pointer that does not point backwards")
+            known = seen.get(target)
+            if known is not None:
+                if known:
+                    labels.append(known)
+                    size += len(known) + 1  # close enough for the length check: escapes only lengthen it
+                break
+            pos = limit = target
+            continue
+        if length & 0xC0:
+            raise Malformed("an extended label type")
+        nxt = pos + 1 + length
+        if nxt > end:
+            raise Malformed("a label runs past the end")
+        size += 1 + length
+        if size > 255:
+            raise Malformed("a name longer than 255 octets")
+        raw = wire[pos + 1:nxt].lower()
+        starts.append(pos)
+        labels.append(raw.decode("ascii") if _PLAIN_LABEL.match(raw) else _escape_label(raw))
+        pos = nxt
+    if after < 0:
+        after = pos + 1
+    name = ".".join(labels)
+    for i, start in enumerate(starts):  # each label starts a suffix a later pointer may name
+        if start not in seen:
+            seen[start] = name if i == 0 else ".".join(labels[i:])
+    return name, after

@@ -22,6 +22,7 @@ class Action(enum.StrEnum):
     SERVFAIL = "servfail"
     FORMERR = "formerr"
     NOTIMP = "notimp"
+    NOTAUTH = "notauth"  # a TSIG-signed query: we hold no keys (RFC 8945 §5.2.2: NOTAUTH, BADKEY)
     GAP = "gap"  # written by the audit writer: rows that could not be stored, how many and when
     CHECKPOINT = "checkpoint"  # written by a prune: what the verifier needs to resume the chains it cut
     PAGE = "page"  # a browser showed the block page (sinkhole.web.blockpage): qtype is the HTTP method
@@ -30,6 +31,9 @@ class Action(enum.StrEnum):
 class RuleKind(enum.StrEnum):
     BLOCK = "block"
     ALLOW = "allow"
+
+
+MAX_UDP = 1232  # bytes: the largest UDP reply sinkhole sends, and the buffer size it advertises (DNS flag day 2020)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,8 +66,9 @@ class Query:
 
     @property
     def max_udp(self) -> int:
-        """Largest UDP reply this client accepts (RFC 6891: below 512 counts as 512)."""
-        return max(512, self.edns.udp_size) if self.edns else 512
+        """Largest UDP reply this client gets: its buffer size (RFC 6891: below 512 counts as 512), at most
+        the 1232 bytes we advertise, so that a small query never draws a large reply (amplification)."""
+        return min(max(512, self.edns.udp_size), MAX_UDP) if self.edns else 512
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,6 +29,7 @@ from sinkhole.upstream import Forwarder
 
 log = logging.getLogger(__name__)
 BLOCKED = Action.BLOCKED
+_BAD_QUERY_ACTIONS = {codec.NOTIMP: Action.NOTIMP, codec.NOTAUTH: Action.NOTAUTH}
 _SHAPE_FLAGS = codec.OPCODE_MASK | codec.RD | codec.CD
 
 
@@ -131,9 +132,9 @@ class Pipeline:
             if (outcome or self.guard.check(client, proto)) is not Outcome.OK:
                 self._record(Action.REFUSED, client, proto, "", 0, codec.REFUSED, summary=bad.reason, group=gname)
                 return codec.error_reply(bad.qid, bad.flags, codec.REFUSED, bad.question)
-            action = Action.NOTIMP if bad.rcode == codec.NOTIMP else Action.FORMERR
+            action = _BAD_QUERY_ACTIONS.get(bad.rcode, Action.FORMERR)
             self._record(action, client, proto, "", 0, bad.rcode, summary=bad.reason, group=gname)
-            return codec.error_reply(bad.qid, bad.flags, bad.rcode, bad.question, bad.edns)
+            return bad.reply()
         if outcome is None:
             outcome = self.guard.check(client, proto)
         if outcome is not Outcome.OK:
@@ -151,7 +152,8 @@ class Pipeline:
             edns = query.edns
             # the answer differs between names of one rule only in the question: build it once
             shape = (verdict.action, rule.domain, rule.category, query.qtype, query.qclass,
-                     query.flags & _SHAPE_FLAGS, -1 if edns is None else edns.do)
+                     query.flags & _SHAPE_FLAGS, -1 if edns is None else edns.do,
+                     query.qtype == codec.T_SOA and query.name == rule.domain)  # an apex's SOA is an answer
             tpl = self._shapes.get(shape)
             if tpl is None:
                 how = self.answers if verdict.action is BLOCKED else self._canary_answers[CANARIES[rule.domain]]
@@ -185,7 +187,7 @@ class Pipeline:
             if self.cache.due:
                 self._prefetch(Pending(query, verdict, policy.version, key, group))
             if proto == "udp" and len(hit) > query.max_udp:
-                hit = answer.truncated(query, codec.header_rcode(hit))
+                hit = answer.truncated(query, hit)
             self._record(Action.CACHED, client, proto, query.qname, query.qtype, codec.header_rcode(hit), verdict,
                          None, policy.version, group=gname, wire=wire)
             return hit
@@ -219,7 +221,7 @@ class Pipeline:
             if stale is not None:  # serve-stale (RFC 8767): the last answer we had, TTL 30 s, EDE 3
                 log.warning("stale answer for %s %s: %s", query.qname, codec.qtype_name(query.qtype), exc)
                 if proto == "udp" and len(stale) > query.max_udp:
-                    stale = answer.truncated(query, codec.header_rcode(stale))
+                    stale = answer.truncated(query, stale)
                 self._record(Action.STALE, client, proto, query.qname, query.qtype, codec.header_rcode(stale),
                              verdict, None, version, None, (time.perf_counter() - started) * 1000,
                              pending.group.name, query.wire)
@@ -236,7 +238,7 @@ class Pipeline:
                          pending.group.name, query.wire)
             return built.wire
         if proto == "udp" and len(reply) > query.max_udp:
-            reply = answer.truncated(query, codec.header_rcode(reply))  # an upstream that ignored the buffer size
+            reply = answer.truncated(query, reply)  # an upstream that ignored the buffer size
         self._record(Action.FORWARDED, client, proto, query.qname, query.qtype, codec.header_rcode(reply),
                      verdict, None, version, upstream, (time.perf_counter() - started) * 1000, pending.group.name,
                      query.wire)

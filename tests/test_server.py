@@ -53,6 +53,17 @@ def test_other_types_of_blocked_name_get_nodata_with_soa(blocking, stub, qtype, 
 
 
 @pytest.mark.parametrize("tcp", TRANSPORTS)
+def test_soa_of_a_rule_s_own_name_is_an_answer(blocking, stub, tcp):
+    r = ask(blocking, "DeepSeek.com", "SOA", tcp=tcp)
+    assert r.rcode() == dns.rcode.NOERROR and r.authority == []
+    assert [(rrset.name.to_text(), rrset.rdtype) for rrset in r.answer] == [("DeepSeek.com.", dns.rdatatype.SOA)]
+    assert r.answer[0][0].mname.to_text() == "sinkhole.invalid."
+    below = ask(blocking, "chat.deepseek.com", "SOA", tcp=tcp)  # below the apex: no such SOA, NODATA
+    assert below.answer == [] and below.authority[0].name.to_text() == "deepseek.com."
+    assert stub.queries() == []
+
+
+@pytest.mark.parametrize("tcp", TRANSPORTS)
 def test_reply_echoes_id_question_and_flags(blocking, tcp):
     r = ask(blocking, "Chat.DeepSeek.com", "A", tcp=tcp)
     assert r.flags & dns.flags.QR and r.flags & dns.flags.RA and r.flags & dns.flags.RD
