@@ -3,8 +3,9 @@
 A hit is the stored reply with the client's ID and question bytes put in and every TTL
 decreased by the time it spent here: no message object is built. Negative answers are
 cached for the SOA's TTL or MINIMUM, whichever is lower (RFC 2308). Entries are keyed
-on the lower-cased question name, type, class and the EDNS/DO/CD bits of the query,
-bounded in number, and evicted least recently used first.
+on the lower-cased question name, type, class and the EDNS/DO/CD/RD bits of the query,
+bounded in number, and evicted least recently used first. The AD bit is not in the key: the
+upstream is always asked with AD, and each client sees it only if it asked with AD or DO.
 
 Serve-stale (RFC 8767, off unless `serve_stale` > 0): an expired entry is kept that many
 seconds more; when no upstream answers, the pipeline answers from it with every TTL set to
@@ -131,13 +132,8 @@ class Cache:
 
     @staticmethod
     def render(entry: Entry, query: Query, now: float) -> bytes:
-        """The stored reply for this client: its ID, its question bytes (case as asked), TTLs aged."""
-        out = bytearray(entry.wire)
-        struct.pack_into("!H", out, 0, query.id)
-        out[12:12 + entry.qlen] = query.question
-        # RD and CD as the client set them
-        out[2] = (out[2] & ~0x01) | ((query.flags >> 8) & 0x01)
-        out[3] = (out[3] & ~0x10) | (query.flags & 0x10)
+        """The stored reply for this client (codec.for_client: its ID, question bytes, RD, CD, AD), TTLs aged."""
+        out = codec.for_client(entry.wire, entry.qlen, query)
         elapsed = int(now - entry.stored)
         if elapsed:
             for off, ttl in zip(entry.ttl_offsets, entry.ttls, strict=True):

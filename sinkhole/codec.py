@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import struct
+from dataclasses import dataclass
 
 import dnslib
 
@@ -22,6 +23,7 @@ AA = 0x0400
 TC = 0x0200
 RD = 0x0100
 RA = 0x0080
+AD_FLAG = 0x0020  # "authentic data" (RFC 4035, RFC 6840 §5.7)
 CD = 0x0010
 OPCODE_MASK = 0x7800
 
@@ -251,6 +253,8 @@ def _skip_name(wire: bytes, pos: int, qid: int, flags: int, question: bytes) -> 
 
 
 def _check_options(wire: bytes, pos: int, end: int, qid: int, flags: int, question: bytes) -> None:
+    """Check the options' framing. The options themselves (Client Subnet, COOKIE, NSID, padding ...) are
+    ignored: EDNS is hop by hop, and none of them goes upstream or comes back."""
     while pos < end:
         if pos + 4 > end:
             raise BadQuery(FORMERR, "EDNS option header runs past the record", qid, flags, question)
@@ -337,82 +341,51 @@ def is_truncated(wire: bytes) -> bool:
     return len(wire) >= 4 and bool(wire[2] & 0x02)
 
 
-_TARGET_TYPES = {5: "cname", 39: "dname", 64: "svcb", 65: "https"}
 
 
-_ADDRESS_TYPES = frozenset({T_A, T_AAAA, 64, 65})
+# ---------------------------------------------------------------------------- upstream replies
+#
+# What the forward path needs from an upstream reply, read record by record without building a message
+# object: every record's section, owner and type (any type, known to a library or not: its data is only
+# copied), the names the answer sends the client on to, and the addresses it holds. Replies are never
+# parsed on a cache hit.
 
-
-def may_redirect(wire: bytes, qlen: int, addresses: bool = False) -> bool:
-    """Whether the answer section holds a CNAME, DNAME, SVCB or HTTPS record (or, with `addresses`,
-    an A or AAAA record): a cheap walk over the record headers, so that only those replies are
-    parsed in full by `answer_facts`."""
-    try:
-        ancount = struct.unpack_from("!H", wire, 6)[0]
-        pos = 12 + qlen
-        for _ in range(ancount):
-            while True:  # skip the owner name
-                length = wire[pos]
-                if length == 0:
-                    pos += 1
-                    break
-                if length & 0xC0 == 0xC0:
-                    pos += 2
-                    break
-                pos += 1 + length
-            rtype, _, _, rdlen = _RR_FIXED.unpack_from(wire, pos)
-            if rtype in _TARGET_TYPES or (addresses and rtype in _ADDRESS_TYPES):
-                return True
-            pos += 10 + rdlen
-    except (IndexError, struct.error):
-        return True  # odd: let the full parser decide
-    return False
-
-
-def answer_targets(wire: bytes) -> list[tuple[str, str]]:
-    return answer_facts(wire)[0]
-
-
-def answer_facts(wire: bytes) -> tuple[list[tuple[str, str]], list[str]]:
-    """What an upstream answer sends the client on to: (kind, name) for every CNAME and DNAME
-    target and every SVCB/HTTPS TargetName in the answer section, normalized; and every address
-    in it (A, AAAA, SVCB/HTTPS ipv4hint and ipv6hint). A reply that does not parse yields
-    nothing (it is relayed as it is)."""
-    try:
-        record = dnslib.DNSRecord.parse(wire)
-    except Exception:  # dnslib raises several types for bad input
-        return [], []
-    out: list[tuple[str, str]] = []
-    addresses: list[str] = []
-    for rr in record.rr:
-        if rr.rtype in (T_A, T_AAAA):
-            addresses.append(str(rr.rdata))
-            continue
-        if rr.rtype in (64, 65):
-            for key, value in getattr(rr.rdata, "params", []) or []:
-                size = {4: 4, 6: 16}.get(key)
-                if size:
-                    raw = bytes(value)
-                    addresses += [str(ipaddress.ip_address(raw[i:i + size]))
-                                  for i in range(0, len(raw) - size + 1, size)]
-        kind = _TARGET_TYPES.get(rr.rtype)
-        if kind is None:
-            continue
-        target = getattr(rr.rdata, "target", None) if kind in ("svcb", "https") else rr.rdata.label
-        if isinstance(target, list):  # dnslib gives an SVCB/HTTPS TargetName as its labels
-            name = ".".join(bytes(label).decode("ascii", "backslashreplace") for label in target).lower()
-        else:
-            name = str(target).rstrip(".").lower() if target is not None else ""
-        if name:
-            out.append((kind, name))
-    return out, addresses
-
-
-# ---------------------------------------------------------------------------- names
+ANSWER, AUTHORITY, ADDITIONAL = 0, 1, 2
+T_CNAME, T_DNAME, T_SVCB, T_HTTPS = 5, 39, 64, 65
+T_DS, T_RRSIG, T_NSEC, T_NSEC3 = 43, 46, 47, 50
+_TARGET_KINDS = {T_CNAME: "cname", T_DNAME: "dname", T_SVCB: "svcb", T_HTTPS: "https"}
+_DENIAL_TYPES = frozenset({T_NSEC, T_NSEC3})
+_HINT_SIZES = {4: 4, 6: 16}  # SvcParamKey ipv4hint, ipv6hint: the size of one address
 
 
 class Malformed(Exception):
     """An upstream reply that cannot be read record by record: never relayed (the client gets SERVFAIL)."""
+
+
+@dataclass(slots=True)
+class Record:
+    section: int  # ANSWER, AUTHORITY or ADDITIONAL
+    owner: str  # normalized as Query.name is (lower case, \DDD escapes, no trailing dot; "" = root)
+    rtype: int
+    start: int  # where the record starts in the message
+    rdata: int  # where its data starts
+    end: int  # where it ends
+    covered: int = 0  # RRSIG: the type it covers
+
+    @property
+    def denial(self) -> bool:
+        """An NSEC or NSEC3 record, or the signature of one: a proof that names do not exist, not data."""
+        return self.rtype in _DENIAL_TYPES or (self.rtype == T_RRSIG and self.covered in _DENIAL_TYPES)
+
+
+@dataclass(slots=True)
+class ReplyFacts:
+    records: list[Record]
+    end: int  # where the last record ends (bytes after it are not relayed)
+    opt: Record | None  # the upstream's OPT record (hop by hop: replaced by ours)
+    ext_rcode: int  # the upper eight bits of the rcode, from the upstream's OPT
+    targets: list[tuple[str, str]]  # (kind, name): CNAME and DNAME targets, SVCB/HTTPS TargetNames, answer section
+    addresses: list[str]  # A and AAAA in the answer section, SVCB/HTTPS ipv4hint and ipv6hint there
 
 
 def read_name(wire: bytes, pos: int, seen: dict[int, str]) -> tuple[str, int]:
@@ -466,3 +439,168 @@ def read_name(wire: bytes, pos: int, seen: dict[int, str]) -> tuple[str, int]:
         if start not in seen:
             seen[start] = name if i == 0 else ".".join(labels[i:])
     return name, after
+
+
+def read_reply(wire: bytes, qlen: int) -> ReplyFacts:
+    """Every record of an upstream reply whose header and question were checked (upstream._matches), and the
+    facts the policy inspects (see ReplyFacts). Raises Malformed for anything a client could not read."""
+    _, _, _, ancount, nscount, arcount = _HEADER.unpack_from(wire)
+    pos = 12 + qlen
+    end = len(wire)
+    seen: dict[int, str] = {}
+    records: list[Record] = []
+    targets: list[tuple[str, str]] = []
+    addresses: list[str] = []
+    opt = None
+    ext_rcode = 0
+    total = ancount + nscount + arcount
+    for i in range(total):
+        start = pos
+        owner, pos = read_name(wire, pos, seen)
+        if pos + 10 > end:
+            raise Malformed("a record runs past the end")
+        rtype, _, ttl, rdlen = _RR_FIXED.unpack_from(wire, pos)
+        rdata = pos + 10
+        pos = rdata + rdlen
+        if pos > end:
+            raise Malformed("record data runs past the end")
+        section = ANSWER if i < ancount else AUTHORITY if i < ancount + nscount else ADDITIONAL
+        record = Record(section, owner, rtype, start, rdata, pos)
+        records.append(record)
+        if rtype == T_OPT:
+            if section != ADDITIONAL or opt is not None or owner:
+                raise Malformed("an OPT record out of place")
+            opt, ext_rcode = record, ttl >> 24
+        elif rtype == T_TSIG:
+            raise Malformed("a TSIG record in a reply to an unsigned query")
+        elif rtype == T_RRSIG:
+            if rdlen < 18:
+                raise Malformed("an RRSIG record too short")
+            record.covered = wire[rdata] << 8 | wire[rdata + 1]
+        elif section == ANSWER:
+            if rtype == T_A or rtype == T_AAAA:
+                if rdlen != (4 if rtype == T_A else 16):
+                    raise Malformed("an address record of the wrong length")
+                addresses.append(str(ipaddress.ip_address(wire[rdata:pos])))
+            elif rtype == T_CNAME or rtype == T_DNAME:
+                target, after = read_name(wire, rdata, seen)
+                if after != pos:
+                    raise Malformed(f"{_TARGET_KINDS[rtype].upper()} data is not one name")
+                targets.append((_TARGET_KINDS[rtype], target))
+            elif rtype == T_SVCB or rtype == T_HTTPS:
+                _read_svcb(wire, rdata, pos, seen, _TARGET_KINDS[rtype], targets, addresses)
+    return ReplyFacts(records, pos, opt, ext_rcode, targets, addresses)
+
+
+def _read_svcb(wire: bytes, rdata: int, end: int, seen: dict[int, str], kind: str,
+               targets: list[tuple[str, str]], addresses: list[str]) -> None:
+    """RFC 9460: priority, TargetName ("." is the owner itself), then key/length/value parameters."""
+    if end - rdata < 3:
+        raise Malformed("SVCB data too short")
+    target, pos = read_name(wire, rdata + 2, seen)
+    if pos > end:
+        raise Malformed("SVCB TargetName runs past its data")
+    if target:
+        targets.append((kind, target))
+    while pos < end:
+        if pos + 4 > end:
+            raise Malformed("an SVCB parameter runs past its data")
+        key, size = struct.unpack_from("!HH", wire, pos)
+        pos += 4
+        if pos + size > end:
+            raise Malformed("an SVCB parameter value runs past its data")
+        width = _HINT_SIZES.get(key)
+        if width:
+            if size % width:
+                raise Malformed("an SVCB address hint of the wrong length")
+            addresses += [str(ipaddress.ip_address(wire[i:i + width])) for i in range(pos, pos + size, width)]
+        pos += size
+
+
+def relayed(wire: bytes, facts: ReplyFacts, edns: Edns | None, drop: set[tuple[int, str]] | None = None) -> bytes:
+    """The upstream's reply as sinkhole relays it: its records byte for byte, but EDNS hop by hop (RFC 6891
+    §6.1.1): the upstream's OPT (its options, NSID, cookies, its buffer size) replaced by our own (when the
+    client sent one), with the upstream's extended rcode. `drop`: (section, owner) whose records go (not the
+    NSEC/NSEC3 proofs among them); the message is then rebuilt by dnspython, as when OPT is not last."""
+    opt = facts.opt
+    if drop or (opt is not None and opt is not facts.records[-1]):
+        return _rebuilt(wire, facts, edns, drop or set())
+    arcount = wire[10] << 8 | wire[11]
+    body = bytearray(wire[:opt.start] if opt is not None else wire[:facts.end])
+    if opt is not None:
+        arcount -= 1
+    if edns is not None:
+        body += opt_record(edns, facts.ext_rcode << 4 | (wire[3] & 0xF))
+        arcount += 1
+    body[10:12] = arcount.to_bytes(2, "big")
+    return bytes(body)
+
+
+def _rebuilt(wire: bytes, facts: ReplyFacts, edns: Edns | None, drop: set[tuple[int, str]]) -> bytes:
+    import dns.message
+    import dns.rdatatype
+
+    try:
+        message = dns.message.from_wire(wire, ignore_trailing=True, one_rr_per_rrset=True)
+    except Exception as exc:  # dnspython raises many kinds for what it cannot read
+        raise Malformed(f"dnspython cannot read it: {exc}") from None
+    denial = (dns.rdatatype.NSEC, dns.rdatatype.NSEC3)
+    for section, rrsets in enumerate((message.answer, message.authority, message.additional)):
+        rrsets[:] = [r for r in rrsets if r.rdtype in denial or r.covers in denial
+                     or (section, _normal(r.name)) not in drop]
+    message.use_edns(False)
+    out = bytearray(message.to_wire())
+    if edns is not None:
+        out += opt_record(edns, facts.ext_rcode << 4 | (wire[3] & 0xF))
+        out[10:12] = ((out[10] << 8 | out[11]) + 1).to_bytes(2, "big")
+    out[0:4] = wire[0:4]  # the header's flags exactly as the upstream set them
+    return bytes(out)
+
+
+def _normal(name: object) -> str:
+    """A dnspython name, normalized like Query.name."""
+    labels = [label.lower() for label in name.labels if label]  # type: ignore[attr-defined]
+    return ".".join(raw.decode("ascii") if _PLAIN_LABEL.match(raw) else _escape_label(raw) for raw in labels)
+
+
+def upstream_query(query: Query) -> bytes:
+    """The query sinkhole sends upstream for a client's (ID 0: the forwarder puts in its own): the client's
+    question (case as asked), RD and CD as the client set them, AD set (RFC 6840 §5.7: we understand it;
+    whether the client sees it is decided per client), and with EDNS only when the client used it: our own
+    OPT (our buffer size, DO as the client asked) holding no option of the client's."""
+    flags = (query.flags & (RD | CD)) | AD_FLAG
+    edns = query.edns
+    if edns is None:
+        return _HEADER.pack(0, flags, 1, 0, 0, 0) + query.question
+    opt = b"\x00" + _RR_FIXED.pack(T_OPT, OUR_UDP_SIZE, 0x8000 if edns.do else 0, 0)
+    return _HEADER.pack(0, flags, 1, 0, 0, 1) + query.question + opt
+
+
+def for_client(wire: bytes, qlen: int, query: Query) -> bytearray:
+    """A reply shared by several clients (a cache entry, a coalesced forward) made this client's: its ID, its
+    question bytes (case as it asked), RD and CD as it set them, and AD only if the upstream set it and the
+    client asked with AD or DO (RFC 6840 §5.7)."""
+    out = bytearray(wire)
+    qid, flags = query.id, query.flags
+    out[0], out[1] = qid >> 8, qid & 0xFF
+    out[12:12 + qlen] = query.question
+    out[2] = (out[2] & 0xFE) | ((flags >> 8) & 0x01)
+    wants_ad = flags & AD_FLAG or (query.edns is not None and query.edns.do)
+    out[3] = (out[3] & 0xCF) | (flags & CD) | (out[3] & AD_FLAG if wants_ad else 0)
+    return out
+
+
+def servfail_for(wire: bytes) -> bytes | None:
+    """SERVFAIL for a query that something unexpected went wrong with, echoing what can be read of it (None for
+    a packet that gets no answer at all: a response, or shorter than a header)."""
+    try:
+        query = decode_query(wire)
+    except Drop:
+        return None
+    except BadQuery as bad:
+        return error_reply(bad.qid, bad.flags, SERVFAIL, bad.question, bad.edns)
+    except Exception:  # the decoder itself failed: the header is all we trust
+        if len(wire) < 12 or wire[2] & 0x80:
+            return None
+        return error_reply((wire[0] << 8) | wire[1], (wire[2] << 8) | wire[3], SERVFAIL)
+    return error_reply(query.id, query.flags, SERVFAIL, query.question, query.edns)

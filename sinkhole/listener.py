@@ -112,9 +112,8 @@ class UdpProtocol(asyncio.DatagramProtocol):
             return
         try:
             result = self.pipeline.begin(data, addr[0], "udp")
-        except Exception:
-            log.exception("unexpected error handling a UDP query from %s", addr[0])
-            return
+        except Exception as exc:  # never silence: the client gets SERVFAIL
+            result = self.pipeline.failed(data, addr[0], "udp", exc)
         if result is None:
             return
         if isinstance(result, Pending):
@@ -124,11 +123,10 @@ class UdpProtocol(asyncio.DatagramProtocol):
 
     async def _forward(self, pending: Pending, addr: tuple) -> None:
         try:
-            reply = await self.pipeline.forward(pending, addr[0], "udp")
-        except Exception:
-            log.exception("unexpected error forwarding a UDP query from %s", addr[0])
-            return
-        if self.transport is not None and not self.transport.is_closing():
+            reply: bytes | None = await self.pipeline.forward(pending, addr[0], "udp")
+        except Exception as exc:  # forward() answers its own failures; this is the last line of defence
+            reply = self.pipeline.failed(pending.query.wire, addr[0], "udp", exc)
+        if reply is not None and self.transport is not None and not self.transport.is_closing():
             self.transport.sendto(reply, addr)
 
     def error_received(self, exc: Exception) -> None:
@@ -166,9 +164,8 @@ class TcpHandler:
                     break
                 try:
                     result = self.pipeline.begin(data, client, "tcp")
-                except Exception:
-                    log.exception("unexpected error handling a TCP query from %s", client)
-                    break
+                except Exception as exc:  # never silence: SERVFAIL, and the connection goes on
+                    result = self.pipeline.failed(data, client, "tcp", exc)
                 if result is None:
                     continue
                 if isinstance(result, Pending):
@@ -189,11 +186,10 @@ class TcpHandler:
 
     async def _forward(self, pending: Pending, client: str, writer: asyncio.StreamWriter) -> None:
         try:
-            reply = await self.pipeline.forward(pending, client, "tcp")
-        except Exception:
-            log.exception("unexpected error forwarding a TCP query from %s", client)
-            return
-        if not writer.is_closing():
+            reply: bytes | None = await self.pipeline.forward(pending, client, "tcp")
+        except Exception as exc:  # forward() answers its own failures; this is the last line of defence
+            reply = self.pipeline.failed(pending.query.wire, client, "tcp", exc)
+        if reply is not None and not writer.is_closing():
             writer.write(struct.pack("!H", len(reply)) + reply)
 
     def close_all(self) -> None:

@@ -18,7 +18,7 @@ class Action(enum.StrEnum):
     STALE = "stale"  # no upstream answered: an expired cache entry, served as RFC 8767 allows (cache_serve_stale)
     REFUSED = "refused"
     LIMITED = "limited"  # over the rate limit: TC=1 over UDP so that the client comes back over TCP
-    LOCAL = "local"  # answered here without the upstream (ANY per RFC 8482)
+    LOCAL = "local"  # answered here without the upstream (ANY, in rows written before ANY was asked upstream)
     SERVFAIL = "servfail"
     FORMERR = "formerr"
     NOTIMP = "notimp"

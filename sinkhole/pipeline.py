@@ -146,6 +146,10 @@ class Pipeline:
                          summary="client not allowed or over the limit", group=gname, wire=wire)
             return answer.refused(query)
         verdict = policy.decide_name(query.name, group)
+        if verdict.blocked and query.qtype == codec.T_DS and verdict.rule.domain == query.name:  # type: ignore[union-attr]
+            # the DS RRset of a rule's apex belongs to the parent zone: forwarded, so that a validating resolver
+            # behind us can prove an unsigned blocked zone insecure and accept the sinkhole answers below it
+            verdict = Verdict(Action.FORWARDED, verdict.rule)
         if verdict.blocked:
             rule = verdict.rule
             assert rule is not None
@@ -175,10 +179,6 @@ class Pipeline:
             self._record(Action.REFUSED, client, proto, query.qname, query.qtype, codec.REFUSED, verdict,
                          "zone transfer", policy.version, group=gname, wire=wire)
             return answer.refused(query)
-        if query.qtype == codec.T_ANY:
-            self._record(Action.LOCAL, client, proto, query.qname, query.qtype, codec.NOERROR, verdict,
-                         "RFC 8482 HINFO", policy.version, group=gname, wire=wire)
-            return answer.minimal_any(query)
         key = key_of(query)
         if group is not policy.default:  # answers are inspected under the group's policy: cached per group
             key += b"\0" + gname.encode()
@@ -215,7 +215,7 @@ class Pipeline:
         query, verdict, version = pending.query, pending.verdict, pending.version
         started = time.perf_counter()
         try:
-            reply, upstream, cloaked = await self._coalesced(pending, proto == "tcp")
+            shared, upstream, cloaked = await self._coalesced(pending, proto == "tcp")
         except UpstreamError as exc:
             stale = self.cache.stale(pending.key, query, time.monotonic())
             if stale is not None:  # serve-stale (RFC 8767): the last answer we had, TTL 30 s, EDE 3
@@ -230,6 +230,8 @@ class Pipeline:
             self._record(Action.SERVFAIL, client, proto, query.qname, query.qtype, codec.SERVFAIL, verdict,
                          None, version, None, (time.perf_counter() - started) * 1000, pending.group.name, query.wire)
             return answer.servfail(query, "no upstream answered")
+        except Exception as exc:  # a bug of ours, or input nobody foresaw: this client still gets an answer
+            return self.failed(query.wire, client, proto, exc)
         if cloaked is not None and cloaked.rule is not None:
             # the answer leads to a blocked name or network: the client gets the sinkhole answer instead
             built = answer.blocked(query, cloaked.rule, self.answers, version or 1)
@@ -237,47 +239,86 @@ class Pipeline:
                          built.summary, version, upstream, (time.perf_counter() - started) * 1000,
                          pending.group.name, query.wire)
             return built.wire
+        reply = bytes(codec.for_client(shared, len(query.question), query))
         if proto == "udp" and len(reply) > query.max_udp:
-            reply = answer.truncated(query, reply)  # an upstream that ignored the buffer size
+            reply = answer.truncated(query, reply)
         self._record(Action.FORWARDED, client, proto, query.qname, query.qtype, codec.header_rcode(reply),
                      verdict, None, version, upstream, (time.perf_counter() - started) * 1000, pending.group.name,
                      query.wire)
         return reply
 
-    async def _coalesced(self, pending: Pending, client_tcp: bool) -> tuple[bytes, str, Verdict | None]:
-        """One upstream query for identical questions in flight at once; each client gets its own ID and case.
+    def failed(self, wire: bytes, client: str, proto: str, exc: BaseException) -> bytes | None:
+        """An unexpected exception while answering `wire`: SERVFAIL for the client (None only for a packet that
+        gets no answer at all), one line in the log (at most one a kind per interval, the log's filter sees to
+        that: the format is constant)."""
+        log.error("unexpected error answering a query from %s over %s, answered SERVFAIL: %s: %s", client, proto,
+                  type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+        reply = codec.servfail_for(wire)
+        self.counts["internal-error"] = self.counts.get("internal-error", 0) + 1
+        if reply is not None:
+            try:
+                self._record(Action.SERVFAIL, client, proto, "", 0, codec.SERVFAIL, summary=f"internal error: "
+                             f"{type(exc).__name__}", wire=wire)
+            except Exception:  # the answer matters more than its row
+                log.debug("the SERVFAIL for an internal error was not recorded", exc_info=True)
+        return reply
 
-        The reply is inspected before it is cached: one that leads to a blocked name is never cached."""
-        query, key = pending.query, pending.key
+    async def _coalesced(self, pending: Pending, client_tcp: bool) -> tuple[bytes, str, Verdict | None]:
+        """One upstream query for identical questions in flight at once: every asker gets the same outcome,
+        the reply (to be made its own with codec.for_client) or the exception, whatever it is."""
+        key = pending.key
         if not client_tcp:
             running = self._inflight.get(key)
             if running is not None:
-                wire, upstream, cloaked = await asyncio.shield(running)
-                out = bytearray(wire)
-                out[0:2] = query.wire[0:2]
-                out[12:12 + len(query.question)] = query.question
-                return bytes(out), upstream, cloaked
+                return await asyncio.shield(running)
         future: asyncio.Future[tuple[bytes, str, Verdict | None]] = asyncio.get_running_loop().create_future()
         if not client_tcp:
             self._inflight[key] = future
         try:
-            reply, up = await self.forwarder.forward(query, client_tcp=client_tcp)
+            result = await self._ask(pending, client_tcp)
         except BaseException as exc:
             future.set_exception(exc)
             future.exception()  # retrieved: no "never retrieved" warning when nobody else waited
             raise
         else:
-            cloaked = None
-            policy = self.get_policy()
-            if reply[7] | reply[6] and codec.may_redirect(reply, len(query.question), bool(policy.ip_rules)):
-                cloaked = policy.inspect(*codec.answer_facts(reply), pending.group)
-            future.set_result((reply, str(up), cloaked))
-            if cloaked is None:
-                self.cache.put(key, query, reply, time.monotonic())
-            return reply, str(up), cloaked
+            future.set_result(result)
+            return result
         finally:
             if self._inflight.get(key) is future:
                 del self._inflight[key]
+
+    async def _ask(self, pending: Pending, client_tcp: bool) -> tuple[bytes, str, Verdict | None]:
+        """Our own query upstream; the reply read record by record and inspected before it is cached: one
+        that leads to a blocked name is never cached, and records of blocked names are never relayed."""
+        query = pending.query
+        reply, up = await self.forwarder.forward(query, client_tcp, codec.upstream_query(query))
+        try:
+            shared, cloaked = self._inspect(pending, reply)
+        except codec.Malformed as exc:
+            raise UpstreamError(f"a malformed reply from {up}: {exc}") from None
+        if cloaked is None:
+            self.cache.put(pending.key, query, shared, time.monotonic())
+        return shared, str(up), cloaked
+
+    def _inspect(self, pending: Pending, reply: bytes) -> tuple[bytes, Verdict | None]:
+        query = pending.query
+        facts = codec.read_reply(reply, len(query.question))
+        if query.qtype == codec.T_ANY and codec.header_rcode(reply) == codec.NOERROR:
+            return answer.minimal_any(query), None  # RFC 8482: the name exists; one HINFO, not everything it has
+        policy = self.get_policy()
+        if facts.targets or (facts.addresses and policy.ip_rules):
+            cloaked = policy.inspect(facts.targets, facts.addresses, pending.group)
+            if cloaked is not None:
+                return reply, cloaked
+        qname = query.name
+        owners = {r.owner for r in facts.records if r.owner != qname and r.rtype != codec.T_OPT and not r.denial}
+        drop = None
+        if owners:
+            blocked = policy.blocked_owners(owners, qname, pending.group)
+            if blocked:
+                drop = {(r.section, r.owner) for r in facts.records if r.owner in blocked}
+                self.counts["stripped"] = self.counts.get("stripped", 0) + 1
+        return codec.relayed(reply, facts, query.edns, drop), None
 
     async def handle(self, wire: bytes, client: str, proto: str) -> bytes | None:
         """Both halves in one call, for callers that are already in a task."""

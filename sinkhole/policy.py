@@ -294,9 +294,10 @@ class Policy:
 
     def inspect(self, targets: list[tuple[str, str]], addresses: list[str] = (),  # type: ignore[assignment]
                 group: Group | None = None) -> Verdict | None:
-        """A forwarded answer that leads to a blocked name (a CNAME chain, an HTTPS/SVCB target), or
-        holds an address in a blocked network (A, AAAA, ipv4hint, ipv6hint), is blocked too: the
-        verdict names what matched, e.g. rule `cname:chat.deepseek.com` or `ip:203.0.113.7 in 203.0.113.0/24`."""
+        """A forwarded answer that leads to a blocked name (a CNAME or DNAME chain, an HTTPS/SVCB target), or
+        holds an address in a blocked network (A, AAAA, ipv4hint, ipv6hint; an IPv4-mapped IPv6 address is
+        checked against the IPv4 networks), is blocked too: the verdict names what matched, e.g. rule
+        `cname:chat.deepseek.com` or `ip:203.0.113.7 in 203.0.113.0/24`."""
         for kind, name in targets:
             rule = self.match_name(name, group)
             if rule is not None and rule.kind is RuleKind.BLOCK:
@@ -306,11 +307,26 @@ class Policy:
             allowed = (group or self.default).allowed
             for text in addresses:
                 address = ipaddress.ip_address(text)
+                if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+                    address = address.ipv4_mapped  # ::ffff:a.b.c.d reaches a.b.c.d: IPv4 network rules apply
                 for network, category, source in self.ip_rules:
                     if category in allowed and address.version == network.version and address in network:
                         return Verdict(Action.IP_BLOCKED, Rule(f"ip:{address} in {network}", RuleKind.BLOCK,
                                                                category, source))
         return None
+
+    def blocked_owners(self, owners: Iterable[str], qname: str, group: Group | None = None) -> set[str]:
+        """Of the owner names of records in a forwarded answer for `qname` (an allowed name), those a block rule
+        covers: their records are not relayed. Names at or above `qname` are not asked (the apex data of a zone
+        an allowed name lies in, as `deepseek.com SOA` in a denial for an allowed `status.deepseek.com`)."""
+        found = set()
+        for owner in owners:
+            if owner == "" or qname == owner or qname.endswith("." + owner):
+                continue
+            rule = self.match_name(owner, group)
+            if rule is not None and rule.kind is RuleKind.BLOCK:
+                found.add(owner)
+        return found
 
     def covers(self, name: str) -> bool:
         """Some rule (of any group) names exactly `name`."""

@@ -11,10 +11,11 @@ Upstreams are written as URLs (`parse_upstream`):
 `#NAME` is the name the TLS certificate must carry (and the SNI), for an upstream given by
 address, as Unbound's `addr@port#name`; without it the host itself is checked.
 
-Over UDP the client's query bytes go upstream unchanged but for a fresh random ID, from a
-fresh socket (a random source port chosen by the kernel); a reply counts only when it comes
-from the upstream's address and port (connected socket), has QR set, our ID and the same
-question. Anything else is ignored while we keep waiting for the real reply.
+Over UDP the query the pipeline made (codec.upstream_query: the client's question, EDNS hop by
+hop) goes upstream with a fresh random ID, from a fresh socket (a random source port chosen by
+the kernel); a reply counts only when it comes from the upstream's address and port (connected
+socket), has QR set, our ID and the same question. Anything else is ignored while we keep
+waiting for the real reply.
 """
 
 from __future__ import annotations
@@ -326,8 +327,9 @@ class Forwarder:
                 healthy[first], healthy[j] = healthy[j], healthy[first]
         return healthy + late if late else healthy
 
-    async def forward(self, query: Query, client_tcp: bool) -> tuple[bytes, Upstream]:
-        """Relay `query` and return the upstream's reply, carrying the client's ID.
+    async def forward(self, query: Query, client_tcp: bool, out: bytes | None = None) -> tuple[bytes, Upstream]:
+        """Ask the upstreams `out` (the message to send for `query`, ID aside: the pipeline's own, with EDNS hop by
+        hop; by default the client's packet) and return the reply, carrying the client's ID.
 
         Raises UpstreamError when no upstream answered within the timeout.
         """
@@ -335,19 +337,19 @@ class Forwarder:
             raise UpstreamError(f"{self.inflight} queries already waiting for an upstream")
         self.inflight += 1
         try:
-            return await self._forward(query, client_tcp)
+            return await self._forward(query, client_tcp, query.wire if out is None else out)
         finally:
             self.inflight -= 1
 
-    async def _forward(self, query: Query, client_tcp: bool) -> tuple[bytes, Upstream]:
+    async def _forward(self, query: Query, client_tcp: bool, out: bytes) -> tuple[bytes, Upstream]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         order = self._order(self.upstreams_for(query.name) if self.zones is not None else self.upstreams)
         tries = _Tries()
         if self.strategy == "parallel" and len(order) > 1:
-            got = await self._parallel(order, query, client_tcp, deadline, tries)
+            got = await self._parallel(order, query, out, client_tcp, deadline, tries)
         else:
-            got = await self._failover(order, query, client_tcp, deadline, tries)
+            got = await self._failover(order, query, out, client_tcp, deadline, tries)
         if got is not None:
             return codec.set_id(got[0], query.id), got[1]
         if tries.fallback is not None and not client_tcp:
@@ -355,7 +357,7 @@ class Forwarder:
             return codec.set_id(tries.fallback[0], query.id), tries.fallback[1]
         raise UpstreamError("; ".join(tries.errors) or "no time left to ask an upstream")
 
-    async def _failover(self, order: list[Upstream], query: Query, client_tcp: bool, deadline: float,
+    async def _failover(self, order: list[Upstream], query: Query, out: bytes, client_tcp: bool, deadline: float,
                         tries: _Tries) -> tuple[bytes, Upstream] | None:
         loop = asyncio.get_running_loop()
         for i, up in enumerate(order):
@@ -364,14 +366,15 @@ class Forwarder:
                 break
             # share what is left among the upstreams not yet tried
             try:
-                return await self._attempt(up, query, client_tcp, remaining / (len(order) - i), deadline, tries), up
+                return await self._attempt(up, query, out, client_tcp, remaining / (len(order) - i), deadline,
+                                           tries), up
             except _Stop:
                 break
             except _FAILURES:
                 continue
         return None
 
-    async def _parallel(self, order: list[Upstream], query: Query, client_tcp: bool, deadline: float,
+    async def _parallel(self, order: list[Upstream], query: Query, out: bytes, client_tcp: bool, deadline: float,
                         tries: _Tries) -> tuple[bytes, Upstream] | None:
         """The two best at once; the first good answer wins. A SERVFAIL or REFUSED is kept only
         until the other has answered or failed. When both fail, the next two, and so on."""
@@ -383,7 +386,7 @@ class Forwarder:
                 break
             pairs_left = (len(order) - i + 1) // 2
             budget = remaining / pairs_left
-            tasks = {loop.create_task(self._attempt(up, query, client_tcp, budget, deadline, tries)): up
+            tasks = {loop.create_task(self._attempt(up, query, out, client_tcp, budget, deadline, tries)): up
                      for up in order[i:i + 2]}
             stop = False
             try:
@@ -409,8 +412,8 @@ class Forwarder:
                 break
         return poor
 
-    async def _attempt(self, up: Upstream, query: Query, client_tcp: bool, budget: float, deadline: float,
-                       tries: _Tries) -> bytes:
+    async def _attempt(self, up: Upstream, query: Query, out: bytes, client_tcp: bool, budget: float,
+                       deadline: float, tries: _Tries) -> bytes:
         """One upstream, one try; its health and round-trip time are noted. Raises on failure."""
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -418,18 +421,18 @@ class Forwarder:
         try:
             if up.proto == "udp":
                 qid = secrets.randbits(16)
-                reply = await self._udp(up, codec.set_id(query.wire, qid), qid, question, budget)
+                reply = await self._udp(up, codec.set_id(out, qid), qid, question, budget)
                 if codec.is_truncated(reply):
                     tries.fallback = (reply, up)
                     if deadline - loop.time() <= 0:
                         raise _Stop  # our time is up, not the upstream's fault
-                    full = await self._stream(up, query.wire, question, deadline - loop.time())
+                    full = await self._stream(up, out, question, deadline - loop.time())
                     if client_tcp or len(full) <= query.max_udp:
                         reply = full
             elif up.proto == "https":
-                reply = await self._doh_client(up).ask(query.wire, question, budget)
+                reply = await self._doh_client(up).ask(out, question, budget)
             else:
-                reply = await self._stream(up, query.wire, question, budget)
+                reply = await self._stream(up, out, question, budget)
         except _Stop:
             raise
         except _FAILURES as exc:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import struct
 
+import dns.edns
+import dns.flags
 import dns.message
+import dns.rrset
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -74,3 +77,138 @@ def test_mutated_real_queries_never_raise_anything_else(data):
 @pytest.mark.parametrize("qtype,name", [(1, "A"), (65, "HTTPS"), (64999, "TYPE64999")])
 def test_qtype_names(qtype, name):
     assert codec.qtype_name(qtype) == name
+
+
+# ---------------------------------------------------------------------------- upstream replies
+
+QLEN = len(b"\x03www\x07example\x04test\x00") + 4  # the question of the replies below
+
+
+def _reply(*answers: str, authority: tuple[str, ...] = (), additional: tuple[str, ...] = (), edns: bool = True,
+           qname: str = "www.example.test", qtype: str = "A") -> bytes:
+    q = dns.message.make_query(qname, qtype, use_edns=0 if edns else False)
+    r = dns.message.make_response(q)
+    for section, texts in ((r.answer, answers), (r.authority, authority), (r.additional, additional)):
+        for text in texts:
+            owner, ttl, rdtype, rdata = text.split(None, 3)
+            section.append(dns.rrset.from_text(owner, int(ttl), "IN", rdtype, rdata))
+    return r.to_wire()
+
+
+def test_read_reply_reads_every_section_targets_and_addresses():
+    wire = _reply("www.example.test. 300 CNAME x.Chat.DeepSeek.com.",
+                  "x.chat.deepseek.com. 300 DNAME y.example.net.",
+                  "x.chat.deepseek.com. 300 AAAA ::ffff:203.0.113.7",
+                  "x.chat.deepseek.com. 300 HTTPS 1 svc.example.net. ipv4hint=192.0.2.1,192.0.2.2",
+                  authority=("example.test. 300 NS ns.example.test.",),
+                  additional=("ns.example.test. 300 A 192.0.2.53",))
+    facts = codec.read_reply(wire, QLEN)
+    assert [(r.section, r.owner, r.rtype) for r in facts.records] == [
+        (0, "www.example.test", 5), (0, "x.chat.deepseek.com", 39), (0, "x.chat.deepseek.com", 28),
+        (0, "x.chat.deepseek.com", 65), (1, "example.test", 2), (2, "ns.example.test", 1), (2, "", 41)]
+    assert facts.targets == [("cname", "x.chat.deepseek.com"), ("dname", "y.example.net"),
+                             ("https", "svc.example.net")]
+    assert facts.addresses == ["::ffff:cb00:7107", "192.0.2.1", "192.0.2.2"]
+    assert facts.opt is facts.records[-1] and facts.end == len(wire)
+
+
+@pytest.mark.parametrize("mutate,reason", [
+    (lambda w: w[:-3], "runs past the end"),
+    (lambda w: w[:12 + QLEN] + b"\xc0\x30" + w[12 + QLEN + 2:], "does not point backwards"),
+    (lambda w: w[:12 + QLEN] + b"\x80" + w[12 + QLEN + 1:], "extended label"),
+])
+def test_read_reply_refuses_what_no_client_could_read(mutate, reason):
+    wire = _reply("www.example.test. 300 A 192.0.2.1", edns=False)
+    assert codec.read_reply(wire, QLEN).addresses == ["192.0.2.1"]
+    with pytest.raises(codec.Malformed, match=reason):
+        codec.read_reply(mutate(wire), QLEN)
+
+
+def test_a_compression_loop_ends():
+    # the answer's owner points at itself through a chain that never goes back: refused, not followed forever
+    head = struct.pack("!HHHHHH", 1, 0x8180, 1, 1, 0, 0)
+    question = b"\x03www\x07example\x04test\x00\x00\x01\x00\x01"
+    looped = head + question + b"\x01a\xc0\x21" + struct.pack("!HHIH", 1, 1, 300, 4) + b"\xc0\x00\x02\x01"
+    with pytest.raises(codec.Malformed):
+        codec.read_reply(looped, len(question))
+
+
+def test_relayed_replaces_the_upstream_opt_with_ours_and_keeps_the_rest_byte_for_byte():
+    q = dns.message.make_query("www.example.test", "A", use_edns=0, want_dnssec=True)
+    r = dns.message.make_response(q)
+    r.answer.append(dns.rrset.from_text("www.example.test.", 300, "IN", "A", "192.0.2.1"))
+    r.use_edns(0, payload=4096, options=[dns.edns.GenericOption(dns.edns.NSID, b"upstream")])
+    wire = r.to_wire()
+    query = codec.decode_query(q.to_wire())
+    out = codec.relayed(wire, codec.read_reply(wire, len(query.question)), query.edns)
+    facts = codec.read_reply(wire, len(query.question))
+    assert out[:facts.opt.start] == wire[:facts.opt.start]
+    parsed = dns.message.from_wire(out)
+    assert parsed.options == () and parsed.payload == codec.OUR_UDP_SIZE and parsed.ednsflags & dns.flags.DO
+    no_edns = codec.relayed(wire, facts, None)
+    assert dns.message.from_wire(no_edns).edns == -1 and no_edns == wire[:facts.opt.start][:10] + b"\x00\x00" \
+        + wire[12:facts.opt.start]
+
+
+def test_relayed_drops_records_of_the_names_given_but_not_denials():
+    wire = _reply("www.example.test. 300 A 192.0.2.1", "chat.deepseek.com. 300 A 192.0.2.66",
+                  authority=("deepseek.com. 300 NSEC z.example.test. A", "deepseek.com. 300 NS ns.deepseek.com."),
+                  additional=("chat.deepseek.com. 300 AAAA 2001:db8::66",))
+    facts = codec.read_reply(wire, QLEN)
+    drop = {(r.section, r.owner) for r in facts.records if r.owner.endswith("deepseek.com")}
+    out = dns.message.from_wire(codec.relayed(wire, facts, codec.decode_query(
+        dns.message.make_query("www.example.test", "A", use_edns=0).to_wire()).edns, drop))
+    assert [r.to_text() for r in out.answer] == ["www.example.test. 300 IN A 192.0.2.1"]
+    assert [r.to_text() for r in out.authority] == ["deepseek.com. 300 IN NSEC z.example.test. A"]
+    assert out.additional == [] and out.edns == 0 and out.options == ()
+
+
+def test_upstream_query_carries_the_question_rd_cd_ad_and_our_own_opt():
+    q = dns.message.make_query("WwW.example.test", "A", use_edns=0, payload=4096, want_dnssec=True,
+                               options=[dns.edns.ECSOption("10.1.2.3", 32), dns.edns.GenericOption(10, b"c" * 8)])
+    q.flags |= dns.flags.CD
+    query = codec.decode_query(q.to_wire())
+    out = dns.message.from_wire(codec.upstream_query(query))
+    assert out.question == q.question and b"WwW" in codec.upstream_query(query)
+    assert out.flags & dns.flags.RD and out.flags & dns.flags.CD and out.flags & dns.flags.AD
+    assert out.payload == codec.OUR_UDP_SIZE and out.ednsflags & dns.flags.DO and out.options == ()
+    plain = codec.decode_query(dns.message.make_query("www.example.test", "A", use_edns=False).to_wire())
+    assert dns.message.from_wire(codec.upstream_query(plain)).edns == -1
+
+
+@pytest.mark.parametrize("asked,do,stored_ad,seen", [
+    (False, False, True, False), (True, False, True, True), (False, True, True, True), (True, True, False, False)])
+def test_for_client_sets_ad_only_when_asked_and_validated(asked, do, stored_ad, seen):
+    q = dns.message.make_query("www.example.test", "A", use_edns=0, want_dnssec=do)
+    if asked:
+        q.flags |= dns.flags.AD
+    query = codec.decode_query(q.to_wire())
+    shared = bytearray(_reply("www.example.test. 300 A 192.0.2.1"))
+    shared[3] = shared[3] | 0x20 if stored_ad else shared[3] & ~0x20
+    out = codec.for_client(bytes(shared), len(query.question), query)
+    assert bool(out[3] & 0x20) is seen and out[:2] == q.to_wire()[:2]
+
+
+def _mutable_replies() -> list[bytes]:
+    return [_reply("www.example.test. 300 CNAME a.example.test.", "a.example.test. 300 A 192.0.2.1"),
+            _reply("www.example.test. 300 HTTPS 1 . alpn=h2 ipv6hint=2001:db8::1", qtype="HTTPS"),
+            _reply(authority=("example.test. 300 SOA ns.example.test. h.example.test. 1 2 3 4 5",
+                              "example.test. 300 RRSIG SOA 13 2 300 20400101000000 20200101000000 1 example.test. "
+                              "AAAA"))]
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.data())
+def test_mutated_replies_are_read_or_refused_never_anything_else(data):
+    wire = bytearray(data.draw(st.sampled_from(_mutable_replies())))
+    for _ in range(data.draw(st.integers(1, 4))):
+        wire[data.draw(st.integers(12 + QLEN, len(wire) - 1))] = data.draw(st.integers(0, 255))
+    wire = bytes(wire[:data.draw(st.integers(12 + QLEN, len(wire)))])
+    try:
+        facts = codec.read_reply(wire, QLEN)
+    except codec.Malformed:
+        return
+    try:
+        codec.relayed(wire, facts, None, {(1, "example.test")})
+    except codec.Malformed:
+        pass

@@ -109,12 +109,15 @@ def test_token_bucket_refills():
 
 
 @pytest.mark.parametrize("tcp", [False, True], ids=["udp", "tcp"])
-def test_any_is_answered_minimally(server, stub, tcp):
+def test_any_is_answered_minimally_and_nxdomain_when_the_name_does_not_exist(server, stub, tcp):
     r = ask(server, "www.example.test", "ANY", tcp=tcp)
     assert r.rcode() == dns.rcode.NOERROR
     assert len(r.answer) == 1 and r.answer[0].rdtype == dns.rdatatype.HINFO
     assert r.answer[0][0].cpu == b"RFC8482"
-    assert stub.queries() == []
+    assert [s.qtype for s in stub.queries()] == ["ANY"], "asked upstream once, to learn whether the name exists"
+    r = ask(server, "nx.example.test", "ANY", tcp=tcp)
+    assert r.rcode() == dns.rcode.NXDOMAIN and not r.answer
+    assert r.authority[0].rdtype == dns.rdatatype.SOA, "the upstream's denial, as it came"
 
 
 def test_oversize_upstream_reply_is_truncated_for_udp_client(server, stub):
