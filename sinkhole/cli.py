@@ -207,6 +207,9 @@ def _rule_category(category: str | None, client_group: str | None) -> str:
 @click.option("--block-aaaa", default=None, metavar="IPV6|none", help="Address for blocked AAAA queries [::].")
 @click.option("--block-ttl", type=int, default=None, help="TTL of sinkhole answers in seconds [60].")
 @click.option("--timeout", type=float, default=None, help="Seconds until SERVFAIL when no upstream answers [2].")
+@click.option("--ecs", default=None, metavar="strip|V4/V6",
+              help="EDNS Client Subnet sent upstream: none (strip), or each client's network of these prefix "
+                   "lengths, e.g. 24/56, with answers cached per network [strip].")
 @click.option("--log-queries", type=click.Choice(["blocked", "all", "none"]), default=None,
               help="Which queries the audit log keeps [blocked].")
 @click.option("--log-client-prefix", default=None, metavar="V4/V6",

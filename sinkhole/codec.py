@@ -40,6 +40,7 @@ T_TKEY, T_TSIG, T_IXFR, T_AXFR, T_ANY = 249, 250, 251, 252, 255
 META_QTYPES = frozenset({0, T_OPT, T_TKEY, T_TSIG})
 
 OUR_UDP_SIZE = MAX_UDP  # DNS flag day 2020 recommendation: what we advertise, and the most we send over UDP
+EDNS_ECS = 8  # the Client Subnet option (RFC 7871)
 _HEADER = struct.Struct("!HHHHHH")
 _RR_FIXED = struct.Struct("!HHIH")
 _PLAIN_LABEL = re.compile(rb"[a-z0-9_-]+\Z")
@@ -183,8 +184,8 @@ def decode_query(wire: bytes) -> Query:
                 raise BadQuery(FORMERR, "two OPT records", qid, flags, question)
             if wire[name_start] != 0:
                 raise BadQuery(FORMERR, "OPT record not owned by the root", qid, flags, question)
-            _check_options(wire, pos, pos + rdlen, qid, flags, question)
-            edns = Edns(udp_size=rclass, version=(ttl >> 16) & 0xFF, do=bool(ttl & 0x8000))
+            ecs = _check_options(wire, pos, pos + rdlen, qid, flags, question)
+            edns = Edns(udp_size=rclass, version=(ttl >> 16) & 0xFF, do=bool(ttl & 0x8000), ecs=ecs)
         elif rtype == T_TSIG:
             if i != arcount - 1:
                 raise BadQuery(FORMERR, "a TSIG record that is not the last one", qid, flags, question, edns)
@@ -252,16 +253,51 @@ def _skip_name(wire: bytes, pos: int, qid: int, flags: int, question: bytes) -> 
         pos += 1 + length
 
 
-def _check_options(wire: bytes, pos: int, end: int, qid: int, flags: int, question: bytes) -> None:
-    """Check the options' framing. The options themselves (Client Subnet, COOKIE, NSID, padding ...) are
-    ignored: EDNS is hop by hop, and none of them goes upstream or comes back."""
+def _check_options(wire: bytes, pos: int, end: int, qid: int, flags: int, question: bytes) -> bytes | None:
+    """Check the options' framing; return the Client Subnet option's data, if any (checked as RFC 7871
+    §6 says: FORMERR when it is malformed). Every other option (COOKIE, NSID, padding ...) is ignored:
+    EDNS is hop by hop, and none of them goes upstream or comes back."""
+    ecs = None
     while pos < end:
         if pos + 4 > end:
             raise BadQuery(FORMERR, "EDNS option header runs past the record", qid, flags, question)
-        (olen,) = struct.unpack_from("!H", wire, pos + 2)
+        code, olen = struct.unpack_from("!HH", wire, pos)
         pos += 4 + olen
         if pos > end:
             raise BadQuery(FORMERR, "EDNS option data runs past the record", qid, flags, question)
+        if code == EDNS_ECS:
+            ecs = wire[pos - olen:pos]
+            if not _good_ecs(ecs):
+                raise BadQuery(FORMERR, "malformed Client Subnet option", qid, flags, question)
+    return ecs
+
+
+def _good_ecs(data: bytes) -> bool:
+    """RFC 7871 §6: family 1 or 2, a source prefix within the family's bits, scope 0 in a query, and exactly
+    the address octets the source prefix needs, with no bit set beyond it."""
+    if len(data) < 4:
+        return False
+    family, source, scope = struct.unpack_from("!HBB", data)
+    bits = {1: 32, 2: 128}.get(family)
+    address = data[4:]
+    if bits is None or source > bits or scope != 0 or len(address) != (source + 7) // 8:
+        return False
+    return not (source % 8 and address[-1] & (0xFF >> (source % 8)))
+
+
+def ecs_address(data: bytes) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
+    """The address and source prefix length of a (checked) Client Subnet option."""
+    family, source = struct.unpack_from("!HB", data)
+    size = 4 if family == 1 else 16
+    return ipaddress.ip_address(data[4:].ljust(size, b"\0")), source
+
+
+def ecs_option(address: ipaddress.IPv4Address | ipaddress.IPv6Address, prefix: int, scope: int = 0) -> bytes:
+    """Client Subnet option data for `address` cut to `prefix` bits (only the octets the prefix needs)."""
+    prefix = min(prefix, address.max_prefixlen)
+    network = ipaddress.ip_network(f"{address}/{prefix}", strict=False)
+    return struct.pack("!HBB", 1 if address.version == 4 else 2, prefix, scope) + \
+        network.network_address.packed[:(prefix + 7) // 8]
 
 
 def _unsigned_tsig(wire: bytes, owner: int, rdata: int, end: int, qid: int, flags: int, question: bytes,
@@ -563,16 +599,18 @@ def _normal(name: object) -> str:
     return ".".join(raw.decode("ascii") if _PLAIN_LABEL.match(raw) else _escape_label(raw) for raw in labels)
 
 
-def upstream_query(query: Query) -> bytes:
+def upstream_query(query: Query, ecs: bytes = b"") -> bytes:
     """The query sinkhole sends upstream for a client's (ID 0: the forwarder puts in its own): the client's
     question (case as asked), RD and CD as the client set them, AD set (RFC 6840 §5.7: we understand it;
     whether the client sees it is decided per client), and with EDNS only when the client used it: our own
-    OPT (our buffer size, DO as the client asked) holding no option of the client's."""
+    OPT (our buffer size, DO as the client asked) holding no option of the client's; `ecs`: a Client Subnet
+    option of our own making, or nothing."""
     flags = (query.flags & (RD | CD)) | AD_FLAG
     edns = query.edns
     if edns is None:
         return _HEADER.pack(0, flags, 1, 0, 0, 0) + query.question
-    opt = b"\x00" + _RR_FIXED.pack(T_OPT, OUR_UDP_SIZE, 0x8000 if edns.do else 0, 0)
+    options = struct.pack("!HH", EDNS_ECS, len(ecs)) + ecs if ecs else b""
+    opt = b"\x00" + _RR_FIXED.pack(T_OPT, OUR_UDP_SIZE, 0x8000 if edns.do else 0, len(options)) + options
     return _HEADER.pack(0, flags, 1, 0, 0, 1) + query.question + opt
 
 
@@ -588,6 +626,17 @@ def for_client(wire: bytes, qlen: int, query: Query) -> bytearray:
     wants_ad = flags & AD_FLAG or (query.edns is not None and query.edns.do)
     out[3] = (out[3] & 0xCF) | (flags & CD) | (out[3] & AD_FLAG if wants_ad else 0)
     return out
+
+
+def with_ecs(reply: bytes, asked: bytes, sent: bytes) -> bytes:
+    """Our reply (ending in our own OPT, with no option yet) with a Client Subnet option for a client that sent
+    one (RFC 7871 §7.2.2): its family, source prefix and address, and as scope the prefix we forwarded
+    (answers are cached per prefix)."""
+    if len(reply) < 23 or reply[-11:-8] != b"\x00\x00\x29" or reply[-2:] != b"\x00\x00":
+        return reply
+    option = asked[:3] + sent[2:3] + asked[4:]
+    data = struct.pack("!HH", EDNS_ECS, len(option)) + option
+    return reply[:-2] + struct.pack("!H", len(data)) + data
 
 
 def servfail_for(wire: bytes) -> bytes | None:

@@ -44,6 +44,7 @@ class ServeConfig:
     upstream_ca: str = ""  # PEM CA bundle tls:// and https:// upstreams must chain to; empty: the system's CAs
     forward_zones: tuple[str, ...] = ()  # "ZONE=URL[,URL...]": names at or under ZONE go to those upstreams
     timeout: float = 2.0  # seconds until a client gets SERVFAIL when no upstream answers
+    ecs: str = "strip"  # EDNS Client Subnet upstream: "strip" (none), or "V4/V6" prefix lengths, e.g. "24/56"
     mode: str = "sinkhole"  # or "nxdomain"
     block_a: str = "0.0.0.0"  # "none": NODATA for A
     block_aaaa: str = "::"
@@ -145,6 +146,20 @@ class ServeConfig:
             raise ConfigError(f"log_client_prefix: {text!r} is not V4/V6 prefix lengths like 24/56") from None
         if not (0 <= prefix[0] <= 32 and 0 <= prefix[1] <= 128):
             raise ConfigError(f"log_client_prefix: {text!r}: IPv4 prefix 0..32, IPv6 prefix 0..128")
+        return prefix
+
+    def ecs_prefix(self) -> tuple[int, int] | None:
+        """ecs as (IPv4 prefix, IPv6 prefix) to send upstream, or None: no Client Subnet leaves sinkhole."""
+        text = self.ecs.strip().lower()
+        if text == "strip":
+            return None
+        v4, slash, v6 = text.partition("/")
+        try:
+            prefix = (int(v4), int(v6))
+        except ValueError:
+            raise ConfigError(f'ecs: {self.ecs!r} is neither "strip" nor V4/V6 prefix lengths like 24/56') from None
+        if not slash or not (0 < prefix[0] <= 32 and 0 < prefix[1] <= 128):
+            raise ConfigError(f"ecs: {self.ecs!r}: IPv4 prefix 1..32, IPv6 prefix 1..128, as in 24/56")
         return prefix
 
     def make_cache(self) -> Cache:
@@ -289,6 +304,7 @@ def _validate(cfg: ServeConfig) -> ServeConfig:
     if cfg.audit_synchronous.lower() not in ("off", "normal", "full", "extra"):
         raise ConfigError(f"audit_synchronous must be off, normal, full or extra, not {cfg.audit_synchronous!r}")
     cfg.client_prefix()
+    cfg.ecs_prefix()
     if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"log_level must be debug, info, warning or error, not {cfg.log_level!r}")
     if cfg.tcp_max_clients < 1 or cfg.max_inflight < 1 or cfg.cache_negative_max_ttl < 0:

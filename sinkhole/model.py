@@ -41,6 +41,7 @@ class Edns:
     udp_size: int
     version: int
     do: bool
+    ecs: bytes | None = None  # the data of the client's Client Subnet option (RFC 7871), if it sent one
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,7 @@ schedule a task for forwards, so a blocked name or a cache hit never costs a tas
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from sinkhole import answer, codec
 from sinkhole.audit import AuditLog
 from sinkhole.cache import Cache, key_of
+from sinkhole.domains import client_address
 from sinkhole.errors import UpstreamError
 from sinkhole.guard import Guard, Outcome
 from sinkhole.model import Action, AuditEvent, Query, Verdict
@@ -42,12 +44,17 @@ class Pending:
     version: int
     key: bytes
     group: Group
+    ecs: bytes = b""  # the Client Subnet option we send upstream (ecs = "V4/V6"), or none
 
 
 class Pipeline:
     def __init__(self, get_policy: Callable[[], Policy], forwarder: Forwarder, audit: AuditLog,
-                 answers: answer.AnswerConfig, guard: Guard | None = None, cache: Cache | None = None) -> None:
+                 answers: answer.AnswerConfig, guard: Guard | None = None, cache: Cache | None = None,
+                 ecs: tuple[int, int] | None = None) -> None:
         self.guard = guard or Guard()
+        # Client Subnet (RFC 7871): None strips it (internal addresses never leave the agency); (V4, V6) sends
+        # the client's network of those prefix lengths upstream, and keys the cache on it
+        self.ecs = ecs
         self._canary_answers = {
             "nxdomain": answer.AnswerConfig(mode="nxdomain", ttl=answers.ttl),
             "nodata": answer.AnswerConfig(mode="sinkhole", a=None, aaaa=None, ttl=answers.ttl),
@@ -180,18 +187,42 @@ class Pipeline:
                          "zone transfer", policy.version, group=gname, wire=wire)
             return answer.refused(query)
         key = key_of(query)
+        ecs = b""
+        if self.ecs is not None:  # Client Subnet forwarded, cut to a prefix: answers are cached per prefix
+            ecs = self._client_subnet(query, client)
+            key += b"\1" + bytes([len(ecs)]) + ecs
         if group is not policy.default:  # answers are inspected under the group's policy: cached per group
             key += b"\0" + gname.encode()
         hit = self.cache.get(key, query, time.monotonic())
         if hit is not None:
             if self.cache.due:
-                self._prefetch(Pending(query, verdict, policy.version, key, group))
+                self._prefetch(Pending(query, verdict, policy.version, key, group, ecs))
+            if ecs and query.edns is not None and query.edns.ecs:
+                hit = codec.with_ecs(hit, query.edns.ecs, ecs)
             if proto == "udp" and len(hit) > query.max_udp:
                 hit = answer.truncated(query, hit)
             self._record(Action.CACHED, client, proto, query.qname, query.qtype, codec.header_rcode(hit), verdict,
                          None, policy.version, group=gname, wire=wire)
             return hit
-        return Pending(query, verdict, policy.version, key, group)
+        return Pending(query, verdict, policy.version, key, group, ecs)
+
+    def _client_subnet(self, query: Query, client: str) -> bytes:
+        """The Client Subnet option sent upstream with ecs = "V4/V6": the client's own option cut to at most
+        that prefix (none when it asked for none: source prefix 0, RFC 7871 §7.1.2), else its address so cut."""
+        assert self.ecs is not None
+        asked = query.edns.ecs if query.edns is not None else None
+        if asked is not None:
+            address, source = codec.ecs_address(asked)
+            if source == 0:
+                return b""
+        else:
+            found = client_address(client)
+            if found is None:
+                return b""
+            address, source = found, 128
+            if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+                address = address.ipv4_mapped
+        return codec.ecs_option(address, min(source, self.ecs[0] if address.version == 4 else self.ecs[1]))
 
     def _prefetch(self, pending: Pending) -> None:
         """Refresh cache entries whose hits asked for it, off the client's path (coalesced like any forward)."""
@@ -240,6 +271,8 @@ class Pipeline:
                          pending.group.name, query.wire)
             return built.wire
         reply = bytes(codec.for_client(shared, len(query.question), query))
+        if pending.ecs and query.edns is not None and query.edns.ecs:
+            reply = codec.with_ecs(reply, query.edns.ecs, pending.ecs)
         if proto == "udp" and len(reply) > query.max_udp:
             reply = answer.truncated(query, reply)
         self._record(Action.FORWARDED, client, proto, query.qname, query.qtype, codec.header_rcode(reply),
@@ -291,7 +324,7 @@ class Pipeline:
         """Our own query upstream; the reply read record by record and inspected before it is cached: one
         that leads to a blocked name is never cached, and records of blocked names are never relayed."""
         query = pending.query
-        reply, up = await self.forwarder.forward(query, client_tcp, codec.upstream_query(query))
+        reply, up = await self.forwarder.forward(query, client_tcp, codec.upstream_query(query, pending.ecs))
         try:
             shared, cloaked = self._inspect(pending, reply)
         except codec.Malformed as exc:

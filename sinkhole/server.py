@@ -177,7 +177,7 @@ class Server:
                               client_prefix=cfg.client_prefix(), shipper=shipping.from_config(cfg))
         self.forwarder = cfg.make_forwarder()
         self.pipeline = Pipeline(lambda: self.policy, self.forwarder, self.audit, cfg.answers(), cfg.make_guard(),
-                                 cfg.make_cache())
+                                 cfg.make_cache(), cfg.ecs_prefix())
         self.reloader: PolicyReloader | None = None
         self.pruner: Pruner | None = None
         # RPZ primary/secondary: one per server, so with several workers only worker 0 runs it

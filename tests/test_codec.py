@@ -168,6 +168,7 @@ def test_upstream_query_carries_the_question_rd_cd_ad_and_our_own_opt():
                                options=[dns.edns.ECSOption("10.1.2.3", 32), dns.edns.GenericOption(10, b"c" * 8)])
     q.flags |= dns.flags.CD
     query = codec.decode_query(q.to_wire())
+    assert query.edns.ecs == dns.edns.ECSOption("10.1.2.3", 32).to_wire()
     out = dns.message.from_wire(codec.upstream_query(query))
     assert out.question == q.question and b"WwW" in codec.upstream_query(query)
     assert out.flags & dns.flags.RD and out.flags & dns.flags.CD and out.flags & dns.flags.AD
@@ -187,6 +188,26 @@ def test_for_client_sets_ad_only_when_asked_and_validated(asked, do, stored_ad, 
     shared[3] = shared[3] | 0x20 if stored_ad else shared[3] & ~0x20
     out = codec.for_client(bytes(shared), len(query.question), query)
     assert bool(out[3] & 0x20) is seen and out[:2] == q.to_wire()[:2]
+
+
+@pytest.mark.parametrize("data,good", [
+    (struct.pack("!HBB", 1, 24, 0) + b"\x0a\x01\x02", True),
+    (struct.pack("!HBB", 1, 0, 0), True),
+    (struct.pack("!HBB", 1, 24, 0) + b"\x0a\x01\x02\x03", False),  # an octet more than /24 needs
+    (struct.pack("!HBB", 1, 23, 0) + b"\x0a\x01\x03", False),  # a bit set beyond the prefix
+    (struct.pack("!HBB", 1, 33, 0) + b"\x0a\x01\x02\x03\x04", False),
+    (struct.pack("!HBB", 3, 8, 0) + b"\x0a", False),
+    (struct.pack("!HBB", 2, 56, 8) + b"\x20\x01\x0d\xb8\x00\x00\x00", False),  # a scope in a query
+])
+def test_client_subnet_options_are_checked(data, good):
+    q = dns.message.make_query("www.example.test", "A", use_edns=0,
+                               options=[dns.edns.GenericOption(dns.edns.ECS, data)])
+    if good:
+        assert codec.decode_query(q.to_wire()).edns.ecs == data
+    else:
+        with pytest.raises(codec.BadQuery) as bad:
+            codec.decode_query(q.to_wire())
+        assert bad.value.rcode == codec.FORMERR
 
 
 def _mutable_replies() -> list[bytes]:

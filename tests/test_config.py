@@ -60,10 +60,19 @@ def test_bad_env_value(tmp_path):
     ({"SINKHOLE_LOG_LEVEL": "verbose"}, "log_level"),
     ({"SINKHOLE_TIMEOUT": "nan"}, "timeouts"),
     ({"SINKHOLE_TCP_MAX_CLIENTS": "0"}, "tcp_max_clients"),
+    ({"SINKHOLE_ECS": "forward"}, "ecs: 'forward' is neither"),
+    ({"SINKHOLE_ECS": "24"}, "neither"),
+    ({"SINKHOLE_ECS": "0/56"}, "IPv4 prefix 1..32"),
+    ({"SINKHOLE_ECS": "24/129"}, "IPv6 prefix 1..128"),
 ])
 def test_more_bad_values(env, message):
     with pytest.raises(ConfigError, match=message):
         config.load(env=env)
+
+
+def test_ecs_is_strip_unless_prefixes_are_given():
+    assert config.load(env={}).ecs_prefix() is None
+    assert config.load(env={"SINKHOLE_ECS": "24/56"}).ecs_prefix() == (24, 56)
 
 
 def test_bad_log_level_from_the_console_script_is_one_line(tmp_path):

@@ -336,3 +336,48 @@ def test_other_opcodes_get_notimp_without_ra(server, hostile, opcode, tcp):
     assert not flags & dns.flags.RA and (flags >> 11) & 0xF == opcode
     assert wire[12:] == q.to_wire()[12:], "the question echoed, as Unbound does"
     assert hostile.queries(f"op{opcode}.example.test") == []
+
+
+# ---------------------------------------------------------------------------- Client Subnet forwarded, cut
+
+
+@pytest.fixture(scope="module")
+def ecs_server(hostile, tmp_path_factory):
+    s = _server(tmp_path_factory.mktemp("ecs") / "sinkhole.db", hostile, ecs="24/56")
+    yield s
+    s.stop()
+
+
+def _sent_ecs(stub: HostileStub, name: str) -> list[tuple[str, int]]:
+    out = []
+    for seen in stub.queries(name):
+        options = [o for o in dns.message.from_wire(seen.wire).options if isinstance(o, dns.edns.ECSOption)]
+        out.append((options[0].address, options[0].srclen) if options else ("", 0))
+    return out
+
+
+@pytest.mark.parametrize("tcp", TRANSPORTS)
+def test_ecs_prefix_mode_sends_networks_never_addresses_and_caches_per_network(ecs_server, hostile, tcp):
+    name = f"ecs.{'tcp' if tcp else 'udp'}.example.test"
+    r = ask(ecs_server, name, tcp=tcp, use_edns=0)  # no option: the client's own address, cut to /24
+    assert r.options == ()
+    r = ask(ecs_server, name, tcp=tcp, use_edns=0, options=[dns.edns.ECSOption("10.20.30.40", 32)])
+    echoed = [o for o in r.options if isinstance(o, dns.edns.ECSOption)]
+    assert [(o.address, o.srclen, o.scopelen) for o in echoed] == [("10.20.30.40", 32, 24)]
+    ask(ecs_server, name, tcp=tcp, use_edns=0, options=[dns.edns.ECSOption("10.20.30.99", 32)])  # same /24: cached
+    ask(ecs_server, name, tcp=tcp, use_edns=0, options=[dns.edns.ECSOption("10.20.31.1", 32)])
+    ask(ecs_server, name, tcp=tcp, use_edns=0, options=[dns.edns.ECSOption("0.0.0.0", 0)])  # "none, please"
+    assert _sent_ecs(hostile, name) == [("127.0.0.0", 24), ("10.20.30.0", 24), ("10.20.31.0", 24), ("", 0)]
+
+
+def test_ecs_strip_is_the_default(server, hostile):
+    name = "ecs.strip.example.test"
+    ask(server, name, use_edns=0, options=[dns.edns.ECSOption("10.20.30.40", 32)])
+    assert _sent_ecs(hostile, name) == [("", 0)]
+
+
+def test_a_malformed_client_subnet_option_is_formerr(server, hostile):
+    bad = dns.edns.GenericOption(dns.edns.ECS, struct.pack("!HBB", 1, 24, 0) + b"\x0a\x14\x1e\x28")  # 4 octets for /24
+    r = ask(server, "ecs.bad.example.test", use_edns=0, options=[bad])
+    assert r.rcode() == dns.rcode.FORMERR and hostile.queries("ecs.bad.example.test") == []
+
