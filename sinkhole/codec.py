@@ -421,7 +421,7 @@ class ReplyFacts:
     opt: Record | None  # the upstream's OPT record (hop by hop: replaced by ours)
     ext_rcode: int  # the upper eight bits of the rcode, from the upstream's OPT
     targets: list[tuple[str, str]]  # (kind, name): CNAME and DNAME targets, SVCB/HTTPS TargetNames, answer section
-    addresses: list[str]  # A and AAAA in the answer section, SVCB/HTTPS ipv4hint and ipv6hint there
+    addresses: list[bytes]  # A and AAAA in the answer section, SVCB/HTTPS ipv4hint and ipv6hint there, packed
 
 
 def read_name(wire: bytes, pos: int, seen: dict[int, str]) -> tuple[str, int]:
@@ -486,7 +486,7 @@ def read_reply(wire: bytes, qlen: int) -> ReplyFacts:
     seen: dict[int, str] = {}
     records: list[Record] = []
     targets: list[tuple[str, str]] = []
-    addresses: list[str] = []
+    addresses: list[bytes] = []
     opt = None
     ext_rcode = 0
     total = ancount + nscount + arcount
@@ -517,7 +517,7 @@ def read_reply(wire: bytes, qlen: int) -> ReplyFacts:
             if rtype == T_A or rtype == T_AAAA:
                 if rdlen != (4 if rtype == T_A else 16):
                     raise Malformed("an address record of the wrong length")
-                addresses.append(str(ipaddress.ip_address(wire[rdata:pos])))
+                addresses.append(wire[rdata:pos])
             elif rtype == T_CNAME or rtype == T_DNAME:
                 target, after = read_name(wire, rdata, seen)
                 if after != pos:
@@ -529,7 +529,7 @@ def read_reply(wire: bytes, qlen: int) -> ReplyFacts:
 
 
 def _read_svcb(wire: bytes, rdata: int, end: int, seen: dict[int, str], kind: str,
-               targets: list[tuple[str, str]], addresses: list[str]) -> None:
+               targets: list[tuple[str, str]], addresses: list[bytes]) -> None:
     """RFC 9460: priority, TargetName ("." is the owner itself), then key/length/value parameters."""
     if end - rdata < 3:
         raise Malformed("SVCB data too short")
@@ -549,7 +549,7 @@ def _read_svcb(wire: bytes, rdata: int, end: int, seen: dict[int, str], kind: st
         if width:
             if size % width:
                 raise Malformed("an SVCB address hint of the wrong length")
-            addresses += [str(ipaddress.ip_address(wire[i:i + width])) for i in range(pos, pos + size, width)]
+            addresses += [wire[i:i + width] for i in range(pos, pos + size, width)]
         pos += size
 
 

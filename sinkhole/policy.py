@@ -292,7 +292,7 @@ class Policy:
     def decide(self, query: Query, group: Group | None = None) -> Verdict:
         return self.decide_name(query.name, group)
 
-    def inspect(self, targets: list[tuple[str, str]], addresses: list[str] = (),  # type: ignore[assignment]
+    def inspect(self, targets: list[tuple[str, str]], addresses: list[str | bytes] = (),  # type: ignore[assignment]
                 group: Group | None = None) -> Verdict | None:
         """A forwarded answer that leads to a blocked name (a CNAME or DNAME chain, an HTTPS/SVCB target), or
         holds an address in a blocked network (A, AAAA, ipv4hint, ipv6hint; an IPv4-mapped IPv6 address is
@@ -305,8 +305,8 @@ class Policy:
                                                           rule.source))
         if self.ip_rules and addresses:
             allowed = (group or self.default).allowed
-            for text in addresses:
-                address = ipaddress.ip_address(text)
+            for given in addresses:  # text, or packed (4 or 16 bytes)
+                address = ipaddress.ip_address(given)
                 if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
                     address = address.ipv4_mapped  # ::ffff:a.b.c.d reaches a.b.c.d: IPv4 network rules apply
                 for network, category, source in self.ip_rules:

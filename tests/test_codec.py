@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import struct
 
 import dns.edns
@@ -108,7 +109,7 @@ def test_read_reply_reads_every_section_targets_and_addresses():
         (0, "x.chat.deepseek.com", 65), (1, "example.test", 2), (2, "ns.example.test", 1), (2, "", 41)]
     assert facts.targets == [("cname", "x.chat.deepseek.com"), ("dname", "y.example.net"),
                              ("https", "svc.example.net")]
-    assert facts.addresses == ["::ffff:cb00:7107", "192.0.2.1", "192.0.2.2"]
+    assert [str(ipaddress.ip_address(a)) for a in facts.addresses] == ["::ffff:cb00:7107", "192.0.2.1", "192.0.2.2"]
     assert facts.opt is facts.records[-1] and facts.end == len(wire)
 
 
@@ -119,7 +120,7 @@ def test_read_reply_reads_every_section_targets_and_addresses():
 ])
 def test_read_reply_refuses_what_no_client_could_read(mutate, reason):
     wire = _reply("www.example.test. 300 A 192.0.2.1", edns=False)
-    assert codec.read_reply(wire, QLEN).addresses == ["192.0.2.1"]
+    assert codec.read_reply(wire, QLEN).addresses == [bytes([192, 0, 2, 1])]
     with pytest.raises(codec.Malformed, match=reason):
         codec.read_reply(mutate(wire), QLEN)
 
