@@ -424,15 +424,16 @@ class ReplyFacts:
     addresses: list[bytes]  # A and AAAA in the answer section, SVCB/HTTPS ipv4hint and ipv6hint there, packed
 
 
-def read_name(wire: bytes, pos: int, seen: dict[int, str]) -> tuple[str, int]:
+def read_name(wire: bytes, pos: int, seen: dict[int, tuple[str, int]]) -> tuple[str, int]:
     """The name at `pos` (normalized like Query.name) and where the bytes after it start. Compression
     pointers must point before the labels that hold them, so that every name ends; `seen` keeps the names
-    already read by where they start, for the pointers of later records."""
+    already read (and their length on the wire) by where they start, for the pointers of later records."""
     labels: list[str] = []
     starts: list[int] = []
+    sizes: list[int] = []
     after = -1
     limit = pos
-    size = 1
+    size = tail = 1  # octets on the wire: the root label's, so far
     end = len(wire)
     while True:
         if pos >= end:
@@ -450,9 +451,11 @@ def read_name(wire: bytes, pos: int, seen: dict[int, str]) -> tuple[str, int]:
                 raise Malformed("a compression pointer that does not point backwards")
             known = seen.get(target)
             if known is not None:
-                if known:
-                    labels.append(known)
-                    size += len(known) + 1  # close enough for the length check: escapes only lengthen it
+                labels.append(known[0])
+                tail = known[1]
+                size += tail - 1
+                if size > 255:
+                    raise Malformed("a name longer than 255 octets")
                 break
             pos = limit = target
             continue
@@ -466,6 +469,7 @@ def read_name(wire: bytes, pos: int, seen: dict[int, str]) -> tuple[str, int]:
             raise Malformed("a name longer than 255 octets")
         raw = wire[pos + 1:nxt].lower()
         starts.append(pos)
+        sizes.append(1 + length)
         labels.append(raw.decode("ascii") if _PLAIN_LABEL.match(raw) else _escape_label(raw))
         pos = nxt
     if after < 0:
@@ -473,7 +477,7 @@ def read_name(wire: bytes, pos: int, seen: dict[int, str]) -> tuple[str, int]:
     name = ".".join(labels)
     for i, start in enumerate(starts):  # each label starts a suffix a later pointer may name
         if start not in seen:
-            seen[start] = name if i == 0 else ".".join(labels[i:])
+            seen[start] = (name if i == 0 else ".".join(labels[i:]), sum(sizes[i:]) + tail)
     return name, after
 
 
@@ -483,7 +487,7 @@ def read_reply(wire: bytes, qlen: int) -> ReplyFacts:
     _, _, _, ancount, nscount, arcount = _HEADER.unpack_from(wire)
     pos = 12 + qlen
     end = len(wire)
-    seen: dict[int, str] = {}
+    seen: dict[int, tuple[str, int]] = {}
     records: list[Record] = []
     targets: list[tuple[str, str]] = []
     addresses: list[bytes] = []
@@ -528,7 +532,7 @@ def read_reply(wire: bytes, qlen: int) -> ReplyFacts:
     return ReplyFacts(records, pos, opt, ext_rcode, targets, addresses)
 
 
-def _read_svcb(wire: bytes, rdata: int, end: int, seen: dict[int, str], kind: str,
+def _read_svcb(wire: bytes, rdata: int, end: int, seen: dict[int, tuple[str, int]], kind: str,
                targets: list[tuple[str, str]], addresses: list[bytes]) -> None:
     """RFC 9460: priority, TargetName ("." is the owner itself), then key/length/value parameters."""
     if end - rdata < 3:

@@ -134,6 +134,21 @@ def test_a_compression_loop_ends():
         codec.read_reply(looped, len(question))
 
 
+def test_names_are_measured_on_the_wire_through_pointers():
+    # a 250-octet owner of binary labels (written \DDD, four characters an octet), then a record whose owner
+    # points to it: both read; one more label in front of the pointer would make 257 octets: refused
+    long = b"".join(bytes([62]) + bytes([0xFF]) * 62 for _ in range(4)) + b"\x01\x01\x00"  # 4*63 + 2 + 1 = 255
+    head = struct.pack("!HHHHHH", 1, 0x8180, 1, 2, 0, 0)
+    question = b"\x03www\x07example\x04test\x00\x00\x01\x00\x01"
+    first = long + struct.pack("!HHIH", 1, 1, 300, 4) + b"\xc0\x00\x02\x01"
+    again = b"\xc0\x22" + struct.pack("!HHIH", 1, 1, 300, 4) + b"\xc0\x00\x02\x02"
+    facts = codec.read_reply(head + question + first + again, len(question))
+    assert facts.records[0].owner == facts.records[1].owner and len(facts.records[0].owner) > 255
+    longer = b"\x01a\xc0\x22" + struct.pack("!HHIH", 1, 1, 300, 4) + b"\xc0\x00\x02\x02"
+    with pytest.raises(codec.Malformed, match="longer than 255"):
+        codec.read_reply(head + question + first + longer, len(question))
+
+
 def test_relayed_replaces_the_upstream_opt_with_ours_and_keeps_the_rest_byte_for_byte():
     q = dns.message.make_query("www.example.test", "A", use_edns=0, want_dnssec=True)
     r = dns.message.make_response(q)
