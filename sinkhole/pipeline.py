@@ -290,9 +290,10 @@ class Pipeline:
         self.counts["internal-error"] = self.counts.get("internal-error", 0) + 1
         if reply is not None:
             try:
-                self._record(Action.SERVFAIL, client, proto, "", 0, codec.SERVFAIL, summary=f"internal error: "
-                             f"{type(exc).__name__}", wire=wire)
-            except Exception:  # the answer matters more than its row
+                query = codec.decode_query(wire)
+                self._record(Action.SERVFAIL, client, proto, query.qname, query.qtype, codec.SERVFAIL,
+                             summary=f"internal error: {type(exc).__name__}", wire=wire)
+            except Exception:  # an unreadable query, or the audit log is what failed: the answer matters more
                 log.debug("the SERVFAIL for an internal error was not recorded", exc_info=True)
         return reply
 
