@@ -8,6 +8,13 @@
 `begin` runs every stage that needs no I/O and returns the reply bytes, None (drop), or
 a Pending forward; `forward` finishes those. Listeners call `begin` inline and only
 schedule a task for forwards, so a blocked name or a cache hit never costs a task.
+
+A miss, in `_ask`: codec.upstream_query (our own query: EDNS is hop by hop) -> upstream.forward
+-> codec.read_reply (every record, any type) -> policy.inspect (CNAME/DNAME/SVCB targets, answer
+addresses: sinkholed) and policy.blocked_owners (records of blocked names: removed) ->
+codec.relayed (our OPT) -> cache.put; identical questions in flight share it (`_coalesced`), and
+each client gets it as its own (codec.for_client: ID, question, RD/CD/AD). Any exception on the
+way is a SERVFAIL for every client waiting on it (`failed`).
 """
 
 from __future__ import annotations
