@@ -3,10 +3,11 @@ as the agency's validating resolver, and a reference Unbound forwarding to the s
 
 sinkhole forwards to the agency's Unbound too; for names it does not block, its reply must be the reference's:
 rcode, flags (AA TC RD RA AD CD), EDNS (version, buffer size, DO, no options), every section as RRsets with
-their data, and TTLs as they age (to the second). Then the DNSSEC cases that only sinkhole has: a validating
-Unbound behind sinkhole (as an agency site's resolver would be), once over UDP and once over TCP, must get
-sinkhole's answer for a blocked zone that is unsigned under a signed parent, validate everything sinkhole
-relays, and fail (as it must) for a blocked name inside a signed zone unless told that name is insecure.
+their data, and TTLs as they age (within two seconds; to one in the ageing test). Then the DNSSEC cases
+that only sinkhole has: a validating Unbound behind sinkhole (as an agency site's resolver would be), once
+over UDP and once over TCP, must get sinkhole's answer for a blocked zone that is unsigned under a signed
+parent, validate everything sinkhole relays, and fail (as it must) for a blocked name inside a signed zone
+unless told that name is insecure.
 
 NSD and the Unbounds are started once for this module (about 4 s); every process listens on 127.0.0.1.
 """
@@ -114,8 +115,10 @@ def test_sinkhole_answers_as_the_reference_resolver(real, sinkhole, name, qtype,
     assert comparable(ours) == comparable(theirs), f"\nsinkhole:\n{ours}\n\nreference:\n{theirs}"
     ours_ttl, theirs_ttl = ttls(ours), ttls(theirs)
     assert ours_ttl.keys() == theirs_ttl.keys()
-    late = {k: (ours_ttl[k], theirs_ttl[k]) for k in ours_ttl if abs(ours_ttl[k] - theirs_ttl[k]) > 1}
-    assert not late, f"TTLs (sinkhole, reference) differ by more than a second: {late}"
+    # both count down what the agency's resolver said, each from when it asked and each rounding down: a second
+    # apart at most, or two if this machine paused between the two questions
+    late = {k: (ours_ttl[k], theirs_ttl[k]) for k in ours_ttl if abs(ours_ttl[k] - theirs_ttl[k]) > 2}
+    assert not late, f"TTLs (sinkhole, reference) differ by more than two seconds: {late}"
 
 
 def test_ttls_age_alike(real, sinkhole):
