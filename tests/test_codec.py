@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import struct
 
@@ -226,6 +227,7 @@ def test_client_subnet_options_are_checked(data, good):
         assert bad.value.rcode == codec.FORMERR
 
 
+@functools.cache
 def _mutable_replies() -> list[bytes]:
     return [_reply("www.example.test. 300 CNAME a.example.test.", "a.example.test. 300 A 192.0.2.1"),
             _reply("www.example.test. 300 HTTPS 1 . alpn=h2 ipv6hint=2001:db8::1", qtype="HTTPS"),
