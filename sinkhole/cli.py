@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 import click
 
-from sinkhole import __version__
+from sinkhole import __version__, systemd
 from sinkhole.domains import is_ip_address, normalize
 from sinkhole.errors import ConfigError, DomainError, ListFormatError, SinkholeError
 from sinkhole.model import Action, RuleKind
@@ -26,6 +26,12 @@ USAGE_ERRORS = (ConfigError, DomainError, ListFormatError)
 FORMATS = click.Choice(["table", "json", "csv"])
 
 
+def complain(text: str, priority: int = systemd.ERR) -> None:
+    """One line on stderr; under systemd (a timer's `lists update`, ExecReload's `reload`) with its priority
+    for the journal, so that `journalctl -p err` shows it."""
+    click.echo(systemd.journal_prefix(priority) + text, err=True)
+
+
 class SinkholeGroup(click.Group):
     """Turns errors into one line on stderr and the contract's exit codes (2 bad input, 1 failure)."""
 
@@ -33,13 +39,13 @@ class SinkholeGroup(click.Group):
         try:
             return super().invoke(ctx)
         except USAGE_ERRORS as exc:
-            click.echo(f"sinkhole: {exc}", err=True)
+            complain(f"sinkhole: {exc}")
             ctx.exit(2)
         except BrokenPipeError:  # `sinkhole block list | head`: the reader is gone, nothing to say
             sys.stdout = open(os.devnull, "w")  # python flushes stdout at exit: let that go nowhere
             ctx.exit(0)
         except (SinkholeError, sqlite3.Error, OSError) as exc:
-            click.echo(f"sinkhole: {exc}", err=True)
+            complain(f"sinkhole: {exc}")
             ctx.exit(1)
 
 
@@ -253,14 +259,14 @@ def serve(env: Env, config_file: Path | None, **flags: Any) -> None:
     """Serve DNS: sinkhole listed names, forward the rest, audit every block.
 
     SIGHUP reads the configuration again and applies what can change at run time."""
-    from sinkhole import config, server
+    from sinkhole import config, server, systemd
 
     config_file = config_file or config.default_file()
     # a repeatable option given no value comes as (): not set, rather than set to nothing
     given = {k: (None if v == () else v) for k, v in flags.items()}
     cfg = config.load(config_file, flags=given)
-    logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s sinkhole %(levelname)s %(message)s")
+    # under systemd, each line carries its priority into the journal (journalctl -p warning)
+    logging.basicConfig(level=cfg.log_level.upper(), handlers=[systemd.log_handler(sys.stderr)])
     sys.exit(server.run(cfg, env.db_path, reload=lambda: config.load(config_file, flags=given)))
 
 
@@ -692,7 +698,7 @@ def lists_update(env: Env, categories: tuple[str, ...]) -> None:
                 click.echo(f"{name}: updated, {_counts(parsed)} ({parsed.format}), was {src['rules']} {location}")
             except (fetch.FetchError, ListFormatError) as exc:
                 failed += 1
-                click.echo(f"{name}: failed, rules in force unchanged: {exc}", err=True)
+                complain(f"{name}: failed, rules in force unchanged: {exc}")
     if failed:
         sys.exit(1)
 
@@ -727,7 +733,7 @@ def export_rpz(env: Env, client_group: str, zone: str | None, config_file: Path 
     with env.store() as store:
         result = rpz.export(store, cfg.answers(), origin, client_group, cfg.rpz_refresh)
     for line in result.skipped:
-        click.echo(f"sinkhole: warning: left out of the zone: {line}", err=True)
+        complain(f"sinkhole: warning: left out of the zone: {line}", systemd.WARNING)
     click.echo(result.to_text(), nl=False)
 
 
@@ -1439,11 +1445,11 @@ def main() -> None:
     try:
         code = cli.main(prog_name="sinkhole", standalone_mode=False)
     except click.exceptions.Abort:
-        click.echo("sinkhole: aborted", err=True)
+        complain("sinkhole: aborted")
         sys.exit(1)
     except click.ClickException as exc:
         where = exc.ctx.command_path if isinstance(exc, click.UsageError) and exc.ctx else "sinkhole"
-        click.echo(f"{where}: {exc.format_message()} (see --help)", err=True)
+        complain(f"{where}: {exc.format_message()} (see --help)")
         sys.exit(exc.exit_code)
     sys.exit(code if isinstance(code, int) else 0)
 

@@ -1,8 +1,9 @@
-"""The systemd side of a service, stdlib only: socket activation, sd_notify, the watchdog interval.
+"""The systemd side of a service, stdlib only: socket activation, sd_notify, the watchdog interval,
+log lines that carry their priority into the journal.
 
 Each function does nothing (returns an empty result) when not started by systemd, so the
 server can call them unconditionally. The protocols are those of sd_listen_fds(3),
-sd_notify(3) and sd_watchdog_enabled(3).
+sd_notify(3), sd_watchdog_enabled(3) and sd-daemon(3) (the `<N>` prefix).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
+from typing import TextIO
 
 log = logging.getLogger(__name__)
 
@@ -129,3 +132,57 @@ def watchdog_interval() -> float | None:
     if value <= 0:
         return None
     return value / 2 / 1_000_000
+
+
+# ---------------------------------------------------------------------------- the journal
+
+PLAIN_FORMAT = "%(asctime)s sinkhole %(levelname)s %(message)s"
+JOURNAL_FORMAT = "%(levelname)s %(message)s"  # journald adds the time and the identifier (sinkhole)
+
+ERR, WARNING, INFO, DEBUG = 3, 4, 6, 7  # syslog priorities, as journalctl -p names them
+
+
+def is_journal(stream: TextIO) -> bool:
+    """True when `stream` is the one systemd connected to the journal: $JOURNAL_STREAM names its
+    device and inode (systemd.exec(5)); a terminal, a pipe or a file of our own is not."""
+    value = os.environ.get("JOURNAL_STREAM", "")
+    dev, _, inode = value.partition(":")
+    try:
+        st = os.fstat(stream.fileno())
+        return (st.st_dev, st.st_ino) == (int(dev), int(inode))
+    except (ValueError, OSError, AttributeError):  # unset or malformed, or a stream with no file descriptor
+        return False
+
+
+def priority(levelno: int) -> int:
+    """A logging level as a syslog priority: CRITICAL 2, ERROR 3, WARNING 4, INFO 6, DEBUG 7."""
+    if levelno >= logging.CRITICAL:
+        return 2
+    if levelno >= logging.ERROR:
+        return ERR
+    if levelno >= logging.WARNING:
+        return WARNING
+    return INFO if levelno >= logging.INFO else DEBUG
+
+
+def journal_prefix(level: int, stream: TextIO | None = None) -> str:
+    """`<N>` for a line written to `stream` (stderr) when that is the journal, else nothing."""
+    return f"<{level}>" if is_journal(stream or sys.stderr) else ""
+
+
+class JournalFormatter(logging.Formatter):
+    """Every line of a record (a traceback too) starts with the record's `<N>` priority: journald stores
+    each line as an entry, and SyslogLevelPrefix= (on by default) reads the prefix off each one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = f"<{priority(record.levelno)}>"
+        return "\n".join(prefix + line for line in super().format(record).splitlines() or [""])
+
+
+def log_handler(stream: TextIO | None = None) -> logging.Handler:
+    """The server's log handler on `stream` (stderr): lines with their priority prefix and without a time
+    stamp when the stream is the journal, else plain lines with the time. Filters can be added to it."""
+    stream = stream or sys.stderr
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JournalFormatter(JOURNAL_FORMAT) if is_journal(stream) else logging.Formatter(PLAIN_FORMAT))
+    return handler

@@ -206,6 +206,10 @@ class ServerProcess:
         full_env = {**os.environ, **(env or {})}
         self.proc = subprocess.Popen(self.cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                      env=full_env)
+        self._start()
+
+    def _start(self) -> None:
+        """Read stderr up to the line that names the port; then a thread reads the rest into `lines`."""
         self.lines: list[str] = []
         self.port = 0
         self.host = "127.0.0.1"
