@@ -84,7 +84,7 @@ install-files:
 	test -e $(DESTDIR)$(SYSCONFDIR)/sinkhole/sinkhole.toml || \
 	  install -m 0644 etc/sinkhole.toml $(DESTDIR)$(SYSCONFDIR)/sinkhole/sinkhole.toml
 	ln -sfn $(PREFIX)/bin/sinkhole $(DESTDIR)$(BINDIR)/sinkhole
-	sed 's#^ExecStart=/usr/local/bin/sinkhole #ExecStart=$(BINDIR)/sinkhole #' systemd/sinkhole.service \
+	sed 's#^\(Exec[A-Za-z]*\)=/usr/local/bin/sinkhole #\1=$(BINDIR)/sinkhole #' systemd/sinkhole.service \
 	  > $(DESTDIR)$(UNITDIR)/sinkhole.service
 	install -m 0644 systemd/sinkhole.socket $(DESTDIR)$(UNITDIR)/sinkhole.socket
 	install -m 0644 systemd/sinkhole-blockpage.socket $(DESTDIR)$(UNITDIR)/sinkhole-blockpage.socket

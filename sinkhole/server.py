@@ -9,17 +9,21 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import sqlite_utils
 
-from sinkhole import config, lists, privileges, rpz, shipping, systemd
+from sinkhole import config, control, lists, privileges, rpz, shipping, systemd
+from sinkhole.answer import AnswerConfig
 from sinkhole.audit import AuditLog
 from sinkhole.config import ServeConfig
+from sinkhole.guard import Guard
 from sinkhole.listener import Listener, _Tasks, bind_all, close_all
 from sinkhole.pipeline import Pipeline
 from sinkhole.policy import Policy
 from sinkhole.store import Store, iso
+from sinkhole.upstream import Upstream
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +187,8 @@ class Server:
         # RPZ primary/secondary: one per server, so with several workers only worker 0 runs it
         self.rpz = rpz.Node(cfg, self.db) if (cfg.rpz_listen or cfg.policy_from) and not worker else None
         self._watchdog: asyncio.Task[None] | None = None
+        self.control: control.ControlSocket | None = None  # `sinkhole reload` (a server on its own)
+        self._control_server: asyncio.AbstractServer | None = None
 
     def load_policy(self, store: Store, incremental: bool = False) -> None:
         """The policy in the database, in force. `incremental`: when the journal entries since the policy in
@@ -269,6 +275,9 @@ class Server:
             from sinkhole import metrics
 
             self.exporter = metrics.for_server(self, address)
+        self.control = control.listen(self.db)
+        if self.control is not None:
+            self._control_server = await asyncio.start_unix_server(self._on_control, sock=self.control.sock)
         log.info("forwarding to %s; audit log %s in %s", ", ".join(map(str, self.forwarder.upstreams)),
                  self.cfg.log_queries, self.db)
         systemd.notify("READY=1\nSTATUS=serving on " + ", ".join(self.addresses))
@@ -285,33 +294,61 @@ class Server:
     def request_stop(self) -> None:
         self._stop.set()
 
-    def reload_config(self) -> None:
-        """SIGHUP: read the configuration again and apply what can change at run time; a bad file is
-        refused with the reason and the running settings stay."""
-        who = "" if self.worker is None else f"worker {self.worker}: "
-        if self.reload is None:
-            log.warning("%sSIGHUP: no configuration to read again", who)
-            return
+    async def _on_control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One `sinkhole reload`: the settings are read after its request came in; the answer says how it went."""
         try:
-            new = self.reload()
-        except Exception as exc:  # whatever is wrong with the new file, the running settings stay
-            log.error("%sconfig reload refused, the running settings stay: %s", who, exc)
-            return
-        applied, _ = self.apply_config(new, who)
-        if applied and not self.worker:  # one journal entry per reload: the single server or worker 0
-            values = {k: config.to_toml(getattr(self.cfg, k)) for k in applied}
-            threading.Thread(target=self._journal_settings, args=(values,), name="settings-journal",
-                             daemon=True).start()
+            line = await asyncio.wait_for(reader.readline(), 10)
+            if line == control.REQUEST:
+                writer.write(self.reload_announced("sinkhole reload").to_line())
+                await writer.drain()
+        except (OSError, TimeoutError, ValueError):
+            pass  # the client went away: the reload, if any, is done all the same
+        finally:
+            writer.close()
 
-    def _journal_settings(self, values: dict[str, str]) -> None:
-        """Settings applied by SIGHUP go into the change journal like any policy change (who: the server's
-        account; command: the reload)."""
+    def reload_announced(self, why: str = "SIGHUP") -> control.Outcome:
+        """A reload of a server on its own (SIGHUP or `sinkhole reload`), told to systemd as RELOADING=1 ...
+        READY=1, so that `systemctl status` shows it and Type=notify-reload would wait for it."""
+        systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        try:
+            return self.reload_config(why=why)
+        finally:
+            systemd.notify("READY=1")
+
+    def reload_config(self, new: ServeConfig | None = None, why: str = "SIGHUP") -> control.Outcome:
+        """Read the configuration again (or take `new`, read once by the supervisor for every worker) and apply
+        what can change at run time; a bad one is refused with the reason and the running settings stay.
+        `why` (SIGHUP, sinkhole reload) goes into the change journal."""
+        who = "" if self.worker is None else f"worker {self.worker}: "
+        if new is None:
+            if self.reload is None:
+                log.warning("%s%s: no configuration to read again", who, why)
+                return control.Outcome(refused="this server has no configuration to read again")
+            try:
+                new = self.reload()
+            except Exception as exc:  # whatever is wrong with the new file, the running settings stay
+                log.error("%sconfig reload refused, the running settings stay: %s", who, exc)
+                return control.Outcome(refused=str(exc))
+        try:
+            applied, restart = self.apply_config(new, who)
+        except Exception as exc:
+            log.error("%sconfig reload refused, the running settings stay: %s", who, exc)
+            return control.Outcome(refused=str(exc))
+        values = {k: config.to_toml(getattr(self.cfg, k)) for k in applied}
+        if applied and not self.worker:  # one journal entry per reload: the single server or worker 0
+            threading.Thread(target=self._journal_settings, args=(values, why), name="settings-journal",
+                             daemon=True).start()
+        return control.Outcome(applied=[f"{k} = {v}" for k, v in values.items()], restart=restart)
+
+    def _journal_settings(self, values: dict[str, str], why: str) -> None:
+        """Settings applied by a reload go into the change journal like any policy change (who: the server's
+        account; command: what asked for the reload)."""
         from sinkhole.store import Actor
 
         try:
             store = open_store(self.db, self.cfg.shipped_lists)
             try:
-                store.journal_settings(values, Actor(command="SIGHUP: sinkhole serve read its configuration again"))
+                store.journal_settings(values, Actor(command=f"{why}: sinkhole serve read its configuration again"))
             finally:
                 store.close()
         except Exception as exc:  # the settings are applied whatever; the journal entry is what is missing
@@ -319,16 +356,11 @@ class Server:
 
     def apply_config(self, new: ServeConfig, who: str = "") -> tuple[list[str], list[str]]:
         """Apply the settings of `new` that can change at run time (config.RELOADABLE); returns
-        (applied, needing a restart)."""
-        running, applied, restart = config.reload_plan(self.cfg, new)
+        (applied, needing a restart). Raises (and changes nothing) when they cannot be used."""
+        plan = plan_reload(self.cfg, new)
+        running, applied, restart = plan.running, plan.applied, plan.restart
         changed = set(applied)
-        try:
-            answers = running.answers()
-            guard = running.make_guard() if changed & GUARD_SETTINGS else None
-            upstreams = running.upstreams() if "upstream" in changed else None
-        except Exception as exc:
-            log.error("%sconfig reload refused, the running settings stay: %s", who, exc)
-            return [], restart
+        answers, guard, upstreams = plan.answers, plan.guard, plan.upstreams
         self.cfg = running
         self.audit.mode = running.log_queries
         logging.getLogger().setLevel(running.log_level.upper())
@@ -362,6 +394,10 @@ class Server:
             systemd.notify("STOPPING=1")
         if self._watchdog is not None:
             self._watchdog.cancel()
+        if self._control_server is not None:  # a reload asked for from now on finds nobody: we are stopping
+            self._control_server.close()
+        if self.control is not None:
+            self.control.close()
         for listener in self.listeners:
             listener.stop_tcp()
         if self.rpz is not None:
@@ -416,6 +452,27 @@ def bind_blockpage(cfg: ServeConfig) -> list:
     return bind(cfg.blockpage_addresses(), BLOCKPAGE)
 
 
+@dataclass(frozen=True)
+class ReloadPlan:
+    """What a reload changes, built (and so checked) before anything is changed."""
+
+    running: ServeConfig  # the running settings with every reloadable change of the new ones
+    applied: list[str]  # the reloadable settings that changed
+    restart: list[str]  # the settings that changed but need a restart
+    answers: AnswerConfig
+    guard: Guard | None  # a new guard when a guard setting changed
+    upstreams: list[Upstream] | None  # new upstreams when `upstream` changed
+
+
+def plan_reload(running: ServeConfig, new: ServeConfig) -> ReloadPlan:
+    """The reload of `running` to `new`; raises when a new setting cannot be used (e.g. a bad upstream URL).
+    The supervisor calls it to check the settings once before its workers apply them."""
+    cfg, applied, restart = config.reload_plan(running, new)
+    changed = set(applied)
+    return ReloadPlan(cfg, applied, restart, cfg.answers(), cfg.make_guard() if changed & GUARD_SETTINGS else None,
+                      cfg.upstreams() if "upstream" in changed else None)
+
+
 GUARD_SETTINGS = frozenset({"allow_clients", "rate_limit", "rate_limit_burst", "rate_limit_net",
                             "rate_limit_net_burst", "rate_limit_v4_prefix", "rate_limit_v6_prefix",
                             "rate_limit_action", "rate_limit_exempt"})
@@ -427,7 +484,7 @@ async def _serve(cfg: ServeConfig, db: Path, reload: Callable[[], ServeConfig] |
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.request_stop)
-    loop.add_signal_handler(signal.SIGHUP, server.reload_config)
+    loop.add_signal_handler(signal.SIGHUP, server.reload_announced)
     await server.start()
     await server.wait()
 

@@ -6,11 +6,14 @@ policy reloader and audit writer on the inherited sockets (the kernel hands each
 and connection to one of them). The supervisor restarts a worker that dies, forwards
 SIGTERM/SIGINT, speaks sd_notify for all of them, and adds up their counts at the end.
 
-SIGHUP: the supervisor reads the configuration again; a bad one is refused (logged, nothing
-forwarded), a good one is kept for workers started later and SIGHUP is forwarded to every
-worker, which reads and applies it itself. With `metrics` set, the supervisor alone serves
-/metrics and /healthz, adding up the snapshots its workers send over their pipes
-(sinkhole.metrics).
+A reload (SIGHUP, or `sinkhole reload` on the control socket, sinkhole.control): the supervisor
+reads the configuration once and checks it (server.plan_reload); a bad one is refused (logged,
+nothing sent), a good one is kept for workers started later and sent to every worker over its
+control pipe; each applies it and answers on its pipe. When every worker has answered (or died,
+its replacement starting with the new settings), the waiting `sinkhole reload` commands get the
+outcome. One reload at a time: requests that come in meanwhile are served by the next one, which
+reads the file again. With `metrics` set, the supervisor alone serves /metrics and /healthz,
+adding up the snapshots its workers send over their pipes (sinkhole.metrics).
 """
 
 from __future__ import annotations
@@ -18,15 +21,18 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import select
 import signal
+import socket
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sinkhole import config, rpz, systemd
+from sinkhole import config, control, rpz, systemd
 from sinkhole.config import ServeConfig
 from sinkhole.listener import Bound, bind_all, close_all
 
@@ -39,11 +45,24 @@ MAX_RESTARTS_PER_MINUTE = 10
 class Worker:
     index: int
     pid: int
-    fd: int
+    fd: int  # its lines to us: ready, beat, metrics, reloaded, the final report
+    control_fd: int  # our messages to it: new settings (a length, then the pickled (why, ServeConfig))
     buffer: bytes = b""
     ready: bool = False
     last_beat: float = field(default_factory=time.monotonic)
     report: dict | None = None
+
+
+@dataclass
+class Round:
+    """One reload being applied by the workers."""
+
+    waiters: list[socket.socket]  # the `sinkhole reload` connections to answer
+    applied: list[str]  # "block_ttl = 30", as the supervisor planned it
+    restart: list[str]
+    pending: set[int]  # the workers (pids) yet to answer
+    workers: int  # how many it was sent to
+    refusals: list[str] = field(default_factory=list)
 
 
 def _show(host: str, port: int) -> str:
@@ -68,6 +87,10 @@ class Supervisor:
         self.restart_times: list[float] = []
         self.reports: list[dict] = []
         self.failed = False
+        self.control: control.ControlSocket | None = None  # `sinkhole reload`
+        self.clients: dict[socket.socket, bytes] = {}  # connected, request not read yet
+        self.waiting: list[socket.socket] = []  # asked for a reload not started yet
+        self.round: Round | None = None  # the reload being applied
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.stopping = True
@@ -75,24 +98,101 @@ class Supervisor:
     def _on_hup(self, signum: int, frame: object) -> None:
         self.hup = True
 
-    def _reload(self) -> None:
-        """SIGHUP: check the new configuration once here, then let every worker apply it."""
-        self.hup = False
-        if self.reload is None:
-            log.warning("SIGHUP: no configuration to read again")
-            return
+    # ------------------------------------------------------------------ reloads
+
+    def _accept(self) -> None:
+        assert self.control is not None
         try:
+            conn, _ = self.control.sock.accept()
+        except OSError:
+            return
+        conn.setblocking(False)
+        self.clients[conn] = b""
+
+    def _read_client(self, conn: socket.socket) -> None:
+        """The request line of a `sinkhole reload`; anything else closes the connection."""
+        try:
+            data = conn.recv(64)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        line = self.clients[conn] + data
+        if data and line == control.REQUEST:
+            del self.clients[conn]
+            self.waiting.append(conn)
+        elif not data or not control.REQUEST.startswith(line):
+            del self.clients[conn]
+            conn.close()
+        else:
+            self.clients[conn] = line
+
+    def _start_reload(self) -> None:
+        """Read and check the configuration once, then send it to every worker."""
+        from sinkhole.server import plan_reload
+
+        why = "sinkhole reload" if self.waiting else "SIGHUP"
+        waiters, self.waiting, self.hup = self.waiting, [], False
+        systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        try:
+            if self.reload is None:
+                raise ValueError("this server has no configuration to read again")
             new = self.reload()
+            plan = plan_reload(self.cfg, new)
         except Exception as exc:  # a bad file never reaches the workers
             log.error("config reload refused, the running settings stay: %s", exc)
+            _answer(waiters, control.Outcome(refused=str(exc), workers=len(self.workers)))
+            systemd.notify("READY=1")
             return
-        self.cfg, applied, restart = config.reload_plan(self.cfg, new)  # for workers started from now on
+        self.cfg = plan.running  # for workers started from now on
         logging.getLogger().setLevel(self.cfg.log_level.upper())
-        for pid in self.workers:
-            _kill(pid, signal.SIGHUP)
-        log.info("config reloaded by %d workers: %s%s", len(self.workers),
-                 f"applying {', '.join(applied)}" if applied else "no change to apply",
-                 f"; needs a restart: {', '.join(restart)}" if restart else "")
+        message = pickle.dumps((why, new))
+        message = struct.pack("!I", len(message)) + message
+        sent = set()
+        for w in self.workers.values():
+            try:
+                os.write(w.control_fd, message)  # far below the pipe's buffer: one reload at a time
+                sent.add(w.pid)
+            except OSError:
+                pass  # exiting: its replacement starts with the new settings
+        applied = [f"{k} = {config.to_toml(getattr(plan.running, k))}" for k in plan.applied]
+        self.round = Round(waiters, applied, plan.restart, sent, len(self.workers))
+        self._finish_reload()
+
+    def _worker_reloaded(self, w: Worker, outcome: control.Outcome) -> None:
+        if self.round is None or w.pid not in self.round.pending:
+            return
+        self.round.pending.discard(w.pid)
+        if not outcome.ok:
+            self.round.refusals.append(f"worker {w.index}: {outcome.refused}")
+
+    def _finish_reload(self) -> None:
+        """Once every worker answered (or died): the outcome to the waiting commands, the log, systemd."""
+        r = self.round
+        if r is None or r.pending:
+            return
+        self.round = None
+        if r.refusals:
+            outcome = control.Outcome(refused="; ".join(r.refusals), workers=r.workers)
+            log.error("config reload refused by %d of %d workers: %s", len(r.refusals), r.workers, outcome.refused)
+        else:
+            outcome = control.Outcome(applied=r.applied, restart=r.restart, workers=r.workers)
+            log.info("config reloaded by %d workers: %s%s", r.workers,
+                     f"applying {', '.join(r.applied)}" if r.applied else "no change to apply",
+                     f"; needs a restart: {', '.join(r.restart)}" if r.restart else "")
+        _answer(r.waiters, outcome)
+        systemd.notify("READY=1")
+
+    def _close_control(self) -> None:
+        """Stopping: nothing more is reloaded; whoever waits is told so."""
+        gone = control.Outcome(refused="the server is stopping")
+        _answer(self.waiting + (self.round.waiters if self.round else []) + list(self.clients), gone)
+        self.waiting, self.clients = [], {}
+        if self.round is not None:
+            self.round.waiters = []
+        if self.control is not None:
+            self.control.close()
+            self.control = None
 
     def run(self) -> int:
         from sinkhole.server import bind_blockpage, drop_privileges, open_store
@@ -116,6 +216,7 @@ class Supervisor:
         if self.cfg.user:
             drop_privileges(self.cfg.user)
         open_store(self.db, self.cfg.shipped_lists).close()  # create and seed once, before the workers race
+        self.control = control.listen(self.db)
         upstreams = ", ".join(map(str, self.cfg.upstreams()))
         interval = systemd.watchdog_interval()
         for index in range(self.count):
@@ -134,12 +235,15 @@ class Supervisor:
         while self.workers:
             if self.stopping and not sent_stop:
                 systemd.notify("STOPPING=1")
+                self._close_control()
                 for pid in self.workers:
                     _kill(pid, signal.SIGTERM)
                 sent_stop = True
-            if self.hup and not self.stopping:
-                self._reload()
-            fds = [w.fd for w in self.workers.values()]
+            if (self.hup or self.waiting) and self.round is None and not self.stopping:
+                self._start_reload()
+            fds: list = [w.fd for w in self.workers.values()] + list(self.clients)
+            if self.control is not None:
+                fds.append(self.control.sock)
             try:
                 readable, _, _ = select.select(fds, [], [], 0.2)
             except InterruptedError:
@@ -147,7 +251,13 @@ class Supervisor:
             for w in list(self.workers.values()):
                 if w.fd in readable:
                     self._read(w)
+            for conn in list(self.clients):
+                if conn in readable:
+                    self._read_client(conn)
+            if self.control is not None and self.control.sock in readable:
+                self._accept()
             self._reap(interval)
+            self._finish_reload()
             if not notified_ready and all(w.ready for w in self.workers.values()):
                 notified_ready = True
                 log.info("forwarding to %s with %d workers; audit log %s in %s", upstreams, self.count,
@@ -159,6 +269,7 @@ class Supervisor:
                     now - w.last_beat < 3 * interval for w in self.workers.values()):
                 systemd.notify("WATCHDOG=1")
                 last_ping = now
+        self._close_control()
         close_all(self.bound)
         for sock in [*(self.rpz_bound or ()), *self.blockpage_bound]:
             sock.close()
@@ -169,27 +280,30 @@ class Supervisor:
 
     def _spawn(self, index: int, interval: float | None) -> None:
         r, w = os.pipe()
+        control_r, control_w = os.pipe()
         supervisor = os.getpid()
         pid = os.fork()
         if pid == 0:  # the worker
             os.close(r)
+            os.close(control_w)
             # held until the worker's event loop handles them: a stop during start-up is not a crash
-            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
-            signal.signal(signal.SIGHUP, signal.SIG_DFL)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reloads come from the supervisor, over control_r
             code = 1
             try:
                 _die_with(supervisor)
                 code = worker_main(self.cfg, self.db, self.bound, w, index, interval, supervisor, self.reload,
                                    self.rpz_bound if index == 0 else None,
-                                   self.blockpage_bound if index == 0 else None)
+                                   self.blockpage_bound if index == 0 else None, control_r)
             except BaseException:
                 log.exception("worker %d failed", index)
             finally:
                 os._exit(code)
         os.close(w)
-        self.workers[pid] = Worker(index, pid, r)
+        os.close(control_r)
+        self.workers[pid] = Worker(index, pid, r, control_w)
 
     def _read(self, w: Worker) -> None:
         try:
@@ -203,6 +317,8 @@ class Supervisor:
                 w.ready = True
             elif line == b"beat":
                 w.last_beat = time.monotonic()
+            elif line.startswith(b"reloaded "):
+                self._worker_reloaded(w, control.Outcome.from_line(line[9:]))
             elif line.startswith(b"metrics "):
                 if self.snapshots is not None:
                     self.snapshots.update(w.pid, json.loads(line[8:]))
@@ -222,6 +338,9 @@ class Supervisor:
                 continue
             self._read(w)
             os.close(w.fd)
+            os.close(w.control_fd)
+            if self.round is not None:  # its replacement starts with the new settings
+                self.round.pending.discard(pid)
             if self.snapshots is not None:
                 self.snapshots.exited(pid)  # its counters stay in the sums
             if w.report:
@@ -259,6 +378,20 @@ class Supervisor:
                  self.count, self.restarts)
 
 
+def _answer(conns: list[socket.socket], outcome: control.Outcome) -> None:
+    """Write the outcome to each waiting `sinkhole reload` and close its connection (one that left is skipped)."""
+    line = outcome.to_line()
+    for conn in conns:
+        try:
+            conn.setblocking(True)
+            conn.settimeout(1.0)
+            conn.sendall(line)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+
 def _kill(pid: int, sig: int) -> None:
     try:
         os.kill(pid, sig)
@@ -281,8 +414,10 @@ def _die_with(supervisor: int) -> None:
 
 def worker_main(cfg: ServeConfig, db: Path, bound: list[Bound], fd: int, index: int,
                 interval: float | None, parent: int, reload: Callable[[], ServeConfig] | None = None,
-                rpz_sockets: tuple | None = None, blockpage_sockets: list | None = None) -> int:
-    """One worker: an event loop serving the inherited sockets until SIGTERM/SIGINT."""
+                rpz_sockets: tuple | None = None, blockpage_sockets: list | None = None,
+                control_fd: int | None = None) -> int:
+    """One worker: an event loop serving the inherited sockets until SIGTERM/SIGINT; new settings come
+    over `control_fd` and are answered on `fd` ("reloaded" and the outcome)."""
     import asyncio
 
     from sinkhole.server import Server
@@ -299,9 +434,29 @@ def worker_main(cfg: ServeConfig, db: Path, bound: list[Bound], fd: int, index: 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, server.request_stop)
-        loop.add_signal_handler(signal.SIGHUP, server.reload_config)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
         await server.start()
+        if control_fd is not None:
+            pending = bytearray()
+
+            def on_control() -> None:
+                """A length, then the pickled (why, ServeConfig) the supervisor read: apply it and answer."""
+                try:
+                    data = os.read(control_fd, 65536)
+                except BlockingIOError:
+                    return
+                if not data:  # the supervisor is gone; beat() stops us
+                    loop.remove_reader(control_fd)
+                    return
+                pending.extend(data)
+                while len(pending) >= 4 and len(pending) >= 4 + struct.unpack("!I", pending[:4])[0]:
+                    size = struct.unpack("!I", pending[:4])[0]
+                    why, new = pickle.loads(bytes(pending[4:4 + size]))
+                    del pending[:4 + size]
+                    say("reloaded " + server.reload_config(new, why).to_line().decode().rstrip("\n"))
+
+            os.set_blocking(control_fd, False)
+            loop.add_reader(control_fd, on_control)
         say("ready")
 
         async def beat() -> None:

@@ -319,8 +319,8 @@ def units_with_existing_binary(tmp_path: Path) -> Path:
     exe = shutil.which("sinkhole", path=str(Path(sys.executable).parent)) or sys.executable
     service = (UNITS / "sinkhole.service").read_text()
     assert "\nExecStart=/usr/local/bin/sinkhole serve\n" in service
-    (tmp_path / "sinkhole.service").write_text(service.replace("ExecStart=/usr/local/bin/sinkhole",
-                                                               f"ExecStart={exe}"))
+    assert "\nExecReload=/usr/local/bin/sinkhole reload\n" in service
+    (tmp_path / "sinkhole.service").write_text(service.replace("=/usr/local/bin/sinkhole ", f"={exe} "))
     shutil.copy(UNITS / "sinkhole.socket", tmp_path / "sinkhole.socket")
     shutil.copy(UNITS / "sinkhole-blockpage.socket", tmp_path / "sinkhole-blockpage.socket")
     return tmp_path
@@ -391,6 +391,7 @@ def test_make_install_files_stages_units_user_defaults_and_link(tmp_path: Path) 
     assert defaults.read_text() == "SINKHOLE_UPSTREAM=192.0.2.1\n"
     assert os.readlink(dest / "usr/bin/sinkhole") == "/srv/sinkhole/bin/sinkhole"
     assert "\nExecStart=/usr/bin/sinkhole serve\n" in (units / "sinkhole.service").read_text()
+    assert "\nExecReload=/usr/bin/sinkhole reload\n" in (units / "sinkhole.service").read_text()
 
 
 # ---------------------------------------------------------------------------- the real server, activated
