@@ -275,11 +275,17 @@ def ex_dns() -> str:
 
 
 def ex_metrics() -> str:
-    """prometheus_client's exposition with its process collector (reads /proc/self)."""
+    """/metrics as sinkhole makes it: prometheus_client's exposition, process_* from /proc/self."""
     import prometheus_client
 
-    text = prometheus_client.generate_latest(prometheus_client.REGISTRY).decode()
-    assert "process_resident_memory_bytes" in text, "no process metrics"
+    from sinkhole.metrics import registry_for
+
+    class Nothing:
+        def collect(self) -> list:
+            return []
+
+    text = prometheus_client.generate_latest(registry_for(Nothing())).decode()  # type: ignore[arg-type]
+    assert "process_resident_memory_bytes" in text and "process_start_time_seconds" in text, "no process metrics"
     return "prometheus_client exposition with process metrics"
 
 

@@ -187,3 +187,28 @@ def test_grafana_dashboard_uses_only_exported_metrics(make_server, stub):
                    "sinkhole_cache_hits_total", "sinkhole_audit_rows_dropped_total", "sinkhole_policy_version"):
         assert wanted in used
 
+
+
+def test_process_metrics_without_proc_stat(tmp_path):
+    """sinkhole.service's ProcSubset=pid hides /proc/stat, where prometheus_client reads the boot time: a /proc
+    with only this process in it (as the unit's) still gives process_start_time_seconds and the others."""
+    from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    (proc / "self").symlink_to(f"/proc/{os.getpid()}")  # no stat, uptime, meminfo ...
+    upstream, ours = CollectorRegistry(), CollectorRegistry()
+    ProcessCollector(proc=str(proc), registry=upstream)
+    metrics.BootTimeFromClocks(proc=str(proc), registry=ours)
+    assert b"process_resident_memory_bytes" not in generate_latest(upstream)  # what the unit's /metrics lacked
+    families = {f.name: f for f in text_string_to_metric_families(generate_latest(ours).decode())}
+    assert families["process_resident_memory_bytes"].samples[0].value > 0
+    start = families["process_start_time_seconds"].samples[0].value
+    assert abs(start - start_time_from_proc_stat()) < 5
+
+
+def start_time_from_proc_stat() -> float:
+    """This process's start time from /proc/stat's btime and its start ticks (what prometheus_client computes)."""
+    btime = next(float(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime "))
+    ticks = int(open(f"/proc/{os.getpid()}/stat").read().rsplit(")", 1)[1].split()[19])
+    return btime + ticks / os.sysconf("SC_CLK_TCK")
