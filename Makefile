@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench bench-deps bench-log profile soak clean install install-venv install-files
+.PHONY: run test systemd-test lint bench bench-deps bench-log profile soak clean install install-venv install-files
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,11 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check sinkhole tests
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+## systemd-test: as root, a Debian 12 container booted by systemd-nspawn: make install, then the units under a
+## real systemd (tests/test_systemd_container.py); the image is cached in /var/cache/sinkhole-systemd-test
+systemd-test: $(STAMP)
+	$(BIN)/python -m pytest -q -s -m container -o timeout=900 tests/test_systemd_container.py $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check sinkhole tests
