@@ -50,6 +50,7 @@ from sinkhole.domains import reverse_name
 from sinkhole.errors import ConfigError
 
 EPOCH_ROWS = 1000  # the chain key evolves every this many rows of a chain
+PROGRESS_ROWS = 10_000  # rows walked between two progress reports of verify
 ZERO = bytes(32)
 _MAGIC = "sinkhole-audit-key"
 # the columns a MAC covers, in this order, with the type SQLite gives them back as
@@ -484,12 +485,14 @@ class Report:
 
 
 def verify(conn: sqlite3.Connection, key_generation: int, key: bytes,
-           anchor: dict[str, dict] | None = None, current: tuple[int, bytes] | None = None) -> Report:
+           anchor: dict[str, dict] | None = None, current: tuple[int, bytes] | None = None,
+           progress: Callable[[int], None] | None = None) -> Report:
     """Walk every chain in seq order with the operator's key (of `key_generation`); report what is wrong.
 
     `current` is the server's key file now (generation, key), when it can be read: it must descend from the
     operator's key, and every generation before it must have a chain in the log (each chain start takes one),
-    so that a chain deleted whole, or rewritten under a newer generation with a stolen key, shows."""
+    so that a chain deleted whole, or rewritten under a newer generation with a stolen key, shows.
+    `progress` is called with the number of rows walked since its last call (every row of `audit` in all)."""
     cps = read_checkpoints(conn, key_generation, key)
     cur = conn.execute(f"SELECT seq, mac, {_COLS} FROM audit ORDER BY seq")
     names = [d[0] for d in cur.description]
@@ -500,7 +503,11 @@ def verify(conn: sqlite3.Connection, key_generation: int, key: bytes,
     chained_seen = False
     unchained: list[int] = []
     max_policy = 0
+    walked = 0
     for tup in cur:
+        walked += 1
+        if progress is not None and walked % PROGRESS_ROWS == 0:
+            progress(PROGRESS_ROWS)
         row = dict(zip(names, tup, strict=True))
         seq, name = row["seq"], row["chain"]
         if row["policy_version"] is not None and row["action"] != CHECKPOINT:
@@ -557,6 +564,8 @@ def verify(conn: sqlite3.Connection, key_generation: int, key: bytes,
         else:
             w.problem = (f"seq {seq}: inserted or reordered (link {link} comes after link {w.expected - 1}"
                          f" of chain {name})")
+    if progress is not None:
+        progress(walked % PROGRESS_ROWS)
     for w in walks.values():
         _finish_pending(w)
     for w in walks.values():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ from sinkhole import __version__, systemd
 from sinkhole.domains import is_ip_address, normalize
 from sinkhole.errors import ConfigError, DomainError, ListFormatError, SinkholeError
 from sinkhole.model import Action, RuleKind
+from sinkhole.progress import Progress, quiet_option
 from sinkhole.store import Actor, Store, default_db_path, iso_dt
 
 USAGE_ERRORS = (ConfigError, DomainError, ListFormatError)
@@ -631,8 +633,9 @@ def _read_source(location: str, etag: str | None = None, last_modified: str | No
               help="Category the list becomes [the list's `# category:` header, else its file name].")
 @click.option("--format", "fmt", type=LIST_FORMATS, default="auto", show_default=True,
               help="List format; auto tells RPZ zones, adblock, hosts and plain domain lists apart.")
+@quiet_option
 @pass_env
-def lists_import(env: Env, source: str, category: str | None, fmt: str) -> None:
+def lists_import(env: Env, source: str, category: str | None, fmt: str, quiet: bool) -> None:
     """Make a category hold exactly the rules of a list FILE or an http(s) URL.
 
     Formats: plain domains, hosts (`0.0.0.0 name`), adblock (`||name^`, `@@||name^` exceptions,
@@ -658,30 +661,39 @@ def lists_import(env: Env, source: str, category: str | None, fmt: str) -> None:
         default_name = path.stem
     got = _read_source(location)
     assert got.body is not None
-    parsed = lists.parse(lists.decode(got.body, source), source, fmt)  # errors name what the user typed
-    name = category or parsed.headers.get("category") or default_name
-    try:
-        _category(click.get_current_context(), None, name)
-    except click.BadParameter:
-        raise ConfigError(f"{name!r} cannot be a category name: give one with --category") from None
-    with env.store() as store:
-        # files: the sources row keeps the absolute path (for `lists update`), the rules the path as typed
-        store.import_list(name, parsed.entries, parsed.allows, location, fmt, got.sha256 or "", got.etag,
-                          got.last_modified, rule_source=source)
+    with Progress.for_command(quiet) as progress:
+        text = lists.decode(got.body, source)
+        # errors name what the user typed
+        parsed = lists.parse(text, source, fmt, progress.stage("checking", lists.line_count(text), "lines"))
+        progress.done()
+        name = category or parsed.headers.get("category") or default_name
+        try:
+            _category(click.get_current_context(), None, name)
+        except click.BadParameter:
+            raise ConfigError(f"{name!r} cannot be a category name: give one with --category") from None
+        with env.store() as store:
+            # files: the sources row keeps the absolute path (for `lists update`), the rules the path as typed
+            store.import_list(name, parsed.entries, parsed.allows, location, fmt, got.sha256 or "", got.etag,
+                              got.last_modified, rule_source=source,
+                              progress=progress.stage("storing", _total(parsed), "rules"))
     click.echo(f"imported {_counts(parsed)} ({parsed.format}) into category {name} from {source}")
+
+
+def _total(parsed) -> int:
+    return len(parsed.entries) + len(parsed.allows)
 
 
 def _counts(parsed) -> str:
     """'12 rules' or '12 rules (10 block, 2 allow)'."""
-    total = len(parsed.entries) + len(parsed.allows)
-    text = f"{total} rules"
+    text = f"{_total(parsed)} rules"
     return text + (f" ({len(parsed.entries)} block, {len(parsed.allows)} allow)" if parsed.allows else "")
 
 
 @lists_group.command("update")
 @click.argument("categories", nargs=-1, callback=lambda ctx, p, v: tuple(_category(ctx, p, c) for c in v))
+@quiet_option
 @pass_env
-def lists_update(env: Env, categories: tuple[str, ...]) -> None:
+def lists_update(env: Env, categories: tuple[str, ...], quiet: bool) -> None:
     """Fetch every imported list again (or those of CATEGORIES) and replace the ones that changed.
 
     URLs are fetched with a conditional GET (If-None-Match / If-Modified-Since): 304 leaves the
@@ -692,6 +704,7 @@ def lists_update(env: Env, categories: tuple[str, ...]) -> None:
     from sinkhole import fetch, lists
 
     failed = 0
+    progress = Progress.for_command(quiet)
     with env.store() as store:
         sources = store.sources(categories or None)
         missing = sorted(set(categories) - {s["category"] for s in sources})
@@ -713,9 +726,13 @@ def lists_update(env: Env, categories: tuple[str, ...]) -> None:
                     store.touch_source(name, got.etag, got.last_modified)
                     click.echo(f"{name}: unchanged (same content) {location}")
                     continue
-                parsed = lists.parse(lists.decode(got.body, location), location, src["format"] or "auto")
-                store.import_list(name, parsed.entries, parsed.allows, location, src["format"] or "auto",
-                                  got.sha256 or "", got.etag, got.last_modified, action="lists update")
+                with progress:
+                    text = lists.decode(got.body, location)
+                    parsed = lists.parse(text, location, src["format"] or "auto",
+                                         progress.stage(f"{name}: checking", lists.line_count(text), "lines"))
+                    store.import_list(name, parsed.entries, parsed.allows, location, src["format"] or "auto",
+                                      got.sha256 or "", got.etag, got.last_modified, action="lists update",
+                                      progress=progress.stage(f"{name}: storing", _total(parsed), "rules"))
                 click.echo(f"{name}: updated, {_counts(parsed)} ({parsed.format}), was {src['rules']} {location}")
             except (fetch.FetchError, ListFormatError) as exc:
                 failed += 1
@@ -738,8 +755,9 @@ def export_group() -> None:
 @click.option("--zone", default=None, metavar="NAME", help="Name of the policy zone [rpz_zone: rpz.sinkhole.].")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), envvar="SINKHOLE_CONFIG",
               help="The server's settings file: the answers (mode, block_a, block_aaaa, block_ttl) become the actions.")
+@quiet_option
 @pass_env
-def export_rpz(env: Env, client_group: str, zone: str | None, config_file: Path | None) -> None:
+def export_rpz(env: Env, client_group: str, zone: str | None, config_file: Path | None, quiet: bool) -> None:
     """The policy in force as a Response Policy Zone file (BIND, Unbound, Knot Resolver, PowerDNS).
 
     Each rule NAME becomes NAME and *.NAME (a rule covers every subdomain) with the action of the
@@ -752,10 +770,18 @@ def export_rpz(env: Env, client_group: str, zone: str | None, config_file: Path 
     cfg = config.load(config_file)
     origin = rpz.zone_name(zone if zone is not None else cfg.rpz_zone)
     with env.store() as store:
-        result = rpz.export(store, cfg.answers(), origin, client_group, cfg.rpz_refresh)
-    for line in result.skipped:
-        complain(f"sinkhole: warning: left out of the zone: {line}", systemd.WARNING)
-    click.echo(result.to_text(), nl=False)
+        version, rules = rpz.rules_in_force(store, client_group)
+    with Progress.for_command(quiet) as progress:
+        result = rpz.build(rules, cfg.answers(), origin, max(version, 1), client_group, cfg.rpz_refresh, version,
+                           progress.stage("building", len(rules), "rules"))
+        del rules
+        ordered = result.sorted_records(progress.stage("ordering", len(result.records), "records"))
+        progress.done()
+        for line in result.skipped:
+            complain(f"sinkhole: warning: left out of the zone: {line}", systemd.WARNING)
+        lines = result.lines(progress.stage("writing", len(result.records), "records"), ordered)
+        while chunk := list(itertools.islice(lines, 10_000)):
+            click.echo("\n".join(chunk))
 
 
 # ---------------------------------------------------------------------------- log / stats
@@ -952,9 +978,10 @@ _SERVER_KEY = click.option("--key", "key", type=click.Path(dir_okay=False, path_
 @click.option("--db", "dbs", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Verify these databases (several nodes'), each with the key file next to it; repeatable.")
 @_SERVER_KEY
+@quiet_option
 @pass_env
 def log_verify(env: Env, key_files: tuple[Path, ...], anchor_files: tuple[Path, ...], dbs: tuple[Path, ...],
-               key: Path | None) -> None:
+               key: Path | None, quiet: bool) -> None:
     """Walk every chain of the audit log and check every row's MAC; exit 1 naming the first bad row of each."""
     from sinkhole.chain import default_key_path
 
@@ -971,7 +998,7 @@ def log_verify(env: Env, key_files: tuple[Path, ...], anchor_files: tuple[Path, 
             click.echo(f"== {path}")
         server_key = key or (default_key_path(path) if dbs else _key_path(env, None))
         ok = _verify_one(Env(path), key_files[i if len(key_files) > 1 else 0],
-                         anchor_files[i] if anchor_files else None, server_key)
+                         anchor_files[i] if anchor_files else None, server_key, Progress.for_command(quiet))
         failed += not ok
     if failed:
         if len(paths) > 1:
@@ -979,7 +1006,7 @@ def log_verify(env: Env, key_files: tuple[Path, ...], anchor_files: tuple[Path, 
         sys.exit(1)
 
 
-def _verify_one(env: Env, key_file: Path, anchor_file: Path | None, server_key: Path) -> bool:
+def _verify_one(env: Env, key_file: Path, anchor_file: Path | None, server_key: Path, progress: Progress) -> bool:
     from sinkhole import chain
 
     generation, secret = chain.read_key(key_file)
@@ -989,8 +1016,11 @@ def _verify_one(env: Env, key_file: Path, anchor_file: Path | None, server_key: 
     except chain.AuditKeyError as exc:
         current = None
         click.echo(f"note: {exc}; a chain deleted whole since the last chain start is only found with --anchor")
-    with env.existing_store() as store:
-        report = chain.verify(store.conn, generation, secret, anchor, current)
+    with env.existing_store() as store, progress:
+        rows = store.conn.execute("SELECT count(*) FROM audit").fetchone()[0] if progress.enabled else 0
+        report = chain.verify(store.conn, generation, secret, anchor, current,
+                              progress.stage("verifying", rows, "rows"))
+        progress.done()
         journal = chain.verify_journal(store.conn, generation, secret)
     if report.before_chain:
         click.echo(f"{report.before_chain} rows from before the chain started (written without a MAC: not covered)")
@@ -1066,9 +1096,10 @@ def log_anchor(env: Env, fmt: str, export_key: Path | None, key: Path | None) ->
               help="Instead: delete rows older than this (a duration back from now, or an ISO 8601 time).")
 @click.option("--node", default=None, help="Node name on the checkpoint chain [host name].")
 @_SERVER_KEY
+@quiet_option
 @pass_env
 def log_prune(env: Env, retention_days: int | None, before_text: str | None, node: str | None,
-              key: Path | None) -> None:
+              key: Path | None, quiet: bool) -> None:
     """Delete old audit rows now, leaving checkpoints so that `log verify` still passes; journaled.
 
     Needs the audit key (a checkpoint is a chain of its own): without it nothing is deleted."""
@@ -1081,10 +1112,11 @@ def log_prune(env: Env, retention_days: int | None, before_text: str | None, nod
     else:
         before = iso_dt(datetime.now(UTC) - timedelta(days=retention_days or 365))
     assert before is not None
-    with env.existing_store() as store:
+    with env.existing_store() as store, Progress.for_command(quiet) as progress:
         if key is not None:
             store.key_path = key
-        res = store.prune_audit(before, node or socket.gethostname(), actor=Actor())
+        res = store.prune_audit(before, node or socket.gethostname(), actor=Actor(),
+                                planned=lambda rows: progress.stage("pruning", rows, "rows"))
     if not res.rows:
         click.echo(f"nothing to prune: no audit rows older than {before}")
     else:
@@ -1152,12 +1184,15 @@ def changes(env: Env, since: str | None, until: str | None, user: str | None, fm
 @click.option("--until", help="End (exclusive).")
 @click.option("--top", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@quiet_option
 @pass_env
-def stats(env: Env, since: str, until: str | None, top: int, fmt: str) -> None:
+def stats(env: Env, since: str, until: str | None, top: int, fmt: str, quiet: bool) -> None:
     """Totals, top blocked rules and names, top clients, bypass attempts, groups, categories, blocked per hour."""
+    from sinkhole.store import STATS_QUERIES
+
     since_iso, until_iso = parse_when(since, "--since"), parse_when(until, "--until")
-    with env.existing_store() as store:
-        result = store.stats(since_iso, until_iso, top)
+    with env.existing_store() as store, Progress.for_command(quiet) as progress:
+        result = store.stats(since_iso, until_iso, top, progress.stage("counting", STATS_QUERIES, "queries"))
     if fmt == "json":
         click.echo(json.dumps({"since": since_iso, **result}, indent=2))
         return

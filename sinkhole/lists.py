@@ -7,6 +7,7 @@ import ipaddress
 import os
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,8 @@ RPZ_UNSUPPORTED_TRIGGERS = {
 }
 RPZ_UNSUPPORTED_ACTIONS = {"rpz-drop": "rpz-drop (drop the query)", "rpz-tcp-only": "rpz-tcp-only (force TCP)"}
 MAX_REGEX = 1024  # characters between the slashes: rules are matched against every forwarded name
+PROGRESS_LINES = 10_000  # a parse reports its progress every this many lines
+Advance = Callable[[int], None] | None  # called with the number of lines read since its last call
 
 
 @dataclass
@@ -145,11 +148,14 @@ def _name(text: str, source: str, number: int) -> str:
         raise ListFormatError(source, number, str(exc)) from None
 
 
-def _parse_lines(text: str, source: str, fmt: str, result: BlockList) -> None:
+def _parse_lines(text: str, source: str, fmt: str, result: BlockList, progress: Advance = None) -> None:
     """hosts, domains and adblock lists; `auto` takes each line in whichever of the three forms it has."""
     rules = _Rules(result)
     comments = "#!" if fmt in ("adblock", "auto") else "#"
+    number = 0
     for number, raw in enumerate(text.splitlines(), start=1):
+        if progress is not None and number % PROGRESS_LINES == 0:
+            progress(PROGRESS_LINES)
         line = raw.strip()
         if not line or line[0] in comments:
             if line[:1] in ("#", "!"):
@@ -188,6 +194,8 @@ def _parse_lines(text: str, source: str, fmt: str, result: BlockList) -> None:
         if name.startswith("*.") and fmt != "adblock":
             name = name[2:]  # `*.name`: the wildcard lists' form; our rule on `name` covers its subdomains
         rules.add("block", _name(name, source, number), comment)
+    if progress is not None:
+        progress(number % PROGRESS_LINES)
     if not result.entries and not result.allows:
         raise ListFormatError(source, 0, "the list holds no domain")
 
@@ -298,7 +306,7 @@ def _rpz_ip(labels: list[str], source: str, number: int) -> str:
         raise ListFormatError(source, number, f"rpz-ip trigger {shown!r} ({address}/{prefix}): {exc}") from None
 
 
-def _parse_rpz(text: str, source: str, result: BlockList) -> None:
+def _parse_rpz(text: str, source: str, result: BlockList, progress: Advance = None) -> None:
     """A Response Policy Zone (draft-vixie-dnsop-dns-rpz) as BIND and Unbound read it.
 
     Triggers: QNAME (`name`, `*.name`) and `rpz-ip` (answer addresses); both `name` and `*.name`
@@ -312,7 +320,11 @@ def _parse_rpz(text: str, source: str, result: BlockList) -> None:
     origin: dns.name.Name | None = None
     apex: dns.name.Name | None = None
     owner: str | None = None  # the previous record's owner, for records with a blank owner
+    reported = 0  # lines read up to the last progress report
     for number, blank_owner, body, comment in _zone_records(text, source):
+        if progress is not None and number - reported >= PROGRESS_LINES:
+            progress(number - reported)
+            reported = number
         tokens = body.split()
         if not tokens:
             if comment:
@@ -389,6 +401,8 @@ def _parse_rpz(text: str, source: str, result: BlockList) -> None:
                                                   " subdomains alike)")
         kinds.setdefault(rule, (kind, number))
         rules.add(kind, rule, comment or f"rpz: {what}")
+    if progress is not None:
+        progress(line_count(text) - reported)
     if not result.entries and not result.allows:
         raise ListFormatError(source, 0, "the zone holds no policy record")
 
@@ -456,14 +470,20 @@ def _rpz_action(rdtype: int, rdata, what: str, source: str, number: int) -> str:
 # ---------------------------------------------------------------------------- entry points
 
 
-def parse(text: str, source: str, fmt: str = "auto") -> BlockList:
+def line_count(text: str) -> int:
+    """The number of lines `parse` reads (the total of its progress)."""
+    return text.count("\n") + (1 if text and not text.endswith("\n") else 0)
+
+
+def parse(text: str, source: str, fmt: str = "auto", progress: Advance = None) -> BlockList:
     """Parse a list; raise ListFormatError (source, line number, reason) on the first bad line.
 
     Formats: `domains` (one name a line), `hosts` (`0.0.0.0 name ...`), `adblock` (`||name^`,
     `@@||name^` exceptions, `/regex/`), `rpz` (a Response Policy Zone file), or `auto`, which
     reads an RPZ zone as `rpz` and anything else a line at a time in whichever of the other three
     forms each line has. A `# comment` after an entry is kept as the rule's note (the shipped lists
-    cite sources there); `# key: value` lines before the first entry are headers.
+    cite sources there); `# key: value` lines before the first entry are headers. `progress` is
+    called with the number of lines read since its last call (line_count(text) in all).
     """
     if fmt not in FORMATS:
         raise ListFormatError(source, 0, f"unknown list format {fmt!r} (one of {', '.join(FORMATS)})")
@@ -471,9 +491,9 @@ def parse(text: str, source: str, fmt: str = "auto") -> BlockList:
     detected = detect_format(text)
     result.format = detected if fmt == "auto" else fmt
     if result.format == "rpz":
-        _parse_rpz(text, source, result)
+        _parse_rpz(text, source, result, progress)
     else:
-        _parse_lines(text, source, "auto" if fmt == "auto" else fmt, result)
+        _parse_lines(text, source, "auto" if fmt == "auto" else fmt, result, progress)
     return result
 
 

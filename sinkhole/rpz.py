@@ -27,7 +27,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -63,6 +63,8 @@ DEFAULT_ZONE = "rpz.sinkhole."
 SOA_MNAME = "sinkhole.invalid."
 SOA_RNAME = "hostmaster.sinkhole.invalid."
 NS_TARGET = "localhost."  # the customary NS of a policy zone: nobody resolves through it
+PROGRESS_RECORDS = 10_000  # rules or records between two progress reports of an export
+Advance = Callable[[int], None] | None  # called with the number of items done since its last call
 SOA_EXPIRE = 28 * 86400  # a secondary (Unbound, BIND) drops an expired zone: keep using it for weeks
 MESSAGE_BUDGET = 16_000  # bytes of records per transfer message (uncompressed), well under 64 KiB
 HISTORY_DIFFS = 64  # IXFR: differences kept in memory ...
@@ -182,20 +184,37 @@ class Zone:
     def apex(self) -> list[Record]:
         return [(self.origin, self.soa()), (self.origin, _rdata("NS", NS_TARGET))]
 
-    def sorted_records(self) -> list[Record]:
-        return sorted(self.records, key=_order)
+    def sorted_records(self, progress: Advance = None) -> list[Record]:
+        """The records in canonical-ish order. `progress` is called with the number of records whose sort key
+        is made since its last call (most of the time a sort takes; len(records) in all)."""
+        keyed = []
+        for i, record in enumerate(self.records):
+            keyed.append((_order(record), i, record))  # i: equal keys never compare the records themselves
+            if progress is not None and (i + 1) % PROGRESS_RECORDS == 0:
+                progress(PROGRESS_RECORDS)
+        if progress is not None:
+            progress(len(keyed) % PROGRESS_RECORDS)
+        keyed.sort()
+        return [record for _, _, record in keyed]
+
+    def lines(self, progress: Advance = None, ordered: list[Record] | None = None) -> Iterator[str]:
+        """The zone file's lines (without line ends); `ordered`: sorted_records(), if already made. `progress` is
+        called with the number of records written since its last call (len(records) in all)."""
+        yield from (f"$ORIGIN {self.origin.to_text()}", f"$TTL {self.ttl}", f"@ SOA {self.soa().to_text()}",
+                    f"@ NS {NS_TARGET}",
+                    f"; sinkhole policy version {self.version} for group {self.group}: {self.counts.get('block', 0)}"
+                    f" block, {self.counts.get('allow', 0)} allow and {self.counts.get('network', 0)} network rules")
+        yield from (f"; left out: {s}" for s in self.skipped)
+        for i, (name, rdata) in enumerate(self.sorted_records() if ordered is None else ordered, start=1):
+            yield f"{name.relativize(self.origin).to_text()} {dns.rdatatype.to_text(rdata.rdtype)} {rdata.to_text()}"
+            if progress is not None and i % PROGRESS_RECORDS == 0:
+                progress(PROGRESS_RECORDS)
+        if progress is not None:
+            progress(len(self.records) % PROGRESS_RECORDS)
 
     def to_text(self) -> str:
         """A zone file that BIND, Unbound, Knot and `sinkhole lists import` read."""
-        lines = [f"$ORIGIN {self.origin.to_text()}", f"$TTL {self.ttl}",
-                 f"@ SOA {self.soa().to_text()}", f"@ NS {NS_TARGET}",
-                 f"; sinkhole policy version {self.version} for group {self.group}: {self.counts.get('block', 0)}"
-                 f" block, {self.counts.get('allow', 0)} allow and {self.counts.get('network', 0)} network rules"]
-        lines += [f"; left out: {s}" for s in self.skipped]
-        for name, rdata in self.sorted_records():
-            lines.append(f"{name.relativize(self.origin).to_text()} {dns.rdatatype.to_text(rdata.rdtype)}"
-                         f" {rdata.to_text()}")
-        return "\n".join(lines) + "\n"
+        return "\n".join(self.lines()) + "\n"
 
 
 def _order(record: Record) -> tuple:
@@ -251,12 +270,15 @@ def rules_in_force(store: Store, group: str) -> tuple[int, list[tuple[str, str, 
 
 
 def build(rules: Iterable[tuple[str, str, str]], answers: AnswerConfig, origin: dns.name.Name, serial: int,
-          group: str = "default", refresh: int = 60, version: int = 0) -> Zone:
-    """The zone for `rules` (domain, kind, category) as they are in force for one group."""
+          group: str = "default", refresh: int = 60, version: int = 0, progress: Advance = None) -> Zone:
+    """The zone for `rules` (domain, kind, category) as they are in force for one group. `progress` is called
+    with the number of rules turned into records since its last call (one per rule in all)."""
     kinds: dict[str, str] = {}
     networks: set[str] = set()
     skipped: list[str] = []
+    count = 0
     for domain, kind, category in rules:
+        count += 1
         if "/" in domain:
             if is_regex(domain):
                 skipped.append(f"{domain} ({kind}, category {category}): a regular expression has no RPZ form")
@@ -267,7 +289,9 @@ def build(rules: Iterable[tuple[str, str, str]], answers: AnswerConfig, origin: 
             kinds[domain] = kind
     action = block_actions(answers)
     records: set[Record] = set()
-    for domain, kind in kinds.items():
+    for i, (domain, kind) in enumerate(kinds.items(), start=1):
+        if progress is not None and i % PROGRESS_RECORDS == 0:
+            progress(PROGRESS_RECORDS)
         name = dns.name.from_text(domain, origin)
         wild = dns.name.from_text("*." + domain, origin)
         for rdata in ([PASSTHRU] if kind == "allow" else action):
@@ -277,16 +301,11 @@ def build(rules: Iterable[tuple[str, str, str]], answers: AnswerConfig, origin: 
         name = dns.name.from_text(rpz_ip_labels(network) + ".rpz-ip", origin)
         for rdata in action:
             records.add((name, rdata))
+    if progress is not None:  # the rest: the last names, networks, duplicates and regular expressions
+        progress(count - len(kinds) // PROGRESS_RECORDS * PROGRESS_RECORDS)
     counts = {"block": sum(k == "block" for k in kinds.values()), "allow": sum(k == "allow" for k in kinds.values()),
               "network": len(networks)}
     return Zone(origin, serial, frozenset(records), answers.ttl, refresh, group, version, counts, sorted(skipped))
-
-
-def export(store: Store, answers: AnswerConfig, origin: dns.name.Name, group: str = "default",
-           refresh: int = 60) -> Zone:
-    """The zone of the policy in force for `group` now; its serial is the policy version."""
-    version, rules = rules_in_force(store, group)
-    return build(rules, answers, origin, max(version, 1), group, refresh, version)
 
 
 # ---------------------------------------------------------------------------- wire helpers

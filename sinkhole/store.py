@@ -40,6 +40,7 @@ BUSY_TIMEOUT_S = 10.0
 PATCHABLE = frozenset({"block add", "block remove", "allow add", "allow remove", "block expire", "allow expire"})
 NOT_POLICY = frozenset({"settings reload", "log prune"})
 PATCH_MAX = 50_000  # names: beyond this, reading the policy whole is as quick
+PROGRESS_ROWS = 10_000  # rows stored between two progress reports of a list import
 PRUNE_BATCH = 2000  # rows deleted in one write transaction by a prune
 PRUNE_PAUSE = 0.02  # seconds between two of them, so that the audit writer gets the lock in between
 JOURNAL_FIELDS = ["id", "time", "user", "sudo_user", "host", "command", "action", "kind", "category", "domains",
@@ -433,18 +434,24 @@ class Store:
         return removed, missing
 
     def _replace_category(self, category: str, entries: list[tuple[str, str]], source: str, actor: Actor,
-                          action: str, allows: list[tuple[str, str]] | None = None) -> int:
+                          action: str, allows: list[tuple[str, str]] | None = None,
+                          progress: Callable[[int], None] | None = None) -> int:
         """The category's block rules become `entries`; with `allows` (a list that has exceptions), its
-        allow rules from lists become those (allow rules added by hand, source 'cli', stay)."""
+        allow rules from lists become those (allow rules added by hand, source 'cli', stay). `progress` is
+        called with the number of rules stored since its last call."""
         now = iso(time.time())
         self.conn.execute("DELETE FROM rules WHERE category = ? AND kind = 'block'", (category,))
         self.conn.execute("DELETE FROM rules WHERE category = ? AND kind = 'allow' AND source IS NOT 'cli'",
                           (category,))
         for kind, rows in (("block", entries), ("allow", allows or [])):
-            self.conn.executemany(
-                "INSERT OR IGNORE INTO rules (domain, kind, category, source, added_at, added_by, note)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(d, kind, category, source, now, actor.user, note) for d, note in rows])
+            for start in range(0, len(rows), PROGRESS_ROWS):
+                chunk = rows[start:start + PROGRESS_ROWS]
+                self.conn.executemany(
+                    "INSERT OR IGNORE INTO rules (domain, kind, category, source, added_at, added_by, note)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [(d, kind, category, source, now, actor.user, note) for d, note in chunk])
+                if progress is not None:
+                    progress(len(chunk))
         detail = f"{len(entries)} rules from {source}" if not allows else (
             f"{len(entries)} block and {len(allows)} allow rules from {source}")
         self._journal(actor, action, "block" if not allows else None, category, [], detail)
@@ -462,13 +469,15 @@ class Store:
     def import_list(self, category: str, entries: list[tuple[str, str]], allows: list[tuple[str, str]],
                     location: str, fmt: str, sha256: str, etag: str | None = None,
                     last_modified: str | None = None, actor: Actor | None = None,
-                    action: str = "lists import", rule_source: str | None = None) -> int:
+                    action: str = "lists import", rule_source: str | None = None,
+                    progress: Callable[[int], None] | None = None) -> int:
         """Replace the category's rules with a list's and record where it came from (`location`, for
         `lists update`), in one transaction with one journal entry; returns the number of rules.
-        The rules' `source` is `rule_source` (e.g. the path as the operator typed it), else `location`."""
+        The rules' `source` is `rule_source` (e.g. the path as the operator typed it), else `location`.
+        `progress` is called with the number of rules stored since its last call."""
         with self.db.atomic():
             count = self._replace_category(category, entries, rule_source or location, actor or Actor(), action,
-                                           allows)
+                                           allows, progress)
             self.conn.execute(
                 "INSERT OR REPLACE INTO sources (category, location, format, etag, last_modified, sha256,"
                 " fetched_at, rules) VALUES (?,?,?,?,?,?,?,?)",
@@ -758,7 +767,8 @@ class Store:
     # ------------------------------------------------------------------ retention
 
     def prune_audit(self, before: str, node: str, actor: Actor | None = None, batch: int = PRUNE_BATCH,
-                    pause: float = PRUNE_PAUSE, stop: Callable[[], bool] | None = None) -> PruneResult:
+                    pause: float = PRUNE_PAUSE, stop: Callable[[], bool] | None = None,
+                    planned: Callable[[int], Callable[[int], None] | None] | None = None) -> PruneResult:
         """Delete audit rows older than `before` (ISO UTC), leaving checkpoints so that every chain verifies.
 
         Per chain, a prefix of links goes (links 0..F-1; a row newer than `before` ends it). First, in one short
@@ -768,7 +778,8 @@ class Store:
         summed up. Then the rows are deleted in transactions of `batch` rows, newest link first, with `pause`
         seconds between: the audit writer waits at most one batch, and whatever state a crash (or `stop()` turning
         true, checked between batches) leaves verifies; the next prune finishes the job.
-        The audit key must be takeable: no row is deleted without its checkpoint (AuditKeyError otherwise)."""
+        The audit key must be takeable: no row is deleted without its checkpoint (AuditKeyError otherwise).
+        `planned` is told how many rows will go; what it returns is called with each batch's number of rows."""
         started = time.perf_counter()
         res = PruneResult(before=before)
         conn = self.conn
@@ -796,6 +807,7 @@ class Store:
             conn.executemany(_AUDIT_INSERT_SQL, rows)
             res.max_lock_ms = (time.perf_counter() - t0) * 1000
         ch.commit(state)
+        progress = planned(sum(map(len, plan.values()))) if planned is not None else None
         for seqs in plan.values():
             for end in range(len(seqs), 0, -batch):  # the newest links first: a prefix of each chain stays whole
                 if stop is not None and stop():
@@ -813,6 +825,8 @@ class Store:
                     raise
                 res.max_lock_ms = max(res.max_lock_ms, (time.perf_counter() - t0) * 1000)
                 res.batches += 1
+                if progress is not None:
+                    progress(len(chunk))
                 if pause:
                     time.sleep(pause)
         res.seconds = time.perf_counter() - started
@@ -980,45 +994,61 @@ class Store:
         return [dict(r) for r in self.db.query(
             f"SELECT * FROM audit NOT INDEXED{where} ORDER BY seq LIMIT {int(batch)}", args)]
 
-    def stats(self, since: str | None = None, until: str | None = None, top: int = 10) -> dict:
+    def stats(self, since: str | None = None, until: str | None = None, top: int = 10,
+              progress: Callable[[int], None] | None = None) -> dict:
+        """What `sinkhole stats` shows; `progress` is called with 1 after each of its STATS_QUERIES queries."""
         where, args = self._log_where(since, until, None, None, None)
         blocked = where + (" AND " if where else " WHERE ") + "action = 'blocked'"
-        one = self.conn.execute
+
+        def rows(sql: str) -> list:
+            out = self.conn.execute(sql, args).fetchall()
+            if progress is not None:
+                progress(1)
+            return out
+
+        def dicts(sql: str) -> list[dict]:
+            out = [dict(r) for r in self.db.query(sql, args)]
+            if progress is not None:
+                progress(1)
+            return out
+
         totals = {
-            "queries_logged": one(f"SELECT count(*) FROM audit{where}", args).fetchone()[0],
-            "blocked": one(f"SELECT count(*) FROM audit{blocked}", args).fetchone()[0],
-            "clients": one(f"SELECT count(DISTINCT client) FROM audit{blocked}", args).fetchone()[0],
-            "domains": one(f"SELECT count(DISTINCT qname) FROM audit{blocked}", args).fetchone()[0],
+            "queries_logged": rows(f"SELECT count(*) FROM audit{where}")[0][0],
+            "blocked": rows(f"SELECT count(*) FROM audit{blocked}")[0][0],
+            "clients": rows(f"SELECT count(DISTINCT client) FROM audit{blocked}")[0][0],
+            "domains": rows(f"SELECT count(DISTINCT qname) FROM audit{blocked}")[0][0],
         }
-        top_domains = [dict(r) for r in self.db.query(
+        top_domains = dicts(
             f"SELECT rule, category, count(*) AS queries, count(DISTINCT client) AS clients FROM audit{blocked}"
-            f" GROUP BY rule, category ORDER BY queries DESC, rule LIMIT {int(top)}", args)]
-        top_names = [dict(r) for r in self.db.query(
+            f" GROUP BY rule, category ORDER BY queries DESC, rule LIMIT {int(top)}")
+        top_names = dicts(
             f"SELECT qname, count(*) AS queries FROM audit{blocked}"
-            f" GROUP BY qname ORDER BY queries DESC, qname LIMIT {int(top)}", args)]
-        top_clients = [dict(r) for r in self.db.query(
+            f" GROUP BY qname ORDER BY queries DESC, qname LIMIT {int(top)}")
+        top_clients = dicts(
             f"SELECT client, count(*) AS queries, count(DISTINCT qname) AS names FROM audit{blocked}"
-            f" GROUP BY client ORDER BY queries DESC, client LIMIT {int(top)}", args)]
+            f" GROUP BY client ORDER BY queries DESC, client LIMIT {int(top)}")
         # a bypass attempt: a canary, or a lookup of a public encrypted-DNS resolver (the doh-bypass list)
         bypass = where + (" AND " if where else " WHERE ") + "(action = 'canary' OR category = 'doh-bypass')"
-        totals["bypass_attempts"] = one(f"SELECT count(*) FROM audit{bypass}", args).fetchone()[0]
+        totals["bypass_attempts"] = rows(f"SELECT count(*) FROM audit{bypass}")[0][0]
         page = where + (" AND " if where else " WHERE ") + "action = 'page'"
-        totals["page_views"], totals["page_clients"] = one(
-            f"SELECT count(*), count(DISTINCT client) FROM audit{page}", args).fetchone()
-        bypass_clients = [dict(r) for r in self.db.query(
+        totals["page_views"], totals["page_clients"] = rows(
+            f"SELECT count(*), count(DISTINCT client) FROM audit{page}")[0]
+        bypass_clients = dicts(
             f"SELECT client, count(*) AS attempts, group_concat(DISTINCT qname) AS canaries FROM audit{bypass}"
-            f" GROUP BY client ORDER BY attempts DESC, client LIMIT {int(top)}", args)]
-        by_group = [dict(r) for r in self.db.query(
+            f" GROUP BY client ORDER BY attempts DESC, client LIMIT {int(top)}")
+        by_group = dicts(
             f"SELECT grp AS [group], count(*) AS blocked, count(DISTINCT client) AS clients FROM audit{blocked}"
-            f" GROUP BY grp ORDER BY blocked DESC, grp", args)]
-        by_category = [dict(r) for r in self.db.query(
+            f" GROUP BY grp ORDER BY blocked DESC, grp")
+        by_category = dicts(
             f"SELECT category, count(*) AS blocked, count(DISTINCT client) AS clients FROM audit{blocked}"
-            f" GROUP BY category ORDER BY blocked DESC, category", args)]
-        per_hour = dict(self.conn.execute(
-            f"SELECT substr(time, 1, 13) AS hour, count(*) FROM audit{blocked} GROUP BY hour", args).fetchall())
+            f" GROUP BY category ORDER BY blocked DESC, category")
+        per_hour = dict(rows(f"SELECT substr(time, 1, 13) AS hour, count(*) FROM audit{blocked} GROUP BY hour"))
         return {"totals": totals, "top_rules": top_domains, "top_names": top_names, "top_clients": top_clients,
                 "bypass_clients": bypass_clients, "by_group": by_group, "by_category": by_category,
                 "hourly": hourly(per_hour, since, until)}
+
+
+STATS_QUERIES = 13  # the queries of Store.stats (the total of its progress)
 
 
 MAX_HOURS = 24 * 400  # a histogram longer than this starts at the first hour with a blocked row
