@@ -208,7 +208,7 @@ def _rule_category(category: str | None, client_group: str | None) -> str:
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
               envvar="SINKHOLE_CONFIG", help="TOML file with settings (flags and SINKHOLE_* override it) "
                                              "[default: /etc/sinkhole/sinkhole.toml if it exists]. "
-                                             "SIGHUP reads it again.")
+                                             "sinkhole reload (or SIGHUP) reads it again.")
 @click.option("--mode", type=click.Choice(["sinkhole", "nxdomain"]), default=None,
               help="Answer blocked names with the sinkhole address (A/AAAA; NODATA otherwise) or NXDOMAIN.")
 @click.option("--block-a", default=None, metavar="IPV4|none", help="Address for blocked A queries [0.0.0.0].")
@@ -260,7 +260,7 @@ def _rule_category(category: str | None, client_group: str | None) -> str:
 def serve(env: Env, config_file: Path | None, **flags: Any) -> None:
     """Serve DNS: sinkhole listed names, forward the rest, audit every block.
 
-    SIGHUP reads the configuration again and applies what can change at run time."""
+    sinkhole reload (or SIGHUP) reads the configuration again and applies what can change at run time."""
     from sinkhole import config, server, systemd
 
     config_file = config_file or config.default_file()
