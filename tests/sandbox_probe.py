@@ -289,6 +289,71 @@ def ex_metrics() -> str:
     return "prometheus_client exposition with process metrics"
 
 
+def ex_tls(tmp: Path) -> str:
+    """The block page's certificates (cryptography: a P-256 CA, a leaf minted for a name, loaded through a
+    memfd) and a TLS handshake with it over loopback, the client trusting only that CA."""
+    import socket
+    import ssl
+
+    from sinkhole.web import certs
+
+    ca = certs.init_ca(tmp / "ca", "probe CA")
+    server_ctx = certs.Minter(ca).context("chat.deepseek.com")
+    assert server_ctx is not None
+    client_ctx = ssl.create_default_context(cadata=ca.pem().decode())
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with server_ctx.wrap_socket(conn, server_side=True) as tls:
+            tls.sendall(b"hello " + tls.recv(64))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+            client_ctx.wrap_socket(raw, server_hostname="chat.deepseek.com") as tls:
+        tls.sendall(b"probe")
+        got = tls.recv(64)
+        version = tls.version()
+    thread.join(10)
+    listener.close()
+    assert got == b"hello probe", got
+    return f"CA and leaf for chat.deepseek.com (cryptography), {version} handshake verified"
+
+
+def ex_aiohttp() -> str:
+    """aiohttp's server and client (its C HTTP parser) on uvloop over loopback, a Jinja2 page (MarkupSafe)."""
+    import aiohttp
+    import jinja2
+    import uvloop
+    from aiohttp import web
+
+    page = jinja2.Environment(autoescape=True).from_string("<p>{{ name }} is blocked</p>")
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(text=page.render(name=request.query["name"]), content_type="text/html")
+
+    async def main() -> str:
+        app = web.Application()
+        app.router.add_get("/", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        try:
+            async with aiohttp.ClientSession() as session, \
+                    session.get(f"http://127.0.0.1:{port}/", params={"name": "<b>x</b>"}) as resp:
+                return await resp.text()
+        finally:
+            await runner.cleanup()
+
+    text = uvloop.run(main())
+    assert text == "<p>&lt;b&gt;x&lt;/b&gt; is blocked</p>", text
+    return f"aiohttp {aiohttp.__version__} server and client on uvloop, Jinja2 autoescape"
+
+
 def ex_sinkhole(tmp: Path) -> str:
     """sinkhole's own store: a new database seeded with the shipped lists, the policy loaded."""
     from sinkhole.server import open_store
@@ -332,7 +397,8 @@ def main() -> int:
         tmp = Path(d)
         steps: list[tuple[str, Callable[[], str]]] = [
             ("uvloop", ex_uvloop), ("sqlite", lambda: ex_sqlite(tmp)), ("ssl", ex_ssl), ("ctypes", ex_ctypes),
-            ("http", ex_http), ("dns", ex_dns), ("metrics", ex_metrics), ("sinkhole", lambda: ex_sinkhole(tmp))]
+            ("http", ex_http), ("dns", ex_dns), ("metrics", ex_metrics), ("tls", lambda: ex_tls(tmp)),
+            ("aiohttp", ex_aiohttp), ("sinkhole", lambda: ex_sinkhole(tmp))]
         for name, step in steps:
             try:
                 exercises[name] = "ok: " + step()
