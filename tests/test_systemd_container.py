@@ -133,8 +133,8 @@ def test_a_query_starts_the_stopped_service_through_its_socket(box: Container) -
     assert prop(box, "ActiveState") == "inactive"
     assert prop(box, "ActiveState", "sinkhole.socket") == "active"  # port 53 stays bound by systemd
     answer = dig(box, "chat.deepseek.com", "+tcp")
-    assert answer and answer[0].endswith("\tA\t0.0.0.0")
-    assert prop(box, "ActiveState") == "active"
+    assert answer and answer[0].endswith("\tA\t0.0.0.0")  # a worker may answer before both are ready
+    assert wait_until(lambda: prop(box, "ActiveState") == "active")  # READY=1 once both are
     assert dig(box, "chat.deepseek.com")[0].endswith("\tA\t0.0.0.0")
 
 
