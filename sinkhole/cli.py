@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import itertools
 import json
 import logging
@@ -17,8 +15,8 @@ from typing import Any, ClassVar
 
 import click
 
-from sinkhole import __version__, systemd
-from sinkhole.domains import is_ip_address, normalize
+from sinkhole import __version__, operations, systemd
+from sinkhole.domains import normalize
 from sinkhole.errors import ConfigError, DomainError, ListFormatError, SinkholeError
 from sinkhole.model import Action, RuleKind
 from sinkhole.progress import Progress, quiet_option
@@ -87,13 +85,9 @@ def cli(ctx: click.Context, db: Path | None) -> None:
 def emit(rows: list[dict], columns: list[str], fmt: str) -> None:
     if fmt == "json":
         for row in rows:
-            click.echo(json.dumps(row, ensure_ascii=False, default=str))
+            click.echo(operations.json_line(row))
     elif fmt == "csv":
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        click.echo(buf.getvalue(), nl=False)
+        click.echo(operations.csv_text(rows, columns), nl=False)
     else:
         cells = [[("" if r.get(c) is None else str(r.get(c))) for c in columns] for r in rows]
         widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
@@ -102,92 +96,27 @@ def emit(rows: list[dict], columns: list[str], fmt: str) -> None:
             click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=False)).rstrip())
 
 
-_RELATIVE = re.compile(r"(\d+)\s*([smhdw])\Z")
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
-
-
 def parse_when(text: str | None, option: str) -> str | None:
     """'15m', '2h', '7d', '1w', '2026-11-01' or an ISO 8601 time -> ISO UTC text as stored in the log."""
-    if text is None:
-        return None
-    m = _RELATIVE.match(text.strip().lower())
     try:
-        if m:
-            when = datetime.now(UTC) - timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
-        else:
-            when = datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
-            if when.tzinfo is None:
-                when = when.replace(tzinfo=UTC)
-        return iso_dt(when)
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is neither a duration like 15m/2h/7d nor an ISO 8601 time",
-                                 param_hint=option) from None
-    except OverflowError:
-        raise click.BadParameter(f"{text!r} is out of the range of dates", param_hint=option) from None
+        return operations.parse_when(text, option)
+    except operations.BadValue as exc:
+        raise click.BadParameter(exc.message, param_hint=option) from None
 
 
 def parse_expiry(text: str | None, option: str = "--expires") -> str | None:
     """'7d', '12h', '2w' from now, or an ISO 8601 time -> ISO UTC text; it must lie in the future."""
-    if text is None:
-        return None
-    m = _RELATIVE.match(text.strip().lower())
     try:
-        if m:
-            when = datetime.now(UTC) + timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
-        else:
-            when = datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
-            if when.tzinfo is None:
-                when = when.replace(tzinfo=UTC)
-    except (ValueError, OverflowError):
-        raise click.BadParameter(f"{text!r} is neither a duration like 12h/7d/2w nor an ISO 8601 time in range",
-                                 param_hint=option) from None
-    if when <= datetime.now(UTC):
-        raise click.BadParameter(f"{text!r} is not in the future", param_hint=option)
-    return iso_dt(when)
-
-
-def _domains(names: tuple[str, ...], networks: bool = False) -> list[str]:
-    """Normalized names, and `/pattern/` regular expressions; with `networks`, an IP network (CIDR) is
-    taken too: a block rule on a network blocks forwarded answers that hold an address in it."""
-    import ipaddress
-
-    from sinkhole.lists import is_regex, regex_rule
-
-    out = []
-    for n in names:
-        if is_regex(n.strip()):  # `/pattern/`: a regular-expression rule, checked with re.compile
-            out.append(regex_rule(n))
-            continue
-        address, slash, _ = n.strip().partition("/")
-        if networks and slash and is_ip_address(address):
-            try:
-                out.append(str(ipaddress.ip_network(n.strip(), strict=False)))
-                continue
-            except ValueError:
-                raise DomainError(f"invalid network {n!r}: not an IP network in CIDR form") from None
-        out.append(normalize(n))
-    return out
-
-
-# a category: letters, digits, '-' and '_'; or a secondary's pulled zone, `rpz:<zone name>`
-_CATEGORY = re.compile(r"(?:[a-z0-9][a-z0-9_-]{0,62}|rpz:[a-z0-9_-][a-z0-9._-]{0,252})\Z")
+        return operations.parse_expiry(text, option)
+    except operations.BadValue as exc:
+        raise click.BadParameter(exc.message, param_hint=option) from None
 
 
 def _category(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    if value is not None and not _CATEGORY.match(value):
-        raise click.BadParameter(f"{value!r}: use lower-case letters, digits, '-' and '_'")
-    return value
-
-
-def _rule_category(category: str | None, client_group: str | None) -> str:
-    """The category a rule is filed under: --category, or a group's own `group:NAME`, or `manual`."""
-    from sinkhole.policy import EVERYWHERE, GROUP_PREFIX
-
-    if client_group is not None and category is not None:
-        raise ConfigError("--group and --category exclude each other: a group's extra rules have their own category")
-    if client_group is not None:
-        return GROUP_PREFIX + client_group
-    return category or EVERYWHERE
+    try:
+        return operations.check_category(value)
+    except operations.BadValue as exc:
+        raise click.BadParameter(exc.message) from None
 
 
 # ---------------------------------------------------------------------------- serve
@@ -364,13 +293,11 @@ def _rule_group(kind: RuleKind, verb: str) -> click.Group:
     @pass_env
     def add(env: Env, names: tuple[str, ...], category: str | None, client_group: str | None,
             note: str | None, expires: str | None) -> None:
-        category = _rule_category(category, client_group)
-        domains = _domains(names, networks=kind is RuleKind.BLOCK)
+        operations.rule_category(category, client_group)
+        operations.rule_targets(names, networks=kind is RuleKind.BLOCK)  # bad input: nothing opened or written
         until = parse_expiry(expires)
         with env.store() as store:
-            if client_group is not None and client_group not in {g["name"] for g in store.groups()}:
-                raise ConfigError(f"no group {client_group!r}: see `sinkhole group list`")
-            added, present = store.add_rules(kind, domains, category=category, note=note, expires=until)
+            category, added, present = operations.add_rules(store, kind, names, category, client_group, note, until)
         for d in added:
             click.echo(f"{verb}: {d} (category {category})" + (f" until {until}" if until else ""))
         for d in present:
@@ -386,10 +313,10 @@ def _rule_group(kind: RuleKind, verb: str) -> click.Group:
     @pass_env
     def remove(env: Env, names: tuple[str, ...], category: str | None, client_group: str | None) -> None:
         if client_group is not None:
-            category = _rule_category(category, client_group)
-        domains = _domains(names, networks=kind is RuleKind.BLOCK)
+            operations.rule_category(category, client_group)
+        operations.rule_targets(names, networks=kind is RuleKind.BLOCK)  # bad input: nothing opened or written
         with env.store() as store:
-            removed, missing = store.remove_rules(kind, domains, category)
+            removed, missing = operations.remove_rules(store, kind, names, category, client_group)
         for d in removed:
             click.echo(f"removed {kind.value} rule: {d}")
         if missing:
@@ -405,7 +332,7 @@ def _rule_group(kind: RuleKind, verb: str) -> click.Group:
     @pass_env
     def list_(env: Env, category: str | None, client_group: str | None, fmt: str) -> None:
         if client_group is not None:
-            category = _rule_category(category, client_group)
+            category = operations.rule_category(category, client_group)
         with env.store() as store:
             rows = store.list_rules(kind, category)
         emit(rows, ["domain", "category", "source", "added_at", "added_by", "expires_at", "note"], fmt)
@@ -419,31 +346,6 @@ cli.add_command(_rule_group(RuleKind.ALLOW, "allowed"))
 
 
 # ---------------------------------------------------------------------------- client groups
-
-
-def _networks(values: tuple[str, ...]) -> list[str]:
-    import ipaddress
-
-    out = []
-    for v in values:
-        try:
-            out.append(str(ipaddress.ip_network(v.strip(), strict=False)))
-        except ValueError:
-            raise ConfigError(f"invalid network {v!r}: not an IP address or network in CIDR form") from None
-    return out
-
-
-def _categories(value: str | None) -> list[str] | None:
-    """`--categories a,b,c`; `inherit` = those in force for everyone (None); `none` = []."""
-    if value is None or value.strip() == "inherit":
-        return None
-    if value.strip() == "none":
-        return []
-    cats = [c.strip() for c in value.split(",") if c.strip()]
-    for c in cats:
-        if not _CATEGORY.match(c):
-            raise ConfigError(f"invalid category {c!r}: use lower-case letters, digits, '-' and '_'")
-    return cats
 
 
 @cli.group("group")
@@ -465,8 +367,8 @@ def group_add(env: Env, name: str, networks: tuple[str, ...], categories: str | 
 
     e.g. `sinkhole group add defence --network 10.20.0.0/16 --categories deepseek,genai-cn,genai,doh-bypass`
     """
-    nets = _networks(networks)
-    cats = _categories(categories)
+    nets = operations.networks(networks)
+    cats = operations.group_categories(categories)
     with env.store() as store:
         known = {r["category"] for r in store.categories()}
         created, added = store.save_group(name, nets, cats, note)
@@ -485,7 +387,7 @@ def group_add(env: Env, name: str, networks: tuple[str, ...], categories: str | 
 @pass_env
 def group_remove(env: Env, name: str, networks: tuple[str, ...]) -> None:
     """Remove group NAME (its clients fall back to the default group, its extra rules go), or some networks."""
-    nets = _networks(networks) if networks else None
+    nets = operations.networks(networks) if networks else None
     with env.store() as store:
         gone = store.remove_group(name, nets)
     if nets is None:
@@ -494,27 +396,13 @@ def group_remove(env: Env, name: str, networks: tuple[str, ...]) -> None:
         click.echo(f"removed from group {name}: {', '.join(gone)}")
 
 
-def _group_rows(store: Store, categories: list[dict]) -> list[dict]:
-    """store.groups() with, for each, the categories in force (`categories`: store.categories(), read once)."""
-    from sinkhole.policy import EVERYWHERE, GROUP_PREFIX
-
-    rows = store.groups()
-    inherited = [r["category"] for r in categories if r["enabled"] and not r["category"].startswith(GROUP_PREFIX)]
-    for r in rows:
-        if r["name"] == "default":
-            r["networks"] = r["networks"] or ["(every client of no other group)"]
-        r["inherits"] = r["categories"] is None
-        r["in_force"] = sorted(set(inherited if r["categories"] is None else r["categories"]) | {EVERYWHERE})
-    return rows
-
-
 @group_group.command("list")
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
 @pass_env
 def group_list(env: Env, fmt: str) -> None:
     """Every group: its networks, categories in force and number of extra rules."""
     with env.store() as store:
-        rows = _group_rows(store, store.categories())
+        rows = operations.group_rows(store)
     if fmt != "json":
         for r in rows:
             r["networks"] = " ".join(r["networks"])
@@ -532,7 +420,7 @@ def group_show(env: Env, name: str, fmt: str) -> None:
 
     with env.store() as store:
         categories = store.categories()
-        rows = {r["name"]: r for r in _group_rows(store, categories)}
+        rows = {r["name"]: r for r in operations.group_rows(store, categories)}
         if name not in rows:
             raise ConfigError(f"no group {name!r}: see `sinkhole group list`")
         row = rows[name]
@@ -564,19 +452,8 @@ def lists_group() -> None:
 @pass_env
 def lists_show(env: Env, fmt: str) -> None:
     """Every category: rules, source, in force or not; and the shipped lists not loaded."""
-    from sinkhole import lists
-
     with env.store() as store:
-        rows = store.categories()
-        shapes = store.rule_shapes()
-    for r in rows:
-        r["regex"] = (shapes.get(r["category"]) or {}).get("regex") or 0
-    known = {r["category"] for r in rows}
-    for source, bl in lists.shipped_lists(only_default=False):
-        name = bl.headers.get("category", bl.name)
-        if name not in known:
-            rows.append({"category": name, "block": 0, "allow": 0, "regex": 0, "source": source, "enabled": 0,
-                         "disabled_since": "not loaded (sinkhole lists enable " + name + ")"})
+        rows = operations.list_rows(store)
     for r in rows:
         r["enabled"] = "yes" if r["enabled"] else "no"
     emit(rows, ["category", "enabled", "block", "allow", "regex", "source", "disabled_since"], fmt)
@@ -587,20 +464,11 @@ def lists_show(env: Env, fmt: str) -> None:
 @pass_env
 def lists_enable(env: Env, category: str) -> None:
     """Put CATEGORY's rules in force again; a shipped list not loaded yet (e.g. deepseek-telemetry) is loaded."""
-    from sinkhole import lists
-
-    loaded = False
     with env.store() as store:
-        if not any(r["category"] == category for r in store.categories()):
-            shipped = {bl.headers.get("category", bl.name): (src, bl) for src, bl in lists.shipped_lists(False)}
-            if category not in shipped:
-                raise ConfigError(f"no category {category!r}: see `sinkhole lists show`")
-            source, bl = shipped[category]
-            store.replace_category(category, bl.entries, source)
-            click.echo(f"loaded {len(bl.entries)} rules into category {category} from {source}")
-            loaded = True
-        changed = store.set_enabled(category, True)
-    click.echo(f"category {category} is in force" + ("" if changed or loaded else " (it was already)"))
+        changed, loaded, source = operations.enable_list(store, category)
+    if loaded is not None:
+        click.echo(f"loaded {loaded} rules into category {category} from {source}")
+    click.echo(f"category {category} is in force" + ("" if changed else " (it was already)"))
 
 
 @lists_group.command("disable")
@@ -609,22 +477,11 @@ def lists_enable(env: Env, category: str) -> None:
 def lists_disable(env: Env, category: str) -> None:
     """Take CATEGORY's rules out of force (they stay stored: `lists enable` brings them back)."""
     with env.store() as store:
-        if not any(r["category"] == category for r in store.categories()):
-            raise ConfigError(f"no category {category!r}: see `sinkhole lists show`")
-        changed = store.set_enabled(category, False)
+        changed = operations.disable_list(store, category)
     click.echo(f"category {category} is out of force" + ("" if changed else " (it was already)"))
 
 
 LIST_FORMATS = click.Choice(["auto", "hosts", "domains", "adblock", "rpz"])
-
-
-def _read_source(location: str, etag: str | None = None, last_modified: str | None = None):
-    """A list source's bytes: a URL (conditional GET when validators are given) or a file."""
-    from sinkhole import fetch
-
-    if fetch.is_url(location):
-        return fetch.fetch_url(location, etag, last_modified)
-    return fetch.read_file(location)
 
 
 @lists_group.command("import")
@@ -644,49 +501,11 @@ def lists_import(env: Env, source: str, category: str | None, fmt: str, quiet: b
     that `sinkhole lists update` can fetch it again. e.g.
     `sinkhole lists import https://lists.example/ai.txt --category ai`
     """
-    from urllib.parse import urlsplit
-
-    from sinkhole import fetch, lists
-
-    if fetch.is_url(source):
-        location = source
-        default_name = Path(urlsplit(source).path).stem
-    elif fetch.has_scheme(source):
-        raise ConfigError(f"{source}: only http:// and https:// URLs, or a file path")
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"{source}: no such file" + (" (a directory)" if path.is_dir() else ""))
-        location = str(path.resolve())
-        default_name = path.stem
-    got = _read_source(location)
-    assert got.body is not None
     with Progress.for_command(quiet) as progress:
-        text = lists.decode(got.body, source)
-        # errors name what the user typed
-        parsed = lists.parse(text, source, fmt, progress.stage("checking", lists.line_count(text), "lines"))
-        progress.done()
-        name = category or parsed.headers.get("category") or default_name
-        try:
-            _category(click.get_current_context(), None, name)
-        except click.BadParameter:
-            raise ConfigError(f"{name!r} cannot be a category name: give one with --category") from None
+        read = operations.read_list(source, category, fmt, progress=progress)  # a bad list: nothing written
         with env.store() as store:
-            # files: the sources row keeps the absolute path (for `lists update`), the rules the path as typed
-            store.import_list(name, parsed.entries, parsed.allows, location, fmt, got.sha256 or "", got.etag,
-                              got.last_modified, rule_source=source,
-                              progress=progress.stage("storing", _total(parsed), "rules"))
-    click.echo(f"imported {_counts(parsed)} ({parsed.format}) into category {name} from {source}")
-
-
-def _total(parsed) -> int:
-    return len(parsed.entries) + len(parsed.allows)
-
-
-def _counts(parsed) -> str:
-    """'12 rules' or '12 rules (10 block, 2 allow)'."""
-    text = f"{_total(parsed)} rules"
-    return text + (f" ({len(parsed.entries)} block, {len(parsed.allows)} allow)" if parsed.allows else "")
+            operations.store_list(store, read, fmt, progress=progress)
+    click.echo(f"imported {read.summary} ({read.format}) into category {read.category} from {source}")
 
 
 @lists_group.command("update")
@@ -701,42 +520,19 @@ def lists_update(env: Env, categories: tuple[str, ...], quiet: bool) -> None:
     its content changed. One line per source; a source that fails (unreachable, a bad line) keeps
     its rules in force, the others are still updated, and the exit code is 1. For a timer or cron.
     """
-    from sinkhole import fetch, lists
-
     failed = 0
     progress = Progress.for_command(quiet)
     with env.store() as store:
-        sources = store.sources(categories or None)
-        missing = sorted(set(categories) - {s["category"] for s in sources})
-        if missing:
-            raise ConfigError(f"no recorded source for {', '.join(missing)}: import it first"
-                              " (sinkhole lists import FILE|URL --category NAME)")
-        if not sources:
-            click.echo("no list sources recorded (sinkhole lists import FILE|URL records one)")
-        for src in sources:
-            name, location = src["category"], src["location"]
-            try:
-                got = _read_source(location, src["etag"], src["last_modified"])
-                if got.status == 304:
-                    store.touch_source(name, got.etag, got.last_modified)
-                    click.echo(f"{name}: unchanged (304 Not Modified) {location}")
-                    continue
-                assert got.body is not None
-                if got.sha256 == src["sha256"]:
-                    store.touch_source(name, got.etag, got.last_modified)
-                    click.echo(f"{name}: unchanged (same content) {location}")
-                    continue
-                with progress:
-                    text = lists.decode(got.body, location)
-                    parsed = lists.parse(text, location, src["format"] or "auto",
-                                         progress.stage(f"{name}: checking", lists.line_count(text), "lines"))
-                    store.import_list(name, parsed.entries, parsed.allows, location, src["format"] or "auto",
-                                      got.sha256 or "", got.etag, got.last_modified, action="lists update",
-                                      progress=progress.stage(f"{name}: storing", _total(parsed), "rules"))
-                click.echo(f"{name}: updated, {_counts(parsed)} ({parsed.format}), was {src['rules']} {location}")
-            except (fetch.FetchError, ListFormatError) as exc:
+        any_source = False
+        for res in operations.update_lists(store, categories, progress=progress):
+            any_source = True
+            if res.ok:
+                click.echo(f"{res.category}: {res.text}")
+            else:
                 failed += 1
-                complain(f"{name}: failed, rules in force unchanged: {exc}")
+                complain(f"{res.category}: {res.text}")
+        if not any_source:
+            click.echo("no list sources recorded (sinkhole lists import FILE|URL records one)")
     if failed:
         sys.exit(1)
 
@@ -786,9 +582,7 @@ def export_rpz(env: Env, client_group: str, zone: str | None, config_file: Path 
 
 # ---------------------------------------------------------------------------- log / stats
 
-LOG_TABLE_COLUMNS = ["time", "client", "transport", "qname", "qtype", "action", "rule", "answer"]
-LOG_COLUMNS = ["seq", "time", "client", "transport", "qname", "qtype", "action", "rule", "category", "rcode",
-               "answer", "policy_version", "upstream", "latency_ms", "node", "grp", "asked", "list"]
+LOG_TABLE_COLUMNS, LOG_COLUMNS = operations.LOG_TABLE_COLUMNS, operations.LOG_COLUMNS
 
 
 @cli.group("log", invoke_without_command=True)
@@ -816,24 +610,17 @@ def log_(ctx: click.Context, since: str | None, until: str | None, client: str |
          action: str | None, group: str | None, category: str | None, rule: str | None, limit: int | None,
          ref: str | None, follow: bool, interval: float, fmt: str, dbs: tuple[Path, ...]) -> None:
     """Show the audit log, oldest first; `log verify` checks its chains, `log anchor` prints their heads."""
-    import ipaddress
-
     if ctx.invoked_subcommand is not None:
         return
     env = ctx.find_object(Env)
     assert env is not None
-    if client:
-        try:
-            client = (str(ipaddress.ip_network(client, strict=False)) if "/" in client
-                      else str(ipaddress.ip_address(client)))
-        except ValueError:
-            raise click.BadParameter(f"{client!r} is not an IP address or CIDR", param_hint="--client") from None
     if follow and until:
         raise click.BadParameter("--follow prints rows as they come: it takes no end", param_hint="--until")
-    since_iso, until_iso = parse_when(since, "--since"), parse_when(until, "--until")
-    domain = normalize(domain) if domain else None
-    filters = {"since": since_iso, "until": until_iso, "client": client, "domain": domain, "action": action,
-               "group": group, "category": category, "rule": rule}
+    try:
+        checked = operations.LogFilter.parse(since, until, client, domain, action, group, category, rule)
+    except operations.BadValue as exc:
+        raise click.BadParameter(exc.message, param_hint=f"--{exc.field}") from None
+    filters = checked.kwargs()
     if dbs:
         if follow:
             raise ConfigError("--follow reads one database: run one `log --follow` per node, or ship to syslog")
@@ -940,12 +727,7 @@ class _Stream:
             emit(rows, self.columns, "json")
             return
         if self.fmt == "csv":
-            buf = io.StringIO()
-            writer = csv.DictWriter(buf, fieldnames=self.columns, extrasaction="ignore", lineterminator="\n")
-            if not self.started:
-                writer.writeheader()
-            writer.writerows(rows)
-            click.echo(buf.getvalue(), nl=False)
+            click.echo(operations.csv_text(rows, self.columns, header=not self.started), nl=False)
         else:
             widths = [max(len(c), self.WIDTHS.get(c, 0)) for c in self.columns]
             lines = [] if self.started else ["  ".join(c.ljust(w) for c, w in zip(self.columns, widths,
@@ -1017,48 +799,11 @@ def _verify_one(env: Env, key_file: Path, anchor_file: Path | None, server_key: 
         current = None
         click.echo(f"note: {exc}; a chain deleted whole since the last chain start is only found with --anchor")
     with env.existing_store() as store, progress:
-        rows = store.conn.execute("SELECT count(*) FROM audit").fetchone()[0] if progress.enabled else 0
-        report = chain.verify(store.conn, generation, secret, anchor, current,
-                              progress.stage("verifying", rows, "rows"))
-        progress.done()
-        journal = chain.verify_journal(store.conn, generation, secret)
-    if report.before_chain:
-        click.echo(f"{report.before_chain} rows from before the chain started (written without a MAC: not covered)")
-    bad = {name for name, _ in report.problems}
-    for name, w in sorted(report.chains.items()):
-        if name in bad:
-            continue
-        pruned = (f" (links 0..{w.pruned_below - 1} pruned: checkpoint seq {w.checkpoint_seq})"
-                  if w.pruned_below else "")
-        click.echo(f"ok: chain {name}: {w.rows} rows, links {w.pruned_below}..{w.expected - 1}, last seq "
-                   f"{w.last_seq} at {w.last_time}{pruned}")
-    for name, (links, seq) in sorted(report.pruned.items()):
-        click.echo(f"pruned: chain {name}: links 0..{links - 1} pruned whole (checkpoint seq {seq})")
-    if report.gone_generations:
-        click.echo("pruned: the chains of key generations " + ", ".join(
-            f"{lo}..{hi}" if lo != hi else str(lo) for lo, hi in report.gone_generations) + " (checkpoints)")
-    problems = [p for _, p in report.problems]
-    if journal.problem:
-        problems.append(journal.problem)
-    elif journal.entries:
-        click.echo(f"ok: journal: {journal.entries} entries (ids {journal.first_id}..{journal.last_id}), "
-                   f"{journal.sealed} sealed" + (f", {journal.before} from before the journal was chained"
-                                                 if journal.before else ""))
-    if journal.last_id is None and report.max_policy_version:
-        click.echo(f"note: audit rows say policy version {report.max_policy_version} was in force, but the journal "
-                   "is empty (a database written without the CLI, or every journal entry deleted)")
-    elif report.max_policy_version > (journal.last_id or 0):
-        problems.append(f"journal: audit rows say policy version {report.max_policy_version} was in force, but the "
-                        f"journal ends at id {journal.last_id}: its newest entries were deleted")
-    for problem in problems:
-        click.echo(f"BAD: {problem}")
-    if not report.anchored:
-        click.echo("note: without --anchor a tail cut off the end of a chain cannot be told")
-    if problems:
-        click.echo(f"verification failed: {len(problems)} problems in {len(report.chains)} chains and the journal")
-        return False
-    click.echo(f"verified: {len(report.chains)} chains, {sum(w.rows for w in report.chains.values())} rows")
-    return True
+        result = operations.verify(store, generation, secret, anchor, current, progress=progress)
+    for kind, text in result.lines:
+        click.echo(text if kind == "info" else f"{kind}: {text}")
+    click.echo(result.summary)
+    return result.ok
 
 
 @log_.command("anchor")
@@ -1138,22 +883,6 @@ CHANGES_COLUMNS = ["id", "time", "user", "sudo_user", "host", "command", "action
                    "domains", "detail", "what", "sealed"]
 
 
-def _what(entry: dict) -> tuple[list[str], str]:
-    try:
-        domains = json.loads(entry.get("domains") or "[]")
-    except ValueError:
-        domains = []
-    if not isinstance(domains, list):
-        domains = []
-    parts = []
-    if domains:
-        shown = ", ".join(map(str, domains[:5])) + (f" (+{len(domains) - 5} more)" if len(domains) > 5 else "")
-        parts.append(f"{len(domains)} {'name' if len(domains) == 1 else 'names'}: {shown}")
-    if entry.get("detail"):
-        parts.append(str(entry["detail"]))
-    return domains, "; ".join(parts)
-
-
 @cli.command()
 @click.option("--since", help="Start: a duration back from now (15m, 2h, 7d) or an ISO 8601 time (UTC if no zone).")
 @click.option("--until", help="End (exclusive), same forms as --since.")
@@ -1168,14 +897,7 @@ def changes(env: Env, since: str | None, until: str | None, user: str | None, fm
     since_iso, until_iso = parse_when(since, "--since"), parse_when(until, "--until")
     with env.existing_store() as store:
         entries = store.journal(since_iso, until_iso, user)
-    rows = []
-    for e in entries:
-        domains, what = _what(e)
-        rows.append({"id": e["id"], "time": e["time"], "user": e["user"], "sudo_user": e["sudo_user"],
-                     "host": e["host"], "command": e["command"], "action": e["action"], "kind": e["kind"],
-                     "category": e["category"], "count": len(domains),
-                     "domains": domains if fmt == "json" else " ".join(domains), "detail": e["detail"],
-                     "what": what, "sealed": e.get("mac") is not None})
+    rows = [operations.change_row(e, domains_as_list=fmt == "json") for e in entries]
     emit(rows, CHANGES_TABLE_COLUMNS if fmt == "table" else CHANGES_COLUMNS, fmt)
 
 
@@ -1476,10 +1198,7 @@ def requests_approve(env: Env, ident: int, expires: str, client_group: str | Non
     """Approve request ID: an allow rule for the host, for the client's group, until --expires (journaled)."""
     until = parse_expiry(expires)
     with env.store() as store:
-        req = store.request(ident)
-        group = client_group or req["grp"] or "default"
-        name = normalize(domain) if domain else req["host"]
-        done = store.decide_request(ident, True, group=group, domain=name, expires=until)
+        done, group, name = operations.approve_request(store, ident, until, client_group, domain)
     click.echo(f"approved request {ident}: allowed {name} for group {group} until {until} ({done['allow_rule']})")
     if group == "default":
         click.echo("note: the default group holds every client of no other group: all of them get this exception",
