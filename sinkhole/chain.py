@@ -113,18 +113,24 @@ def chain_generation(chain: str) -> int | None:
 
 def read_key(path: Path) -> tuple[int, bytes]:
     try:
-        text = path.read_text().split()
+        text = path.read_text()
     except OSError as exc:
         raise AuditKeyError(f"cannot read the audit key {path}: {exc.strerror or exc}") from None
-    if len(text) != 3 or text[0] != _MAGIC or not text[1].isdigit():
-        raise AuditKeyError(f"{path} is not a sinkhole audit key file")
+    return parse_key(text, str(path))
+
+
+def parse_key(text: str, where: str = "the key") -> tuple[int, bytes]:
+    """(generation, key) from a key file's text; `where` names it in the error."""
+    fields = text.split()
+    if len(fields) != 3 or fields[0] != _MAGIC or not fields[1].isdigit():
+        raise AuditKeyError(f"{where} is not a sinkhole audit key file")
     try:
-        key = bytes.fromhex(text[2])
+        key = bytes.fromhex(fields[2])
     except ValueError:
-        raise AuditKeyError(f"{path} is not a sinkhole audit key file") from None
+        raise AuditKeyError(f"{where} is not a sinkhole audit key file") from None
     if len(key) != 32:
-        raise AuditKeyError(f"{path} is not a sinkhole audit key file")
-    return int(text[1]), key
+        raise AuditKeyError(f"{where} is not a sinkhole audit key file")
+    return int(fields[1]), key
 
 
 def write_key(path: Path, generation: int, key: bytes) -> None:

@@ -30,7 +30,6 @@ import logging
 import secrets
 import socket
 import ssl
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,7 +44,7 @@ from sinkhole.errors import ConfigError, DomainError
 from sinkhole.model import Action, AuditEvent
 from sinkhole.policy import Policy
 from sinkhole.store import Store, iso
-from sinkhole.web import certs
+from sinkhole.web import certs, limits
 from sinkhole.web.limits import Gate, Limits
 
 log = logging.getLogger(__name__)
@@ -482,49 +481,12 @@ def _wants_json(accept: str) -> bool:
 # ---------------------------------------------------------------------------- in a server
 
 
-class Service:
+class Service(limits.Service):
     """The block page on an event loop in a thread of its own, for a Server (see the module's text)."""
 
     def __init__(self, page: BlockPage, sockets: list[socket.socket]) -> None:
+        super().__init__(page, sockets, "blockpage")
         self.page = page
-        self.sockets = sockets
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.thread = threading.Thread(target=self._run, name="blockpage", daemon=True)
-        self._started = threading.Event()
-        self._stopped: asyncio.Event | None = None
-        self.error: BaseException | None = None
-
-    def start(self) -> None:
-        self.thread.start()
-        self._started.wait(30)
-        if self.error is not None:
-            raise self.error
-
-    def _run(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(self.loop)
-
-        async def main() -> None:
-            self._stopped = asyncio.Event()
-            try:
-                await self.page.start(self.sockets)
-            except BaseException as exc:
-                self.error = exc
-                self._started.set()
-                return
-            self._started.set()
-            await self._stopped.wait()
-            await self.page.stop()
-
-        try:
-            self.loop.run_until_complete(main())
-        finally:
-            self.loop.close()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.loop is not None and self._stopped is not None and self.thread.is_alive():
-            self.loop.call_soon_threadsafe(self._stopped.set)
-        self.thread.join(timeout)
 
 
 def from_config(cfg, db: Path, get_policy: Callable[[], Policy], audit) -> BlockPage:

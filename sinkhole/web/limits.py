@@ -18,9 +18,11 @@ import contextlib
 import logging
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from aiohttp import web
 
@@ -267,3 +269,57 @@ class Gate:
             done()
         finally:
             self._transports.discard(transport)
+
+
+class Served(Protocol):
+    """An HTTP app that starts on listening sockets and stops (the block page, the console)."""
+
+    async def start(self, sockets: list[socket.socket]) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+class Service:
+    """Runs a Served app on an event loop of its own, in a thread of the server process: what it does (TLS
+    handshakes, templates, waiting on the database) never holds up the DNS event loop."""
+
+    def __init__(self, app: Served, sockets: list[socket.socket], name: str) -> None:
+        self.app = app
+        self.sockets = sockets
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._started = threading.Event()
+        self._stopped: asyncio.Event | None = None
+        self.error: BaseException | None = None
+
+    def start(self) -> None:
+        self.thread.start()
+        self._started.wait(30)
+        if self.error is not None:
+            raise self.error
+
+    def _run(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self.loop)
+
+        async def main() -> None:
+            self._stopped = asyncio.Event()
+            try:
+                await self.app.start(self.sockets)
+            except BaseException as exc:
+                self.error = exc
+                self._started.set()
+                return
+            self._started.set()
+            await self._stopped.wait()
+            await self.app.stop()
+
+        try:
+            self.loop.run_until_complete(main())
+        finally:
+            self.loop.close()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.loop is not None and self._stopped is not None and self.thread.is_alive():
+            self.loop.call_soon_threadsafe(self._stopped.set)
+        self.thread.join(timeout)
