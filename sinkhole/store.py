@@ -38,7 +38,10 @@ BUSY_TIMEOUT_S = 10.0
 # journal actions a running server applies by patching its policy (they add or remove the names they list),
 # and those that change nothing in the policy; any other action makes it read the policy whole
 PATCHABLE = frozenset({"block add", "block remove", "allow add", "allow remove", "block expire", "allow expire"})
-NOT_POLICY = frozenset({"settings reload", "log prune"})
+NOT_POLICY = frozenset({"settings reload", "log prune",
+                        # the web console's accounts and logins (sinkhole.accounts)
+                        "user add", "user passwd", "user role", "user remove", "user unlock",
+                        "web login", "web logout", "web login failed", "web lockout"})
 PATCH_MAX = 50_000  # names: beyond this, reading the policy whole is as quick
 PROGRESS_ROWS = 10_000  # rows stored between two progress reports of a list import
 PRUNE_BATCH = 2000  # rows deleted in one write transaction by a prune
