@@ -185,6 +185,9 @@ def _category(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 @click.option("--blockpage-listen", multiple=True, metavar="HOST[:PORT]",
               help="Serve the block page here (HTTP and HTTPS on each port; a bare HOST: ports 80 and 443); "
                    "blocked A/AAAA answers then point at it; repeatable [off].")
+@click.option("--web-listen", multiple=True, metavar="HOST[:PORT]",
+              help="Serve the web console here (a bare HOST: port 8053; plain HTTP on loopback only, else HTTPS); "
+                   "accounts from `sinkhole user add`; repeatable [off].")
 @pass_env
 def serve(env: Env, config_file: Path | None, **flags: Any) -> None:
     """Serve DNS: sinkhole listed names, forward the rest, audit every block.

@@ -103,6 +103,14 @@ class ServeConfig:
     blockpage_templates: str = "/etc/sinkhole/blockpage"  # blockpage.html here replaces the shipped one
     blockpage_language: str = "en"  # en or ko: the page's language when Accept-Language names neither
     blockpage_requests: bool = True  # the page's access request form (sinkhole requests list|approve|deny)
+    # the web console (sinkhole.web.console): accounts from `sinkhole user add`
+    web_listen: tuple[str, ...] = ()  # HOST:PORT (a bare HOST: port 8053); () off. Plain HTTP on loopback only
+    web_tls: str = "auto"  # auto: HTTPS when web_cert or the block page's CA gives a certificate; on; off (loopback)
+    web_cert: str = ""  # PEM certificate (chain) for HTTPS; with web_key
+    web_key: str = ""
+    web_name: str = ""  # the name in a certificate minted from the CA [the first listen address]
+    web_idle_timeout: int = 1800  # seconds a session may go unused
+    web_session_lifetime: int = 43200  # seconds a session lasts at most after the login
 
     def answers(self) -> AnswerConfig:
         """With a block page, blocked A/AAAA answers point at its address (unless block_a / block_aaaa are
@@ -128,6 +136,10 @@ class ServeConfig:
             host, port = parse_hostport(text, -1)  # -1: no port given
             out += [(host, 80), (host, 443)] if port == -1 else [(host, port)]
         return list(dict.fromkeys(out))
+
+    def web_addresses(self) -> list[tuple[str, int]]:
+        """Where the web console listens (a bare HOST: port 8053)."""
+        return list(dict.fromkeys(parse_hostport(text, WEB_PORT) for text in self.web_listen))
 
     def make_guard(self) -> guard.Guard:
         return guard.Guard(self.allow_clients, self.rate_limit, self.rate_limit_burst, self.rate_limit_net,
@@ -204,6 +216,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(ServeConfig)}
 DEFAULT = ServeConfig()
 DEFAULT_PATH = Path("/etc/sinkhole/sinkhole.toml")
 METRICS_PORT = 9153
+WEB_PORT = 8053
 # what a running server applies on SIGHUP; every other change is reported as needing a restart
 RELOADABLE = frozenset({
     "log_queries", "log_level", "mode", "block_a", "block_aaaa", "block_ttl",
@@ -342,6 +355,17 @@ def _validate(cfg: ServeConfig) -> ServeConfig:
         raise ConfigError(f"blockpage_language must be en or ko, not {cfg.blockpage_language!r}")
     if cfg.blockpage_logo and not Path(cfg.blockpage_logo).is_file():
         raise ConfigError(f"blockpage_logo: {cfg.blockpage_logo}: no such file")
+    cfg.web_addresses()
+    if cfg.web_tls not in ("auto", "on", "off"):
+        raise ConfigError(f"web_tls must be auto, on or off, not {cfg.web_tls!r}")
+    if cfg.web_key and not cfg.web_cert:
+        raise ConfigError("web_key needs web_cert")
+    for name in ("web_cert", "web_key"):
+        if getattr(cfg, name) and not Path(getattr(cfg, name)).is_file():
+            raise ConfigError(f"{name}: {getattr(cfg, name)}: no such file")
+    if not 60 <= cfg.web_idle_timeout <= cfg.web_session_lifetime <= 7 * 86400:
+        raise ConfigError("web_idle_timeout must be at least 60 s and at most web_session_lifetime, which is at most"
+                          " a week (604800 s)")
     return cfg
 
 

@@ -169,6 +169,8 @@ class Server:
         self.rpz_sockets = rpz_sockets
         self.blockpage_sockets = blockpage_sockets
         self.blockpage = None  # sinkhole.web.blockpage.Service, when blockpage_listen is set
+        self.web_sockets: list = []  # web_listen's listening sockets (a single server; else the supervisor's)
+        self.console = None  # sinkhole.web.limits.Service running the web console
         self.worker = worker
         self.cfg = cfg
         self.db = Path(db)
@@ -234,9 +236,10 @@ class Server:
                     raise
             try:
                 self.blockpage_sockets = bind_blockpage(self.cfg)
+                self.web_sockets = bind_web(self.cfg)
             except BaseException:
                 close_all(bound)
-                for sock in self.rpz_sockets or ():
+                for sock in [*(self.rpz_sockets or ()), *(self.blockpage_sockets or ())]:
                     sock.close()
                 raise
             if self.cfg.user:
@@ -263,6 +266,11 @@ class Server:
             self.blockpage = blockpage.Service(page, self.blockpage_sockets)
             self.blockpage.start()
             log.info("block page on %s (HTTP and HTTPS)", ", ".join(where(s) for s in self.blockpage_sockets))
+        if self.web_sockets:
+            from sinkhole import metrics
+
+            self.console = start_console(self.cfg, self.db, self.web_sockets, lambda: [metrics.snapshot(self)],
+                                         lambda: metrics.problems(self))
         self.reloader = PolicyReloader(self, self.db, self.cfg.reload_interval)
         self.reloader.start()
         if self.cfg.retention_days and self.worker in (None, 0):  # one pruner, not one per worker
@@ -404,6 +412,8 @@ class Server:
             await self.rpz.stop()
         if self.blockpage is not None:  # before the audit log closes: its last page views are written
             await asyncio.get_running_loop().run_in_executor(None, self.blockpage.stop)
+        if self.console is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.console.stop)
         # answer the datagrams already queued in the kernel: keep reading until a quiet moment
         deadline = time.monotonic() + 1.0
         last = -1
@@ -471,6 +481,33 @@ def plan_reload(running: ServeConfig, new: ServeConfig) -> ReloadPlan:
     changed = set(applied)
     return ReloadPlan(cfg, applied, restart, cfg.answers(), cfg.make_guard() if changed & GUARD_SETTINGS else None,
                       cfg.upstreams() if "upstream" in changed else None)
+
+
+def bind_web(cfg: ServeConfig) -> list:
+    """The web console's listening sockets (systemd's, named `web`, else bound now, before --user drops root);
+    [] when web_listen is off."""
+    from sinkhole.systemd import WEB, listen_sockets
+    from sinkhole.web.limits import bind
+
+    if not cfg.web_listen:
+        for sock in listen_sockets(WEB):
+            sock.close()
+        return []
+    return bind(cfg.web_addresses(), WEB)
+
+
+def start_console(cfg: ServeConfig, db: Path, sockets: list, live: Callable[[], list[dict]],
+                  health: Callable[[], list[str]]):
+    """The web console on its own thread and event loop, serving `sockets`; `live` gives the serving processes'
+    metrics snapshots, `health` their problems."""
+    from sinkhole.web import console
+    from sinkhole.web.limits import Service, where
+
+    service = Service(console.from_config(cfg, db, live, health), sockets, "web-console")
+    service.start()
+    scheme = "https" if service.app.tls is not None else "http"  # type: ignore[attr-defined]
+    log.info("web console on %s", ", ".join(f"{scheme}://{where(s)}/" for s in sockets))
+    return service
 
 
 GUARD_SETTINGS = frozenset({"allow_clients", "rate_limit", "rate_limit_burst", "rate_limit_net",

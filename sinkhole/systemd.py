@@ -21,7 +21,8 @@ LISTEN_FDS_START = 3  # SD_LISTEN_FDS_START: the first file descriptor systemd p
 SocketPair = dict[str, socket.socket | None]
 
 
-BLOCKPAGE = "blockpage"  # FileDescriptorName= of sinkhole-blockpage.socket; every other name is DNS's
+BLOCKPAGE = "blockpage"  # FileDescriptorName= of sinkhole-blockpage.socket; every other name but WEB is DNS's
+WEB = "web"  # FileDescriptorName= of the web console's listening sockets, when a socket unit passes them
 _unclaimed: list[tuple[str, socket.socket]] = []  # passed by systemd, not yet taken by a listen_sockets() call
 
 
@@ -29,12 +30,12 @@ def listen_sockets(name: str | None = None) -> list[socket.socket]:
     """The sockets systemd passed to this process (socket activation), non-blocking and close-on-exec.
 
     `name`: only those of that FileDescriptorName= (e.g. BLOCKPAGE); None: the DNS ones, every name but
-    BLOCKPAGE. Each socket is returned once. Empty when LISTEN_PID is not our process id or LISTEN_FDS is
+    BLOCKPAGE and WEB. Each socket is returned once. Empty when LISTEN_PID is not our process id or LISTEN_FDS is
     unset. The LISTEN_* variables are removed from the environment either way, so that child processes do
     not take them for theirs.
     """
     _unclaimed.extend(_take_passed())
-    taken = [(n, s) for n, s in _unclaimed if (n == name if name is not None else n != BLOCKPAGE)]
+    taken = [(n, s) for n, s in _unclaimed if (n == name if name is not None else n not in (BLOCKPAGE, WEB))]
     for item in taken:
         _unclaimed.remove(item)
     return [s for _, s in taken]

@@ -82,6 +82,7 @@ class Supervisor:
         self.bound: list[Bound] = []
         self.rpz_bound: tuple | None = None  # the (udp, tcp) of rpz_listen, bound here, served by worker 0
         self.blockpage_bound: list = []  # blockpage_listen's listening sockets, bound here, served by worker 0
+        self.web_bound: list = []  # web_listen's listening sockets: the console runs here, in the supervisor
         self.stopping = False
         self.restarts = 0
         self.restart_times: list[float] = []
@@ -195,7 +196,7 @@ class Supervisor:
             self.control = None
 
     def run(self) -> int:
-        from sinkhole.server import bind_blockpage, drop_privileges, open_store
+        from sinkhole.server import bind_blockpage, bind_web, drop_privileges, open_store, start_console
 
         signal.signal(signal.SIGTERM, self._on_signal)  # from the start: a stop while starting is a stop
         signal.signal(signal.SIGINT, self._on_signal)
@@ -204,9 +205,10 @@ class Supervisor:
         try:
             self.rpz_bound = rpz.bind(self.cfg)  # before --user drops root: port 53 works; worker 0 serves it
             self.blockpage_bound = bind_blockpage(self.cfg)  # the same for ports 80 and 443
+            self.web_bound = bind_web(self.cfg)
         except BaseException:
             close_all(self.bound)
-            for sock in self.rpz_bound or ():
+            for sock in [*(self.rpz_bound or ()), *self.blockpage_bound]:
                 sock.close()
             raise
         for host, port, udp, tcp in self.bound:
@@ -221,14 +223,23 @@ class Supervisor:
         interval = systemd.watchdog_interval()
         for index in range(self.count):
             self._spawn(index, interval)
-        exporter = None
+        exporter = console = None
         address = self.cfg.metrics_address()
-        if address is not None:
+        if address is not None or self.web_bound:  # workers send snapshots for /metrics and the console
             from sinkhole.metrics import WorkerSnapshots
 
             self.snapshots = WorkerSnapshots()
             self.snapshots.expected = self.count
-            exporter = self.snapshots.exporter(address)
+            if address is not None:
+                exporter = self.snapshots.exporter(address)
+        if self.web_bound:
+            try:
+                console = start_console(self.cfg, self.db, self.web_bound, self.snapshots.snapshots,
+                                        self.snapshots.problems)
+            except Exception as exc:  # a console that cannot start must not leave the workers running alone
+                log.error("web console: %s", exc)
+                self.stopping = True
+                self.failed = True
         notified_ready = False
         last_ping = 0.0
         sent_stop = False
@@ -273,6 +284,8 @@ class Supervisor:
         close_all(self.bound)
         for sock in [*(self.rpz_bound or ()), *self.blockpage_bound]:
             sock.close()
+        if console is not None:
+            console.stop()
         if exporter is not None:
             exporter.close()
         self._log_totals()
@@ -470,7 +483,7 @@ def worker_main(cfg: ServeConfig, db: Path, bound: list[Bound], fd: int, index: 
 
         beater = loop.create_task(beat())
         reporter = None
-        if cfg.metrics_address() is not None:
+        if cfg.metrics_address() is not None or cfg.web_listen:  # the supervisor's /metrics and web console
             from sinkhole import metrics
 
             async def report() -> None:  # counters for the supervisor's /metrics
