@@ -227,6 +227,7 @@ class Server:
         if self.sockets is not None:  # a worker: the supervisor bound them and dropped privileges
             bound, passed = self.sockets, False
         else:
+            web_tls = web_tls_for(self.cfg, self.db)  # a console that cannot be served says so before binding
             bound, passed = bind_all(self.cfg.listen_addresses())
             if self.rpz is not None:
                 try:
@@ -269,8 +270,8 @@ class Server:
         if self.web_sockets:
             from sinkhole import metrics
 
-            self.console = start_console(self.cfg, self.db, self.web_sockets, lambda: [metrics.snapshot(self)],
-                                         lambda: metrics.problems(self))
+            self.console = start_console(self.cfg, self.db, self.web_sockets, web_tls,
+                                         lambda: [metrics.snapshot(self)], lambda: metrics.problems(self))
         self.reloader = PolicyReloader(self, self.db, self.cfg.reload_interval)
         self.reloader.start()
         if self.cfg.retention_days and self.worker in (None, 0):  # one pruner, not one per worker
@@ -496,14 +497,24 @@ def bind_web(cfg: ServeConfig) -> list:
     return bind(cfg.web_addresses(), WEB)
 
 
-def start_console(cfg: ServeConfig, db: Path, sockets: list, live: Callable[[], list[dict]],
+def web_tls_for(cfg: ServeConfig, db: Path):
+    """The web console's TLS (sinkhole.web.console.tls_from_config): None for plain HTTP, or when web_listen is
+    off; ConfigError when plain HTTP would be served on an address that is not loopback."""
+    if not cfg.web_listen:
+        return None
+    from sinkhole.web import console
+
+    return console.tls_from_config(cfg, db)
+
+
+def start_console(cfg: ServeConfig, db: Path, sockets: list, tls, live: Callable[[], list[dict]],
                   health: Callable[[], list[str]]):
-    """The web console on its own thread and event loop, serving `sockets`; `live` gives the serving processes'
-    metrics snapshots, `health` their problems."""
+    """The web console on its own thread and event loop, serving `sockets` (with `tls`, from web_tls_for); `live`
+    gives the serving processes' metrics snapshots, `health` their problems."""
     from sinkhole.web import console
     from sinkhole.web.limits import Service, where
 
-    service = Service(console.from_config(cfg, db, live, health), sockets, "web-console")
+    service = Service(console.Console(cfg, db, live, health, tls), sockets, "web-console")
     service.start()
     scheme = "https" if service.app.tls is not None else "http"  # type: ignore[attr-defined]
     log.info("web console on %s", ", ".join(f"{scheme}://{where(s)}/" for s in sockets))

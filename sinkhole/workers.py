@@ -196,11 +196,12 @@ class Supervisor:
             self.control = None
 
     def run(self) -> int:
-        from sinkhole.server import bind_blockpage, bind_web, drop_privileges, open_store, start_console
+        from sinkhole.server import bind_blockpage, bind_web, drop_privileges, open_store, start_console, web_tls_for
 
         signal.signal(signal.SIGTERM, self._on_signal)  # from the start: a stop while starting is a stop
         signal.signal(signal.SIGINT, self._on_signal)
         signal.signal(signal.SIGHUP, self._on_hup)
+        web_tls = web_tls_for(self.cfg, self.db)  # a console that cannot be served says so before binding
         self.bound, from_systemd = bind_all(self.cfg.listen_addresses())
         try:
             self.rpz_bound = rpz.bind(self.cfg)  # before --user drops root: port 53 works; worker 0 serves it
@@ -234,7 +235,7 @@ class Supervisor:
                 exporter = self.snapshots.exporter(address)
         if self.web_bound:
             try:
-                console = start_console(self.cfg, self.db, self.web_bound, self.snapshots.snapshots,
+                console = start_console(self.cfg, self.db, self.web_bound, web_tls, self.snapshots.snapshots,
                                         self.snapshots.problems)
             except Exception as exc:  # a console that cannot start must not leave the workers running alone
                 log.error("web console: %s", exc)

@@ -265,6 +265,8 @@ class Console:
                 else:  # a redirect (or aiohttp's own 404/405): with the same headers as every response
                     for key, value in HEADERS.items():
                         exc.headers.setdefault(key, value)
+                    if request.secure:
+                        exc.headers.setdefault("Strict-Transport-Security", "max-age=31536000")
                     raise
             for key, value in HEADERS.items():
                 response.headers.setdefault(key, value)
@@ -509,21 +511,19 @@ class Console:
                 self._login_locks.popitem(last=False)
         async with lock:  # attempts for one account wait their turn: the backoff cannot be run around
             user = await self.run(lambda st: Accounts(st).user(name))
-            await asyncio.sleep(sessions.backoff(max(user["failures"] if user else 0, self.throttle.count(address))))
             now = time.time()
             if user is not None and user["locked_until"] and user["locked_until"] > now:
                 await self.run(lambda st: Accounts(st).login_failed(name, address, "locked", True), pool="write")
-                self.throttle.failed(address)
                 until = datetime.fromtimestamp(user["locked_until"], UTC).strftime("%H:%M:%S UTC")
                 return (f"This account is locked after {LOCK_AFTER} failed sign-ins in a row, until {until}; an "
                         "admin can unlock it (sinkhole user unlock).")
+            await asyncio.sleep(sessions.backoff(user["failures"] if user else 0))
             good = await asyncio.get_running_loop().run_in_executor(
                 sessions.hash_pool(), sessions.verify_password, user["hash"] if user else None, password)
             if not good:
                 reason = "wrong password" if user is not None else "unknown account"
                 locked = await self.run(lambda st: Accounts(st).login_failed(name, address, reason, user is not None),
                                         pool="write")
-                self.throttle.failed(address)
                 log.info("web console: failed sign-in for %r from %s (%s)", name, address, reason)
                 if locked:
                     return f"Wrong name or password. The account is now locked for {LOCK_SECONDS // 60} minutes."
@@ -532,7 +532,6 @@ class Console:
             sess = Session(sessions.session_id(cookie), name, user["role"], sessions.new_token(), now, now, address)
             await self.run(lambda st: Accounts(st).login_succeeded(name, address, sess, request.secure),
                            pool="write")
-            self.throttle.succeeded(address)
             log.info("web console: %s (%s) signed in from %s", name, user["role"], address)
             return cookie, sess
 
@@ -930,6 +929,3 @@ def tls_from_config(cfg: Any, db: Path) -> Callable[[str], ssl.SSLContext] | Non
                           "a certificate (web_cert and web_key, or `sinkhole ca init`)")
     return None
 
-
-def from_config(cfg: Any, db: Path, live: Callable[[], list[dict]], health: Callable[[], list[str]]) -> Console:
-    return Console(cfg, db, live, health, tls_from_config(cfg, db))

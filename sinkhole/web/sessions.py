@@ -9,9 +9,9 @@
 - CSRF: each session has its own random token; every state-changing request must carry it (form field
   `csrf` or header `X-CSRF-Token`), compared in constant time. The login form has a token of its own, bound
   to a short-lived cookie (double submit), so that no other site can sign a browser in.
-- Backoff: failed logins in a row slow the next attempt for that account and that address down (0.25 s,
-  doubling, at most 8 s; attempts for one account wait their turn); LOCK_AFTER in a row lock the account
-  (sinkhole.accounts); one address may try LOGIN_RATE logins a minute.
+- Backoff: failed logins in a row slow the next attempt for that account down (0.25 s, doubling, at most 8 s;
+  attempts for one account wait their turn, so that parallel guesses gain nothing); LOCK_AFTER in a row lock
+  the account (sinkhole.accounts); one address may try LOGIN_RATE logins a minute, whatever the accounts.
 """
 
 from __future__ import annotations
@@ -99,12 +99,11 @@ def backoff(failures: int) -> float:
 
 
 class Throttle:
-    """Failed logins in a row per key (an address), and attempts per key in a sliding window; bounded."""
+    """Login attempts per key (an address) in a sliding window; bounded in the keys it keeps."""
 
     def __init__(self, rate: tuple[int, float] = LOGIN_RATE, size: int = 65536) -> None:
         self.rate = rate
         self.size = size
-        self.failures: OrderedDict[str, int] = OrderedDict()
         self.attempts: OrderedDict[str, list[float]] = OrderedDict()
 
     def allow(self, key: str, now: float) -> float:
@@ -120,18 +119,6 @@ class Throttle:
         while len(self.attempts) > self.size:
             self.attempts.popitem(last=False)
         return 0.0
-
-    def failed(self, key: str) -> None:
-        self.failures[key] = self.failures.get(key, 0) + 1
-        self.failures.move_to_end(key)
-        while len(self.failures) > self.size:
-            self.failures.popitem(last=False)
-
-    def succeeded(self, key: str) -> None:
-        self.failures.pop(key, None)
-
-    def count(self, key: str) -> int:
-        return self.failures.get(key, 0)
 
 
 def login_token(secret: bytes, nonce: str) -> str:
