@@ -28,7 +28,7 @@ from sinkhole.store import Store, client_prefix
 
 NARROW = 20_000  # rows a name or network may match to be fetched through its own index and sorted
 WINDOW = 20_000  # rows of the ordered index per window of a scan, to start with
-WINDOW_MAX = 320_000
+WINDOW_MAX = 160_000
 PAGE_MAX = 500
 
 
@@ -50,8 +50,8 @@ def log_page(store: Store, f: LogFilter, before: tuple[str, int] | None = None, 
     size = max(1, min(size, PAGE_MAX))
     where, args = store._log_where(**f.kwargs())
     conds = [where[len(" WHERE "):]] if where else []
-    if before is not None:
-        conds.append("(time < :b_time OR (time = :b_time AND seq < :b_seq))")
+    if before is not None:  # `time <= ` bounds the index range; the rest decides within the cursor's time
+        conds.append("time <= :b_time AND (time < :b_time OR seq < :b_seq)")
         args["b_time"], args["b_seq"] = before
     have = _indexes(store)
     exact_client = f.client is not None and "/" not in f.client
