@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test systemd-test lint bench bench-deps bench-log profile soak clean install install-venv install-files
+.PHONY: run test systemd-test lint bench bench-deps bench-log bench-console profile soak clean install install-venv install-files
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,10 @@ soak: $(STAMP) bench-deps
 ## bench-log: `log`/`stats` on a 10M-row audit log in /tmp (builds it once, ~2 min; BENCH_LOG_ARGS=--reuse)
 bench-log: $(STAMP)
 	$(BIN)/python bench/logquery.py $(BENCH_LOG_ARGS)
+
+## bench-console: web console pages and API calls on the 10M-row log of bench-log (run that first)
+bench-console: $(STAMP)
+	$(BIN)/python bench/console.py $(BENCH_CONSOLE_ARGS)
 
 ## profile: where one worker's time goes under dnsperf load, sampled by py-spy (PROFILE_ARGS='--load hot')
 profile: $(STAMP) bench-deps
