@@ -373,7 +373,7 @@ def test_dashboard_figures(console, db: Path) -> None:
         ask(console, qname)
     wait_for(lambda: len(audit_rows(db)) >= 3, 5.0)
     viewer = Client(console, "vic")
-    d = viewer.get("/api/dashboard").json()
+    d = viewer.get("/api/dashboard", fresh=1).json()  # not the figures computed at start, before the rows
     assert d["totals"]["blocked"] == 2 and d["totals"]["bypass_attempts"] == 1
     assert d["top_names"][0] == {"qname": "chat.deepseek.com", "queries": 2}
     assert d["version"] and d["uptime_s"] >= 0 and d["health"] == []

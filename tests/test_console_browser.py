@@ -149,7 +149,7 @@ def test_text_carrying_script_is_shown_escaped_and_never_runs(console, context, 
     wait_for(lambda: audit_rows(db), 5.0)
     seq = audit_rows(db)[-1]["seq"]
     sign_in(tab, console, "ada")
-    pages = {"/": "\\060script\\062", "/log": "\\060script\\062", f"/log/{seq}": "\\060script\\062",
+    pages = {"/?fresh=1": "\\060script\\062", "/log": "\\060script\\062", f"/log/{seq}": "\\060script\\062",
              "/changes": "<script>window.__xss=1</script>", "/requests": "<script>window.__xss=1</script>"}
     for path, shown in pages.items():
         tab.goto(base_url(console) + path)

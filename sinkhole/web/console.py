@@ -579,12 +579,12 @@ class Console:
 
     # ------------------------------------------------------------------ the dashboard
 
-    async def _stats(self, period: str) -> tuple[float, dict]:
+    async def _stats(self, period: str, fresh: bool = False) -> tuple[float, dict]:
         """Store.stats for the period, computed at most every STATS_TTL seconds (older figures are shown while
-        new ones are computed)."""
+        new ones are computed); `fresh`: wait for figures computed from now on (one computation at a time)."""
         cached = self.stats_cache.get(period)
         now = time.time()
-        if cached is not None and now - cached[0] < STATS_TTL:
+        if cached is not None and now - cached[0] < STATS_TTL and not fresh:
             return cached
         task = self._stats_running.get(period)
         if task is None:
@@ -601,7 +601,10 @@ class Console:
             task = self._stats_running[period] = asyncio.get_running_loop().create_task(compute())
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        if cached is not None:
+        elif fresh:  # the one running may have started before the caller's rows were written: the next one
+            await asyncio.shield(task)
+            return await self._stats(period, fresh=True)
+        if cached is not None and not fresh:
             return cached
         return await asyncio.shield(task)
 
@@ -637,7 +640,7 @@ class Console:
         period = api.text(params, "period", "24h") or "24h"
         if period not in PERIODS:
             raise Refused(400, f"period: one of {', '.join(PERIODS)}")
-        computed, stats = await self._stats(period)
+        computed, stats = await self._stats(period, fresh=api.text(params, "fresh") in ("1", "true", "yes"))
         snaps = self.live()
         merged = metrics.merge(snaps) if snaps else None
         upstreams = []
@@ -828,9 +831,19 @@ class Console:
 
     async def start(self, sockets: list[socket.socket]) -> None:
         await self.gate.serve(sockets)
-        task = asyncio.get_running_loop().create_task(self._sampler())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        loop = asyncio.get_running_loop()
+        for job in (self._sampler(), self._warm()):
+            task = loop.create_task(job)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _warm(self) -> None:
+        """The dashboard's figures for the last 24 hours, computed once at start: the first person to open it does
+        not wait for them (on a 10M-row log they take seconds)."""
+        try:
+            await self._stats("24h")
+        except Exception as exc:  # a locked or missing database now: the first request computes them
+            log.debug("web console: dashboard figures not ready at start: %s", exc)
 
     async def stop(self) -> None:
         await self.gate.close()
