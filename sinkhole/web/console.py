@@ -69,6 +69,10 @@ HEADERS = {
 REPORT_CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src data:; form-action 'none';"
               " frame-ancestors 'none'; base-uri 'none'")
 USER_ERRORS = (ConfigError, DomainError, ListFormatError)
+# what a request carries between the checks and its handler (typed keys where aiohttp has them, 3.12 and later)
+_KEY = getattr(web, "RequestKey", None)
+SESSION: Any = _KEY("session", object) if _KEY else "session"
+PARAMS: Any = _KEY("params", dict) if _KEY else "params"
 PERIODS = {"1h": 1, "24h": 24, "7d": 24 * 7, "30d": 24 * 30}
 
 
@@ -179,9 +183,9 @@ class Console:
     # ------------------------------------------------------------------ sessions
 
     async def session_of(self, request: web.Request) -> Session | None:
-        if "session" in request:
-            return request["session"]
-        request["session"] = None
+        if SESSION in request:
+            return request[SESSION]
+        request[SESSION] = None
         cookie = request.cookies.get(sessions.COOKIE, "")
         if not cookie or len(cookie) > 128:
             return None
@@ -195,7 +199,7 @@ class Console:
             return None
         if now - sess.seen > 30:  # the last use, a write at most every 30 s per session
             await self.run(lambda st: Accounts(st).touch(ident, now), pool="write")
-        request["session"] = sess
+        request[SESSION] = sess
         return sess
 
     def _cookie(self, response: web.StreamResponse, request: web.Request, name: str, value: str,
@@ -205,8 +209,8 @@ class Console:
 
     async def params(self, request: web.Request) -> dict[str, Any]:
         """The request's parameters: the query string, and for POST the form (multipart too) or JSON body."""
-        if "params" in request:
-            return request["params"]
+        if PARAMS in request:
+            return request[PARAMS]
         out: dict[str, Any] = {}
         for key, value in request.query.items():
             out.setdefault(key, []).append(value)
@@ -231,7 +235,7 @@ class Console:
                         value = value.file.read(self.limits.max_body).decode("utf-8", "replace")
                     out.setdefault(key, []).append(value)
         flat = {k: (v[0] if isinstance(v, list) and len(v) == 1 else v) for k, v in out.items()}
-        request["params"] = flat
+        request[PARAMS] = flat
         return flat
 
     def csrf_ok(self, request: web.Request, sess: Session, params: dict) -> bool:
@@ -373,7 +377,7 @@ class Console:
 
     def render(self, request: web.Request, template: str, data: dict, status: int = 200,
                sess: Session | None = None) -> web.Response:
-        sess = sess or request.get("session")
+        sess = sess or request.get(SESSION)
         flash = self.flashes.pop(sess.id, None) if sess is not None else None
         page = self.env.get_template(template).render(
             **data, session=sess, flash=flash, path=request.path, tls=request.secure,
