@@ -385,3 +385,28 @@ def test_dashboard_figures(console, db: Path) -> None:
         time.sleep(0.5)
         d = viewer.get("/api/dashboard").json()
     assert set(d["queries_per_second"]) >= {"blocked", "canary"}
+
+
+def test_lists_imported_from_a_url_and_updated_over_the_api(console, db: Path) -> None:
+    from tests.test_lists import ListServer
+
+    lists = ListServer()
+    try:
+        url = lists.put("/ai.txt", "# category: third-party-ai\nimported-ai.example\n||other-ai.example^\n")
+        admin = Client(console, "ada")
+        r = admin.post("/api/lists/import", {"url": url})
+        assert r.status_code == 200 and r.json()["category"] == "third-party-ai" and r.json()["rules"] == 2, r.text
+        assert wait_for(lambda: ask(console, "x.imported-ai.example").answer[0][0].to_text() == "0.0.0.0", 5.0)
+        assert admin.post("/api/lists/update", {}).json()["results"][0]["text"].startswith("unchanged (304")
+        lists.put("/ai.txt", "# category: third-party-ai\nimported-ai.example\n")
+        updated = admin.post("/api/lists/update", {"categories": ["third-party-ai"]}).json()
+        assert updated["failed"] == 0 and updated["results"][0]["text"].startswith("updated, 1 rules")
+        bad = lists.put("/bad.txt", "good.example\nbad..name\n")
+        r = admin.post("/api/lists/import", {"url": bad, "category": "bad"})
+        assert r.status_code == 400 and r.json()["error"].startswith(f"{bad}:2: ")  # the list's bad line
+        local = admin.post("/api/lists/import", {"url": str(db), "category": "local"})  # never a server's file
+        assert local.status_code == 400 and "only http:// and https:// URLs" in local.json()["error"]
+        entries = [e for e in journal(db, "lists") if e["user"] == "web:ada"]
+        assert [e["action"] for e in entries] == ["lists import", "lists update"]
+    finally:
+        lists.close()
