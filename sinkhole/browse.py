@@ -28,7 +28,7 @@ from sinkhole.store import Store, client_prefix
 
 NARROW = 20_000  # rows a name or network may match to be fetched through its own index and sorted
 WINDOW = 20_000  # rows of the ordered index per window of a scan, to start with
-WINDOW_MAX = 160_000
+WINDOW_MAX = 80_000
 PAGE_MAX = 500
 
 
@@ -45,7 +45,7 @@ def _indexes(store: Store) -> set[str]:
 
 
 def log_page(store: Store, f: LogFilter, before: tuple[str, int] | None = None, size: int = 50,
-             budget: float = 0.5) -> LogPage:
+             budget: float = 0.4) -> LogPage:
     """The newest `size` rows matching `f` that come before `before` (time, seq), newest first."""
     size = max(1, min(size, PAGE_MAX))
     where, args = store._log_where(**f.kwargs())
