@@ -119,3 +119,25 @@ def test_with_two_workers_the_supervisor_serves_the_console(server_process, db: 
     d = wait_for(lambda: (d := http.get("/api/dashboard").json())["processes"] == 2 and d, 20.0)
     assert d and d["processes"] == 2 and d["audit"]["writers_up"] == 2  # both workers' snapshots, summed
     assert proc.terminate() == 0
+
+
+def test_argon2_hashes_and_verifies_under_memory_deny_write_execute() -> None:
+    """The unit's MemoryDenyWriteExecute=yes, as the kernel's PR_SET_MDWE gives it to one process: argon2-cffi's
+    compiled bindings make no writable-and-executable memory (no ffi.callback)."""
+    import sys
+
+    code = ("import ctypes, sys\n"
+            "libc = ctypes.CDLL(None, use_errno=True)\n"
+            "if libc.prctl(65, 1, 0, 0, 0) != 0:\n"  # PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN
+            "    sys.exit(77)\n"
+            "from sinkhole.web import sessions\n"
+            "h = sessions.hash_password('a long enough password')\n"
+            "assert sessions.verify_password(h, 'a long enough password')\n"
+            "assert not sessions.verify_password(h, 'another password!')\n"
+            "print('ok', h[:9])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    if out.returncode == 77:
+        import pytest
+
+        pytest.skip("this kernel has no PR_SET_MDWE (Linux 6.3 and later have it)")
+    assert out.returncode == 0 and out.stdout.strip() == "ok $argon2id", out.stderr
