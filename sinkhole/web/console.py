@@ -25,6 +25,7 @@ import concurrent.futures
 import ipaddress
 import json
 import logging
+import os
 import secrets
 import socket
 import ssl
@@ -66,6 +67,7 @@ HEADERS = {
     "Referrer-Policy": "same-origin",
     "Cross-Origin-Opener-Policy": "same-origin",
 }
+NICE = 10  # the console's threads yield the CPU to DNS: a nice value above the process's (Linux: per thread)
 REPORT_CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src data:; form-action 'none';"
               " frame-ancestors 'none'; base-uri 'none'")
 USER_ERRORS = (ConfigError, DomainError, ListFormatError)
@@ -83,6 +85,15 @@ class Refused(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+def lower_priority() -> None:
+    """Make the calling thread nicer (Linux schedules threads by their own nice value), so that the console's
+    rendering, queries and password hashing give way to the DNS event loop on a busy machine."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE)
+    except (OSError, AttributeError):
+        pass
 
 
 def is_loopback(host: str) -> bool:
@@ -121,10 +132,11 @@ class Console:
                                       autoescape=True, trim_blocks=True, lstrip_blocks=True)
         self.env.globals.update(may=may, version=__version__, urlencode=urlencode)
         self._local = threading.local()
-        self._readers = concurrent.futures.ThreadPoolExecutor(READ_THREADS, thread_name_prefix="console-db")
-        self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="console-write")
-        self._slow = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="console-jobs")
-        self._exports = concurrent.futures.ThreadPoolExecutor(EXPORTS, thread_name_prefix="console-export")
+        pool = concurrent.futures.ThreadPoolExecutor
+        self._readers = pool(READ_THREADS, thread_name_prefix="console-db", initializer=lower_priority)
+        self._writer = pool(1, thread_name_prefix="console-write", initializer=lower_priority)
+        self._slow = pool(1, thread_name_prefix="console-jobs", initializer=lower_priority)
+        self._exports = pool(EXPORTS, thread_name_prefix="console-export", initializer=lower_priority)
         self._stores: list[Store] = []
         self._stores_lock = threading.Lock()
         self._pending = 0
@@ -834,6 +846,7 @@ class Console:
     # ------------------------------------------------------------------ running
 
     async def start(self, sockets: list[socket.socket]) -> None:
+        lower_priority()  # the console's own event loop thread
         await self.gate.serve(sockets)
         loop = asyncio.get_running_loop()
         for job in (self._sampler(), self._warm()):

@@ -76,7 +76,10 @@ def hash_pool() -> concurrent.futures.ThreadPoolExecutor:
     global _pool
     with _pool_lock:
         if _pool is None:
-            _pool = concurrent.futures.ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="argon2")
+            from sinkhole.web.console import lower_priority
+
+            _pool = concurrent.futures.ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="argon2",
+                                                          initializer=lower_priority)
         return _pool
 
 
