@@ -25,7 +25,6 @@ import concurrent.futures
 import ipaddress
 import json
 import logging
-import os
 import secrets
 import socket
 import ssl
@@ -45,7 +44,7 @@ from sinkhole.accounts import LOCK_AFTER, LOCK_SECONDS, Accounts, Session, may
 from sinkhole.errors import ConfigError, DomainError, ListFormatError
 from sinkhole.store import Store, iso
 from sinkhole.web import api, sessions
-from sinkhole.web.limits import Gate, Limits
+from sinkhole.web.limits import Gate, Limits, lower_priority
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +66,6 @@ HEADERS = {
     "Referrer-Policy": "same-origin",
     "Cross-Origin-Opener-Policy": "same-origin",
 }
-NICE = 10  # the console's threads yield the CPU to DNS: a nice value above the process's (Linux: per thread)
 REPORT_CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src data:; form-action 'none';"
               " frame-ancestors 'none'; base-uri 'none'")
 USER_ERRORS = (ConfigError, DomainError, ListFormatError)
@@ -85,15 +83,6 @@ class Refused(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-
-
-def lower_priority() -> None:
-    """Make the calling thread nicer (Linux schedules threads by their own nice value), so that the console's
-    rendering, queries and password hashing give way to the DNS event loop on a busy machine."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE)
-    except (OSError, AttributeError):
-        pass
 
 
 def is_loopback(host: str) -> bool:

@@ -25,6 +25,8 @@ from collections import OrderedDict
 
 import argon2
 
+from sinkhole.web.limits import lower_priority
+
 COOKIE = "sinkhole_session"
 LOGIN_COOKIE = "sinkhole_login"  # the login form's double-submit token
 MIN_PASSWORD = 10
@@ -76,8 +78,6 @@ def hash_pool() -> concurrent.futures.ThreadPoolExecutor:
     global _pool
     with _pool_lock:
         if _pool is None:
-            from sinkhole.web.console import lower_priority
-
             _pool = concurrent.futures.ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="argon2",
                                                           initializer=lower_priority)
         return _pool
