@@ -354,6 +354,22 @@ def ex_aiohttp() -> str:
     return f"aiohttp {aiohttp.__version__} server and client on uvloop, Jinja2 autoescape"
 
 
+def ex_argon2() -> str:
+    """The web console's passwords: argon2id through argon2-cffi's compiled bindings (hash, verify, reject)."""
+    import argon2
+
+    hasher = argon2.PasswordHasher(type=argon2.Type.ID)
+    digest = hasher.hash("a long enough password")
+    assert hasher.verify(digest, "a long enough password")
+    try:
+        hasher.verify(digest, "another password")
+    except argon2.exceptions.VerifyMismatchError:
+        pass
+    else:
+        raise AssertionError("a wrong password verified")
+    return f"argon2-cffi {metadata.version('argon2-cffi')}: {digest[:digest.index('$', 10)]} hashed and verified"
+
+
 def ex_sinkhole(tmp: Path) -> str:
     """sinkhole's own store: a new database seeded with the shipped lists, the policy loaded."""
     from sinkhole.server import open_store
@@ -398,7 +414,7 @@ def main() -> int:
         steps: list[tuple[str, Callable[[], str]]] = [
             ("uvloop", ex_uvloop), ("sqlite", lambda: ex_sqlite(tmp)), ("ssl", ex_ssl), ("ctypes", ex_ctypes),
             ("http", ex_http), ("dns", ex_dns), ("metrics", ex_metrics), ("tls", lambda: ex_tls(tmp)),
-            ("aiohttp", ex_aiohttp), ("sinkhole", lambda: ex_sinkhole(tmp))]
+            ("aiohttp", ex_aiohttp), ("argon2", ex_argon2), ("sinkhole", lambda: ex_sinkhole(tmp))]
         for name, step in steps:
             try:
                 exercises[name] = "ok: " + step()
