@@ -77,6 +77,7 @@ class ServeConfig:
     shipped_lists: bool = True
     bypass_canaries: bool = True  # answer the DoH / Private Relay / DDR canaries so clients stay with us
     log_level: str = "info"
+    log_repeat_interval: float = 10.0  # a repeatable warning at most once per this many seconds per kind (0: every one)
     syslog: str = ""  # udp://HOST:PORT, tcp://HOST:PORT or HOST:PORT (UDP): every audit row and chain head, RFC 5424
     syslog_facility: str = "local0"
     json_log: bool = False  # every audit row as a JSON line on stdout (journald under systemd)
@@ -219,7 +220,7 @@ METRICS_PORT = 9153
 WEB_PORT = 8053
 # what a running server applies on SIGHUP; every other change is reported as needing a restart
 RELOADABLE = frozenset({
-    "log_queries", "log_level", "mode", "block_a", "block_aaaa", "block_ttl",
+    "log_queries", "log_level", "log_repeat_interval", "mode", "block_a", "block_aaaa", "block_ttl",
     "allow_clients", "rate_limit", "rate_limit_burst", "rate_limit_net", "rate_limit_net_burst",
     "rate_limit_v4_prefix", "rate_limit_v6_prefix", "rate_limit_action", "rate_limit_exempt",
     "upstream", "timeout", "max_inflight", "cache_size", "cache_min_ttl", "cache_max_ttl",
@@ -320,6 +321,8 @@ def _validate(cfg: ServeConfig) -> ServeConfig:
     cfg.ecs_prefix()
     if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"log_level must be debug, info, warning or error, not {cfg.log_level!r}")
+    if not 0 <= cfg.log_repeat_interval <= 3600:
+        raise ConfigError("log_repeat_interval must be from 0 (every line) to 3600 seconds")
     if cfg.tcp_max_clients < 1 or cfg.max_inflight < 1 or cfg.cache_negative_max_ttl < 0:
         raise ConfigError("tcp_max_clients and max_inflight must be 1 or more, cache_negative_max_ttl 0 or more")
     if cfg.cache_serve_stale < 0:

@@ -87,7 +87,6 @@ class Guard:
         self.action = action
         # client address text -> (allowed, exempt, network key), so each address is parsed once
         self._known: dict[str, tuple[bool, bool, object]] = {}
-        self._last_warning: dict[str, float] = {}
         self.refused = 0
         self.limited = 0
 
@@ -111,7 +110,7 @@ class Guard:
         allowed, exempt, net = self._classify(client)
         if not allowed:
             self.refused += 1
-            self._warn("acl", f"refused queries from {client}: not in allow_clients")
+            log.warning("refused queries from %s: not in allow_clients", client)
             return Outcome.REFUSED
         if exempt or (self.action == "truncate" and proto != "udp"):
             return Outcome.OK
@@ -125,15 +124,9 @@ class Guard:
             self.network.sweep(now)
         if ok:
             return Outcome.OK
-        self._warn("rate", f"rate limit: {client} (or its network {net}) is over the limit")
+        log.warning("rate limit: %s (or its network %s) is over the limit", client, net)
         if self.action == "refuse":
             self.refused += 1
             return Outcome.REFUSED
         self.limited += 1
         return Outcome.LIMITED
-
-    def _warn(self, kind: str, message: str, every: float = 10.0) -> None:
-        now = time.monotonic()
-        if now - self._last_warning.get(kind, -every) >= every:
-            self._last_warning[kind] = now
-            log.warning("%s (logged at most every %.0f s)", message, every)

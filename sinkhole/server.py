@@ -14,7 +14,7 @@ from pathlib import Path
 
 import sqlite_utils
 
-from sinkhole import config, control, lists, privileges, rpz, shipping, systemd
+from sinkhole import config, control, lists, logthrottle, privileges, rpz, shipping, systemd
 from sinkhole.answer import AnswerConfig
 from sinkhole.audit import AuditLog
 from sinkhole.config import ServeConfig
@@ -191,6 +191,7 @@ class Server:
         self._watchdog: asyncio.Task[None] | None = None
         self.control: control.ControlSocket | None = None  # `sinkhole reload` (a server on its own)
         self._control_server: asyncio.AbstractServer | None = None
+        self._housekeeping: asyncio.Task[None] | None = None
 
     def load_policy(self, store: Store, incremental: bool = False) -> None:
         """The policy in the database, in force. `incremental`: when the journal entries since the policy in
@@ -272,6 +273,7 @@ class Server:
 
             self.console = start_console(self.cfg, self.db, self.web_sockets, web_tls,
                                          lambda: [metrics.snapshot(self)], lambda: metrics.problems(self))
+        self._housekeeping = asyncio.get_running_loop().create_task(self._keep_house())
         self.reloader = PolicyReloader(self, self.db, self.cfg.reload_interval)
         self.reloader.start()
         if self.cfg.retention_days and self.worker in (None, 0):  # one pruner, not one per worker
@@ -299,6 +301,12 @@ class Server:
         while True:
             systemd.notify("WATCHDOG=1")
             await asyncio.sleep(interval)
+
+    async def _keep_house(self) -> None:
+        """Once a second: say how many warnings the log held back (sinkhole.logthrottle)."""
+        while True:
+            await asyncio.sleep(HOUSEKEEPING_INTERVAL)
+            logthrottle.flush()
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -373,6 +381,8 @@ class Server:
         self.cfg = running
         self.audit.mode = running.log_queries
         logging.getLogger().setLevel(running.log_level.upper())
+        if "log_repeat_interval" in changed:
+            logthrottle.set_interval(running.log_repeat_interval)
         if changed & ANSWER_SETTINGS:
             self.pipeline.set_answers(answers)
         if guard is not None:
@@ -407,6 +417,8 @@ class Server:
             self._control_server.close()
         if self.control is not None:
             self.control.close()
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
         for listener in self.listeners:
             listener.stop_tcp()
         if self.rpz is not None:
@@ -444,6 +456,7 @@ class Server:
                  "%d failed batches, %d reopened)", "" if self.worker is None else f"worker {self.worker} ",
                  ", ".join(f"{k} {v}" for k, v in sorted(self.pipeline.counts.items())) or "no queries",
                  a.written, a.dropped, a.queue_dropped, a.write_dropped, a.gaps, a.failed_batches, a.reopened)
+        logthrottle.flush(final=True)  # what the log held back is said before the process ends
 
 
 def bind_blockpage(cfg: ServeConfig) -> list:
@@ -521,6 +534,7 @@ def start_console(cfg: ServeConfig, db: Path, sockets: list, tls, live: Callable
     return service
 
 
+HOUSEKEEPING_INTERVAL = 1.0  # seconds
 GUARD_SETTINGS = frozenset({"allow_clients", "rate_limit", "rate_limit_burst", "rate_limit_net",
                             "rate_limit_net_burst", "rate_limit_v4_prefix", "rate_limit_v6_prefix",
                             "rate_limit_action", "rate_limit_exempt"})
@@ -540,6 +554,7 @@ async def _serve(cfg: ServeConfig, db: Path, reload: Callable[[], ServeConfig] |
 def run(cfg: ServeConfig, db: Path, reload: Callable[[], ServeConfig] | None = None) -> int:
     """Serve until SIGTERM or SIGINT; SIGHUP calls `reload` and applies what can change at run time;
     uses uvloop when it is installed; returns the exit code."""
+    logthrottle.install(cfg.log_repeat_interval)  # on the handler `serve` set up, whatever its formatter
     workers = cfg.workers or os.cpu_count() or 1
     if workers > 1:
         from sinkhole.workers import Supervisor

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sinkhole import config, control, rpz, systemd
+from sinkhole import config, control, logthrottle, rpz, systemd
 from sinkhole.config import ServeConfig
 from sinkhole.listener import Bound, bind_all, close_all
 
@@ -147,6 +147,8 @@ class Supervisor:
             return
         self.cfg = plan.running  # for workers started from now on
         logging.getLogger().setLevel(self.cfg.log_level.upper())
+        if "log_repeat_interval" in plan.applied:
+            logthrottle.set_interval(self.cfg.log_repeat_interval)
         message = pickle.dumps((why, new))
         message = struct.pack("!I", len(message)) + message
         sent = set()
@@ -270,6 +272,7 @@ class Supervisor:
                 self._accept()
             self._reap(interval)
             self._finish_reload()
+            logthrottle.flush()
             if not notified_ready and all(w.ready for w in self.workers.values()):
                 notified_ready = True
                 log.info("forwarding to %s with %d workers; audit log %s in %s", upstreams, self.count,
@@ -290,6 +293,7 @@ class Supervisor:
         if exporter is not None:
             exporter.close()
         self._log_totals()
+        logthrottle.flush(final=True)
         return 1 if self.failed else 0
 
     def _spawn(self, index: int, interval: float | None) -> None:
