@@ -69,6 +69,7 @@ class ServeConfig:
     cache_serve_stale: float = 0.0  # seconds past expiry an entry may answer when no upstream does (0: never)
     tcp_idle_timeout: float = 10.0
     tcp_max_clients: int = 1000
+    tcp_max_per_client: int = 16  # open TCP connections from one client address (Unbound's tcp-connection-limit)
     max_inflight: int = 1000  # forwards waiting for an upstream at once (each holds a socket)
     reload_interval: float = 0.25
     node: str = field(default_factory=socket.gethostname)
@@ -325,6 +326,8 @@ def _validate(cfg: ServeConfig) -> ServeConfig:
         raise ConfigError("log_repeat_interval must be from 0 (every line) to 3600 seconds")
     if cfg.tcp_max_clients < 1 or cfg.max_inflight < 1 or cfg.cache_negative_max_ttl < 0:
         raise ConfigError("tcp_max_clients and max_inflight must be 1 or more, cache_negative_max_ttl 0 or more")
+    if cfg.tcp_max_per_client < 1:
+        raise ConfigError("tcp_max_per_client must be 1 or more")
     if cfg.cache_serve_stale < 0:
         raise ConfigError("cache_serve_stale must be 0 (off) or more seconds")
     if cfg.workers < 0:

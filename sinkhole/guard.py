@@ -106,26 +106,35 @@ class Guard:
         self._known[client] = info
         return info
 
+    def allows(self, client: str) -> bool:
+        """`client` is in allow_clients (checked at TCP accept: a refused address never holds a connection)."""
+        return self._classify(client)[0]
+
     def check(self, client: str, proto: str) -> Outcome:
+        """OK, or REFUSED / LIMITED. Over UDP a client takes from its address's and its network's buckets; over
+        TCP too, from buckets of its own at the same rates (TCP cannot be spoofed: with action truncate, a client
+        over its UDP limit is still answered over TCP, at up to the same rate again); action refuse shares one
+        set of buckets between UDP and TCP. Over the limit over TCP is REFUSED (TC=1 means nothing there)."""
         allowed, exempt, net = self._classify(client)
         if not allowed:
             self.refused += 1
             log.warning("refused queries from %s: not in allow_clients", client)
             return Outcome.REFUSED
-        if exempt or (self.action == "truncate" and proto != "udp"):
+        if exempt:
             return Outcome.OK
         now = time.monotonic()
         ok = True
+        separate = proto != "udp" and self.action == "truncate"
         if self.client is not None:
-            ok = self.client.take(client, now)
+            ok = self.client.take(("tcp", client) if separate else client, now)
             self.client.sweep(now)
         if ok and self.network is not None:
-            ok = self.network.take(net, now)
+            ok = self.network.take(("tcp", net) if separate else net, now)
             self.network.sweep(now)
         if ok:
             return Outcome.OK
-        log.warning("rate limit: %s (or its network %s) is over the limit", client, net)
-        if self.action == "refuse":
+        log.warning("rate limit: %s (or its network %s) is over the limit over %s", client, net, proto.upper())
+        if self.action == "refuse" or proto != "udp":
             self.refused += 1
             return Outcome.REFUSED
         self.limited += 1

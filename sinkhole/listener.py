@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import logging
 import socket
 import struct
+import termios
 
 from sinkhole.pipeline import Pending, Pipeline
 
@@ -133,24 +135,136 @@ class UdpProtocol(asyncio.DatagramProtocol):
         log.debug("UDP socket error: %s", exc)
 
 
-class TcpHandler:
-    """One instance per listening socket; `__call__` serves one client connection."""
+class ConnectionSlots:
+    """Open TCP connections of one listener: at most `total`, and at most `per_address` from one address
+    (Unbound's tcp-connection-limit), so that one client cannot take every slot."""
 
-    def __init__(self, pipeline: Pipeline, tasks: _Tasks, idle_timeout: float, max_clients: int) -> None:
+    def __init__(self, total: int, per_address: int) -> None:
+        self.total = total
+        self.per_address = per_address
+        self.by_address: dict[str, int] = {}
+        self.open = 0
+
+    def take(self, address: str) -> str | None:
+        """A slot for a new connection from `address`; or why there is none."""
+        if self.open >= self.total:
+            return f"{self.total} connections open already"
+        held = self.by_address.get(address, 0)
+        if held >= self.per_address:
+            return f"{held} connections from this address open already"
+        self.by_address[address] = held + 1
+        self.open += 1
+        return None
+
+    def give_back(self, address: str) -> None:
+        held = self.by_address.get(address, 0) - 1
+        if held > 0:
+            self.by_address[address] = held
+        else:
+            self.by_address.pop(address, None)
+        self.open -= 1
+
+
+async def drain_within(writer: asyncio.StreamWriter, seconds: float) -> bool:
+    """Wait until the client has read what was written down to the low-water mark; False when it did not
+    within `seconds` (or the connection broke): the caller closes it."""
+    try:
+        async with asyncio.timeout(seconds):
+            await writer.drain()
+        return True
+    except (TimeoutError, ConnectionError):
+        return False
+
+
+def unsent(writer: asyncio.StreamWriter) -> int:
+    """Bytes written to the connection that the client has not taken yet: in our buffer and in the kernel's
+    send queue (Linux SIOCOUTQ; 0 where it cannot be asked)."""
+    size = writer.transport.get_write_buffer_size()
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        try:
+            size += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+        except (OSError, ValueError):
+            pass
+    return size
+
+
+async def delivered_within(writer: asyncio.StreamWriter, seconds: float) -> bool:
+    """Wait until the client has taken every reply (our buffer and the kernel's send queue); False when it
+    has not within `seconds`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    if not await drain_within(writer, seconds):
+        return False
+    while unsent(writer):
+        if loop.time() >= deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
+def close_now(writer: asyncio.StreamWriter) -> None:
+    """Close; a connection with replies its client has not read is reset (SO_LINGER 0), so that neither its
+    socket nor the kernel memory of its send queue outlives it."""
+    if unsent(writer):
+        sock = writer.get_extra_info("socket")
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except (OSError, AttributeError):
+            pass
+        writer.transport.abort()
+    else:
+        writer.close()
+
+
+class TcpHandler:
+    """One instance per listening socket; `__call__` serves one client connection.
+
+    A client outside allow_clients is closed at accept, before it holds a slot; one client address holds at
+    most `per_client` of the `max_clients` slots. Every query needs its whole message within `idle_timeout`,
+    and every reply must be read within it too: a client whose unread replies pass WRITE_HIGH bytes is not read
+    from until it reads them, and closed when it has not within `idle_timeout`, or at once past OUTPUT_MAX."""
+
+    SEND_BUFFER = 64 * 1024  # the kernel's send buffer of a connection (SO_SNDBUF; Linux doubles it)
+    WRITE_HIGH = 64 * 1024  # unread reply bytes above which no more queries are read from the connection
+    OUTPUT_MAX = 256 * 1024  # unread reply bytes at which the connection is closed at once
+    PIPELINE_MAX = 100  # queries of one connection waiting for an upstream at once
+
+    def __init__(self, pipeline: Pipeline, tasks: _Tasks, idle_timeout: float, max_clients: int,
+                 per_client: int | None = None) -> None:
         self.pipeline = pipeline
         self.tasks = tasks
         self.idle_timeout = idle_timeout
-        self.max_clients = max_clients
+        self.slots = ConnectionSlots(max_clients, per_client or max_clients)
         self.writers: set[asyncio.StreamWriter] = set()
+        self.refused = 0  # connections closed at accept (not allowed, or no slot)
+        self.stalled = 0  # connections closed because their replies were not read
+
+    @property
+    def max_clients(self) -> int:
+        return self.slots.total
 
     async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         client = peer[0] if peer else "?"
-        if len(self.writers) >= self.max_clients:
-            log.warning("TCP connection from %s closed: %d clients already", client, self.max_clients)
-            writer.close()
+        if not self.pipeline.guard.allows(client):
+            self.refused += 1
+            log.warning("TCP connection from %s closed: not in allow_clients", client)
+            writer.transport.abort()
+            return
+        why = self.slots.take(client)
+        if why is not None:
+            self.refused += 1
+            log.warning("TCP connection from %s closed: %s", client, why)
+            writer.transport.abort()
             return
         self.writers.add(writer)
+        writer.transport.set_write_buffer_limits(high=self.WRITE_HIGH)
+        sock = writer.get_extra_info("socket")
+        try:  # bounded kernel memory too: a client that does not read fills this, then our buffer
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.SEND_BUFFER)
+        except (OSError, AttributeError):
+            pass
         inflight: set[asyncio.Task[None]] = set()
         try:
             while True:
@@ -172,29 +286,48 @@ class TcpHandler:
                     task = self.tasks.spawn(self._forward(result, client, writer))
                     inflight.add(task)
                     task.add_done_callback(inflight.discard)
-                else:
-                    writer.write(struct.pack("!H", len(result)) + result)
-                try:
-                    await writer.drain()
-                except ConnectionError:
-                    break
+                    if len(inflight) >= self.PIPELINE_MAX:  # read on when one of them is answered
+                        await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
+                elif not self._send(writer, result, client):
+                    return
+                if not await drain_within(writer, self.idle_timeout):  # waits only above WRITE_HIGH
+                    self._stalled(client, f"not read within {self.idle_timeout:.0f} s")
+                    return
             if inflight:
                 await asyncio.wait(inflight)
+            if not writer.transport.is_closing() and not await delivered_within(writer, self.idle_timeout):
+                self._stalled(client, f"not read within {self.idle_timeout:.0f} s")
         finally:
             self.writers.discard(writer)
-            writer.close()
+            self.slots.give_back(client)
+            close_now(writer)  # replies still in flight find it closing and are dropped
+
+    def _send(self, writer: asyncio.StreamWriter, reply: bytes, client: str) -> bool:
+        """Queue one reply; False (and the connection aborted) when the client has left too much unread."""
+        if writer.transport.is_closing():
+            return False
+        if writer.transport.get_write_buffer_size() + len(reply) > self.OUTPUT_MAX:
+            self._stalled(client, f"over {self.OUTPUT_MAX // 1024} KiB unread")
+            writer.transport.abort()
+            return False
+        writer.write(struct.pack("!H", len(reply)) + reply)
+        return True
+
+    def _stalled(self, client: str, why: str) -> None:
+        self.stalled += 1
+        log.warning("TCP connection from %s closed: its replies were %s", client, why)
 
     async def _forward(self, pending: Pending, client: str, writer: asyncio.StreamWriter) -> None:
         try:
             reply: bytes | None = await self.pipeline.forward(pending, client, "tcp")
         except Exception as exc:  # forward() answers its own failures; this is the last line of defence
             reply = self.pipeline.failed(pending.query.wire, client, "tcp", exc)
-        if reply is not None and not writer.is_closing():
-            writer.write(struct.pack("!H", len(reply)) + reply)
+        if reply is not None:
+            self._send(writer, reply, client)
 
     def close_all(self) -> None:
         for w in list(self.writers):
-            w.close()
+            close_now(w)
 
 
 class Listener:
@@ -209,7 +342,8 @@ class Listener:
         self.tcp: asyncio.Server | None = None
         self.tcp_handler: TcpHandler | None = None
 
-    async def start(self, pipeline: Pipeline, tasks: _Tasks, idle_timeout: float, max_clients: int) -> None:
+    async def start(self, pipeline: Pipeline, tasks: _Tasks, idle_timeout: float, max_clients: int,
+                    per_client: int | None = None) -> None:
         """Serve the bound sockets: from here on, queries are answered."""
         loop = asyncio.get_running_loop()
         udp_sock, tcp_sock = self.given
@@ -217,7 +351,7 @@ class Listener:
             self.udp, self.udp_protocol = await loop.create_datagram_endpoint(  # type: ignore[assignment]
                 lambda: UdpProtocol(pipeline, tasks), sock=udp_sock)
         if tcp_sock is not None:
-            self.tcp_handler = TcpHandler(pipeline, tasks, idle_timeout, max_clients)
+            self.tcp_handler = TcpHandler(pipeline, tasks, idle_timeout, max_clients, per_client)
             self.tcp = await asyncio.start_server(self.tcp_handler, sock=tcp_sock, backlog=socket.SOMAXCONN)
 
     def stop_tcp(self) -> None:

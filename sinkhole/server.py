@@ -253,7 +253,8 @@ class Server:
             store.close()
         for host, port, udp, tcp in bound:
             listener = Listener(host, port, udp, tcp)
-            await listener.start(self.pipeline, self.tasks, self.cfg.tcp_idle_timeout, self.cfg.tcp_max_clients)
+            await listener.start(self.pipeline, self.tasks, self.cfg.tcp_idle_timeout, self.cfg.tcp_max_clients,
+                                 self.cfg.tcp_max_per_client)
             self.listeners.append(listener)
             if self.sockets is None:
                 log.info("listening on %s %s%s", listener.transports, listener, " (from systemd)" if passed else "")
