@@ -71,6 +71,8 @@ class ServeConfig:
     tcp_max_clients: int = 1000
     tcp_max_per_client: int = 16  # open TCP connections from one client address (Unbound's tcp-connection-limit)
     max_inflight: int = 1000  # forwards waiting for an upstream at once (each holds a socket)
+    max_inflight_client_share: float = 0.1  # of max_inflight, held by one client address at most
+    max_inflight_network_share: float = 0.5  # of max_inflight, held by one client /24 or /56 at most
     reload_interval: float = 0.25
     node: str = field(default_factory=socket.gethostname)
     user: str = ""  # when started as root: bind, then run as this user
@@ -148,6 +150,9 @@ class ServeConfig:
                            self.rate_limit_net_burst, self.rate_limit_v4_prefix, self.rate_limit_v6_prefix,
                            self.rate_limit_action, self.rate_limit_exempt)
 
+    def make_shares(self) -> guard.Shares:
+        return guard.Shares(self.max_inflight_client_share, self.max_inflight_network_share)
+
     def client_prefix(self) -> tuple[int, int] | None:
         """(IPv4 prefix, IPv6 prefix) to which audit rows truncate client addresses; None: whole addresses."""
         text = self.log_client_prefix.strip()
@@ -224,8 +229,8 @@ RELOADABLE = frozenset({
     "log_queries", "log_level", "log_repeat_interval", "mode", "block_a", "block_aaaa", "block_ttl",
     "allow_clients", "rate_limit", "rate_limit_burst", "rate_limit_net", "rate_limit_net_burst",
     "rate_limit_v4_prefix", "rate_limit_v6_prefix", "rate_limit_action", "rate_limit_exempt",
-    "upstream", "timeout", "max_inflight", "cache_size", "cache_min_ttl", "cache_max_ttl",
-    "cache_negative_max_ttl", "cache_serve_stale", "reload_interval",
+    "upstream", "timeout", "max_inflight", "max_inflight_client_share", "max_inflight_network_share",
+    "cache_size", "cache_min_ttl", "cache_max_ttl", "cache_negative_max_ttl", "cache_serve_stale", "reload_interval",
 })
 
 
@@ -326,6 +331,8 @@ def _validate(cfg: ServeConfig) -> ServeConfig:
         raise ConfigError("log_repeat_interval must be from 0 (every line) to 3600 seconds")
     if cfg.tcp_max_clients < 1 or cfg.max_inflight < 1 or cfg.cache_negative_max_ttl < 0:
         raise ConfigError("tcp_max_clients and max_inflight must be 1 or more, cache_negative_max_ttl 0 or more")
+    if not (0 < cfg.max_inflight_client_share <= 1 and 0 < cfg.max_inflight_network_share <= 1):
+        raise ConfigError("max_inflight_client_share and max_inflight_network_share must be above 0 and at most 1")
     if cfg.tcp_max_per_client < 1:
         raise ConfigError("tcp_max_per_client must be 1 or more")
     if cfg.cache_serve_stale < 0:

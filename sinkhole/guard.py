@@ -139,3 +139,37 @@ class Guard:
             return Outcome.REFUSED
         self.limited += 1
         return Outcome.LIMITED
+
+    def network_of(self, client: str) -> object:
+        """The rate limits' network of `client` (its /24 or /56), as a key."""
+        return self._classify(client)[2]
+
+
+class Shares:
+    """Forwards waiting for an upstream, per client address and per client network: one client (or one /24,
+    /56) holds at most a share of `max_inflight`, so that its unanswerable names cannot take every slot."""
+
+    def __init__(self, client_share: float = 0.1, network_share: float = 0.5) -> None:
+        self.client_share = client_share
+        self.network_share = network_share
+        self.held: dict[object, int] = {}
+
+    def take(self, client: str, network: object, max_inflight: int) -> tuple[str, object] | None:
+        """A place for one more forward of `client`: a token for give_back, or None when it (or its network)
+        holds its share already."""
+        held = self.held
+        if held.get(client, 0) >= max(1, int(max_inflight * self.client_share)):
+            return None
+        if held.get(network, 0) >= max(1, int(max_inflight * self.network_share)):
+            return None
+        held[client] = held.get(client, 0) + 1
+        held[network] = held.get(network, 0) + 1
+        return client, network
+
+    def give_back(self, token: tuple[str, object]) -> None:
+        for key in token:
+            left = self.held[key] - 1
+            if left:
+                self.held[key] = left
+            else:
+                del self.held[key]

@@ -31,7 +31,7 @@ from sinkhole.audit import AuditLog
 from sinkhole.cache import Cache, key_of
 from sinkhole.domains import client_address
 from sinkhole.errors import UpstreamError
-from sinkhole.guard import Guard, Outcome
+from sinkhole.guard import Guard, Outcome, Shares
 from sinkhole.model import Action, AuditEvent, Query, Verdict
 from sinkhole.policy import CANARIES, Group, Policy
 from sinkhole.upstream import Forwarder
@@ -57,8 +57,9 @@ class Pending:
 class Pipeline:
     def __init__(self, get_policy: Callable[[], Policy], forwarder: Forwarder, audit: AuditLog,
                  answers: answer.AnswerConfig, guard: Guard | None = None, cache: Cache | None = None,
-                 ecs: tuple[int, int] | None = None) -> None:
+                 ecs: tuple[int, int] | None = None, shares: Shares | None = None) -> None:
         self.guard = guard or Guard()
+        self.shares = shares or Shares()  # forwards in flight per client and per network
         # Client Subnet (RFC 7871): None strips it (internal addresses never leave the agency); (V4, V6) sends
         # the client's network of those prefix lengths upstream, and keys the cache on it
         self.ecs = ecs
@@ -250,6 +251,21 @@ class Pipeline:
             self.counts["prefetched"] = self.counts.get("prefetched", 0) + 1
 
     async def forward(self, pending: Pending, client: str, proto: str) -> bytes:
+        token = self.shares.take(client, self.guard.network_of(client), self.forwarder.max_inflight)
+        if token is None:  # this client (or its network) holds its share of the forwards: it waits, not others
+            query = pending.query
+            log.warning("REFUSED %s %s for %s: over its share of the queries waiting for an upstream",
+                        query.qname, codec.qtype_name(query.qtype), client)
+            self._record(Action.REFUSED, client, proto, query.qname, query.qtype, codec.REFUSED, pending.verdict,
+                         "over its share of forwards in flight", pending.version, group=pending.group.name,
+                         wire=query.wire)
+            return answer.refused(query)
+        try:
+            return await self._forward(pending, client, proto)
+        finally:
+            self.shares.give_back(token)
+
+    async def _forward(self, pending: Pending, client: str, proto: str) -> bytes:
         query, verdict, version = pending.query, pending.verdict, pending.version
         started = time.perf_counter()
         try:

@@ -183,7 +183,7 @@ class Server:
                               client_prefix=cfg.client_prefix(), shipper=shipping.from_config(cfg))
         self.forwarder = cfg.make_forwarder()
         self.pipeline = Pipeline(lambda: self.policy, self.forwarder, self.audit, cfg.answers(), cfg.make_guard(),
-                                 cfg.make_cache(), cfg.ecs_prefix())
+                                 cfg.make_cache(), cfg.ecs_prefix(), cfg.make_shares())
         self.reloader: PolicyReloader | None = None
         self.pruner: Pruner | None = None
         # RPZ primary/secondary: one per server, so with several workers only worker 0 runs it
@@ -392,6 +392,8 @@ class Server:
             self.forwarder.set_upstreams(upstreams)
         self.forwarder.timeout = running.timeout
         self.forwarder.max_inflight = running.max_inflight
+        self.pipeline.shares.client_share = running.max_inflight_client_share
+        self.pipeline.shares.network_share = running.max_inflight_network_share
         cache = self.pipeline.cache
         cache.max_entries, cache.min_ttl = running.cache_size, running.cache_min_ttl
         cache.max_ttl, cache.negative_max_ttl = running.cache_max_ttl, running.cache_negative_max_ttl

@@ -278,6 +278,7 @@ class Forwarder:
         self._doh: dict[Upstream, _DohClient] = {}
         self._down_until: dict[Upstream, float] = {}
         self._rtt: dict[Upstream, float] = {}  # smoothed round-trip time, seconds
+        self._last_answer: dict[Upstream, float] = {}  # loop time of the upstream's latest good answer
         self._picks = 0
         # per upstream, for metrics: answers per latency bucket (the last: above every bound), their
         # total seconds, and failed attempts (timeouts, errors); plain ints, read at scrape time
@@ -440,12 +441,17 @@ class Forwarder:
             tries.errors.append(f"{up}: {reason}")
             if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS):
                 raise _Stop from exc  # out of sockets here: no upstream is to blame
+            if isinstance(exc, TimeoutError) and self._last_answer.get(up, -1.0) > started:
+                # it answered other queries while this one waited: the name is slow, the upstream is not down
+                self.failures[up] = self.failures.get(up, 0) + 1
+                raise
             self._failed(up, reason, loop.time() - started)
             raise
         self._answered(up, loop.time() - started)
         return reply
 
     def _answered(self, up: Upstream, rtt: float) -> None:
+        self._last_answer[up] = asyncio.get_running_loop().time()
         if self._down_until.pop(up, None) is not None:
             log.info("upstream %s answers again", up)
         buckets = self.latency.get(up)

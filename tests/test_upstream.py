@@ -200,15 +200,16 @@ def test_forwards_in_flight_are_bounded(make_server):
         s = make_server(upstream=(dead.address,), timeout=1.5, max_inflight=1)
         import concurrent.futures
 
-        def one(name: str) -> tuple[int, float]:
+        def one(name: str, source: str) -> tuple[int, float]:
             started = time.monotonic()
-            r = ask(s, name, timeout=5)
+            r = dns.query.udp(dns.message.make_query(name, "A"), s.host, port=s.port, source=source, timeout=5)
             return r.rcode(), time.monotonic() - started
 
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            first = pool.submit(one, "a.example.test")
+            first = pool.submit(one, "a.example.test", "127.0.0.1")
             time.sleep(0.2)  # the first is waiting on the dead upstream now
-            second = pool.submit(one, "b.example.test")
+            # another network's client, under its own share (one client's share: tests/test_fairness.py)
+            second = pool.submit(one, "b.example.test", "127.0.1.2")
             (c1, t1), (c2, t2) = first.result(), second.result()
         assert c1 == c2 == dns.rcode.SERVFAIL
         assert t2 < 0.5 < t1, "over the cap: SERVFAIL at once, without holding another socket"
