@@ -51,6 +51,7 @@ import dns.xfr
 from sinkhole.answer import AnswerConfig
 from sinkhole.domains import client_address
 from sinkhole.errors import ConfigError, ListFormatError, SinkholeError
+from sinkhole.listener import ConnectionSlots, close_now, drain_within
 from sinkhole.policy import Policy, is_regex
 
 if TYPE_CHECKING:
@@ -70,6 +71,9 @@ MESSAGE_BUDGET = 16_000  # bytes of records per transfer message (uncompressed),
 HISTORY_DIFFS = 64  # IXFR: differences kept in memory ...
 HISTORY_RECORDS = 200_000  # ... and the records they may hold at most
 NOTIFY_TRIES = 5
+RPZ_MAX_CONNECTIONS = 64  # TCP connections to rpz_listen at once (the same process serves DNS) ...
+RPZ_MAX_PER_ADDRESS = 4  # ... and from one address
+RPZ_IDLE_TIMEOUT = 30.0  # seconds to send a whole request, and to read each reply message
 CATEGORY_PREFIX = "rpz:"
 Record = tuple[dns.name.Name, dns.rdata.Rdata]
 
@@ -358,6 +362,7 @@ class Endpoint:
         self.tcp_server: asyncio.AbstractServer | None = None
         self.udp: asyncio.DatagramTransport | None = None
         self.conns: set[asyncio.Task] = set()
+        self.slots = ConnectionSlots(RPZ_MAX_CONNECTIONS, RPZ_MAX_PER_ADDRESS)
 
     async def start(self, sockets: tuple[socket.socket, socket.socket]) -> None:
         """Serve on `sockets`: those of bind(), made before root was dropped."""
@@ -383,27 +388,43 @@ class Endpoint:
         if self.udp is not None:
             self.udp.close()
 
+    def _may_connect(self, peer: str) -> bool:
+        """Over TCP: the secondaries (rpz_secondaries) transfer, and a secondary's own primary may send NOTIFY."""
+        if self.primary is not None and _allowed(peer, self.primary.networks):
+            return True
+        return self.secondary is not None and _same_host(peer, self.secondary.host)
+
     async def _tcp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")[0]
+        why = self.slots.take(peer) if self._may_connect(peer) else "not in rpz_secondaries"
+        if why is not None:  # closed as accepted: it holds no slot and no file descriptor
+            log.warning("RPZ: TCP connection from %s closed: %s", peer, why)
+            writer.transport.abort()
+            return
         task = asyncio.current_task()
         assert task is not None
         self.conns.add(task)
-        peer = writer.get_extra_info("peername")[0]
         loop = asyncio.get_running_loop()
         try:
             while True:
-                head = await asyncio.wait_for(reader.readexactly(2), 30)
-                wire = await asyncio.wait_for(reader.readexactly(struct.unpack("!H", head)[0]), 30)
+                async with asyncio.timeout(RPZ_IDLE_TIMEOUT):  # the whole request within it
+                    head = await reader.readexactly(2)
+                    wire = await reader.readexactly(struct.unpack("!H", head)[0])
                 replies = await loop.run_in_executor(None, self.answer, wire, peer, True)
                 if not replies:
                     break
                 for reply in replies:
                     writer.write(struct.pack("!H", len(reply)) + reply)
-                    await writer.drain()
+                    if not await drain_within(writer, RPZ_IDLE_TIMEOUT):  # a transfer must be read, too
+                        log.warning("RPZ: TCP connection from %s closed: its replies were not read within %.0f s",
+                                    peer, RPZ_IDLE_TIMEOUT)
+                        return
         except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
             pass
         finally:
             self.conns.discard(task)
-            writer.close()
+            self.slots.give_back(peer)
+            close_now(writer)
 
     def answer(self, wire: bytes, peer: str, tcp: bool) -> list[bytes]:
         """The reply messages to one request (several for a transfer); [] to drop it."""
