@@ -20,6 +20,7 @@ import dns.ttl
 
 from sinkhole.domains import is_ip_address, normalize
 from sinkhole.errors import DomainError, ListFormatError
+from sinkhole.policy import compile_regex
 
 HOSTS_SINKS = {"0.0.0.0", "127.0.0.1", "::", "::1", "0:0:0:0:0:0:0:0"}
 # names on the usual preamble lines of a hosts file (`127.0.0.1 localhost`, `ff02::1 ip6-allnodes` ...)
@@ -64,7 +65,8 @@ def is_regex(domain: str) -> bool:
 
 
 def regex_rule(text: str) -> str:
-    """`/pattern/` checked with re.compile, returned as stored (slashes included); DomainError if bad."""
+    """`/pattern/` checked with RE2 (the syntax the policy matches with: policy.compile_regex), returned as
+    stored (slashes included); DomainError if it is not one."""
     text = text.strip()
     pattern = text[1:-1]
     if not is_regex(text) or not pattern:
@@ -72,9 +74,9 @@ def regex_rule(text: str) -> str:
     if len(pattern) > MAX_REGEX:
         raise DomainError(f"invalid regex rule {text[:40]!r}...: over {MAX_REGEX} characters")
     try:
-        re.compile(pattern)
-    except re.error as exc:
-        raise DomainError(f"invalid regex rule {text!r}: {exc}") from None
+        compile_regex(pattern)
+    except ValueError as exc:
+        raise DomainError(f"invalid regex rule {text!r}: {exc} (RE2 syntax: no backreferences or lookaround)") from None
     return text
 
 

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import gc
 import ipaddress
-import re
+import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
+
+import re2
 
 from sinkhole.domains import client_address
 from sinkhole.model import FORWARD, Action, Query, Rule, RuleKind, Verdict
@@ -31,14 +34,32 @@ DEFAULT_GROUP = "default"
 GROUP_PREFIX = "group:"  # the category `group:NAME` holds the extra rules of group NAME, in force for it alone
 EVERYWHERE = "manual"  # rules added by `block add` / `allow add` without --category: in force for every group
 _CLIENT_MEMO_MAX = 65536
+log = logging.getLogger(__name__)
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Entry = tuple[RuleKind, str, str | None]  # (kind, category, list it came from)
 
 
 def is_regex(domain: str) -> bool:
-    """A `/pattern/` rule: matched as a regular expression (re.search) against the whole name."""
+    """A `/pattern/` rule: matched as a regular expression (RE2, search) against the whole name."""
     return len(domain) > 2 and domain[0] == "/" and domain[-1] == "/"
+
+
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # the reason is in the exception; RE2 would also print it on stderr
+_RE2_OPTIONS.never_capture = True  # a rule only asks whether the name matches
+
+
+def compile_regex(pattern: str) -> Any:
+    """A regex rule's pattern compiled with RE2 (google-re2): matching takes time linear in the name whatever
+    the pattern (no backtracking), so that no rule can make a lookup slow. RE2's syntax is Python's without
+    backreferences and lookaround; a pattern outside it, or too large for RE2's memory bound, raises
+    ValueError with RE2's reason."""
+    try:
+        return re2.compile(pattern, _RE2_OPTIONS)
+    except re2.error as exc:
+        reason = exc.args[0] if exc.args else exc
+        raise ValueError(reason.decode(errors="replace") if isinstance(reason, bytes) else str(reason)) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +115,7 @@ class Policy:
         # (kind, category, source) -> (in force somewhere, entry, its one-entry combo, is an allow rule): the
         # per-rule work is one small-tuple lookup here and one dict store, with no enum hashing (Python-level)
         kinds: dict[tuple, tuple[bool, Entry, tuple[Entry, ...], bool]] = {}
-        regexes: list[tuple[re.Pattern[str], Entry, str]] = []
+        regexes: list[tuple[Any, Entry, str]] = []
         self.ip_rules: list[tuple[Network, str, str | None]] = []
         counts = [0, 0]  # block, allow
         self._kinds, self._combos, self._in_force = kinds, combos, in_force_somewhere
@@ -130,8 +151,9 @@ class Policy:
                 if "/" in domain:
                     if is_regex(domain):  # checked when it was stored; a bad one is skipped, never fatal here
                         try:
-                            regexes.append((re.compile(domain[1:-1]), entry, domain))
-                        except re.error:
+                            regexes.append((compile_regex(domain[1:-1]), entry, domain))
+                        except ValueError as exc:  # stored before RE2 checked them (Python's re did)
+                            log.warning("regex rule %s (category %s) left out of the policy: %s", domain, key[1], exc)
                             continue
                     elif not allow:  # a network: answers holding an address in it are blocked
                         self.ip_rules.append((ipaddress.ip_network(domain, strict=False), key[1], key[2]))

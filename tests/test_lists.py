@@ -275,7 +275,7 @@ BAD = [
     ("adblock", "||a.example^\n||b.example^$third-party\n", 2, "modifiers"),
     ("adblock", "||a.example^\n/(unclosed/\n", 2, "invalid regex rule '/(unclosed/'"),
     ("adblock", "||a.example^\n||*.b.example^\n", 2, "only a host name"),
-    ("auto", "||a.example^\n@@/[z-a]/\n", 2, "bad character range"),
+    ("auto", "||a.example^\n@@/[z-a]/\n", 2, "invalid character class range"),  # RE2's words
     ("rpz", "$ORIGIN rpz.example.\na.example CNAME .\nns1.example.rpz-nsdname CNAME .\n", 3, "rpz-nsdname"),
     ("rpz", "$ORIGIN rpz.example.\n32.1.2.0.10.rpz-nsip CNAME .\n", 2, "rpz-nsip"),
     ("rpz", "$ORIGIN rpz.example.\n24.0.0.10.10.rpz-client-ip CNAME .\n", 2, "rpz-client-ip"),
