@@ -46,6 +46,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sinkhole import files
 from sinkhole.domains import reverse_name
 from sinkhole.errors import ConfigError
 
@@ -135,10 +136,11 @@ def parse_key(text: str, where: str = "the key") -> tuple[int, bytes]:
 
 def write_key(path: Path, generation: int, key: bytes) -> None:
     """Write atomically (temporary file, fsync, rename), mode 0600."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    files.private_dirs(path.parent)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, files.FILE_MODE)
     try:
+        os.fchmod(fd, files.FILE_MODE)  # whatever the umask
         try:  # root (a CLI run with sudo) replacing the server's key: the file stays the service user's
             st = os.stat(path)
             if (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
@@ -154,8 +156,8 @@ def write_key(path: Path, generation: int, key: bytes) -> None:
 
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path.with_name(path.name + ".lock"), os.O_WRONLY | os.O_CREAT, 0o600)
+    files.private_dirs(path.parent)
+    fd = os.open(path.with_name(path.name + ".lock"), os.O_WRONLY | os.O_CREAT, files.FILE_MODE)
     try:
         try:  # made by root: leave it to the key file's owner, as write_key does
             st = os.stat(path)

@@ -18,6 +18,7 @@ import click
 from sinkhole import __version__, operations, systemd
 from sinkhole.domains import normalize
 from sinkhole.errors import ConfigError, DomainError, ListFormatError, SinkholeError
+from sinkhole.files import guard_output, write_private
 from sinkhole.model import Action, RuleKind
 from sinkhole.progress import Progress, quiet_option
 from sinkhole.store import Actor, Store, default_db_path, iso_dt
@@ -53,15 +54,24 @@ class Env:
     def __init__(self, db: Path | None) -> None:
         self.db_path = db or default_db_path()
 
+    def checked_path(self) -> Path:
+        """The database path, if it can be one (a regular file, or none yet): ConfigError before anything is
+        made for /dev/null, a directory or an SQLite URI."""
+        from sinkhole.files import check_db_path
+
+        return check_db_path(self.db_path)
+
     def store(self) -> Store:
+        """The database, made (0600, with the shipped lists) if there is none: for commands that change it."""
         from sinkhole.server import open_store
 
-        return open_store(self.db_path)
+        return open_store(self.checked_path())
 
     def existing_store(self) -> Store:
-        """For commands that only read the log: a missing file is a mistyped path, not a new database."""
-        if not self.db_path.exists():
-            raise SinkholeError(f"no database at {self.db_path} (check --db / SINKHOLE_DB)")
+        """For commands that only read, or remove: a missing file is a mistyped path, never a new database."""
+        if not self.checked_path().exists():
+            raise SinkholeError(f"no database at {self.db_path} (check --db / SINKHOLE_DB; `sinkhole serve` or a "
+                                "change such as `block add` makes one)")
         return self.store()
 
 
@@ -199,6 +209,7 @@ def serve(env: Env, config_file: Path | None, **flags: Any) -> None:
     # a repeatable option given no value comes as (): not set, rather than set to nothing
     given = {k: (None if v == () else v) for k, v in flags.items()}
     cfg = config.load(config_file, flags=given)
+    env.checked_path()
     # under systemd, each line carries its priority into the journal (journalctl -p warning)
     logging.basicConfig(level=cfg.log_level.upper(), handlers=[systemd.log_handler(sys.stderr)])
     sys.exit(server.run(cfg, env.db_path, reload=lambda: config.load(config_file, flags=given)))
@@ -318,7 +329,7 @@ def _rule_group(kind: RuleKind, verb: str) -> click.Group:
         if client_group is not None:
             operations.rule_category(category, client_group)
         operations.rule_targets(names, networks=kind is RuleKind.BLOCK)  # bad input: nothing opened or written
-        with env.store() as store:
+        with env.existing_store() as store:
             removed, missing = operations.remove_rules(store, kind, names, category, client_group)
         for d in removed:
             click.echo(f"removed {kind.value} rule: {d}")
@@ -336,7 +347,7 @@ def _rule_group(kind: RuleKind, verb: str) -> click.Group:
     def list_(env: Env, category: str | None, client_group: str | None, fmt: str) -> None:
         if client_group is not None:
             category = operations.rule_category(category, client_group)
-        with env.store() as store:
+        with env.existing_store() as store:
             rows = store.list_rules(kind, category)
         emit(rows, ["domain", "category", "source", "added_at", "added_by", "expires_at", "note"], fmt)
 
@@ -391,7 +402,7 @@ def group_add(env: Env, name: str, networks: tuple[str, ...], categories: str | 
 def group_remove(env: Env, name: str, networks: tuple[str, ...]) -> None:
     """Remove group NAME (its clients fall back to the default group, its extra rules go), or some networks."""
     nets = operations.networks(networks) if networks else None
-    with env.store() as store:
+    with env.existing_store() as store:
         gone = store.remove_group(name, nets)
     if nets is None:
         click.echo(f"removed group {name}" + (f" and its networks {', '.join(gone)}" if gone else ""))
@@ -404,7 +415,7 @@ def group_remove(env: Env, name: str, networks: tuple[str, ...]) -> None:
 @pass_env
 def group_list(env: Env, fmt: str) -> None:
     """Every group: its networks, categories in force and number of extra rules."""
-    with env.store() as store:
+    with env.existing_store() as store:
         rows = operations.group_rows(store)
     if fmt != "json":
         for r in rows:
@@ -421,7 +432,7 @@ def group_show(env: Env, name: str, fmt: str) -> None:
     """One group: networks, categories in force with their rule counts, and its extra rules."""
     from sinkhole.policy import GROUP_PREFIX
 
-    with env.store() as store:
+    with env.existing_store() as store:
         categories = store.categories()
         rows = {r["name"]: r for r in operations.group_rows(store, categories)}
         if name not in rows:
@@ -455,7 +466,7 @@ def lists_group() -> None:
 @pass_env
 def lists_show(env: Env, fmt: str) -> None:
     """Every category: rules, source, in force or not; and the shipped lists not loaded."""
-    with env.store() as store:
+    with env.existing_store() as store:
         rows = operations.list_rows(store)
     for r in rows:
         r["enabled"] = "yes" if r["enabled"] else "no"
@@ -479,7 +490,7 @@ def lists_enable(env: Env, category: str) -> None:
 @pass_env
 def lists_disable(env: Env, category: str) -> None:
     """Take CATEGORY's rules out of force (they stay stored: `lists enable` brings them back)."""
-    with env.store() as store:
+    with env.existing_store() as store:
         changed = operations.disable_list(store, category)
     click.echo(f"category {category} is out of force" + ("" if changed else " (it was already)"))
 
@@ -525,7 +536,7 @@ def lists_update(env: Env, categories: tuple[str, ...], quiet: bool) -> None:
     """
     failed = 0
     progress = Progress.for_command(quiet)
-    with env.store() as store:
+    with env.existing_store() as store:
         any_source = False
         for res in operations.update_lists(store, categories, progress=progress):
             any_source = True
@@ -568,7 +579,7 @@ def export_rpz(env: Env, client_group: str, zone: str | None, config_file: Path 
 
     cfg = config.load(config_file)
     origin = rpz.zone_name(zone if zone is not None else cfg.rpz_zone)
-    with env.store() as store:
+    with env.existing_store() as store:
         version, rules = rpz.rules_in_force(store, client_group)
     with Progress.for_command(quiet) as progress:
         result = rpz.build(rules, cfg.answers(), origin, max(version, 1), client_group, cfg.rpz_refresh, version,
@@ -749,6 +760,12 @@ def _key_path(env: Env, key: Path | None) -> Path:
     return key or default_key_path(env.db_path)
 
 
+def _protected(env: Env, key: Path | None) -> list[Path]:
+    """What an output option may never write over: the database (and its WAL, SHM) and its audit key."""
+    server_key = _key_path(env, key)
+    return [env.db_path, server_key, server_key.with_name(server_key.name + ".lock")]
+
+
 _SERVER_KEY = click.option("--key", "key", type=click.Path(dir_okay=False, path_type=Path), default=None,
                            help="The audit key the server writes with [env SINKHOLE_AUDIT_KEY; default DB.key].")
 
@@ -814,15 +831,17 @@ def _verify_one(env: Env, key_file: Path, anchor_file: Path | None, server_key: 
               help="json is JSON Lines: one chain head a line, the form `verify --anchor` reads.")
 @click.option("--export-key", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Instead: copy the current audit key (made if there is none) to this new file, for verify.")
+@click.option("--force", is_flag=True, help="With --export-key: write over a file that is there (never the "
+                                            "database or its audit key).")
 @_SERVER_KEY
 @pass_env
-def log_anchor(env: Env, fmt: str, export_key: Path | None, key: Path | None) -> None:
+def log_anchor(env: Env, fmt: str, export_key: Path | None, force: bool, key: Path | None) -> None:
     """Print the head of every chain (chain, link, seq, mac, time), to keep somewhere an intruder cannot edit."""
     from sinkhole import chain
 
     if export_key is not None:
-        if export_key.exists():
-            raise chain.AuditKeyError(f"{export_key} exists; not overwriting a key copy")
+        env.checked_path()
+        guard_output(export_key, force, _protected(env, key), "--export-key")
         generation, secret, _ = chain.ensure_key(_key_path(env, key))
         chain.write_key(export_key, generation, secret)
         click.echo(f"exported audit key generation {generation} (fingerprint {chain.fingerprint(secret)}) to "
@@ -979,9 +998,10 @@ def histogram(hourly: list[dict], width: int = 72, height: int = 8) -> list[str]
 @click.option("--key-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="The operator's copy of the audit key: verify the chains and put the result in the report.")
 @click.option("--top", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--force", is_flag=True, help="Write over OUTPUT if it is there (never the database or its audit key).")
 @_SERVER_KEY
 @pass_env
-def report(env: Env, since: str, until: str | None, output: Path, key_file: Path | None, top: int,
+def report(env: Env, since: str, until: str | None, output: Path, key_file: Path | None, top: int, force: bool,
            key: Path | None) -> None:
     """A self-contained HTML report for a security officer: blocked attempts over time, top clients,
     top services, bypass attempts, client groups, and whether the audit chains verify."""
@@ -991,13 +1011,13 @@ def report(env: Env, since: str, until: str | None, output: Path, key_file: Path
     assert since_iso is not None
     if key_file is not None and not key_file.is_file():
         raise click.BadParameter(f"{str(key_file)!r}: no such file", param_hint="--key-file")
+    env.checked_path()
+    guard_output(output, force, _protected(env, key) + ([key_file] if key_file is not None else []), "--output")
     with env.existing_store() as store:
         stats_ = store.stats(since_iso, until_iso, top)
         status = report_mod.chain_status(store, key_file, _key_path(env, key))
     page = report_mod.render(stats_, since_iso, until_iso, status, str(env.db_path))
-    tmp = output.with_name(f".{output.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(output)
+    write_private(output, page.encode("utf-8"))  # 0600: the report names clients
     t = stats_["totals"]
     click.echo(f"wrote {output}: {t['blocked']} blocked queries from {t['clients']} clients since {since_iso};"
                f" chain: {status.summary}")
@@ -1032,7 +1052,7 @@ def check(env: Env, name: str, qtype: str, client: str, config_file: Path | None
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # the server's own warnings are not the answer here
     try:
-        with env.store() as store:
+        with env.existing_store() as store:
             result = explain(store, cfg, domain, qtype, client)
     finally:
         quiet.setLevel(level)  # a process that goes on (tests, a caller) keeps its logging

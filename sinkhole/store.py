@@ -23,7 +23,7 @@ from pathlib import Path
 
 import sqlite_utils
 
-from sinkhole import chain
+from sinkhole import chain, files
 from sinkhole.domains import reverse_name
 from sinkhole.errors import ConfigError
 from sinkhole.model import RuleKind
@@ -211,7 +211,7 @@ class Store:
     def __init__(self, path: str | os.PathLike[str], *, seed: Iterable[Seed] | None = None,
                  synchronous: str = "NORMAL") -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        files.create_private(self.path)  # 0600 (and so its WAL and SHM), in a 0700 directory if it makes one
         self.key_path = chain.default_key_path(self.path)  # the journal is sealed under the audit key
         self._journal_key: tuple[int, bytes] | None = None  # (generation, journal key), taken at the first entry
         self.journal_unsealed: str | None = None  # why entries of this store went unsealed, if they did

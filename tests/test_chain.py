@@ -270,7 +270,7 @@ def test_verify_usage_errors_are_one_line(db, logged, tmp_path):
     exists = tmp_path / "exists.key"
     exists.write_text("x")
     result = run(db, "log", "anchor", "--export-key", str(exists))
-    assert result.exit_code == 2 and "not overwriting" in result.output
+    assert result.exit_code == 2 and "the file exists; --force writes over it" in result.output
 
 
 def test_a_chain_past_several_key_epochs_verifies_and_an_edit_there_is_found(tmp_path):

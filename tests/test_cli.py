@@ -329,6 +329,7 @@ def listed(db: Path) -> Path:
 
 
 def test_new_database_is_seeded_with_the_lists(db, isolated_env):
+    assert run(db, "block", "add", "other.example").exit_code == 0  # a change makes the database
     result = run(db, "block", "list", "--category", "seeded", "--format", "json")
     assert result.exit_code == 0, result.output
     [row] = json_lines(result.stdout)
@@ -339,6 +340,7 @@ def test_new_database_is_seeded_with_the_lists(db, isolated_env):
 
 def test_new_database_without_override_gets_the_shipped_lists(db, monkeypatch):
     monkeypatch.delenv("SINKHOLE_BLOCKLISTS")
+    assert run(db, "allow", "add", "other.example").exit_code == 0  # a change makes the database
     result = run(db, "block", "list", "--category", "deepseek", "--format", "json")
     assert result.exit_code == 0, result.output
     names = {r["domain"] for r in json_lines(result.stdout)}
@@ -417,8 +419,8 @@ def test_allow_add_list_remove(db):
     assert domains(db, "allow") == []
 
 
-def test_allow_remove_missing_fails(db):
-    result = run(db, "allow", "remove", "never.example")
+def test_allow_remove_missing_fails(existing_db):
+    result = run(existing_db, "allow", "remove", "never.example")
     assert result.exit_code == 1
     assert one_line_error(result) == "sinkhole: no allow rule for never.example"
 
@@ -443,7 +445,7 @@ def test_allow_list_csv_and_category(db):
 
 
 def test_each_change_writes_one_journal_row(db):
-    run(db, "block", "list")  # create and seed
+    open_store(db).close()  # create and seed, as a first `serve` does
     start = len(journal(db))
     before = datetime.now(UTC)
     steps = [
@@ -664,7 +666,7 @@ def test_log_table(db, audit):
 
 
 def test_log_on_empty_database_prints_nothing_and_succeeds(db):
-    assert run(db, "block", "list").exit_code == 0  # creates the database
+    open_store(db).close()  # creates the database, as a first `serve` does
     result = run(db, "log", "--format", "json")
     assert result.exit_code == 0, result.output
     assert result.stdout == ""
@@ -674,7 +676,8 @@ def test_log_on_empty_database_prints_nothing_and_succeeds(db):
 def test_log_and_stats_on_a_missing_database_say_so_and_create_nothing(db, command):
     result = run(db, *command)
     assert result.exit_code == 1
-    assert result.stderr.strip() == f"sinkhole: no database at {db} (check --db / SINKHOLE_DB)"
+    assert result.stderr.strip() == (f"sinkhole: no database at {db} (check --db / SINKHOLE_DB; `sinkhole serve` or a "
+                                     "change such as `block add` makes one)")
     assert not db.exists()
 
 
@@ -958,6 +961,7 @@ def check_json(db, *args: str) -> dict:
 
 def test_check_explains_blocked_allowed_forwarded_refused_and_canary(db, monkeypatch):
     monkeypatch.delenv("SINKHOLE_BLOCKLISTS")  # the shipped lists, with their sources
+    open_store(db).close()
     out = check_json(db, "x.chat.deepseek.com")
     assert out["decision"] == "blocked" and out["rule"] == "chat.deepseek.com" and out["category"] == "deepseek"
     assert out["list"] == "blocklists/deepseek.txt" and "JP" in out["source"]

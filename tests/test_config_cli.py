@@ -240,6 +240,7 @@ def test_serve_reads_the_default_config_path(tmp_path, monkeypatch):
     (tmp_path / "sinkhole.toml").write_text("block_ttl = 7\n")
     assert config.default_file() == tmp_path / "sinkhole.toml"
     # `serve` and `check` call default_file() when no --config / SINKHOLE_CONFIG is given
+    assert run("--db", str(tmp_path / "s.db"), "block", "add", "other.example").exit_code == 0
     r = run("--db", str(tmp_path / "s.db"), "check", "chat.deepseek.com", "--format", "json",
             env={"SINKHOLE_CONFIG": None})
     assert r.exit_code == 0 and " 7 IN A 0.0.0.0" in json.loads(r.stdout)["answer"]

@@ -423,7 +423,7 @@ def test_failing_sources_keep_their_rules_the_others_update_and_exit_1(http, tmp
 
 
 def test_url_import_failures(http, db, monkeypatch):
-    assert run(db, "lists", "show").exit_code == 0  # the database exists, seeded
+    assert run(db, "block", "add", "other.example").exit_code == 0  # the database exists, seeded
     before = snapshot(db)
     unreachable = run(db, "lists", "import", f"http://127.0.0.1:{closed_port()}/x.txt", "--category", "x")
     missing = run(db, "lists", "import", http.url("/nothing.txt"), "--category", "x")
