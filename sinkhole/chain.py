@@ -117,6 +117,8 @@ def read_key(path: Path) -> tuple[int, bytes]:
         text = path.read_text()
     except OSError as exc:
         raise AuditKeyError(f"cannot read the audit key {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise AuditKeyError(f"{path} is not a sinkhole audit key file") from None
     return parse_key(text, str(path))
 
 
@@ -705,6 +707,8 @@ def read_anchor(path: Path) -> dict[str, dict]:
         text = path.read_text()
     except OSError as exc:
         raise AuditKeyError(f"cannot read the anchor {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise AuditKeyError(f"{path}: not an anchor file from `sinkhole log anchor` (not text)") from None
     out: dict[str, dict] = {}
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():

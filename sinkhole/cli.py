@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import os
 import re
 import sqlite3
@@ -21,10 +22,23 @@ from sinkhole.errors import ConfigError, DomainError, ListFormatError, SinkholeE
 from sinkhole.files import guard_output, write_private
 from sinkhole.model import Action, RuleKind
 from sinkhole.progress import Progress, quiet_option
-from sinkhole.store import Actor, Store, default_db_path, iso_dt
+from sinkhole.store import MAX_RETENTION_DAYS, Actor, Store, default_db_path, iso_dt
 
 USAGE_ERRORS = (ConfigError, DomainError, ListFormatError)
 FORMATS = click.Choice(["table", "json", "csv"])
+# every number an option takes is bounded: one line and exit 2 beyond, never a traceback from SQLite or datetime
+MAX_ROWS = 1_000_000_000  # log --limit
+MAX_TOP = 100_000  # stats/report --top
+
+
+class FiniteFloat(click.FloatRange):
+    """click.FloatRange that refuses NaN (which compares as inside every range) and infinities."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
 
 
 def complain(text: str, priority: int = systemd.ERR) -> None:
@@ -173,7 +187,7 @@ def _category(ctx: click.Context, param: click.Parameter, value: str | None) -> 
               help="Load the shipped lists into a new database [yes].")
 @click.option("--cache-prefetch/--no-cache-prefetch", default=None,
               help="Refresh popular cache entries before they expire (a hit in the last tenth of the TTL) [no].")
-@click.option("--cache-serve-stale", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
+@click.option("--cache-serve-stale", type=FiniteFloat(min=0), default=None, metavar="SECONDS",
               help="When no upstream answers, answer from a cache entry that expired less than this long ago "
                    "(RFC 8767: TTL 30 s, EDE 3) [0: never].")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=None)
@@ -184,7 +198,7 @@ def _category(ctx: click.Context, param: click.Parameter, value: str | None) -> 
               help="Write every audit row as a JSON line on stdout (journald under systemd) [no].")
 @click.option("--anchor-interval", type=float, default=None, metavar="SECONDS",
               help="Seconds between chain heads sent to syslog; one is sent at shutdown too [60].")
-@click.option("--retention-days", type=click.IntRange(min=0), default=None,
+@click.option("--retention-days", type=click.IntRange(min=0, max=MAX_RETENTION_DAYS), default=None,
               help="Prune audit rows older than this, hourly, leaving checkpoints [365; 0: keep forever].")
 @click.option("--metrics", default=None, metavar="HOST:PORT",
               help="Serve Prometheus /metrics and /healthz here, e.g. 127.0.0.1:9153 [off].")
@@ -608,12 +622,13 @@ LOG_TABLE_COLUMNS, LOG_COLUMNS = operations.LOG_TABLE_COLUMNS, operations.LOG_CO
 @click.option("--group", "group", metavar="NAME", help="Only rows decided by this client group's policy.")
 @click.option("--category", metavar="NAME", help="Only rows whose rule is in this category (e.g. doh-bypass).")
 @click.option("--rule", metavar="TEXT", help="Only rows decided by this rule, exactly as stored (e.g. deepseek.com).")
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="At most this many rows (the latest).")
+@click.option("--limit", type=click.IntRange(min=1, max=MAX_ROWS), default=None,
+              help="At most this many rows (the latest).")
 @click.option("--ref", metavar="CODE", help="The block page view with this reference code, and the DNS row it follows.")
 @click.option("--follow", "-f", is_flag=True,
               help="Then keep printing matching rows as they are written, until Ctrl-C or SIGTERM "
                    "(starts with the last 10 unless --since or --limit says otherwise).")
-@click.option("--interval", type=click.FloatRange(min=0.05, max=60), default=0.25, show_default=True,
+@click.option("--interval", type=FiniteFloat(min=0.05, max=60), default=0.25, show_default=True,
               hidden=True, help="Seconds between two looks at the log with --follow.")
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True,
               help="json is JSON Lines: one object a row.")
@@ -857,7 +872,7 @@ def log_anchor(env: Env, fmt: str, export_key: Path | None, force: bool, key: Pa
 
 
 @log_.command("prune")
-@click.option("--retention-days", type=click.IntRange(min=1), default=None,
+@click.option("--retention-days", type=click.IntRange(min=1, max=MAX_RETENTION_DAYS), default=None,
               help="Delete rows older than this many days [365, the server's default].")
 @click.option("--before", "before_text", default=None,
               help="Instead: delete rows older than this (a duration back from now, or an ISO 8601 time).")
@@ -926,7 +941,7 @@ def changes(env: Env, since: str | None, until: str | None, user: str | None, fm
 @cli.command()
 @click.option("--since", default="24h", show_default=True, help="Duration back from now or ISO 8601 time.")
 @click.option("--until", help="End (exclusive).")
-@click.option("--top", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--top", type=click.IntRange(min=1, max=MAX_TOP), default=10, show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @quiet_option
 @pass_env
@@ -997,7 +1012,7 @@ def histogram(hourly: list[dict], width: int = 72, height: int = 8) -> list[str]
               help="The HTML file to write (one file: inline CSS and SVG, no script, nothing fetched).")
 @click.option("--key-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="The operator's copy of the audit key: verify the chains and put the result in the report.")
-@click.option("--top", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--top", type=click.IntRange(min=1, max=MAX_TOP), default=10, show_default=True)
 @click.option("--force", is_flag=True, help="Write over OUTPUT if it is there (never the database or its audit key).")
 @_SERVER_KEY
 @pass_env

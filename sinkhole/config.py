@@ -24,6 +24,7 @@ from sinkhole.answer import AnswerConfig
 from sinkhole.audit import MODES as LOG_MODES
 from sinkhole.cache import Cache
 from sinkhole.errors import ConfigError
+from sinkhole.store import MAX_RETENTION_DAYS
 from sinkhole.upstream import (
     STRATEGIES,
     Forwarder,
@@ -314,6 +315,19 @@ def _forward_zones(value: Any) -> tuple[str, ...]:
     raise ValueError('expected a table like {"corp.example" = ["10.0.0.53"]} or a list of "ZONE=UPSTREAM,..."')
 
 
+TTL_MAX = 2**31 - 1  # RFC 2181
+MAX_WORKERS = 256
+# every number a setting takes has bounds (and NaN is none of them): nothing a typo sends reaches a socket call,
+# a timer or SQLite out of range; the other numbers are checked below with what they mean
+LIMITS: dict[str, tuple[int, int]] = {
+    "rate_limit": (0, 10_000_000), "rate_limit_burst": (0, 100_000_000), "rate_limit_net": (0, 100_000_000),
+    "rate_limit_net_burst": (0, 1_000_000_000), "cache_size": (0, 100_000_000), "cache_min_ttl": (0, TTL_MAX),
+    "cache_max_ttl": (0, TTL_MAX), "cache_negative_max_ttl": (0, TTL_MAX), "cache_serve_stale": (0, 365 * 86400),
+    "tcp_max_clients": (1, 1_000_000), "tcp_max_per_client": (1, 1_000_000), "max_inflight": (1, 1_000_000),
+    "workers": (0, MAX_WORKERS), "retention_days": (0, MAX_RETENTION_DAYS),
+}
+
+
 def _validate(cfg: ServeConfig) -> ServeConfig:
     if cfg.mode not in AnswerConfig.MODES:
         raise ConfigError(f"mode must be one of {', '.join(AnswerConfig.MODES)}, not {cfg.mode!r}")
@@ -329,22 +343,18 @@ def _validate(cfg: ServeConfig) -> ServeConfig:
         raise ConfigError(f"log_level must be debug, info, warning or error, not {cfg.log_level!r}")
     if not 0 <= cfg.log_repeat_interval <= 3600:
         raise ConfigError("log_repeat_interval must be from 0 (every line) to 3600 seconds")
-    if cfg.tcp_max_clients < 1 or cfg.max_inflight < 1 or cfg.cache_negative_max_ttl < 0:
-        raise ConfigError("tcp_max_clients and max_inflight must be 1 or more, cache_negative_max_ttl 0 or more")
+    for name, (low, high) in LIMITS.items():
+        value = getattr(cfg, name)
+        if not low <= value <= high:  # NaN too
+            raise ConfigError(f"{name} must be from {low:,} to {high:,}, not {value!r}")
     if not (0 < cfg.max_inflight_client_share <= 1 and 0 < cfg.max_inflight_network_share <= 1):
         raise ConfigError("max_inflight_client_share and max_inflight_network_share must be above 0 and at most 1")
-    if cfg.tcp_max_per_client < 1:
-        raise ConfigError("tcp_max_per_client must be 1 or more")
-    if cfg.cache_serve_stale < 0:
-        raise ConfigError("cache_serve_stale must be 0 (off) or more seconds")
-    if cfg.workers < 0:
-        raise ConfigError("workers must be 0 (one per core) or more")
-    if cfg.cache_size < 0 or not 0 <= cfg.cache_min_ttl <= cfg.cache_max_ttl:
-        raise ConfigError("cache_size must be >= 0 and 0 <= cache_min_ttl <= cache_max_ttl")
+    if not cfg.cache_min_ttl <= cfg.cache_max_ttl:
+        raise ConfigError(f"cache_min_ttl <= cache_max_ttl is needed: {cfg.cache_min_ttl} is above {cfg.cache_max_ttl}")
     if not 0 <= cfg.block_ttl <= 86400:
         raise ConfigError("block_ttl must be from 0 to 86400 seconds")
-    if cfg.retention_days < 0 or not 0 < cfg.prune_interval <= 86400:
-        raise ConfigError("retention_days must be 0 (keep forever) or more, prune_interval from 0 to 86400 s")
+    if not 0 < cfg.prune_interval <= 86400:
+        raise ConfigError("prune_interval must be above 0 and at most 86400 s")
     if not cfg.listen:
         raise ConfigError("listen: at least one address is needed")
     if cfg.syslog:

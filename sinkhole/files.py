@@ -112,5 +112,7 @@ def guard_output(path: Path, force: bool, protected: list[Path], option: str) ->
             if mine == os.path.realpath(candidate) or (candidate.exists() and path.exists()
                                                        and os.path.samefile(path, candidate)):
                 raise ConfigError(f"{option} {text}: that is {candidate}, never written over")
+    if path.exists() and not path.is_file():  # /dev/null, a FIFO: a file is renamed over the path, never into it
+        raise ConfigError(f"{option} {text}: not a regular file")
     if path.exists() and not force:
         raise ConfigError(f"{option} {text}: the file exists; --force writes over it")

@@ -44,6 +44,7 @@ NOT_POLICY = frozenset({"settings reload", "log prune",
                         "web login", "web logout", "web login failed", "web lockout"})
 PATCH_MAX = 50_000  # names: beyond this, reading the policy whole is as quick
 PROGRESS_ROWS = 10_000  # rows stored between two progress reports of a list import
+MAX_RETENTION_DAYS = 36500  # a hundred years: beyond, the cut-off date is out of datetime's range
 PRUNE_BATCH = 2000  # rows deleted in one write transaction by a prune
 PRUNE_PAUSE = 0.02  # seconds between two of them, so that the audit writer gets the lock in between
 JOURNAL_FIELDS = ["id", "time", "user", "sudo_user", "host", "command", "action", "kind", "category", "domains",
@@ -205,6 +206,21 @@ def _cidr_where(network: str, args: dict) -> str:
     if whole == net.prefixlen:  # /8, /16, /24 (IPv6 /16, /32, ...): the prefix is the network, exactly
         return "(client >= :client_lo AND client < :client_hi)"
     return "(client >= :client_lo AND client < :client_hi AND in_cidr(client, :network))"
+
+
+def _client_where(client: str, args: dict) -> str:
+    """The condition for a client address or network as the log may hold it: an IPv4 client is stored as
+    '10.0.0.1', or as '::ffff:10.0.0.1' when it reached an IPv6 socket that takes IPv4 too; either form given
+    (address or CIDR) matches both."""
+    net = ipaddress.ip_network(client, strict=False)
+    if net.version == 6 and net.prefixlen >= 96 and net.network_address.ipv4_mapped is not None:
+        net = ipaddress.ip_network(f"{net.network_address.ipv4_mapped}/{net.prefixlen - 96}")
+    if net.version == 6:
+        return _cidr_where(str(net), args)
+    args["mapped"] = f"::ffff:{net.network_address}/{96 + net.prefixlen}"
+    # the text of a mapped address varies ('::ffff:10.0.0.1', '::ffff:a00:1'): in_cidr reads it as an address
+    return (f"({_cidr_where(str(net), args)} OR (client >= '::ffff:' AND client < '::ffff;'"
+            " AND in_cidr(client, :mapped)))")
 
 
 class Store:
@@ -930,11 +946,7 @@ class Store:
             where.append("time < :until")
             args["until"] = until
         if client:
-            if "/" in client:
-                where.append(_cidr_where(client, args))
-            else:
-                where.append("client = :client")
-                args["client"] = client
+            where.append(_client_where(client, args))
         if domain:  # the name and its subdomains: a range of the reversed-name index
             rdomain = reverse_name(domain)
             where.append("(rname = :rdomain OR (rname > :rdomain || '.' AND rname < :rdomain || '/')"
