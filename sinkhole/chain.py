@@ -44,6 +44,7 @@ import secrets
 import sqlite3
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 from sinkhole import files
@@ -52,6 +53,8 @@ from sinkhole.errors import ConfigError
 
 EPOCH_ROWS = 1000  # the chain key evolves every this many rows of a chain
 PROGRESS_ROWS = 10_000  # rows walked between two progress reports of verify
+TIME_SLACK = 60.0  # seconds a row may be dated before an earlier one of its chain (audit queue, clock steps)
+GAP = "gap"  # the action of a row that counts lost rows (sinkhole.audit): dated at the first of them
 ZERO = bytes(32)
 _MAGIC = "sinkhole-audit-key"
 # the columns a MAC covers, in this order, with the type SQLite gives them back as
@@ -466,6 +469,11 @@ class _Walk:
     resume: dict[int, tuple[bytes, int]] = field(default_factory=dict)  # checkpointed link -> (MAC before, seq)
     pruned_below: int = 0  # links below this were pruned (a checkpoint said so)
     checkpoint_seq: int | None = None  # the checkpoint row that said so
+    # times of the rows verified, gap rows left out (their time is that of the first row they count)
+    first_time: str | None = None  # of link 0, when it is there: when the chain began, at the latest
+    earliest: tuple[float, str, int] | None = None  # (seconds, time, seq) of the earliest row
+    latest: float | None = None  # seconds of the latest row so far
+    backwards: str | None = None  # the first row dated more than TIME_SLACK before one before it
 
     def mac_for(self, link: int) -> _Mac:
         """The MAC under the key of the epoch of `link` (links only grow while a chain verifies)."""
@@ -560,6 +568,8 @@ def verify(conn: sqlite3.Connection, key_generation: int, key: bytes,
             good = w.mac_for(link)(w.prev + canonical(values))
             if hmac.compare_digest(good.hex(), mac):
                 w.prev, w.expected, w.last_seq, w.last_time = good, link + 1, seq, row["time"]
+                if row["action"] != GAP:
+                    _note_time(w, link, seq, str(row["time"]))
                 rname = row["rname"]
                 if rname is not None and rname != reverse_name(str(row["qname"])):
                     w.problem = f"seq {seq}: edited (rname {rname!r} does not match qname {row['qname']!r})"
@@ -589,6 +599,7 @@ def verify(conn: sqlite3.Connection, key_generation: int, key: bytes,
               for name, points in cps.resume.items() if name not in walks}
     seen = {g for name in [*walks, *pruned] if (g := chain_generation(name)) is not None}
     _check_generations(seen, key_generation, key, current, problems, cps.gone, _journal_generations(conn))
+    _check_times(conn, walks, anchor, problems)
     if anchor:
         for name, head in anchor.items():
             if name == JOURNAL:
@@ -616,6 +627,68 @@ def verify(conn: sqlite3.Connection, key_generation: int, key: bytes,
                 problems.append((name, f"chain {name}: the row at link {want} is not the one anchored"
                                        " (MAC differs)"))
     return Report(walks, before, problems, anchor is not None, pruned, cps.gone, max_policy)
+
+
+def _seconds(when: str) -> float | None:
+    try:
+        return datetime.fromisoformat(when.replace("Z", "+00:00")).timestamp()
+    except (ValueError, AttributeError):
+        return None
+
+
+def _note_time(w: _Walk, link: int, seq: int, when: str) -> None:
+    t = _seconds(when)
+    if t is None:
+        return
+    if link == 0:
+        w.first_time = when
+    if w.latest is not None and t < w.latest - TIME_SLACK and w.backwards is None:
+        w.backwards = f"seq {seq} is dated {when}, {(w.latest - t) / 60:.0f} minutes before a row before it"
+    w.latest = t if w.latest is None else max(w.latest, t)
+    if w.earliest is None or t < w.earliest[0]:
+        w.earliest = (t, when, seq)
+
+
+def _check_times(conn: sqlite3.Connection, walks: dict[str, _Walk], anchor: dict[str, dict] | None,
+                 problems: list[tuple[str | None, str]]) -> None:
+    """What the MACs cannot tell, for someone who holds the current key and writes a new chain of old rows.
+
+    Within a chain the times must not run backwards. A chain cannot have begun before an older key generation
+    was first used: that is the time of link 0 of the chain that took it (when link 0 is still there) or of the
+    first journal entry sealed with it, so a row dated before it (by more than TIME_SLACK: the audit queue and
+    clock steps) was not written when it says. A chain that is not in the anchor began after the anchor was
+    taken (it had no row then), so a row of it dated before the anchor's latest head was not either."""
+    first_use: dict[int, str] = {}
+    for w in walks.values():
+        g = chain_generation(w.name)
+        if g is not None and w.first_time is not None and w.pruned_below == 0:
+            first_use[g] = min(first_use.get(g, w.first_time), w.first_time)
+    try:
+        for g, when in conn.execute("SELECT link, min(time) FROM journal WHERE mac IS NOT NULL AND link IS NOT NULL"
+                                    " GROUP BY link"):
+            first_use[int(g)] = min(first_use.get(int(g), str(when)), str(when))
+    except sqlite3.OperationalError:  # no journal table
+        pass
+    ordered = sorted((g, t) for g, when in first_use.items() if (t := _seconds(when)) is not None)
+    anchor_time = max((t for name, head in (anchor or {}).items() if name != JOURNAL
+                       and (t := _seconds(str(head.get("time")))) is not None), default=None)
+    for name, w in sorted(walks.items()):
+        if w.key is None or w.earliest is None:
+            continue
+        t, when, seq = w.earliest
+        if w.backwards is not None:
+            problems.append((name, f"chain {name}: times run backwards: {w.backwards}"))
+        g = chain_generation(name)
+        older = [(og, ot) for og, ot in ordered if g is not None and og < g]
+        if older:
+            og, ot = max(older, key=lambda x: x[1])
+            if t < ot - TIME_SLACK:
+                problems.append((name, f"chain {name}: seq {seq} is dated {when}, before the chain began: it has key "
+                                       f"generation {g}, and generation {og} was first used at "
+                                       f"{first_use[og]}"))
+        if anchor is not None and name not in anchor and anchor_time is not None and t < anchor_time - TIME_SLACK:
+            problems.append((name, f"chain {name}: not in the anchor, so begun after it, but seq {seq} is dated "
+                                   f"{when}, before the anchor's latest head"))
 
 
 def _in_ranges(g: int | None, ranges: list[list[int]]) -> bool:

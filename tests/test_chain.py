@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from sinkhole import chain
 from sinkhole.cli import cli
 from sinkhole.server import open_store
-from sinkhole.store import SCHEMA_VERSION, Store
+from sinkhole.store import SCHEMA_VERSION, Store, iso
 from tests.conftest import ask, audit_rows, select, sql, wait_for
 
 
@@ -335,7 +335,7 @@ def test_rname_is_checked_against_qname_and_group_asked_list_are_covered(tmp_pat
             return chain.verify(conn, generation, key)
 
     operator_key = None
-    base = ("2026-11-22T00:00:00.000000Z", "10.0.0.1", "udp", "chat.deepseek.com", "A", "blocked",
+    base = (iso(time.time()), "10.0.0.1", "udp", "chat.deepseek.com", "A", "blocked",
             "deepseek.com", "deepseek", "NOERROR", "0.0.0.0", 1, None, None, "n1")
     rows = [(*base, "defence", "Chat.DeepSeek.com", "blocklists/deepseek.txt", "com.deepseek.chat"),
             (*base, None, None, None, None)]
