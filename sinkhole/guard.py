@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import Iterable
 
+from sinkhole import logthrottle
 from sinkhole.domains import client_address
 from sinkhole.errors import ConfigError
 
@@ -60,6 +61,14 @@ class _Buckets:
             return True
         st[0] = tokens
         return False
+
+    def wait(self, key: object, now: float) -> float:
+        """Seconds until the bucket of `key` holds a whole token again (0: it does now)."""
+        st = self.state.get(key)
+        if st is None or not self.rate:
+            return 0.0
+        tokens = min(self.burst, st[0] + (now - st[1]) * self.rate)
+        return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate
 
     def sweep(self, now: float) -> None:
         if now - self.last_sweep < 10.0:
@@ -118,7 +127,7 @@ class Guard:
         allowed, exempt, net = self._classify(client)
         if not allowed:
             self.refused += 1
-            log.warning("refused queries from %s: not in allow_clients", client)
+            logthrottle.warning(log, "refused queries from %s: not in allow_clients", client)
             return Outcome.REFUSED
         if exempt:
             return Outcome.OK
@@ -133,12 +142,27 @@ class Guard:
             self.network.sweep(now)
         if ok:
             return Outcome.OK
-        log.warning("rate limit: %s (or its network %s) is over the limit over %s", client, net, proto.upper())
+        logthrottle.warning(log, "rate limit: %s (or its network %s) is over the limit over %s", client, net,
+                            proto.upper())
         if self.action == "refuse" or proto != "udp":
             self.refused += 1
             return Outcome.REFUSED
         self.limited += 1
         return Outcome.LIMITED
+
+    def tcp_wait(self, client: str) -> float:
+        """Seconds until a TCP query of `client` would be within its rate limits again: the connection is not
+        read from meanwhile, so that a client pipelining over its limit costs nothing but its own wait (TCP
+        flow control slows it down) rather than a REFUSED answer per query."""
+        allowed, exempt, net = self._classify(client)
+        if exempt or not allowed:
+            return 0.0
+        now = time.monotonic()
+        separate = self.action == "truncate"
+        wait = self.client.wait(("tcp", client) if separate else client, now) if self.client is not None else 0.0
+        if self.network is not None:
+            wait = max(wait, self.network.wait(("tcp", net) if separate else net, now))
+        return wait
 
     def network_of(self, client: str) -> object:
         """The rate limits' network of `client` (its /24 or /56), as a key."""

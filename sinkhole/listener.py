@@ -10,6 +10,7 @@ import socket
 import struct
 import termios
 
+from sinkhole import logthrottle
 from sinkhole.pipeline import Pending, Pipeline
 
 log = logging.getLogger(__name__)
@@ -167,13 +168,18 @@ class ConnectionSlots:
 
 async def drain_within(writer: asyncio.StreamWriter, seconds: float) -> bool:
     """Wait until the client has read what was written down to the low-water mark; False when it did not
-    within `seconds` (or the connection broke): the caller closes it."""
+    within `seconds`: the caller closes the connection. A connection that broke meanwhile is not waited for
+    (True): reading from it ends the handler."""
+    if writer.transport.get_write_buffer_size() <= TcpHandler.WRITE_HIGH:
+        return True  # nothing to wait for (and no timer to set up, on every query)
     try:
         async with asyncio.timeout(seconds):
             await writer.drain()
-        return True
-    except (TimeoutError, ConnectionError):
+    except TimeoutError:
         return False
+    except ConnectionError:
+        pass
+    return True
 
 
 def unsent(writer: asyncio.StreamWriter) -> int:
@@ -225,10 +231,11 @@ class TcpHandler:
     and every reply must be read within it too: a client whose unread replies pass WRITE_HIGH bytes is not read
     from until it reads them, and closed when it has not within `idle_timeout`, or at once past OUTPUT_MAX."""
 
-    SEND_BUFFER = 64 * 1024  # the kernel's send buffer of a connection (SO_SNDBUF; Linux doubles it)
+    SOCKET_BUFFER = 64 * 1024  # the kernel's send and receive buffers of a connection (Linux doubles them)
     WRITE_HIGH = 64 * 1024  # unread reply bytes above which no more queries are read from the connection
     OUTPUT_MAX = 256 * 1024  # unread reply bytes at which the connection is closed at once
     PIPELINE_MAX = 100  # queries of one connection waiting for an upstream at once
+    TURN = 16  # queries read from one connection before the event loop turns to others
 
     def __init__(self, pipeline: Pipeline, tasks: _Tasks, idle_timeout: float, max_clients: int,
                  per_client: int | None = None) -> None:
@@ -249,25 +256,31 @@ class TcpHandler:
         client = peer[0] if peer else "?"
         if not self.pipeline.guard.allows(client):
             self.refused += 1
-            log.warning("TCP connection from %s closed: not in allow_clients", client)
+            logthrottle.warning(log, "TCP connection from %s closed: not in allow_clients", client)
             writer.transport.abort()
             return
         why = self.slots.take(client)
         if why is not None:
             self.refused += 1
-            log.warning("TCP connection from %s closed: %s", client, why)
+            logthrottle.warning(log, "TCP connection from %s closed: %s", client, why)
             writer.transport.abort()
             return
         self.writers.add(writer)
         writer.transport.set_write_buffer_limits(high=self.WRITE_HIGH)
         sock = writer.get_extra_info("socket")
-        try:  # bounded kernel memory too: a client that does not read fills this, then our buffer
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.SEND_BUFFER)
+        try:  # bounded kernel memory: a client that does not read fills the send buffer, then ours; one that
+            # pipelines faster than it may be answered fills the receive buffer, then waits
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.SOCKET_BUFFER)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.SOCKET_BUFFER)
         except (OSError, AttributeError):
             pass
         inflight: set[asyncio.Task[None]] = set()
+        turn = 0
         try:
             while True:
+                turn += 1
+                if turn % self.TURN == 0:  # queries already buffered are read without a pause: let others in
+                    await asyncio.sleep(0)
                 try:
                     async with asyncio.timeout(self.idle_timeout):
                         (length,) = struct.unpack("!H", await reader.readexactly(2))
@@ -293,6 +306,9 @@ class TcpHandler:
                 if not await drain_within(writer, self.idle_timeout):  # waits only above WRITE_HIGH
                     self._stalled(client, f"not read within {self.idle_timeout:.0f} s")
                     return
+                wait = self.pipeline.guard.tcp_wait(client)
+                if wait > 0:  # over its rate limit: read on when it is within it again
+                    await asyncio.sleep(min(wait, self.idle_timeout))
             if inflight:
                 await asyncio.wait(inflight)
             if not writer.transport.is_closing() and not await delivered_within(writer, self.idle_timeout):
@@ -315,7 +331,7 @@ class TcpHandler:
 
     def _stalled(self, client: str, why: str) -> None:
         self.stalled += 1
-        log.warning("TCP connection from %s closed: its replies were %s", client, why)
+        logthrottle.warning(log, "TCP connection from %s closed: its replies were %s", client, why)
 
     async def _forward(self, pending: Pending, client: str, writer: asyncio.StreamWriter) -> None:
         try:

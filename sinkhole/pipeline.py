@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sinkhole import answer, codec
+from sinkhole import answer, codec, logthrottle
 from sinkhole.audit import AuditLog
 from sinkhole.cache import Cache, key_of
 from sinkhole.domains import client_address
@@ -254,8 +254,8 @@ class Pipeline:
         token = self.shares.take(client, self.guard.network_of(client), self.forwarder.max_inflight)
         if token is None:  # this client (or its network) holds its share of the forwards: it waits, not others
             query = pending.query
-            log.warning("REFUSED %s %s for %s: over its share of the queries waiting for an upstream",
-                        query.qname, codec.qtype_name(query.qtype), client)
+            logthrottle.warning(log, "REFUSED %s %s for %s: over its share of the queries waiting for an upstream",
+                                query.qname, codec.qtype_name(query.qtype), client)
             self._record(Action.REFUSED, client, proto, query.qname, query.qtype, codec.REFUSED, pending.verdict,
                          "over its share of forwards in flight", pending.version, group=pending.group.name,
                          wire=query.wire)

@@ -48,6 +48,7 @@ import dns.tsig
 import dns.versioned
 import dns.xfr
 
+from sinkhole import logthrottle
 from sinkhole.answer import AnswerConfig
 from sinkhole.domains import client_address
 from sinkhole.errors import ConfigError, ListFormatError, SinkholeError
@@ -398,7 +399,7 @@ class Endpoint:
         peer = writer.get_extra_info("peername")[0]
         why = self.slots.take(peer) if self._may_connect(peer) else "not in rpz_secondaries"
         if why is not None:  # closed as accepted: it holds no slot and no file descriptor
-            log.warning("RPZ: TCP connection from %s closed: %s", peer, why)
+            logthrottle.warning(log, "RPZ: TCP connection from %s closed: %s", peer, why)
             writer.transport.abort()
             return
         task = asyncio.current_task()
