@@ -82,3 +82,26 @@ def test_a_stored_pattern_re2_cannot_take_is_left_out_and_the_rest_serves(make_s
     assert ask(s, "evil-ai.test").answer[0][0].to_text() == "0.0.0.0"
     assert ask(s, "aax.example.test").answer[0][0].to_text() == address_for("aax.example.test")
     assert any("left out of the policy" in r.getMessage() and r"(a)\1x" in r.getMessage() for r in caplog.records)
+
+
+def test_a_thousand_patterns_in_one_program_decide_as_each_one_does(tmp_path, db, make_server, stub):
+    """All regex rules are also compiled into one RE2 program that rules names out in one pass: imported from a
+    list, served, they must decide exactly as trying each pattern does."""
+    from sinkhole.policy import Policy
+
+    lines = [f"/^h{i}[0-9]+\\.ai{i % 7}\\.example$/" for i in range(1000)] + ["@@/^h5[0-9]+\\.ai5\\.example$/"]
+    (tmp_path / "many.txt").write_text("\n".join(lines) + "\n")
+    assert sinkhole(db, "lists", "import", str(tmp_path / "many.txt"), "--category", "many").returncode == 0
+    s = make_server(upstream=(stub.address,), shipped_lists=False)
+    policy = s.server.policy
+    assert policy._regex_any is not None
+    names = [f"h{i}{i}.ai{i % 7}.example" for i in range(0, 1000, 37)] + ["h5123.ai5.example", "h12.ai6.example",
+                                                                          "x.example", "h9.ai2.example"]
+    each = object.__new__(Policy)
+    for slot in Policy.__slots__:
+        setattr(each, slot, getattr(policy, slot))
+    each._regex_any = None  # try every pattern
+    assert [policy.decide_name(n) for n in names] == [each.decide_name(n) for n in names]
+    assert ask(s, "h7007.ai0.example").answer[0][0].to_text() == "0.0.0.0"
+    assert ask(s, "h5123.ai5.example").answer[0][0].to_text() == address_for("h5123.ai5.example")  # allowed
+    assert ask(s, "h12.ai6.example").answer[0][0].to_text() == address_for("h12.ai6.example")  # no pattern
