@@ -236,6 +236,7 @@ class TcpHandler:
     OUTPUT_MAX = 256 * 1024  # unread reply bytes at which the connection is closed at once
     PIPELINE_MAX = 100  # queries of one connection waiting for an upstream at once
     TURN = 16  # queries read from one connection before the event loop turns to others
+    RATE_PAUSE = 1.0  # seconds a connection is not read from when its client is over its rate limit
 
     def __init__(self, pipeline: Pipeline, tasks: _Tasks, idle_timeout: float, max_clients: int,
                  per_client: int | None = None) -> None:
@@ -307,8 +308,9 @@ class TcpHandler:
                     self._stalled(client, f"not read within {self.idle_timeout:.0f} s")
                     return
                 wait = self.pipeline.guard.tcp_wait(client)
-                if wait > 0:  # over its rate limit: read on when it is within it again
-                    await asyncio.sleep(min(wait, self.idle_timeout))
+                if wait > 0:  # over its rate limit: read on when it is within it again, a second from now at the
+                    # soonest (its other connections wait too, and would take the next token first)
+                    await asyncio.sleep(min(max(wait, self.RATE_PAUSE), self.idle_timeout))
             if inflight:
                 await asyncio.wait(inflight)
             if not writer.transport.is_closing() and not await delivered_within(writer, self.idle_timeout):
