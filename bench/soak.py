@@ -1,18 +1,23 @@
 """Soak: mixed load at a high fraction of capacity while faults are injected; loopback only, bounded.
 
-    .venv/bin/python bench/soak.py [--seconds 120] [--qps 4000]
+    .venv/bin/python bench/soak.py [--seconds 120] [--qps 4000] [--abuse-seconds 30]
 
 Faults, on a fixed schedule (fractions of the run): the upstream is killed and restored,
 the database is locked by another process, then made read-only (chattr +i) and restored,
-garbage datagrams arrive, a TCP flood holds more connections than the cap. Reports queries
-sent and answered, SERVFAILs, audit rows vs blocked answers, and RSS over time; writes the
-same as JSON under bench/results/.
+garbage datagrams arrive, a TCP flood from 40 addresses holds more connections than the cap.
+Reports queries sent and answered, SERVFAILs, audit rows vs blocked answers, and RSS over time.
+
+Then the abuse phase (bench/abuse.py): slow-reading TCP clients, a connection flood from a refused
+address, a pipelined flood of names no upstream answers from one client, and a flood of the RPZ
+port, while a second, well-behaved client reports its answers, SERVFAILs and p99 latency, and the
+server's file descriptors and RSS are sampled. Writes everything as JSON under bench/results/.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import re
 import socket
@@ -26,7 +31,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, RssSampler, Sinkhole, Unbound, dnsperf, need
+import abuse
+from common import ROOT, RssSampler, Sinkhole, Unbound, dnsperf, free_port, need
 
 
 def write_queries(path: Path, n: int = 20000, seed: int = 1) -> None:
@@ -75,10 +81,12 @@ def garbage(port: int, count: int, seconds: float) -> None:
 
 
 def tcp_flood(port: int, connections: int, hold: float) -> int:
+    """`connections` from 40 addresses (127.0.0.21..60, so that tcp_max_per_client does not stop them first)."""
     socks = []
-    for _ in range(connections):
+    for i in range(connections):
         try:
-            socks.append(socket.create_connection(("127.0.0.1", port), timeout=2))
+            socks.append(socket.create_connection(("127.0.0.1", port), timeout=2,
+                                                  source_address=(f"127.0.0.{21 + i % 40}", 0)))
         except OSError:
             break
     time.sleep(hold)
@@ -91,6 +99,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=int, default=120)
     ap.add_argument("--qps", type=int, default=4000)
+    ap.add_argument("--abuse-seconds", type=int, default=30, help="the abuse phase after the soak (0: none)")
+    ap.add_argument("--abuse-qps", type=int, default=200, help="the well-behaved client's rate in it")
     args = ap.parse_args()
     need("dnsperf", "unbound")
     work = Path(tempfile.mkdtemp(prefix="sinkhole-soak-"))
@@ -98,8 +108,16 @@ def main() -> None:
     write_queries(queries)
     upstream = Unbound(work).start()
     db = work / "soak.db"
+    silent = abuse.tarpit()  # the upstream of zone slow.test: never answers
+    rpz_port = free_port()
     sink = Sinkhole(db, ["--upstream", f"127.0.0.1:{upstream.port}"],
-                    env={"SINKHOLE_TCP_MAX_CLIENTS": "500"}).start()
+                    # the load generators (dnsperf, the well-behaved client) are 127.0.0.1, exempt from rate limits as
+                    # loopback is by default; the abusers get the limits a workstation would
+                    env={"SINKHOLE_TCP_MAX_CLIENTS": "500", "SINKHOLE_ALLOW_CLIENTS": "127.0.0.0/26",
+                         "SINKHOLE_RATE_LIMIT_EXEMPT": "127.0.0.1/32",
+                         "SINKHOLE_FORWARD_ZONES": f"slow.test=127.0.0.1:{silent.getsockname()[1]}",
+                         "SINKHOLE_RPZ_LISTEN": f"127.0.0.1:{rpz_port}", "SINKHOLE_RPZ_SECONDARIES": "127.0.0.1/32"},
+                    ).start()
     assert sink.proc is not None
     rss = RssSampler(sink.proc.pid)
     rss.start()
@@ -129,7 +147,10 @@ def main() -> None:
     perf = dnsperf(sink.port, queries, args.seconds, qps=args.qps)
     for f in faults:
         f.join(30)
+    phase = (abuse.run(sink.proc.pid, sink.port, rpz_port, "slow.test", args.abuse_seconds, args.abuse_qps, sink.lines)
+             if args.abuse_seconds > 0 else None)
     code = sink.stop()
+    silent.close()
     rss.stopping.set()
     upstream.stop()
     counts = sink.counts()
@@ -147,6 +168,7 @@ def main() -> None:
         "audit_dropped": counts.get("audit_dropped"), "server_counts": counts, "exit_code": code,
         "integrity_check": integrity, "worker_restarts": restarts, "events": events,
         "rss_kb": rss.samples, "rss_kb_max": max((k for _, k in rss.samples), default=0),
+        "abuse": phase, "cpus": os.cpu_count(), "loadavg_at_end": os.getloadavg(),
     }
     out_dir = ROOT / "bench" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -163,6 +185,19 @@ def main() -> None:
     samples = rss.samples
     step = max(1, len(samples) // 10)
     print("RSS (s, KiB): " + ", ".join(f"{t:.0f}:{k}" for t, k in samples[::step]))
+    if phase is not None:
+        good = phase["well_behaved"]
+        print(f"abuse phase, {phase['seconds']} s: the well-behaved client sent {good['sent']}, answered "
+              f"{good['answered']}, unanswered {good['unanswered']}, rcodes {good['rcodes']}, "
+              f"p50 {good['p50_ms']} ms, p99 {good['p99_ms']} ms, max {good['max_ms']} ms")
+        print(f"  server fds {phase['server_fds']}, RSS KiB {phase['server_rss_kb']}, log lines "
+              f"{phase['server_log_lines']} ({phase['server_warning_lines']} warnings)")
+        for k, v in phase["abusers"].items():
+            print(f"  {k}: {v}")
+        print("  the server's warnings in the phase (the lines it wrote stand for these):")
+        for k, v in phase["server_warnings_by_kind"].items():
+            print(f"    {v:7d}  {k}")
+    print(f"load average at the end {os.getloadavg()} on {os.cpu_count()} CPUs (the machine may be shared)")
     print(f"written {out.relative_to(ROOT)}")
 
 
