@@ -29,6 +29,7 @@ FORMATS = click.Choice(["table", "json", "csv"])
 # every number an option takes is bounded: one line and exit 2 beyond, never a traceback from SQLite or datetime
 MAX_ROWS = 1_000_000_000  # log --limit
 MAX_TOP = 100_000  # stats/report --top
+MAX_ID = 2**63 - 1  # a row id: SQLite's largest integer
 
 
 class FiniteFloat(click.FloatRange):
@@ -492,6 +493,11 @@ def lists_show(env: Env, fmt: str) -> None:
 @pass_env
 def lists_enable(env: Env, category: str) -> None:
     """Put CATEGORY's rules in force again; a shipped list not loaded yet (e.g. deepseek-telemetry) is loaded."""
+    from sinkhole import lists
+
+    if not env.checked_path().exists() and category not in {bl.headers.get("category", bl.name)
+                                                            for _, bl in lists.shipped_lists(False)}:
+        raise ConfigError(f"no category {category!r}: see `sinkhole lists show`")  # and no new database made
     with env.store() as store:
         changed, loaded, source = operations.enable_list(store, category)
     if loaded is not None:
@@ -1094,7 +1100,7 @@ _CA_DIR = click.option("--dir", "directory", type=click.Path(file_okay=False, pa
 def _ca_dir(env: Env, directory: Path | None) -> Path:
     from sinkhole.web import certs
 
-    return directory or certs.ca_directory(env.db_path)
+    return directory or certs.ca_directory(env.checked_path())
 
 
 @cli.group("ca")
@@ -1176,8 +1182,7 @@ def ca_export(env: Env, output: Path | None, der: bool, force: bool, directory: 
             raise click.BadParameter("DER is binary: give --output FILE", param_hint="--der")
         click.echo(data.decode(), nl=False)
         return
-    if output.exists() and not force:
-        raise ConfigError(f"{output} exists; not overwriting it (--force)")
+    guard_output(output, force, [*_protected(env, None), _ca_dir(env, directory) / certs.KEY_FILE], "--output")
     output.write_bytes(data)
     click.echo(f"wrote {output}: {ca.describe()}", err=True)
 
@@ -1218,13 +1223,13 @@ REQUEST_COLUMNS = ["id", "time", "status", "client", "grp", "host", "rule", "nam
 @pass_env
 def requests_list(env: Env, status: str, fmt: str) -> None:
     """Access requests, oldest first: who asked (address, group, the name they gave), for which host, why."""
-    with env.store() as store:
+    with env.existing_store() as store:
         rows = store.requests(None if status == "all" else status)
     emit(rows, REQUEST_COLUMNS, fmt)
 
 
 @requests_group.command("approve")
-@click.argument("ident", metavar="ID", type=click.IntRange(min=1))
+@click.argument("ident", metavar="ID", type=click.IntRange(min=1, max=MAX_ID))
 @click.option("--expires", default="7d", show_default=True, metavar="DURATION|TIME",
               help="The allow rule is in force until then.")
 @click.option("--group", "client_group", default=None, callback=_category,
@@ -1235,7 +1240,7 @@ def requests_list(env: Env, status: str, fmt: str) -> None:
 def requests_approve(env: Env, ident: int, expires: str, client_group: str | None, domain: str | None) -> None:
     """Approve request ID: an allow rule for the host, for the client's group, until --expires (journaled)."""
     until = parse_expiry(expires)
-    with env.store() as store:
+    with env.existing_store() as store:
         done, group, name = operations.approve_request(store, ident, until, client_group, domain)
     click.echo(f"approved request {ident}: allowed {name} for group {group} until {until} ({done['allow_rule']})")
     if group == "default":
@@ -1244,11 +1249,11 @@ def requests_approve(env: Env, ident: int, expires: str, client_group: str | Non
 
 
 @requests_group.command("deny")
-@click.argument("ident", metavar="ID", type=click.IntRange(min=1))
+@click.argument("ident", metavar="ID", type=click.IntRange(min=1, max=MAX_ID))
 @pass_env
 def requests_deny(env: Env, ident: int) -> None:
     """Deny request ID (it stays listed with --status denied)."""
-    with env.store() as store:
+    with env.existing_store() as store:
         store.decide_request(ident, False)
     click.echo(f"denied request {ident}")
 

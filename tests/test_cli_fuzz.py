@@ -104,7 +104,7 @@ def scratch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (work / "conf.toml").write_text("block_ttl = 30\nrate_limit = 5\n")
     (work / "anchor.json").write_text("{}\n")
     monkeypatch.chdir(work)
-    for name in ("SINKHOLE_DB", "SINKHOLE_CONFIG", "SINKHOLE_AUDIT_KEY"):
+    for name in ("SINKHOLE_DB", "SINKHOLE_CONFIG", "SINKHOLE_AUDIT_KEY", "SINKHOLE_BLOCKPAGE_CA"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("SINKHOLE_BLOCKLISTS", str(lists))
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))

@@ -99,6 +99,22 @@ def test_export_key_never_writes_over_a_file_without_force_nor_ever_over_the_key
     assert key.read_bytes() == held
 
 
+def test_ca_export_never_writes_over_the_database_or_the_keys(db, tmp_path):
+    assert sinkhole("--db", str(db), "ca", "init").returncode == 0
+    held = {p: p.read_bytes() for p in (db, db.with_name("s.db.key"), tmp_path / "ca" / "ca.key")}
+    for target in held:
+        r = sinkhole("--db", str(db), "ca", "export", "-o", str(target), "--force")
+        assert r.returncode == 2 and "never written over" in one_line(r)
+    assert {p: p.read_bytes() for p in held} == held
+    assert sinkhole("--db", str(db), "ca", "export", "-o", str(tmp_path / "ca.crt")).returncode == 0
+
+
+def test_an_unknown_category_to_enable_makes_no_database(tmp_path):
+    r = sinkhole("--db", str(tmp_path / "new.db"), "lists", "enable", "no-such-list")
+    assert r.returncode == 2 and "no category" in one_line(r)
+    assert not (tmp_path / "new.db").exists()
+
+
 @pytest.mark.parametrize("path", ["/dev/null", "file:s.db?mode=rwc", "file:sub/s.db", "DIR", "FILE/s.db"])
 def test_a_db_that_is_no_regular_file_path_is_one_line_exit_2_and_nothing_is_made(tmp_path, path):
     work = tmp_path / "work"
@@ -120,7 +136,8 @@ READ_ONLY = [
     ["block", "list"], ["allow", "list"], ["group", "list"], ["group", "show", "default"], ["lists", "show"],
     ["export", "rpz"], ["check", "chat.deepseek.com"], ["log"], ["log", "anchor"], ["stats"], ["changes"],
     ["report", "-o", "r.html"], ["block", "remove", "x.example"], ["allow", "remove", "x.example"],
-    ["group", "remove", "g"], ["lists", "disable", "genai"], ["lists", "update"],
+    ["group", "remove", "g"], ["lists", "disable", "genai"], ["lists", "update"], ["requests", "list"],
+    ["requests", "approve", "1"], ["requests", "deny", "1"],
 ]
 
 
