@@ -325,6 +325,9 @@ def _rule_group(kind: RuleKind, verb: str) -> click.Group:
         operations.rule_category(category, client_group)
         operations.rule_targets(names, networks=kind is RuleKind.BLOCK)  # bad input: nothing opened or written
         until = parse_expiry(expires)
+        if client_group not in (None, "default") and not env.checked_path().exists():
+            # a new database has no group but default: never make one only to say so
+            raise ConfigError(f"no group {client_group!r}: see `sinkhole group list`")
         with env.store() as store:
             category, added, present = operations.add_rules(store, kind, names, category, client_group, note, until)
         for d in added:
@@ -417,7 +420,10 @@ def group_add(env: Env, name: str, networks: tuple[str, ...], categories: str | 
 def group_remove(env: Env, name: str, networks: tuple[str, ...]) -> None:
     """Remove group NAME (its clients fall back to the default group, its extra rules go), or some networks."""
     nets = operations.networks(networks) if networks else None
-    with env.existing_store() as store:
+    if not env.checked_path().exists():  # a new database would have no group but default: say so, make none
+        raise ConfigError("the default group cannot be removed (its categories can be changed)"
+                          if name == "default" and nets is None else f"no group {name!r}: see `sinkhole group list`")
+    with env.store() as store:
         gone = store.remove_group(name, nets)
     if nets is None:
         click.echo(f"removed group {name}" + (f" and its networks {', '.join(gone)}" if gone else ""))
@@ -784,10 +790,17 @@ def _key_path(env: Env, key: Path | None) -> Path:
 def _protected(env: Env, key: Path | None) -> list[Path]:
     """What an output option may never write over: the database (and its WAL, SHM) and its audit key."""
     server_key = _key_path(env, key)
-    return [env.db_path, server_key, server_key.with_name(server_key.name + ".lock")]
+    return [env.db_path, server_key, Path(f"{server_key}.lock")]
+
+
+def _file_name(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
+    if value is not None and not value.name:
+        raise click.BadParameter(f"{str(value)!r} names no file")
+    return value
 
 
 _SERVER_KEY = click.option("--key", "key", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                           callback=_file_name,
                            help="The audit key the server writes with [env SINKHOLE_AUDIT_KEY; default DB.key].")
 
 

@@ -108,7 +108,7 @@ def guard_output(path: Path, force: bool, protected: list[Path], option: str) ->
     text = os.fspath(path)
     mine = os.path.realpath(path)
     for p in protected:
-        for candidate in (p, *(p.with_name(p.name + side) for side in _SIDE_FILES)):
+        for candidate in (p, *(Path(f"{p}{side}") for side in _SIDE_FILES)):
             if mine == os.path.realpath(candidate) or (candidate.exists() and path.exists()
                                                        and os.path.samefile(path, candidate)):
                 raise ConfigError(f"{option} {text}: that is {candidate}, never written over")

@@ -109,10 +109,12 @@ def test_ca_export_never_writes_over_the_database_or_the_keys(db, tmp_path):
     assert sinkhole("--db", str(db), "ca", "export", "-o", str(tmp_path / "ca.crt")).returncode == 0
 
 
-def test_an_unknown_category_to_enable_makes_no_database(tmp_path):
-    r = sinkhole("--db", str(tmp_path / "new.db"), "lists", "enable", "no-such-list")
-    assert r.returncode == 2 and "no category" in one_line(r)
-    assert not (tmp_path / "new.db").exists()
+def test_an_unknown_category_or_group_makes_no_database(tmp_path):
+    for args, says in ((["lists", "enable", "no-such-list"], "no category"), (["group", "remove", "g"], "no group"),
+                       (["block", "add", "x.example", "--group", "g"], "no group")):
+        r = sinkhole("--db", str(tmp_path / "new.db"), *args)
+        assert r.returncode == 2 and says in one_line(r), args
+    assert tree(tmp_path) == set()
 
 
 @pytest.mark.parametrize("path", ["/dev/null", "file:s.db?mode=rwc", "file:sub/s.db", "DIR", "FILE/s.db"])
@@ -136,7 +138,7 @@ READ_ONLY = [
     ["block", "list"], ["allow", "list"], ["group", "list"], ["group", "show", "default"], ["lists", "show"],
     ["export", "rpz"], ["check", "chat.deepseek.com"], ["log"], ["log", "anchor"], ["stats"], ["changes"],
     ["report", "-o", "r.html"], ["block", "remove", "x.example"], ["allow", "remove", "x.example"],
-    ["group", "remove", "g"], ["lists", "disable", "genai"], ["lists", "update"], ["requests", "list"],
+    ["lists", "disable", "genai"], ["lists", "update"], ["requests", "list"],
     ["requests", "approve", "1"], ["requests", "deny", "1"],
 ]
 
