@@ -248,10 +248,6 @@ class TcpHandler:
         self.refused = 0  # connections closed at accept (not allowed, or no slot)
         self.stalled = 0  # connections closed because their replies were not read
 
-    @property
-    def max_clients(self) -> int:
-        return self.slots.total
-
     async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         client = peer[0] if peer else "?"
