@@ -231,7 +231,7 @@ def serve(env: Env, config_file: Path | None, **flags: Any) -> None:
 
 
 @cli.command()
-@click.option("--timeout", type=click.FloatRange(min=0.1, max=3600), default=60.0, show_default=True,
+@click.option("--timeout", type=FiniteFloat(min=0.1, max=3600), default=60.0, show_default=True,
               metavar="SECONDS", help="How long to wait for the server's answer.")
 @pass_env
 def reload(env: Env, timeout: float) -> None:
@@ -244,7 +244,7 @@ def reload(env: Env, timeout: float) -> None:
     """
     from sinkhole import control
 
-    outcome = control.request_reload(env.db_path, timeout)
+    outcome = control.request_reload(env.checked_path(), timeout)
     if not outcome.ok:
         complain(f"sinkhole: reload {outcome.describe()}")
         sys.exit(2)
@@ -910,9 +910,10 @@ def log_prune(env: Env, retention_days: int | None, before_text: str | None, nod
         raise click.UsageError("give --retention-days or --before, not both")
     if before_text is not None:
         before = parse_when(before_text, "--before")
+        if before is None:  # '' reads as no time at all: not one to prune before
+            raise click.BadParameter("give a duration like 30d or an ISO 8601 time", param_hint="--before")
     else:
         before = iso_dt(datetime.now(UTC) - timedelta(days=retention_days or 365))
-    assert before is not None
     with env.existing_store() as store, Progress.for_command(quiet) as progress:
         if key is not None:
             store.key_path = key

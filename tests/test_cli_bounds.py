@@ -34,7 +34,8 @@ def made(db: Path) -> Path:
     ["log", "--limit", HUGE], ["log", "--limit", "0"], ["stats", "--top", HUGE], ["stats", "--top", "-3"],
     ["report", "-o", "r.html", "--top", HUGE], ["log", "prune", "--retention-days", HUGE],
     ["log", "--follow", "--interval", "nan"], ["log", "--since", HUGE + "d"], ["changes", "--until", HUGE + "w"],
-    ["requests", "approve", HUGE], ["requests", "deny", HUGE],
+    ["requests", "approve", HUGE], ["requests", "deny", HUGE], ["reload", "--timeout", "nan"],
+    ["log", "prune", "--before", ""],
 ], ids=lambda a: " ".join(a))
 def test_a_number_out_of_range_is_one_line_and_exit_2(made, tmp_path, args):
     r = subprocess.run([SINKHOLE, "--db", str(made), *args], capture_output=True, text=True, timeout=60,
