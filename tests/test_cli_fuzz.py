@@ -2,7 +2,8 @@
 usage error (exit 2) makes no database. Commands and their options are read from the click tree, so a new
 command or option is driven too. In-process through `sinkhole.cli.main`, the console script's own entry point,
 for speed; what would leave the process is stubbed: `serve` returns after its settings are checked, `log
---follow` after its first read, and list URLs are never fetched. Every path is relative to a scratch directory."""
+--follow` after its first read, list URLs are never fetched, and a password prompt is left (as Ctrl-C does).
+Every path is relative to a scratch directory."""
 
 from __future__ import annotations
 
@@ -111,6 +112,7 @@ def scratch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setattr(config, "DEFAULT_PATH", tmp_path / "no-such.toml")
     monkeypatch.setattr(server, "run", lambda *a, **kw: 0)  # `serve` checks everything, then does not serve
     monkeypatch.setattr(cli_mod, "_follow", lambda *a, **kw: None)
+    monkeypatch.setattr(click, "prompt", lambda *a, **kw: (_ for _ in ()).throw(click.Abort()))  # no one types
 
     def no_network(*a: object, **kw: object) -> None:
         raise fetch.FetchError("no network in this test")
