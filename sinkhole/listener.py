@@ -286,6 +286,8 @@ class TcpHandler:
                         data = await reader.readexactly(length)
                 except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
                     break
+                if writer.transport.is_closing():  # closed (shutdown, a stall): what is still buffered goes
+                    break  # unanswered, as the client will see, and unaudited with it
                 try:
                     result = self.pipeline.begin(data, client, "tcp")
                 except Exception as exc:  # never silence: SERVFAIL, and the connection goes on

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 
 import dns.message
 import dns.query
@@ -118,3 +119,36 @@ def test_tcp_queries_count_in_the_rate_limits(make_server, stub, action):
     assert codes == [dns.rcode.NOERROR] * 5 + [dns.rcode.REFUSED] * 3
     # another address is not limited by it
     assert ask_tcp_from(s, "127.0.0.7").rcode() == dns.rcode.NOERROR
+
+
+def test_queries_left_in_a_connections_buffer_at_shutdown_are_not_answered_unaudited(make_server, stub, db,
+                                                                                      monkeypatch):
+    """A connection read at its rate limit still holds pipelined queries when the server stops: none of them may
+    be answered (and counted) once the audit writer has stopped, or a blocked answer would have no row."""
+    from sinkhole.audit import AuditLog
+    from tests.conftest import audit_rows
+
+    real_close = AuditLog.close
+
+    def close_then_linger(self, timeout: float = 30.0) -> None:
+        real_close(self, timeout)
+        time.sleep(1.5)  # the event loop goes on meanwhile, as it does while a large queue is flushed
+
+    monkeypatch.setattr(AuditLog, "close", close_then_linger)
+    s = make_server(upstream=(stub.address,), rate_limit=5, rate_limit_burst=5, rate_limit_net=0,
+                    rate_limit_exempt=())
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.8", 0))
+    sock.settimeout(10)
+    sock.connect((s.host, s.port))
+    try:
+        sock.sendall(b"".join(struct.pack("!H", len(w)) + w for w in
+                              (dns.message.make_query(f"n{i}.chat.deepseek.com", "A").to_wire() for i in range(50))))
+        for _ in range(5):  # the burst is answered; then the connection waits for a token
+            dns.query.receive_tcp(sock)
+        s.stop()
+    finally:
+        sock.close()
+    blocked = s.server.pipeline.counts.get("blocked", 0)
+    assert blocked >= 5
+    assert len([r for r in audit_rows(db) if r["action"] == "blocked"]) == blocked
