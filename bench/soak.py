@@ -169,6 +169,7 @@ def main() -> None:
         "integrity_check": integrity, "worker_restarts": restarts, "events": events,
         "rss_kb": rss.samples, "rss_kb_max": max((k for _, k in rss.samples), default=0),
         "abuse": phase, "cpus": os.cpu_count(), "loadavg_at_end": os.getloadavg(),
+        "server_errors": [line.rstrip() for line in sink.lines if " ERROR " in line or " CRITICAL " in line],
     }
     out_dir = ROOT / "bench" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -197,6 +198,8 @@ def main() -> None:
         print("  the server's warnings in the phase (the lines it wrote stand for these):")
         for k, v in phase["server_warnings_by_kind"].items():
             print(f"    {v:7d}  {k}")
+    for line in report["server_errors"][:20]:
+        print(f"server error: {line}")
     print(f"load average at the end {os.getloadavg()} on {os.cpu_count()} CPUs (the machine may be shared)")
     print(f"written {out.relative_to(ROOT)}")
 
