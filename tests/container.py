@@ -197,13 +197,21 @@ class Container:
             self.leader = _child_named(self.proc.pid, "systemd")
             time.sleep(0.05)
         state = ""
-        while time.monotonic() < deadline:  # systemctl fails until systemd has opened its private bus
-            state = self.run("systemctl", "is-system-running", "--wait", check=False, timeout=timeout).stdout.strip()
-            if state:
+        # Until systemd has made /run/systemd/system and opened its private bus, is-system-running prints
+        # nothing or "offline" (it cannot tell a booting systemd from none): ask again until it knows.
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"systemd-nspawn exited with {self.proc.returncode}: {self.logfile.read_text()}")
+            remaining = max(1.0, deadline - time.monotonic())
+            state = self.run("systemctl", "is-system-running", "--wait", check=False,
+                             timeout=remaining).stdout.strip()
+            if state not in ("", "offline"):
                 break
             time.sleep(0.1)
         if state not in ("running", "degraded"):
-            raise RuntimeError(f"the container's systemd is {state!r}: {self.run('systemctl', '--failed').stdout}")
+            failed = self.run("systemctl", "--failed", check=False)
+            raise RuntimeError(f"the container's systemd is {state!r} after {timeout} s: "
+                               f"{failed.stdout}{failed.stderr}\n{self.logfile.read_text()[-4000:]}")
 
     def run(self, *cmd: str, input: str | None = None, check: bool = True, timeout: float = 300,
             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
