@@ -324,7 +324,7 @@ def million_rules(work: Path, upstream: int, upstream_pid: int) -> dict:
     db = work / "bench-1m.db"
     code = textwrap.dedent(f"""
         import sys, time
-        from sinkhole.store import Store
+        from sinkhole.store.db import Store
         domains = [f"r{{i}}.bench-rules.test" for i in range({MILLION})]
         t0 = time.perf_counter()
         store = Store(sys.argv[1])

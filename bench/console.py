@@ -30,9 +30,9 @@ sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
 
-from sinkhole import config  # noqa: E402
-from sinkhole.accounts import Accounts  # noqa: E402
-from sinkhole.store import Actor, Store  # noqa: E402
+from sinkhole.service import config  # noqa: E402
+from sinkhole.store.accounts import Accounts  # noqa: E402
+from sinkhole.store.db import Actor, Store  # noqa: E402
 from sinkhole.web import console, sessions  # noqa: E402
 from sinkhole.web.limits import Service, bind  # noqa: E402
 

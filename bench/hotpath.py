@@ -26,14 +26,14 @@ import dns.rrset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sinkhole import config
-from sinkhole.audit import AuditLog
-from sinkhole.cache import key_of
-from sinkhole.codec import decode_query
+from sinkhole.audit.writer import AuditLog
+from sinkhole.dns.cache import key_of
+from sinkhole.dns.codec import decode_query
+from sinkhole.dns.pipeline import Pipeline
+from sinkhole.dns.upstream import Forwarder, Upstream
 from sinkhole.model import RuleKind
-from sinkhole.pipeline import Pipeline
-from sinkhole.policy import Policy
-from sinkhole.upstream import Forwarder, Upstream
+from sinkhole.policy.decide import Policy
+from sinkhole.service import config
 
 
 def wire(name: str, qid: int = 1) -> bytes:

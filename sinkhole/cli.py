@@ -16,13 +16,14 @@ from typing import Any, ClassVar
 
 import click
 
-from sinkhole import __version__, operations, systemd
-from sinkhole.domains import normalize
+from sinkhole import __version__, operations
 from sinkhole.errors import ConfigError, DomainError, ListFormatError, SinkholeError
 from sinkhole.files import guard_output, write_private
 from sinkhole.model import Action, RuleKind
+from sinkhole.policy.names import normalize
 from sinkhole.progress import Progress, quiet_option
-from sinkhole.store import MAX_RETENTION_DAYS, Actor, Store, default_db_path, iso_dt
+from sinkhole.service import systemd
+from sinkhole.store.db import MAX_RETENTION_DAYS, Actor, Store, default_db_path, iso_dt
 
 USAGE_ERRORS = (ConfigError, DomainError, ListFormatError)
 FORMATS = click.Choice(["table", "json", "csv"])
@@ -78,7 +79,7 @@ class Env:
 
     def store(self) -> Store:
         """The database, made (0600, with the shipped lists) if there is none: for commands that change it."""
-        from sinkhole.server import open_store
+        from sinkhole.service.server import open_store
 
         return open_store(self.checked_path())
 
@@ -218,7 +219,7 @@ def serve(env: Env, config_file: Path | None, **flags: Any) -> None:
     """Serve DNS: sinkhole listed names, forward the rest, audit every block.
 
     sinkhole reload (or SIGHUP) reads the configuration again and applies what can change at run time."""
-    from sinkhole import config, server, systemd
+    from sinkhole.service import config, server, systemd
 
     config_file = config_file or config.default_file()
     # a repeatable option given no value comes as (): not set, rather than set to nothing
@@ -242,7 +243,7 @@ def reload(env: Env, timeout: float) -> None:
     when they are in force, 2 when they are refused (the reason on stderr; the running settings
     stay), 1 when no server answers. sinkhole.service's ExecReload= (systemctl reload sinkhole).
     """
-    from sinkhole import control
+    from sinkhole.service import control
 
     outcome = control.request_reload(env.checked_path(), timeout)
     if not outcome.ok:
@@ -264,7 +265,7 @@ def config_group() -> None:
 def config_check(file: Path | None) -> None:
     """Validate FILE [SINKHOLE_CONFIG, else /etc/sinkhole/sinkhole.toml]: every error, each with its
     line; exit 2 if there is any."""
-    from sinkhole import config
+    from sinkhole.service import config
 
     file = file or config.default_file()
     if file is None:
@@ -283,7 +284,7 @@ def config_check(file: Path | None) -> None:
 @click.option("--format", "fmt", type=click.Choice(["toml", "json"]), default="toml", show_default=True)
 def config_show(config_file: Path | None, fmt: str) -> None:
     """The effective settings (defaults < file < SINKHOLE_* environment), each with where it came from."""
-    from sinkhole import config
+    from sinkhole.service import config
 
     config_file = config_file or config.default_file()
     cfg, sources = config.load_sources(config_file)
@@ -451,7 +452,7 @@ def group_list(env: Env, fmt: str) -> None:
 @pass_env
 def group_show(env: Env, name: str, fmt: str) -> None:
     """One group: networks, categories in force with their rule counts, and its extra rules."""
-    from sinkhole.policy import GROUP_PREFIX
+    from sinkhole.policy.decide import GROUP_PREFIX
 
     with env.existing_store() as store:
         categories = store.categories()
@@ -499,7 +500,7 @@ def lists_show(env: Env, fmt: str) -> None:
 @pass_env
 def lists_enable(env: Env, category: str) -> None:
     """Put CATEGORY's rules in force again; a shipped list not loaded yet (e.g. deepseek-telemetry) is loaded."""
-    from sinkhole import lists
+    from sinkhole.policy import lists
 
     if not env.checked_path().exists() and category not in {bl.headers.get("category", bl.name)
                                                             for _, bl in lists.shipped_lists(False)}:
@@ -601,7 +602,8 @@ def export_rpz(env: Env, client_group: str, zone: str | None, config_file: Path 
     CNAME rpz-passthru.; a blocked network an rpz-ip trigger. /regex/ rules have no RPZ form: they
     are left out, named in a comment and on stderr. The serial is the policy version.
     """
-    from sinkhole import config, rpz
+    from sinkhole.fleet import rpz
+    from sinkhole.service import config
 
     cfg = config.load(config_file)
     origin = rpz.zone_name(zone if zone is not None else cfg.rpz_zone)
@@ -782,7 +784,7 @@ class _Stream:
 
 
 def _key_path(env: Env, key: Path | None) -> Path:
-    from sinkhole.chain import default_key_path
+    from sinkhole.audit.chain import default_key_path
 
     return key or default_key_path(env.db_path)
 
@@ -819,7 +821,7 @@ _SERVER_KEY = click.option("--key", "key", type=click.Path(dir_okay=False, path_
 def log_verify(env: Env, key_files: tuple[Path, ...], anchor_files: tuple[Path, ...], dbs: tuple[Path, ...],
                key: Path | None, quiet: bool) -> None:
     """Walk every chain of the audit log and check every row's MAC; exit 1 naming the first bad row of each."""
-    from sinkhole.chain import default_key_path
+    from sinkhole.audit.chain import default_key_path
 
     paths = list(dbs) or [env.db_path]
     if len(key_files) not in (1, len(paths)):
@@ -843,7 +845,7 @@ def log_verify(env: Env, key_files: tuple[Path, ...], anchor_files: tuple[Path, 
 
 
 def _verify_one(env: Env, key_file: Path, anchor_file: Path | None, server_key: Path, progress: Progress) -> bool:
-    from sinkhole import chain
+    from sinkhole.audit import chain
 
     generation, secret = chain.read_key(key_file)
     anchor = chain.read_anchor(anchor_file) if anchor_file is not None else None
@@ -871,7 +873,7 @@ def _verify_one(env: Env, key_file: Path, anchor_file: Path | None, server_key: 
 @pass_env
 def log_anchor(env: Env, fmt: str, export_key: Path | None, force: bool, key: Path | None) -> None:
     """Print the head of every chain (chain, link, seq, mac, time), to keep somewhere an intruder cannot edit."""
-    from sinkhole import chain
+    from sinkhole.audit import chain
 
     if export_key is not None:
         env.checked_path()
@@ -967,7 +969,7 @@ def changes(env: Env, since: str | None, until: str | None, user: str | None, fm
 @pass_env
 def stats(env: Env, since: str, until: str | None, top: int, fmt: str, quiet: bool) -> None:
     """Totals, top blocked rules and names, top clients, bypass attempts, groups, categories, blocked per hour."""
-    from sinkhole.store import STATS_QUERIES
+    from sinkhole.store.db import STATS_QUERIES
 
     since_iso, until_iso = parse_when(since, "--since"), parse_when(until, "--until")
     with env.existing_store() as store, Progress.for_command(quiet) as progress:
@@ -1040,7 +1042,7 @@ def report(env: Env, since: str, until: str | None, output: Path, key_file: Path
            key: Path | None) -> None:
     """A self-contained HTML report for a security officer: blocked attempts over time, top clients,
     top services, bypass attempts, client groups, and whether the audit chains verify."""
-    from sinkhole import report as report_mod
+    from sinkhole.audit import report as report_mod
 
     since_iso, until_iso = parse_when(since, "--since"), parse_when(until, "--until")
     assert since_iso is not None
@@ -1073,8 +1075,8 @@ def check(env: Env, name: str, qtype: str, client: str, config_file: Path | None
 
     import dns.rdatatype
 
-    from sinkhole import config
-    from sinkhole.explain import explain
+    from sinkhole.service import config
+    from sinkhole.service.explain import explain
 
     domain = normalize(name)
     try:
@@ -1273,7 +1275,7 @@ def requests_deny(env: Env, ident: int) -> None:
 
 
 # ---------------------------------------------------------------------------- user (web console accounts)
-# Accounts of the web console (web_listen): sinkhole.accounts keeps them, sinkhole.web.sessions hashes the
+# Accounts of the web console (web_listen): sinkhole.store.accounts keeps them, sinkhole.web.sessions hashes the
 # passwords (argon2id). Every change is journaled with the OS account that made it.
 
 
@@ -1302,7 +1304,7 @@ _PASSWORD_STDIN = click.option("--password-stdin", is_flag=True,
 
 
 def _accounts(store: Store):
-    from sinkhole.accounts import Accounts
+    from sinkhole.store.accounts import Accounts
 
     return Accounts(store)
 
@@ -1316,7 +1318,7 @@ def _accounts(store: Store):
 @pass_env
 def user_add(env: Env, name: str, role: str, password_stdin: bool) -> None:
     """Make account NAME with a password (asked twice, at least 10 characters)."""
-    from sinkhole.accounts import check_name
+    from sinkhole.store.accounts import check_name
 
     name = check_name(name)
     hashed = _new_password(password_stdin, name)
@@ -1331,7 +1333,7 @@ def user_add(env: Env, name: str, role: str, password_stdin: bool) -> None:
 @pass_env
 def user_passwd(env: Env, name: str, password_stdin: bool) -> None:
     """Set a new password for NAME: it is unlocked and signed out everywhere."""
-    from sinkhole.accounts import check_name
+    from sinkhole.store.accounts import check_name
 
     name = check_name(name)
     with env.existing_store() as store:
@@ -1347,7 +1349,7 @@ def user_passwd(env: Env, name: str, password_stdin: bool) -> None:
 @pass_env
 def user_remove(env: Env, name: str) -> None:
     """Remove account NAME and end its sessions."""
-    from sinkhole.accounts import check_name
+    from sinkhole.store.accounts import check_name
 
     name = check_name(name)
     with env.existing_store() as store:
@@ -1360,7 +1362,7 @@ def user_remove(env: Env, name: str) -> None:
 @pass_env
 def user_unlock(env: Env, name: str) -> None:
     """Clear NAME's failed logins (an account locks for 15 minutes after 5 in a row)."""
-    from sinkhole.accounts import check_name
+    from sinkhole.store.accounts import check_name
 
     name = check_name(name)
     with env.existing_store() as store:

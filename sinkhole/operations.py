@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from sinkhole.domains import is_ip_address, normalize
 from sinkhole.errors import ConfigError, DomainError, ListFormatError
 from sinkhole.model import Action, RuleKind
+from sinkhole.policy.names import is_ip_address, normalize
 from sinkhole.progress import Progress
-from sinkhole.store import Actor, Store, iso_dt
+from sinkhole.store.db import Actor, Store, iso_dt
 
 
 class BadValue(ConfigError):
@@ -93,7 +93,7 @@ def check_category(value: str | None, field: str = "category") -> str | None:
 def rule_targets(names: Iterable[str], networks: bool = False) -> list[str]:
     """Normalized names, and `/pattern/` regular expressions; with `networks`, an IP network (CIDR) is
     taken too: a block rule on a network blocks forwarded answers that hold an address in it."""
-    from sinkhole.lists import is_regex, regex_rule
+    from sinkhole.policy.lists import is_regex, regex_rule
 
     out = []
     for n in names:
@@ -113,7 +113,7 @@ def rule_targets(names: Iterable[str], networks: bool = False) -> list[str]:
 
 def rule_category(category: str | None, client_group: str | None) -> str:
     """The category a rule is filed under: the one given, or a group's own `group:NAME`, or `manual`."""
-    from sinkhole.policy import EVERYWHERE, GROUP_PREFIX
+    from sinkhole.policy.decide import EVERYWHERE, GROUP_PREFIX
 
     if client_group is not None and category is not None:
         raise ConfigError("--group and --category exclude each other: a group's extra rules have their own category")
@@ -148,7 +148,7 @@ def remove_rules(store: Store, kind: RuleKind, names: Iterable[str], category: s
 
 def group_rows(store: Store, categories: list[dict] | None = None) -> list[dict]:
     """store.groups() with, for each, the categories in force (`categories`: store.categories(), read once)."""
-    from sinkhole.policy import EVERYWHERE, GROUP_PREFIX
+    from sinkhole.policy.decide import EVERYWHERE, GROUP_PREFIX
 
     categories = store.categories() if categories is None else categories
     rows = store.groups()
@@ -191,7 +191,7 @@ def group_categories(value: str | None) -> list[str] | None:
 def enable_list(store: Store, category: str, actor: Actor | None = None) -> tuple[bool, int | None, str | None]:
     """Put a category in force; a shipped list not loaded yet (e.g. deepseek-telemetry) is loaded first.
     Returns (changed, rules loaded or None, the shipped file loaded or None)."""
-    from sinkhole import lists
+    from sinkhole.policy import lists
 
     loaded = source = None
     if not any(r["category"] == category for r in store.categories()):
@@ -213,7 +213,7 @@ def disable_list(store: Store, category: str, actor: Actor | None = None) -> boo
 
 def list_rows(store: Store) -> list[dict]:
     """Every category (rules, regexes, source, in force) and the shipped lists not loaded."""
-    from sinkhole import lists
+    from sinkhole.policy import lists
 
     rows = store.categories()
     shapes = store.rule_shapes()
@@ -230,7 +230,7 @@ def list_rows(store: Store) -> list[dict]:
 
 def read_source(location: str, etag: str | None = None, last_modified: str | None = None):
     """A list source's bytes: a URL (conditional GET when validators are given) or a file."""
-    from sinkhole import fetch
+    from sinkhole.policy import fetch
 
     if fetch.is_url(location):
         return fetch.fetch_url(location, etag, last_modified)
@@ -269,7 +269,7 @@ def read_list(source: str, category: str | None = None, fmt: str = "auto", files
     path is taken too (the CLI; the console takes URLs only). `progress`: the CLI's bar. Nothing is written."""
     from urllib.parse import urlsplit
 
-    from sinkhole import fetch, lists
+    from sinkhole.policy import fetch, lists
 
     if fetch.is_url(source):
         location = source
@@ -322,7 +322,7 @@ def update_lists(store: Store, categories: Iterable[str] | None = None, actor: A
                  progress: Progress | None = None) -> Iterator[SourceResult]:
     """Fetch every recorded source again (or those of `categories`) and replace the lists that changed, one
     result per source as it is done. A source that fails keeps its rules in force; the others go on."""
-    from sinkhole import fetch, lists
+    from sinkhole.policy import fetch, lists
 
     wanted = list(categories or [])
     sources = store.sources(wanted or None)
@@ -495,8 +495,8 @@ class Verification:
 def verify(store: Store, generation: int, secret: bytes, anchor: dict | None = None,
            current: tuple[int, bytes] | None = None, progress: Progress | None = None) -> Verification:
     """Walk every chain of the audit log and the change journal with the operator's key (generation, secret);
-    `current`: the server's key file now, when it can be read (see sinkhole.chain.verify)."""
-    from sinkhole import chain
+    `current`: the server's key file now, when it can be read (see sinkhole.audit.chain.verify)."""
+    from sinkhole.audit import chain
 
     out = Verification()
     say = out.lines.append

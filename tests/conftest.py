@@ -23,8 +23,8 @@ import dns.query
 import dns.rdatatype
 import pytest
 
-from sinkhole import config
-from sinkhole.server import Server
+from sinkhole.service import config
+from sinkhole.service.server import Server
 from tests.dnsstub import StubResolver
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -278,7 +278,7 @@ def ex_metrics() -> str:
     """/metrics as sinkhole makes it: prometheus_client's exposition, process_* from /proc/self."""
     import prometheus_client
 
-    from sinkhole.metrics import registry_for
+    from sinkhole.service.metrics import registry_for
 
     class Nothing:
         def collect(self) -> list:
@@ -372,7 +372,7 @@ def ex_argon2() -> str:
 
 def ex_sinkhole(tmp: Path) -> str:
     """sinkhole's own store: a new database seeded with the shipped lists, the policy loaded."""
-    from sinkhole.server import open_store
+    from sinkhole.service.server import open_store
 
     store = open_store(tmp / "sinkhole.db")
     try:

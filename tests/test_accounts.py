@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from sinkhole.store import Store
+from sinkhole.store.db import Store
 from tests.conftest import query, wait_for
 from tests.test_cli import SINKHOLE, one_line_error, os_user, run
 
@@ -64,7 +64,7 @@ def test_user_add_prompts_twice_and_bad_input_is_one_line_and_writes_nothing(db:
 
 
 def test_passwd_unlock_and_remove_end_sessions_and_are_journaled(db: Path) -> None:
-    from sinkhole.accounts import Accounts, Session
+    from sinkhole.store.accounts import Accounts, Session
 
     assert run_input(db, "user", "add", "bob", "--role", "viewer", "--password-stdin",
                      input_text=GOOD + "\n").exit_code == 0
@@ -90,8 +90,8 @@ def test_passwd_unlock_and_remove_end_sessions_and_are_journaled(db: Path) -> No
 
 
 def test_account_entries_do_not_make_a_running_server_read_its_policy_whole(db: Path) -> None:
-    from sinkhole.policy import Policy
-    from sinkhole.server import open_store
+    from sinkhole.policy.decide import Policy
+    from sinkhole.service.server import open_store
 
     with open_store(db) as store:
         policy = store.load_policy()

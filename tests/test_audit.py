@@ -16,8 +16,8 @@ import dns.rcode
 import pytest
 
 from sinkhole.model import RuleKind
-from sinkhole.server import open_store
-from sinkhole.store import Store
+from sinkhole.service.server import open_store
+from sinkhole.store.db import Store
 from tests.conftest import ask, audit_rows, wait_for
 
 
@@ -179,8 +179,8 @@ def test_two_busy_writers_keep_the_wal_bounded(db, monkeypatch):
     well under the 16 MiB that the automatic checkpoint alone lets it reach before it even tries."""
     import threading
 
-    from sinkhole import audit as audit_mod
-    from sinkhole.audit import AuditLog
+    from sinkhole.audit import writer as audit_mod
+    from sinkhole.audit.writer import AuditLog
     from sinkhole.model import AuditEvent
 
     monkeypatch.setattr(audit_mod, "WAL_CHECK_INTERVAL", 0.05)

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from sinkhole import config
-from sinkhole.audit import AuditLog
+from sinkhole.audit.writer import AuditLog
 from sinkhole.errors import ConfigError
 from sinkhole.model import AuditEvent
+from sinkhole.service import config
 from tests.conftest import ask, audit_rows, wait_for
 
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from sinkhole import lists
 from sinkhole.errors import ListFormatError
 from sinkhole.model import RuleKind
-from sinkhole.server import open_store
+from sinkhole.policy import lists
+from sinkhole.service.server import open_store
 from tests.conftest import ask
 
 ROOT = Path(__file__).resolve().parent.parent

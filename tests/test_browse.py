@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from sinkhole import browse
 from sinkhole.operations import LogFilter
-from sinkhole.store import AUDIT_INSERT, Store, iso
+from sinkhole.store import browse
+from sinkhole.store.db import AUDIT_INSERT, Store, iso
 
 
 def rows(n: int) -> list[dict]:

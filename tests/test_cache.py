@@ -15,8 +15,8 @@ import dns.rcode
 import dns.rrset
 import pytest
 
-from sinkhole import codec
-from sinkhole.cache import Cache, key_of
+from sinkhole.dns import codec
+from sinkhole.dns.cache import Cache, key_of
 from tests.conftest import ask, audit_rows, ede_of
 from tests.dnsstub import address_for
 

@@ -17,10 +17,10 @@ from click.testing import CliRunner, Result
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sinkhole import chain
+from sinkhole.audit import chain
 from sinkhole.cli import cli
-from sinkhole.server import open_store
-from sinkhole.store import SCHEMA_VERSION, Store, iso
+from sinkhole.service.server import open_store
+from sinkhole.store.db import SCHEMA_VERSION, Store, iso
 from tests.conftest import ask, audit_rows, select, sql, wait_for
 
 
@@ -246,7 +246,7 @@ def test_rows_from_before_the_chain_are_reported_as_such(db, make_server, stub, 
 
 
 def test_gap_rows_are_chained(tmp_path):
-    from sinkhole.audit import AuditLog
+    from sinkhole.audit.writer import AuditLog
     from tests.test_data_faults import event
 
     db = tmp_path / "a.db"
@@ -274,7 +274,7 @@ def test_verify_usage_errors_are_one_line(db, logged, tmp_path):
 
 
 def test_a_chain_past_several_key_epochs_verifies_and_an_edit_there_is_found(tmp_path):
-    from sinkhole.audit import AuditLog
+    from sinkhole.audit.writer import AuditLog
     from tests.test_data_faults import event
 
     db = tmp_path / "a.db"
@@ -297,7 +297,7 @@ def test_a_chain_past_several_key_epochs_verifies_and_an_edit_there_is_found(tmp
 
 
 def test_the_mac_covers_every_stored_column_but_seq_and_mac():
-    from sinkhole.store import AUDIT_INSERT
+    from sinkhole.store.db import AUDIT_INSERT
 
     covered = [c for c, _ in chain.MAC_COLUMNS + chain.EXTRA_COLUMNS]
     assert sorted(covered) == sorted(c for c in AUDIT_INSERT if c not in ("mac", "rname"))
@@ -323,7 +323,7 @@ def test_a_version_2_database_gains_disabled_categories(tmp_path):
 
 def test_rname_is_checked_against_qname_and_group_asked_list_are_covered(tmp_path):
     """Schema 4 columns: grp, asked and list are under the MAC; rname (the index aid) must match qname."""
-    from sinkhole.store import AUDIT_INSERT
+    from sinkhole.store.db import AUDIT_INSERT
 
     db = tmp_path / "v4.db"
     store = open_store(db)
@@ -361,7 +361,7 @@ def test_rname_is_checked_against_qname_and_group_asked_list_are_covered(tmp_pat
 def test_rows_are_stored_in_order_whatever_the_batch_size(db, operator_key, n):
     """The writer stores a batch as INSERTs of 256, 128, ... 1 rows: every row once, in order, each value
     in its column, and the chain verifies."""
-    from sinkhole.audit import AuditLog
+    from sinkhole.audit.writer import AuditLog
     from sinkhole.model import AuditEvent
 
     log = AuditLog(db, "n1", seed=None)

@@ -12,8 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-from sinkhole import chain
-from sinkhole.store import AUDIT_INSERT, Store, iso
+from sinkhole.audit import chain
+from sinkhole.store.db import AUDIT_INSERT, Store, iso
 from tests.conftest import ask, audit_rows, wait_for
 
 SINKHOLE = shutil.which("sinkhole", path=str(Path(sys.executable).parent))

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from sinkhole.cli import cli
-from sinkhole.store import _safe_user
+from sinkhole.store.db import _safe_user
 from tests.conftest import ask, audit_rows, select, sql, wait_for
 
 

@@ -27,8 +27,8 @@ from click.testing import CliRunner, Result
 from sinkhole import __version__
 from sinkhole.cli import cli
 from sinkhole.model import RuleKind
-from sinkhole.server import open_store
-from sinkhole.store import Store, iso
+from sinkhole.service.server import open_store
+from sinkhole.store.db import Store, iso
 from tests.conftest import ask, query, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -19,8 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sinkhole import cli as cli_mod
-from sinkhole import config, fetch, server
 from sinkhole.cli import cli, main
+from sinkhole.policy import fetch
+from sinkhole.service import config, server
 
 SIDE = ("-wal", "-shm", "-journal", ".lock")
 # paths the arguments may name, all in the scratch directory: a database, its key, a list, a settings

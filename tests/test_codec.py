@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sinkhole import codec
+from sinkhole.dns import codec
 
 
 def test_decode_keeps_question_bytes_and_normalizes_name():

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from sinkhole import config
 from sinkhole.errors import ConfigError
+from sinkhole.service import config
 
 
 def test_defaults_match_the_contract():

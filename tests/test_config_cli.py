@@ -14,8 +14,8 @@ import dns.query
 import pytest
 from click.testing import CliRunner
 
-from sinkhole import config
 from sinkhole.cli import cli
+from sinkhole.service import config
 from tests.conftest import ROOT, audit_rows, wait_for
 from tests.dnsstub import address_for
 

@@ -25,9 +25,9 @@ import dns.query
 import dns.rcode
 import pytest
 
-from sinkhole.audit import AuditLog
+from sinkhole.audit.writer import AuditLog
 from sinkhole.model import AuditEvent
-from sinkhole.store import iso
+from sinkhole.store.db import iso
 from tests.conftest import ask, wait_for
 from tests.conftest import audit_rows as rows
 
@@ -72,7 +72,7 @@ def event(qname: str, when: float | None = None) -> AuditEvent:
 
 
 def test_locked_database_dns_keeps_answering_and_every_row_arrives_after_release(make_server, stub, db, caplog):
-    caplog.set_level(logging.WARNING, logger="sinkhole.audit")
+    caplog.set_level(logging.WARNING, logger="sinkhole.audit.writer")
     s = make_server(upstream=(stub.address,))
     blocked(s, "before.chat.deepseek.com")
     assert wait_for(lambda: qnames(db) == ["before.chat.deepseek.com"])
@@ -111,7 +111,7 @@ def test_read_only_database_dns_keeps_answering_and_rows_are_written_when_writab
     write to an immutable mapping is SIGBUS). A fresh connection then gets SQLITE_READONLY."""
     if shutil.which("chattr") is None:
         pytest.skip("chattr (e2fsprogs) is not installed: cannot make the database read-only for root")
-    caplog.set_level(logging.WARNING, logger="sinkhole.audit")
+    caplog.set_level(logging.WARNING, logger="sinkhole.audit.writer")
     s = make_server(upstream=(stub.address,))
     blocked(s, "before.chat.deepseek.com")
     assert wait_for(lambda: qnames(db) == ["before.chat.deepseek.com"])
@@ -148,7 +148,7 @@ def test_read_only_database_dns_keeps_answering_and_rows_are_written_when_writab
 
 
 def test_deleted_database_is_recreated_and_new_rows_go_there(make_server, stub, db, caplog):
-    caplog.set_level(logging.WARNING, logger="sinkhole.audit")
+    caplog.set_level(logging.WARNING, logger="sinkhole.audit.writer")
     s = make_server(upstream=(stub.address,))
     blocked(s, "before.chat.deepseek.com")
     assert wait_for(lambda: qnames(db) == ["before.chat.deepseek.com"])
@@ -204,7 +204,7 @@ def fill(directory: Path) -> Path:
 
 def test_full_disk_dns_keeps_answering_loss_is_counted_and_a_gap_row_marks_it(small_disk, make_server, stub,
                                                                                caplog):
-    caplog.set_level(logging.WARNING, logger="sinkhole.audit")
+    caplog.set_level(logging.WARNING, logger="sinkhole.audit.writer")
     db = small_disk / "sinkhole.db"
     s = make_server(upstream=(stub.address,), db=db)
     audit = s.server.audit
@@ -340,7 +340,7 @@ def test_full_queue_drops_and_counts_and_the_gap_row_says_so(tmp_path):
 
 
 def test_close_is_bounded_when_the_database_stays_locked(tmp_path, caplog):
-    caplog.set_level(logging.WARNING, logger="sinkhole.audit")
+    caplog.set_level(logging.WARNING, logger="sinkhole.audit.writer")
     db = tmp_path / "locked.db"
     audit = AuditLog(db, "n1", seed=None)
     audit.start()
@@ -364,7 +364,7 @@ def test_close_is_bounded_when_the_database_stays_locked(tmp_path, caplog):
 
 
 def test_a_path_that_cannot_be_opened_never_blocks_submit_and_close_gives_up(tmp_path, caplog):
-    caplog.set_level(logging.WARNING, logger="sinkhole.audit")
+    caplog.set_level(logging.WARNING, logger="sinkhole.audit.writer")
     (tmp_path / "not-a-dir").write_text("a file where the directory should be")
     audit = AuditLog(tmp_path / "not-a-dir" / "x.db", "n1", seed=None)
     audit.start()

@@ -21,7 +21,7 @@ import dns.rdatatype
 import pytest
 
 from sinkhole.model import RuleKind
-from sinkhole.store import Store
+from sinkhole.store.db import Store
 from tests import realdns
 from tests.conftest import RunningServer, audit_rows, wait_for
 from tests.realdns import RealDns, ask

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sinkhole.domains import SuffixTable, is_subdomain, normalize
 from sinkhole.errors import DomainError
+from sinkhole.policy.names import SuffixTable, is_subdomain, normalize
 
 
 @pytest.mark.parametrize("raw,expected", [

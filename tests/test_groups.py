@@ -15,8 +15,8 @@ from click.testing import CliRunner
 from sinkhole.cli import cli
 from sinkhole.errors import ConfigError
 from sinkhole.model import Action, Rule, RuleKind
-from sinkhole.policy import GroupSpec, Policy
-from sinkhole.store import Store
+from sinkhole.policy.decide import GroupSpec, Policy
+from sinkhole.store.db import Store
 from tests.conftest import audit_rows, wait_for
 
 RULES = [
@@ -205,7 +205,7 @@ def test_a_secondary_zone_category_can_be_named(db):
 def test_rule_changes_patch_the_running_policy_and_others_reload_it(make_server, stub, db, caplog):
     import logging
 
-    caplog.set_level(logging.INFO, logger="sinkhole.server")
+    caplog.set_level(logging.INFO, logger="sinkhole.service.server")
     s = make_server(upstream=(stub.address,), shipped_lists=False)
     assert run(db, "block", "add", "--category", "genai", "chat.example").exit_code == 0
     assert wait_for(lambda: addresses(ask_from(s, "127.0.0.1", "chat.example")) == ["0.0.0.0"], timeout=1.0)

@@ -12,7 +12,7 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
-from sinkhole.guard import Guard, Outcome
+from sinkhole.dns.guard import Guard, Outcome
 from tests.conftest import ask, wait_for
 from tests.dnsstub import StubResolver, address_for
 

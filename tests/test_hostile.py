@@ -24,11 +24,11 @@ import dns.tsig
 import dns.tsigkeyring
 import pytest
 
-from sinkhole import codec
+from sinkhole.dns import codec
+from sinkhole.dns.pipeline import Pipeline
 from sinkhole.model import RuleKind
-from sinkhole.pipeline import Pipeline
-from sinkhole.policy import Policy
-from sinkhole.store import Store
+from sinkhole.policy.decide import Policy
+from sinkhole.store.db import Store
 from tests.conftest import RunningServer, audit_rows, wait_for
 from tests.dnsstub import address_for
 from tests.hostile import HostileStub, data_types, sample
@@ -280,7 +280,7 @@ def test_an_unexpected_exception_is_servfail_for_every_coalesced_client(server, 
         q = dns.message.make_query(name, "A", use_edns=0)
         q.id = 2000 + i
         wires.append(q.to_wire())
-    with caplog.at_level(logging.ERROR, logger="sinkhole.pipeline"):
+    with caplog.at_level(logging.ERROR, logger="sinkhole.dns.pipeline"):
         replies = [dns.message.from_wire(w) for w in _concurrently(server, wires)]
     assert [(r.id, r.rcode()) for r in replies] == [(2000 + i, dns.rcode.SERVFAIL) for i in range(4)]
     assert len(hostile.queries(name)) == 1, "they were coalesced into one upstream query"

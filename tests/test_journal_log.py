@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from sinkhole import systemd
+from sinkhole.service import systemd
 from tests.conftest import ServerProcess, wait_for
 
 EXE = shutil.which("sinkhole", path=str(Path(sys.executable).parent)) or "sinkhole"

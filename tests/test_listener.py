@@ -188,7 +188,7 @@ def test_many_garbage_datagrams_then_still_serving(server):
 
 
 def test_big_packets_are_not_memoized(make_server, stub):
-    from sinkhole import codec
+    from sinkhole.dns import codec
 
     s = make_server(upstream=(stub.address,), allow_clients=("10.0.0.0/8",))
     q = dns.message.make_query("chat.deepseek.com", "A", use_edns=0, payload=4096,

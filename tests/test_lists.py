@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from sinkhole import fetch, lists
 from sinkhole.cli import cli
 from sinkhole.errors import ListFormatError
+from sinkhole.policy import fetch, lists
 from tests.conftest import ask, query, wait_for
 from tests.dnsstub import address_for
 

@@ -19,8 +19,8 @@ import pytest
 from click.testing import CliRunner, Result
 
 from sinkhole.cli import cli, histogram
-from sinkhole.domains import reverse_name
-from sinkhole.store import Store, client_prefix, iso
+from sinkhole.policy.names import reverse_name
+from sinkhole.store.db import Store, client_prefix, iso
 from tests.conftest import ask, audit_rows, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -15,8 +15,8 @@ import dns.message
 import dns.query
 from prometheus_client.parser import text_string_to_metric_families
 
-from sinkhole import metrics
-from sinkhole.upstream import LATENCY_BUCKETS
+from sinkhole.dns.upstream import LATENCY_BUCKETS
+from sinkhole.service import metrics
 from tests.conftest import ROOT, ask, audit_rows, wait_for
 from tests.test_workers import children
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from sinkhole.model import Action, Rule, RuleKind
-from sinkhole.policy import GroupSpec, Policy
+from sinkhole.policy.decide import GroupSpec, Policy
 
 
 def labels(name: str) -> tuple[str, ...]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from sinkhole.store import STATS_QUERIES, Store
+from sinkhole.store.db import STATS_QUERIES, Store
 from tests.conftest import operator_key  # noqa: F401  (a fixture)
 from tests.test_data_faults import event
 
@@ -133,7 +133,7 @@ def test_export_rpz_on_a_terminal_writes_the_same_zone(db, operator_key, tmp_pat
 
 
 def test_log_verify_and_prune_on_a_terminal(tmp_path, db, operator_key):  # noqa: F811
-    from sinkhole.audit import AuditLog
+    from sinkhole.audit.writer import AuditLog
 
     audit = AuditLog(db, "node1", seed=None)
     now = time.time()

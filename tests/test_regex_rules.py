@@ -15,7 +15,7 @@ import dns.message
 import dns.rcode
 
 from sinkhole.model import RuleKind
-from sinkhole.store import Store
+from sinkhole.store.db import Store
 from tests.conftest import ask, audit_rows
 from tests.dnsstub import address_for
 
@@ -87,7 +87,7 @@ def test_a_stored_pattern_re2_cannot_take_is_left_out_and_the_rest_serves(make_s
 def test_a_thousand_patterns_in_one_program_decide_as_each_one_does(tmp_path, db, make_server, stub):
     """All regex rules are also compiled into one RE2 program that rules names out in one pass: imported from a
     list, served, they must decide exactly as trying each pattern does."""
-    from sinkhole.policy import Policy
+    from sinkhole.policy.decide import Policy
 
     lines = [f"/^h{i}[0-9]+\\.ai{i % 7}\\.example$/" for i in range(1000)] + ["@@/^h5[0-9]+\\.ai5\\.example$/"]
     (tmp_path / "many.txt").write_text("\n".join(lines) + "\n")

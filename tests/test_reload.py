@@ -16,7 +16,7 @@ import dns.message
 import dns.query
 import pytest
 
-from sinkhole import control
+from sinkhole.service import control
 from tests.conftest import wait_for
 from tests.test_config_cli import journal_entries
 

@@ -12,8 +12,8 @@ import pytest
 from click.testing import CliRunner, Result
 
 from sinkhole.cli import cli
-from sinkhole.domains import reverse_name
-from sinkhole.store import Store, iso
+from sinkhole.policy.names import reverse_name
+from sinkhole.store.db import Store, iso
 from tests.conftest import ask, audit_rows, wait_for
 
 HOSTILE = "<script>alert(1)</script>.evil.example"

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from sinkhole.audit import AuditLog
+from sinkhole.audit.writer import AuditLog
 from sinkhole.cli import cli
-from sinkhole.server import open_store
+from sinkhole.service.server import open_store
 from tests.conftest import ask, select, sql, wait_for
 from tests.test_data_faults import event
 
@@ -62,10 +62,10 @@ class _Clock:
 def operator_key(operator_key: Path, db: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """conftest's, then the first start (shipped lists, journaled) 600 days ago: the chains below hold rows from
     500 days ago, which a database made today cannot (log verify says so: tests/test_chain_times.py)."""
-    import sinkhole.store
+    import sinkhole.store.db
 
     with monkeypatch.context() as m:
-        m.setattr(sinkhole.store, "time", _Clock(600))
+        m.setattr(sinkhole.store.db, "time", _Clock(600))
         open_store(db).close()
     return operator_key
 
@@ -205,8 +205,8 @@ def test_server_prunes_old_rows_periodically(make_server, stub, aged, db, operat
 
 
 def test_retention_setting(tmp_path, monkeypatch):
-    from sinkhole import config
     from sinkhole.errors import ConfigError
+    from sinkhole.service import config
 
     assert config.load(env={}).retention_days == 365
     assert config.load(env={"SINKHOLE_RETENTION_DAYS": "0"}).retention_days == 0

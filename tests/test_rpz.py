@@ -24,12 +24,13 @@ import dns.zone
 import pytest
 from click.testing import CliRunner
 
-from sinkhole import lists, rpz
 from sinkhole.cli import cli
-from sinkhole.config import load
 from sinkhole.errors import ConfigError
+from sinkhole.fleet import rpz
 from sinkhole.model import RuleKind
-from sinkhole.store import Store
+from sinkhole.policy import lists
+from sinkhole.service.config import load
+from sinkhole.store.db import Store
 from tests.conftest import ask, free_ports, wait_for
 
 ZONE = "rpz.sinkhole."

@@ -11,7 +11,7 @@ import dns.query
 import dns.zone
 import pytest
 
-from sinkhole import rpz
+from sinkhole.fleet import rpz
 from tests.conftest import free_ports, wait_for
 
 ZONE = "rpz.sinkhole."

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from sinkhole.model import RuleKind
-from sinkhole.store import Store
+from sinkhole.store.db import Store
 from tests.conftest import free_ports, wait_for
 from tests.dnsstub import address_for
 from tests.resolvers import ResolverProcess

@@ -8,7 +8,7 @@ import dns.rdatatype
 import pytest
 
 from sinkhole.model import RuleKind
-from sinkhole.store import Store
+from sinkhole.store.db import Store
 from tests.conftest import ask, ede_of
 
 TRANSPORTS = [pytest.param(False, id="udp"), pytest.param(True, id="tcp")]

@@ -18,9 +18,10 @@ import dns.query
 import pytest
 from click.testing import CliRunner
 
-from sinkhole import config, shipping
+from sinkhole.audit import shipping
 from sinkhole.cli import cli
 from sinkhole.errors import ConfigError
+from sinkhole.service import config
 from tests.conftest import ask, audit_rows, wait_for
 
 # RFC 5424 section 6, strictly: HEADER SP STRUCTURED-DATA [SP MSG]
@@ -240,7 +241,7 @@ def test_a_full_queue_drops_and_counts_and_says_so_once_per_interval(caplog):
     assert (sink.queued, sink.dropped) == (10, 6)
     assert shipper.heads["n#0#ab"] == {"chain": "n#0#ab", "link": 0, "seq": 16, "mac": "ff",
                                        "time": "2026-11-22T18:03:04.123456Z"}
-    with caplog.at_level("WARNING", logger="sinkhole.shipping"):
+    with caplog.at_level("WARNING", logger="sinkhole.audit.shipping"):
         sink.log_loss()
         shipper.ship([row], 17)
         sink.log_loss()

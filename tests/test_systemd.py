@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from sinkhole import systemd
 from sinkhole.errors import ConfigError
-from sinkhole.privileges import drop_to
+from sinkhole.service import systemd
+from sinkhole.service.privileges import drop_to
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "systemd"
@@ -97,7 +97,7 @@ LAUNCHER = """
 
 ACTIVATED = """
     import json, os, socket
-    from sinkhole import systemd
+    from sinkhole.service import systemd
     socks = systemd.listen_sockets()
     groups = systemd.group_by_address(socks)
     print(json.dumps({
@@ -238,7 +238,7 @@ def test_watchdog_interval_is_half_of_watchdogsec(monkeypatch: pytest.MonkeyPatc
 DROP = """
     import json, os, socket, sys
     from sinkhole.errors import ConfigError
-    from sinkhole.privileges import drop_to
+    from sinkhole.service.privileges import drop_to
     out = {}
     drop_to(sys.argv[1])
     out["resuid"] = os.getresuid()

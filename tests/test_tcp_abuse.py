@@ -125,7 +125,7 @@ def test_queries_left_in_a_connections_buffer_at_shutdown_are_not_answered_unaud
                                                                                       monkeypatch):
     """A connection read at its rate limit still holds pipelined queries when the server stops: none of them may
     be answered (and counted) once the audit writer has stopped, or a blocked answer would have no row."""
-    from sinkhole.audit import AuditLog
+    from sinkhole.audit.writer import AuditLog
     from tests.conftest import audit_rows
 
     real_close = AuditLog.close

@@ -12,8 +12,8 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
+from sinkhole.dns.upstream import parse_hostport, parse_upstream, system_upstreams
 from sinkhole.errors import ConfigError
-from sinkhole.upstream import parse_hostport, parse_upstream, system_upstreams
 from tests.conftest import ask, ede_of
 from tests.dnsstub import StubResolver, address_for
 

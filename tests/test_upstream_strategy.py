@@ -10,9 +10,9 @@ import dns.rcode
 import pytest
 from dnslib import RCODE, DNSRecord
 
-from sinkhole import config
+from sinkhole.dns.upstream import Upstream, parse_upstream
 from sinkhole.errors import ConfigError
-from sinkhole.upstream import Upstream, parse_upstream
+from sinkhole.service import config
 from tests.conftest import ask, wait_for
 from tests.dnsstub import StubResolver, address_for
 
@@ -214,7 +214,8 @@ def test_bad_upstream_settings_name_the_setting(settings, message):
 def test_serve_flags_reach_the_settings(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
-    from sinkhole import cli, server
+    from sinkhole import cli
+    from sinkhole.service import server
 
     seen = {}
     monkeypatch.setattr(server, "run", lambda cfg, db, **kw: seen.setdefault("cfg", cfg) and 0)

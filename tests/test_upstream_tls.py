@@ -24,8 +24,8 @@ import dns.query
 import dns.rcode
 import pytest
 
-from sinkhole import codec
-from sinkhole.upstream import Forwarder, parse_upstream
+from sinkhole.dns import codec
+from sinkhole.dns.upstream import Forwarder, parse_upstream
 from tests.conftest import ask, free_ports
 from tests.dnsstub import StubResolver, address_for
 

@@ -14,11 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sinkhole import accounts as acc
-from sinkhole import browse, operations
+from sinkhole import operations
 from sinkhole.model import RuleKind
 from sinkhole.operations import BadValue
-from sinkhole.store import Actor, Store
+from sinkhole.store import accounts as acc
+from sinkhole.store import browse
+from sinkhole.store.db import Actor, Store
 
 Params = dict[str, Any]
 
@@ -261,8 +262,8 @@ def check(call: Call, p: Params) -> dict:
 
     import dns.rdatatype
 
-    from sinkhole.domains import normalize
-    from sinkhole.explain import explain
+    from sinkhole.policy.names import normalize
+    from sinkhole.service.explain import explain
 
     name = text(p, "name")
     if not name:

@@ -39,11 +39,11 @@ from pathlib import Path
 import jinja2
 from aiohttp import web
 
-from sinkhole.domains import is_ip_address, normalize
 from sinkhole.errors import ConfigError, DomainError
 from sinkhole.model import Action, AuditEvent
-from sinkhole.policy import Policy
-from sinkhole.store import Store, iso
+from sinkhole.policy.decide import Policy
+from sinkhole.policy.names import is_ip_address, normalize
+from sinkhole.store.db import Store, iso
 from sinkhole.web import certs, limits
 from sinkhole.web.limits import Gate, Limits
 

@@ -5,7 +5,7 @@ and a JSON API under /api/ with the same roles, both calling sinkhole.web.api, w
 uses. Roles are checked on the server for every page and endpoint: viewer (the dashboard), auditor (+ the log,
 exports, verification, reports, and reading the policy), admin (+ changing the policy, and accounts).
 
-Sign-in, sessions, CSRF and backoff: sinkhole.web.sessions; accounts and the login journal: sinkhole.accounts.
+Sign-in, sessions, CSRF and backoff: sinkhole.web.sessions; accounts and the login journal: sinkhole.store.accounts.
 
 It runs like the block page: on its own event loop in a thread (sinkhole.web.limits.Service) of the single
 server, or of the supervisor when there are workers, behind the same Gate (connection caps per address). The
@@ -39,10 +39,12 @@ from urllib.parse import urlencode
 import jinja2
 from aiohttp import web
 
-from sinkhole import __version__, browse, chain, operations, report
-from sinkhole.accounts import LOCK_AFTER, LOCK_SECONDS, Accounts, Session, may
+from sinkhole import __version__, operations
+from sinkhole.audit import chain, report
 from sinkhole.errors import ConfigError, DomainError, ListFormatError
-from sinkhole.store import Store, iso
+from sinkhole.store import browse
+from sinkhole.store.accounts import LOCK_AFTER, LOCK_SECONDS, Accounts, Session, may
+from sinkhole.store.db import Store, iso
 from sinkhole.web import api, sessions
 from sinkhole.web.limits import Gate, Limits, lower_priority
 
@@ -101,7 +103,7 @@ def _peer(request: web.Request) -> str:
 class Console:
     """The console's aiohttp app and everything it keeps (see the module's text).
 
-    `live()` returns the metrics snapshots of the serving processes (sinkhole.metrics) and `health()` their
+    `live()` returns the metrics snapshots of the serving processes (sinkhole.service.metrics) and `health()` their
     problems; `tls` is a function returning the TLS context for a connection, or None for plain HTTP."""
 
     def __init__(self, cfg: Any, db: Path, live: Callable[[], list[dict]] = list,
@@ -640,7 +642,7 @@ class Console:
             await asyncio.sleep(SAMPLE_EVERY)
 
     async def dashboard(self, request: web.Request, sess: Session, params: dict, as_api: bool) -> Any:
-        from sinkhole import metrics
+        from sinkhole.service import metrics
 
         period = api.text(params, "period", "24h") or "24h"
         if period not in PERIODS:

@@ -27,7 +27,7 @@ from typing import Protocol
 
 from aiohttp import web
 
-from sinkhole.domains import client_address
+from sinkhole.policy.names import client_address
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def lower_priority() -> None:
 def bind(addresses: list[tuple[str, int]], name: str) -> list[socket.socket]:
     """Listening TCP sockets: those systemd passed under FileDescriptorName `name`, else bound here (before
     root is dropped, so that ports 80 and 443 work); port 0 picks a free port."""
-    from sinkhole import systemd
+    from sinkhole.service import systemd
 
     passed = systemd.listen_sockets(name)
     if passed:

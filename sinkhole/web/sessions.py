@@ -11,7 +11,7 @@
   to a short-lived cookie (double submit), so that no other site can sign a browser in.
 - Backoff: failed logins in a row slow the next attempt for that account down (0.25 s, doubling, at most 8 s;
   attempts for one account wait their turn, so that parallel guesses gain nothing); LOCK_AFTER in a row lock
-  the account (sinkhole.accounts); one address may try LOGIN_RATE logins a minute, whatever the accounts.
+  the account (sinkhole.store.accounts); one address may try LOGIN_RATE logins a minute, whatever the accounts.
 """
 
 from __future__ import annotations

@@ -6,14 +6,14 @@ policy reloader and audit writer on the inherited sockets (the kernel hands each
 and connection to one of them). The supervisor restarts a worker that dies, forwards
 SIGTERM/SIGINT, speaks sd_notify for all of them, and adds up their counts at the end.
 
-A reload (SIGHUP, or `sinkhole reload` on the control socket, sinkhole.control): the supervisor
+A reload (SIGHUP, or `sinkhole reload` on the control socket, sinkhole.service.control): the supervisor
 reads the configuration once and checks it (server.plan_reload); a bad one is refused (logged,
 nothing sent), a good one is kept for workers started later and sent to every worker over its
 control pipe; each applies it and answers on its pipe. When every worker has answered (or died,
 its replacement starting with the new settings), the waiting `sinkhole reload` commands get the
 outcome. One reload at a time: requests that come in meanwhile are served by the next one, which
 reads the file again. With `metrics` set, the supervisor alone serves /metrics and /healthz,
-adding up the snapshots its workers send over their pipes (sinkhole.metrics).
+adding up the snapshots its workers send over their pipes (sinkhole.service.metrics).
 """
 
 from __future__ import annotations
@@ -32,9 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sinkhole import config, control, logthrottle, rpz, systemd
-from sinkhole.config import ServeConfig
-from sinkhole.listener import Bound, bind_all, close_all
+from sinkhole import logthrottle
+from sinkhole.dns.listener import Bound, bind_all, close_all
+from sinkhole.fleet import rpz
+from sinkhole.service import config, control, systemd
+from sinkhole.service.config import ServeConfig
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +132,7 @@ class Supervisor:
 
     def _start_reload(self) -> None:
         """Read and check the configuration once, then send it to every worker."""
-        from sinkhole.server import plan_reload
+        from sinkhole.service.server import plan_reload
 
         why = "sinkhole reload" if self.waiting else "SIGHUP"
         waiters, self.waiting, self.hup = self.waiting, [], False
@@ -198,7 +200,14 @@ class Supervisor:
             self.control = None
 
     def run(self) -> int:
-        from sinkhole.server import bind_blockpage, bind_web, drop_privileges, open_store, start_console, web_tls_for
+        from sinkhole.service.server import (
+            bind_blockpage,
+            bind_web,
+            drop_privileges,
+            open_store,
+            start_console,
+            web_tls_for,
+        )
 
         signal.signal(signal.SIGTERM, self._on_signal)  # from the start: a stop while starting is a stop
         signal.signal(signal.SIGINT, self._on_signal)
@@ -229,7 +238,7 @@ class Supervisor:
         exporter = console = None
         address = self.cfg.metrics_address()
         if address is not None or self.web_bound:  # workers send snapshots for /metrics and the console
-            from sinkhole.metrics import WorkerSnapshots
+            from sinkhole.service.metrics import WorkerSnapshots
 
             self.snapshots = WorkerSnapshots()
             self.snapshots.expected = self.count
@@ -438,7 +447,7 @@ def worker_main(cfg: ServeConfig, db: Path, bound: list[Bound], fd: int, index: 
     over `control_fd` and are answered on `fd` ("reloaded" and the outcome)."""
     import asyncio
 
-    from sinkhole.server import Server
+    from sinkhole.service.server import Server
 
     def say(line: str) -> None:
         try:
@@ -489,7 +498,7 @@ def worker_main(cfg: ServeConfig, db: Path, bound: list[Bound], fd: int, index: 
         beater = loop.create_task(beat())
         reporter = None
         if cfg.metrics_address() is not None or cfg.web_listen:  # the supervisor's /metrics and web console
-            from sinkhole import metrics
+            from sinkhole.service import metrics
 
             async def report() -> None:  # counters for the supervisor's /metrics
                 while True:

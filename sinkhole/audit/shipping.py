@@ -34,9 +34,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sinkhole.domains import is_ip_address
 from sinkhole.errors import ConfigError
-from sinkhole.store import AUDIT_INSERT
+from sinkhole.policy.names import is_ip_address
+from sinkhole.store.db import AUDIT_INSERT
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ APP_NAME = "sinkhole"
 ROW_KEYS = ("seq", *AUDIT_INSERT)  # the columns of a stored row, as `sinkhole log --format json` prints them
 SD_SKIP = frozenset({"rname"})  # derived from qname, not covered by the MAC
 ESSENTIAL = frozenset({"seq", "time", "client", "qname", "qtype", "action", "rule", "chain", "link", "mac"})
-ANCHOR_KEYS = ("chain", "link", "seq", "mac", "time")  # sinkhole.chain.heads(), `sinkhole log anchor`
+ANCHOR_KEYS = ("chain", "link", "seq", "mac", "time")  # sinkhole.audit.chain.heads(), `sinkhole log anchor`
 UDP_MAX = 1400  # octets: one datagram without IP fragmentation on any Ethernet path, IPv4 or IPv6 (RFC 5426 3.2)
 QUEUE_ROWS = 10_000  # rows held per destination while it cannot take them
 BACKOFF_FIRST, BACKOFF_CAP = 0.1, 10.0  # seconds between TCP reconnects
@@ -217,7 +217,7 @@ def _text(value: object) -> str:
 
 
 def _now_iso() -> str:
-    from sinkhole.store import iso
+    from sinkhole.store.db import iso
 
     return iso(time.time())
 

@@ -26,15 +26,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sinkhole import answer, codec, logthrottle
-from sinkhole.audit import AuditLog
-from sinkhole.cache import Cache, key_of
-from sinkhole.domains import client_address
+from sinkhole import logthrottle
+from sinkhole.audit.writer import AuditLog
+from sinkhole.dns import answer, codec
+from sinkhole.dns.cache import Cache, key_of
+from sinkhole.dns.guard import Guard, Outcome, Shares
+from sinkhole.dns.upstream import Forwarder
 from sinkhole.errors import UpstreamError
-from sinkhole.guard import Guard, Outcome, Shares
 from sinkhole.model import Action, AuditEvent, Query, Verdict
-from sinkhole.policy import CANARIES, Group, Policy
-from sinkhole.upstream import Forwarder
+from sinkhole.policy.decide import CANARIES, Group, Policy
+from sinkhole.policy.names import client_address
 
 log = logging.getLogger(__name__)
 BLOCKED = Action.BLOCKED
@@ -81,7 +82,7 @@ class Pipeline:
         self.answers = answers
         self.counts: dict[str, int] = {}
         self._background: set[asyncio.Task[None]] = set()  # cache refreshes (prefetch) in flight
-        # (action, qtype, transport, group) -> queries: read by sinkhole.metrics at scrape time
+        # (action, qtype, transport, group) -> queries: read by sinkhole.service.metrics at scrape time
         self.detail: dict[tuple[str, int, str, str | None], int] = {}
 
     def _record(self, action: Action, client: str, proto: str, qname: str, qtype: int, rcode: int,

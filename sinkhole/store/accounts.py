@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 
 from sinkhole.errors import ConfigError
-from sinkhole.store import Actor, Store, iso
+from sinkhole.store.db import Actor, Store, iso
 
 ROLES = ("viewer", "auditor", "admin")  # each may do what the ones before it may
 NAME = re.compile(r"[a-z0-9][a-z0-9._@-]{0,63}\Z")

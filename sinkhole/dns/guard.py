@@ -9,8 +9,8 @@ import time
 from collections.abc import Iterable
 
 from sinkhole import logthrottle
-from sinkhole.domains import client_address
 from sinkhole.errors import ConfigError
+from sinkhole.policy.names import client_address
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.ttl
 
-from sinkhole.domains import is_ip_address, normalize
 from sinkhole.errors import DomainError, ListFormatError
-from sinkhole.policy import compile_regex
+from sinkhole.policy.decide import compile_regex
+from sinkhole.policy.names import is_ip_address, normalize
 
 HOSTS_SINKS = {"0.0.0.0", "127.0.0.1", "::", "::1", "0:0:0:0:0:0:0:0"}
 # names on the usual preamble lines of a hosts file (`127.0.0.1 localhost`, `ff02::1 ip6-allnodes` ...)
@@ -515,7 +515,7 @@ def shipped_dir() -> Path | None:
     """Where the shipped lists are: $SINKHOLE_BLOCKLISTS, the source tree, or <prefix>/share."""
     env = os.environ.get("SINKHOLE_BLOCKLISTS")
     candidates = [Path(env)] if env else []
-    candidates += [Path(__file__).resolve().parent.parent / "blocklists",
+    candidates += [Path(__file__).resolve().parents[2] / "blocklists",
                    Path(sys.prefix) / "share" / "sinkhole" / "blocklists"]
     for c in candidates:
         if c.is_dir() and any(c.glob("*.txt")):

@@ -11,7 +11,7 @@ import struct
 import termios
 
 from sinkhole import logthrottle
-from sinkhole.pipeline import Pending, Pipeline
+from sinkhole.dns.pipeline import Pending, Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def bind_pair(host: str, port: int) -> Bound:
 
 def bind_all(addresses: list[tuple[str, int]]) -> tuple[list[Bound], bool]:
     """systemd's sockets when socket-activated (whatever `addresses` says), else ours; True when systemd's."""
-    from sinkhole import systemd
+    from sinkhole.service import systemd
 
     passed = systemd.listen_sockets()
     if passed:

@@ -13,7 +13,7 @@
   transaction; the server's reloader puts them in force. A primary that cannot be reached, or a zone
   that cannot be applied, leaves the rules in force as they were.
 
-The one home of zone transfers; like upstream.py, it speaks dnspython.
+The one home of zone transfers; like dns/upstream.py, it speaks dnspython.
 """
 
 from __future__ import annotations
@@ -49,15 +49,15 @@ import dns.versioned
 import dns.xfr
 
 from sinkhole import logthrottle
-from sinkhole.answer import AnswerConfig
-from sinkhole.domains import client_address
+from sinkhole.dns.answer import AnswerConfig
+from sinkhole.dns.listener import ConnectionSlots, close_now, drain_within
 from sinkhole.errors import ConfigError, ListFormatError, SinkholeError
-from sinkhole.listener import ConnectionSlots, close_now, drain_within
-from sinkhole.policy import Policy, is_regex
+from sinkhole.policy.decide import Policy, is_regex
+from sinkhole.policy.names import client_address
 
 if TYPE_CHECKING:
-    from sinkhole.config import ServeConfig
-    from sinkhole.store import Store
+    from sinkhole.service.config import ServeConfig
+    from sinkhole.store.db import Store
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def zone_name(text: str) -> dns.name.Name:
 
 def check_config(cfg: ServeConfig) -> None:
     """The RPZ settings of `cfg`, or ConfigError naming the bad one."""
-    from sinkhole.upstream import parse_hostport
+    from sinkhole.dns.upstream import parse_hostport
 
     zone_name(cfg.rpz_zone)
     parse_tsig(cfg.rpz_tsig)
@@ -353,7 +353,7 @@ class Endpoint:
     """The RPZ listener (`rpz_listen`): the primary's SOA/AXFR/IXFR, and NOTIFY for a secondary."""
 
     def __init__(self, cfg: ServeConfig, primary: Primary | None, secondary: Secondary | None) -> None:
-        from sinkhole.upstream import parse_hostport
+        from sinkhole.dns.upstream import parse_hostport
 
         self.host, self.port = parse_hostport(cfg.rpz_listen, 53)
         self.primary = primary
@@ -484,7 +484,7 @@ class Primary:
     """The zone in force and its recent differences; answers SOA, AXFR, IXFR; sends NOTIFY."""
 
     def __init__(self, cfg: ServeConfig) -> None:
-        from sinkhole.upstream import parse_hostport
+        from sinkhole.dns.upstream import parse_hostport
 
         self.cfg = cfg
         self.answers = cfg.answers()
@@ -678,7 +678,7 @@ class Secondary(threading.Thread):
     """Pulls the policy zone from `policy_from` and applies it as category `rpz:<zone>`."""
 
     def __init__(self, cfg: ServeConfig, db: Path) -> None:
-        from sinkhole.upstream import parse_hostport
+        from sinkhole.dns.upstream import parse_hostport
 
         super().__init__(name="rpz-secondary", daemon=True)
         self.cfg = cfg
@@ -775,9 +775,9 @@ class Secondary(threading.Thread):
 
     def apply(self, zone: dns.versioned.Zone) -> None:
         """Make the category hold exactly the zone's rules, in one transaction (nothing when equal)."""
-        from sinkhole import lists
-        from sinkhole.server import open_store
-        from sinkhole.store import Actor
+        from sinkhole.policy import lists
+        from sinkhole.service.server import open_store
+        from sinkhole.store.db import Actor
 
         soa = zone.get_rdataset(self.origin, dns.rdatatype.SOA)
         serial = soa[0].serial if soa else 0
@@ -809,8 +809,8 @@ class Secondary(threading.Thread):
 def bind(cfg: ServeConfig) -> tuple[socket.socket, socket.socket] | None:
     """The UDP and TCP sockets of rpz_listen (port 0: the same free port for both), bound before --user
     drops root so that the zone can be served on port 53; None when there is no rpz_listen."""
-    from sinkhole.listener import bind_pair
-    from sinkhole.upstream import parse_hostport
+    from sinkhole.dns.listener import bind_pair
+    from sinkhole.dns.upstream import parse_hostport
 
     if not cfg.rpz_listen:
         return None

@@ -19,7 +19,7 @@ import struct
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from sinkhole import codec
+from sinkhole.dns import codec
 from sinkhole.model import Query
 
 _RR = struct.Struct("!HHIH")

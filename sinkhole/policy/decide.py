@@ -18,8 +18,8 @@ from typing import Any
 
 import re2
 
-from sinkhole.domains import client_address
 from sinkhole.model import FORWARD, Action, Query, Rule, RuleKind, Verdict
+from sinkhole.policy.names import client_address
 
 # Names that browsers and operating systems ask to learn whether they may bypass this resolver.
 # Exact names, answered here whatever the rules say (unless an allow rule names them exactly).

@@ -23,14 +23,15 @@ from pathlib import Path
 
 import sqlite_utils
 
-from sinkhole import chain, files
-from sinkhole.domains import reverse_name
+from sinkhole import files
+from sinkhole.audit import chain
 from sinkhole.errors import ConfigError
 from sinkhole.model import RuleKind
-from sinkhole.policy import DEFAULT_GROUP, EVERYWHERE, GROUP_PREFIX, GroupSpec, Policy
+from sinkhole.policy.decide import DEFAULT_GROUP, EVERYWHERE, GROUP_PREFIX, GroupSpec, Policy
+from sinkhole.policy.names import reverse_name
 
 SCHEMA_VERSION = 5
-# 2: audit rows carry chain, link and mac (sinkhole.chain); 3: disabled categories;
+# 2: audit rows carry chain, link and mac (sinkhole.audit.chain); 3: disabled categories;
 # 4: audit grp/asked/list, client groups, list sources, journal link/mac;
 # 5: rules.expires_at (rules in force until then), access_requests (from the block page)
 Seed = tuple[str, list[tuple[str, str]], str]  # (category, [(domain, note)], source)
@@ -39,7 +40,7 @@ BUSY_TIMEOUT_S = 10.0
 # and those that change nothing in the policy; any other action makes it read the policy whole
 PATCHABLE = frozenset({"block add", "block remove", "allow add", "allow remove", "block expire", "allow expire"})
 NOT_POLICY = frozenset({"settings reload", "log prune",
-                        # the web console's accounts and logins (sinkhole.accounts)
+                        # the web console's accounts and logins (sinkhole.store.accounts)
                         "user add", "user passwd", "user role", "user remove", "user unlock",
                         "web login", "web logout", "web login failed", "web lockout"})
 PATCH_MAX = 50_000  # names: beyond this, reading the policy whole is as quick
@@ -71,7 +72,7 @@ AUDIT_COLUMNS = {
     "asked": str,  # the name as the client asked it: case kept, escaped like qname (version 4)
     "list": str,  # where the deciding rule came from: a list file or URL, or "cli" (version 4)
     "rname": str,  # qname with its labels reversed ("com.deepseek.chat"): indexed, for domain filters (4)
-    "chain": str,  # the writer's chain (sinkhole.chain); NULL on rows written before version 2
+    "chain": str,  # the writer's chain (sinkhole.audit.chain); NULL on rows written before version 2
     "link": int,  # the row's place in its chain: 0, 1, 2, ...
     "mac": str,  # hex HMAC-SHA256 over the previous row's mac and this row
 }
@@ -357,7 +358,7 @@ class Store:
 
     def _journal(self, actor: Actor, action: str, kind: str | None, category: str | None,
                  domains: list[str], detail: str = "") -> int:
-        """One journal entry, sealed into the journal chain (sinkhole.chain) in the caller's transaction."""
+        """One journal entry, sealed into the journal chain (sinkhole.audit.chain) in the caller's transaction."""
         cur = self.conn.execute(
             "INSERT INTO journal (time, user, sudo_user, host, command, action, kind, category, domains, detail)"
             " VALUES (?,?,?,?,?,?,?,?,?,?)",
@@ -791,7 +792,7 @@ class Store:
         """Delete audit rows older than `before` (ISO UTC), leaving checkpoints so that every chain verifies.
 
         Per chain, a prefix of links goes (links 0..F-1; a row newer than `before` ends it). First, in one short
-        transaction, a new chain of checkpoint rows (sinkhole.chain.checkpoint_rows; a key generation of its own)
+        transaction, a new chain of checkpoint rows (sinkhole.audit.chain.checkpoint_rows; a key generation of its own)
         records for each chain cut: F, the MAC of link F-1, how many rows and which times; checkpoints still needed
         from checkpoint rows being pruned are carried over, and the key generations of chains gone whole are
         summed up. Then the rows are deleted in transactions of `batch` rows, newest link first, with `pause`

@@ -13,7 +13,7 @@ The writer survives an unwritable database (locked for long, read-only, disk ful
 - `close()` flushes what can be flushed, but gives up after `final_retry` seconds of failed writes (or the
   close timeout) and counts the rest as dropped.
 
-Every row the writer stores, gap rows included, is sealed into the writer's chain (sinkhole.chain): one chain
+Every row the writer stores, gap rows included, is sealed into the writer's chain (sinkhole.audit.chain): one chain
 per writer and database file, started at the first write, so that several worker processes each keep their
 own verifiable chain. If the audit key cannot be taken, rows are still written, without a MAC (verify reports
 them), and a chain is tried again at most every `CHAIN_RETRY` seconds.
@@ -33,12 +33,12 @@ from collections.abc import Callable, Iterable
 from itertools import islice
 from pathlib import Path
 
-from sinkhole import codec
-from sinkhole.chain import Chain, default_key_path
-from sinkhole.domains import client_address, reverse_name
+from sinkhole.audit.chain import Chain, default_key_path
+from sinkhole.audit.shipping import Shipper
+from sinkhole.dns import codec
 from sinkhole.model import Action, AuditEvent
-from sinkhole.shipping import Shipper
-from sinkhole.store import AUDIT_INSERT, Seed, Store, iso
+from sinkhole.policy.names import client_address, reverse_name
+from sinkhole.store.db import AUDIT_INSERT, Seed, Store, iso
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ _NO_MAC = (None, None, None)
 
 
 def _shipped_seed() -> Iterable[Seed]:
-    from sinkhole import lists
+    from sinkhole.policy import lists
 
     return lists.seed()
 
@@ -126,7 +126,7 @@ class AuditLog:
                  key_path: str | Path | None = None, synchronous: str = "NORMAL",
                  client_prefix: tuple[int, int] | None = None, shipper: Shipper | None = None) -> None:
         self.db_path = Path(db_path)
-        self.shipper = shipper  # gets every batch right after it is committed (sinkhole.shipping)
+        self.shipper = shipper  # gets every batch right after it is committed (sinkhole.audit.shipping)
         self.synchronous = synchronous.upper()
         # privacy: store each client as its network (e.g. /24 and /56), never its address
         self.client_prefix = client_prefix

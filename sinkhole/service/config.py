@@ -19,13 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sinkhole import guard, rpz, shipping
-from sinkhole.answer import AnswerConfig
-from sinkhole.audit import MODES as LOG_MODES
-from sinkhole.cache import Cache
-from sinkhole.errors import ConfigError
-from sinkhole.store import MAX_RETENTION_DAYS
-from sinkhole.upstream import (
+from sinkhole.audit import shipping
+from sinkhole.audit.writer import MODES as LOG_MODES
+from sinkhole.dns import guard
+from sinkhole.dns.answer import AnswerConfig
+from sinkhole.dns.cache import Cache
+from sinkhole.dns.upstream import (
     STRATEGIES,
     Forwarder,
     Upstream,
@@ -35,6 +34,9 @@ from sinkhole.upstream import (
     system_upstreams,
     tls_context,
 )
+from sinkhole.errors import ConfigError
+from sinkhole.fleet import rpz
+from sinkhole.store.db import MAX_RETENTION_DAYS
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,7 @@ class ServeConfig:
     retention_days: int = 365  # audit rows older than this are pruned, leaving checkpoints (0: kept forever)
     prune_interval: float = 3600.0  # seconds between two prunes (and one at start)
     metrics: str = ""  # HOST:PORT serving Prometheus /metrics and /healthz; empty: off
-    # RPZ (sinkhole.rpz): the policy as a zone served to secondaries, or pulled from a primary
+    # RPZ (sinkhole.fleet.rpz): the policy as a zone served to secondaries, or pulled from a primary
     rpz_listen: str = ""  # HOST:PORT: serve the zone (SOA, AXFR, IXFR) and take NOTIFY here; "" off
     rpz_zone: str = "rpz.sinkhole."
     rpz_group: str = "default"  # whose policy the served zone holds

@@ -48,8 +48,8 @@ from datetime import datetime
 from pathlib import Path
 
 from sinkhole import files
-from sinkhole.domains import reverse_name
 from sinkhole.errors import ConfigError
+from sinkhole.policy.names import reverse_name
 
 EPOCH_ROWS = 1000  # the chain key evolves every this many rows of a chain
 PROGRESS_ROWS = 10_000  # rows walked between two progress reports of verify

@@ -31,8 +31,8 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 
-from sinkhole import codec
-from sinkhole.upstream import LATENCY_BUCKETS
+from sinkhole.dns import codec
+from sinkhole.dns.upstream import LATENCY_BUCKETS
 
 log = logging.getLogger(__name__)
 

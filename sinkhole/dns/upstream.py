@@ -36,10 +36,10 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from sinkhole import codec
-from sinkhole.domains import DomainError, SuffixTable, normalize
+from sinkhole.dns import codec
 from sinkhole.errors import ConfigError, UpstreamError
 from sinkhole.model import Query
+from sinkhole.policy.names import DomainError, SuffixTable, normalize
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ DOH_CONNECTIONS = 4  # HTTP connections per DoH upstream (HTTP/2 multiplexes man
 _LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9])?"
 _HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*$")
 _FAILURES = (TimeoutError, OSError, asyncio.IncompleteReadError, UpstreamError)
-# upper bounds (seconds) of the latency histogram buckets kept per upstream (sinkhole.metrics exports them)
+# upper bounds (seconds) of the latency histogram buckets kept per upstream (sinkhole.service.metrics exports them)
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import dns.message
 import dns.rdatatype
 
-from sinkhole import codec
-from sinkhole.audit import AuditLog
-from sinkhole.config import ServeConfig
-from sinkhole.pipeline import Pending, Pipeline
-from sinkhole.store import Store
-from sinkhole.upstream import Forwarder, Upstream
+from sinkhole.audit.writer import AuditLog
+from sinkhole.dns import codec
+from sinkhole.dns.pipeline import Pending, Pipeline
+from sinkhole.dns.upstream import Forwarder, Upstream
+from sinkhole.service.config import ServeConfig
+from sinkhole.store.db import Store
 
 
 def explain(store: Store, cfg: ServeConfig, name: str, qtype: str = "A", client: str = "127.0.0.1") -> dict:

@@ -14,16 +14,20 @@ from pathlib import Path
 
 import sqlite_utils
 
-from sinkhole import config, control, lists, logthrottle, privileges, rpz, shipping, systemd
-from sinkhole.answer import AnswerConfig
-from sinkhole.audit import AuditLog
-from sinkhole.config import ServeConfig
-from sinkhole.guard import Guard
-from sinkhole.listener import Listener, _Tasks, bind_all, close_all
-from sinkhole.pipeline import Pipeline
-from sinkhole.policy import Policy
-from sinkhole.store import Store, iso
-from sinkhole.upstream import Upstream
+from sinkhole import logthrottle
+from sinkhole.audit import shipping
+from sinkhole.audit.writer import AuditLog
+from sinkhole.dns.answer import AnswerConfig
+from sinkhole.dns.guard import Guard
+from sinkhole.dns.listener import Listener, _Tasks, bind_all, close_all
+from sinkhole.dns.pipeline import Pipeline
+from sinkhole.dns.upstream import Upstream
+from sinkhole.fleet import rpz
+from sinkhole.policy import lists
+from sinkhole.policy.decide import Policy
+from sinkhole.service import config, control, privileges, systemd
+from sinkhole.service.config import ServeConfig
+from sinkhole.store.db import Store, iso
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +110,7 @@ def expire_due_rules(store: Store) -> None:
     due = store.next_expiry()
     if due is None or due > now:
         return
-    from sinkhole.store import Actor
+    from sinkhole.store.db import Actor
 
     gone = store.expire_rules(now, Actor(command="sinkhole serve: rules past their expiry"))
     for kind, category, domain in gone:
@@ -270,7 +274,7 @@ class Server:
             self.blockpage.start()
             log.info("block page on %s (HTTP and HTTPS)", ", ".join(where(s) for s in self.blockpage_sockets))
         if self.web_sockets:
-            from sinkhole import metrics
+            from sinkhole.service import metrics
 
             self.console = start_console(self.cfg, self.db, self.web_sockets, web_tls,
                                          lambda: [metrics.snapshot(self)], lambda: metrics.problems(self))
@@ -284,7 +288,7 @@ class Server:
             return
         address = self.cfg.metrics_address()
         if address is not None:
-            from sinkhole import metrics
+            from sinkhole.service import metrics
 
             self.exporter = metrics.for_server(self, address)
         self.control = control.listen(self.db)
@@ -361,7 +365,7 @@ class Server:
     def _journal_settings(self, values: dict[str, str], why: str) -> None:
         """Settings applied by a reload go into the change journal like any policy change (who: the server's
         account; command: what asked for the reload)."""
-        from sinkhole.store import Actor
+        from sinkhole.store.db import Actor
 
         try:
             store = open_store(self.db, self.cfg.shipped_lists)
@@ -464,7 +468,7 @@ class Server:
 
 def bind_blockpage(cfg: ServeConfig) -> list:
     """The block page's listening sockets (systemd's, else bound now, before --user drops root); [] when off."""
-    from sinkhole.systemd import BLOCKPAGE, listen_sockets
+    from sinkhole.service.systemd import BLOCKPAGE, listen_sockets
     from sinkhole.web.limits import bind
 
     if not cfg.blockpage_listen:
@@ -503,7 +507,7 @@ def plan_reload(running: ServeConfig, new: ServeConfig) -> ReloadPlan:
 def bind_web(cfg: ServeConfig) -> list:
     """The web console's listening sockets (systemd's, named `web`, else bound now, before --user drops root);
     [] when web_listen is off."""
-    from sinkhole.systemd import WEB, listen_sockets
+    from sinkhole.service.systemd import WEB, listen_sockets
     from sinkhole.web.limits import bind
 
     if not cfg.web_listen:
@@ -560,7 +564,7 @@ def run(cfg: ServeConfig, db: Path, reload: Callable[[], ServeConfig] | None = N
     logthrottle.install(cfg.log_repeat_interval)  # on the handler `serve` set up, whatever its formatter
     workers = cfg.workers or os.cpu_count() or 1
     if workers > 1:
-        from sinkhole.workers import Supervisor
+        from sinkhole.service.workers import Supervisor
 
         return Supervisor(cfg, db, workers, reload).run()
     try:

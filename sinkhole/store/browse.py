@@ -22,9 +22,9 @@ import sqlite3
 import time
 from dataclasses import dataclass, field
 
-from sinkhole.domains import reverse_name
 from sinkhole.operations import LogFilter
-from sinkhole.store import Store, client_prefix
+from sinkhole.policy.names import reverse_name
+from sinkhole.store.db import Store, client_prefix
 
 NARROW = 20_000  # rows a name or network may match to be fetched through its own index and sorted
 WINDOW = 20_000  # rows of the ordered index per window of a scan, to start with
@@ -149,7 +149,7 @@ def _scan(store: Store, index: str, conds: list[str], args: dict, f: LogFilter, 
 def log_row(store: Store, seq: int) -> dict | None:
     """One audit row with what explains it: the rule as it stands now (source, note, who added it and when),
     the journal entry in force when it was written, and its place in its chain (chain, link, key epoch)."""
-    from sinkhole import chain as chains
+    from sinkhole.audit import chain as chains
 
     cur = store.conn.execute("SELECT * FROM audit WHERE seq = ?", (seq,))
     names = [d[0] for d in cur.description]

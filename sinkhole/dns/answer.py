@@ -6,9 +6,9 @@ import ipaddress
 import struct
 from dataclasses import dataclass
 
-from sinkhole import codec
-from sinkhole.domains import is_subdomain
+from sinkhole.dns import codec
 from sinkhole.model import Query, Rule
+from sinkhole.policy.names import is_subdomain
 
 EDE_BLOCKED = 15  # RFC 8914
 EDE_NO_REACHABLE_AUTHORITY = 22

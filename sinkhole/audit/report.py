@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from sinkhole import __version__
-from sinkhole.store import Store
+from sinkhole.store.db import Store
 
 
 @dataclass(frozen=True)
@@ -25,10 +25,10 @@ class ChainStatus:
 
 
 def chain_status(store: Store, key_file: Path | None, server_key: Path | None) -> ChainStatus:
-    """Run sinkhole.chain.verify with the operator's key copy, as `sinkhole log verify` does."""
+    """Run sinkhole.audit.chain.verify with the operator's key copy, as `sinkhole log verify` does."""
     if key_file is None:
         return ChainStatus("not verified", "not verified: no operator key given (--key-file)")
-    from sinkhole import chain
+    from sinkhole.audit import chain
 
     generation, secret = chain.read_key(key_file)  # AuditKeyError (a usage error) when unreadable
     current: tuple[int, bytes] | None = None
