@@ -22,9 +22,9 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 ## systemd-test: as root, a Debian 12 container booted by systemd-nspawn: make install, then the units under a
-## real systemd (tests/test_systemd_container.py); the image is cached in /var/cache/sinkhole-systemd-test
+## real systemd (tests/service/test_systemd_container.py); the image is cached in /var/cache/sinkhole-systemd-test
 systemd-test: $(STAMP)
-	$(BIN)/python -m pytest -q -s -m container -o timeout=900 tests/test_systemd_container.py $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -s -m container -o timeout=900 tests/service/test_systemd_container.py $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check sinkhole tests

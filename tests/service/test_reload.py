@@ -18,7 +18,7 @@ import pytest
 
 from sinkhole.service import control
 from tests.conftest import wait_for
-from tests.test_config_cli import journal_entries
+from tests.service.test_config_cli import journal_entries
 
 EXE = shutil.which("sinkhole", path=str(Path(sys.executable).parent)) or "sinkhole"
 

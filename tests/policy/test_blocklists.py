@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 
@@ -11,9 +10,8 @@ from sinkhole.errors import ListFormatError
 from sinkhole.model import RuleKind
 from sinkhole.policy import lists
 from sinkhole.service.server import open_store
-from tests.conftest import ask
+from tests.conftest import ROOT, ask
 
-ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = sorted((ROOT / "blocklists").glob("*.txt"))
 README = (ROOT / "blocklists" / "README.md").read_text(encoding="utf-8")
 

@@ -21,9 +21,7 @@ from click.testing import CliRunner, Result
 from sinkhole.cli import cli, histogram
 from sinkhole.policy.names import reverse_name
 from sinkhole.store.db import Store, client_prefix, iso
-from tests.conftest import ask, audit_rows, wait_for
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import ROOT, ask, audit_rows, wait_for
 
 
 def run(db: Path, *args: str, env: dict[str, str] | None = None) -> Result:

@@ -16,8 +16,8 @@ from sinkhole.model import RuleKind
 from sinkhole.store.db import Store
 from tests.conftest import free_ports, wait_for
 from tests.dnsstub import address_for
+from tests.fleet.test_rpz import run
 from tests.resolvers import ResolverProcess
-from tests.test_rpz import run
 
 UNBOUND = shutil.which("unbound") or shutil.which("unbound", path="/usr/sbin:/sbin")
 ZONE = "rpz.sinkhole."

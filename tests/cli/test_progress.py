@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from sinkhole.store.db import STATS_QUERIES, Store
+from tests.audit.test_data_faults import event
 from tests.conftest import operator_key  # noqa: F401  (a fixture)
-from tests.test_data_faults import event
 
 EXE = shutil.which("sinkhole", path=str(Path(sys.executable).parent)) or "sinkhole"
 BAR = re.compile(r"(?P<label>[\w: -]+?)  \[[#-]{24}\]  (?P<done>\d+)/(?P<total>\d+)\s+(?P<pct>\d+)%"

@@ -388,7 +388,7 @@ def test_dashboard_figures(console, db: Path) -> None:
 
 
 def test_lists_imported_from_a_url_and_updated_over_the_api(console, db: Path) -> None:
-    from tests.test_lists import ListServer
+    from tests.policy.test_lists import ListServer
 
     lists = ListServer()
     try:

@@ -247,7 +247,7 @@ def test_rows_from_before_the_chain_are_reported_as_such(db, make_server, stub, 
 
 def test_gap_rows_are_chained(tmp_path):
     from sinkhole.audit.writer import AuditLog
-    from tests.test_data_faults import event
+    from tests.audit.test_data_faults import event
 
     db = tmp_path / "a.db"
     out = tmp_path / "op.key"
@@ -275,7 +275,7 @@ def test_verify_usage_errors_are_one_line(db, logged, tmp_path):
 
 def test_a_chain_past_several_key_epochs_verifies_and_an_edit_there_is_found(tmp_path):
     from sinkhole.audit.writer import AuditLog
-    from tests.test_data_faults import event
+    from tests.audit.test_data_faults import event
 
     db = tmp_path / "a.db"
     out = tmp_path / "op.key"

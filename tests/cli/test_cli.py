@@ -29,9 +29,8 @@ from sinkhole.cli import cli
 from sinkhole.model import RuleKind
 from sinkhole.service.server import open_store
 from sinkhole.store.db import Store, iso
-from tests.conftest import ask, query, wait_for
+from tests.conftest import ROOT, ask, query, wait_for
 
-ROOT = Path(__file__).resolve().parent.parent
 SINKHOLE = shutil.which("sinkhole", path=str(Path(sys.executable).parent))
 RULE_COLUMNS = ["domain", "category", "source", "added_at", "added_by", "expires_at", "note"]
 SEED_LIST = "# category: seeded\n# title: a known seed for the CLI tests\n\nseeded.example    # from the test seed\n"

@@ -24,8 +24,8 @@ import pytest
 from sinkhole.errors import ConfigError
 from sinkhole.service import systemd
 from sinkhole.service.privileges import drop_to
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "systemd"
 IS_ROOT = os.geteuid() == 0
 

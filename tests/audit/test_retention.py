@@ -13,8 +13,8 @@ from click.testing import CliRunner, Result
 from sinkhole.audit.writer import AuditLog
 from sinkhole.cli import cli
 from sinkhole.service.server import open_store
+from tests.audit.test_data_faults import event
 from tests.conftest import ask, select, sql, wait_for
-from tests.test_data_faults import event
 
 DAY = 86400.0
 
@@ -61,7 +61,7 @@ class _Clock:
 @pytest.fixture
 def operator_key(operator_key: Path, db: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """conftest's, then the first start (shipped lists, journaled) 600 days ago: the chains below hold rows from
-    500 days ago, which a database made today cannot (log verify says so: tests/test_chain_times.py)."""
+    500 days ago, which a database made today cannot (log verify says so: tests/audit/test_chain_times.py)."""
     import sinkhole.store.db
 
     with monkeypatch.context() as m:

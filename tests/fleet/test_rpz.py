@@ -189,7 +189,7 @@ def test_axfr_from_an_allowed_address_holds_the_policy(primary, db):
 
 def test_axfr_from_an_address_not_listed_is_refused(primary):
     server = primary(rpz_secondaries=("10.0.0.0/8",))
-    with pytest.raises((EOFError, ConnectionError)):  # over TCP: closed as accepted (tests/test_rpz_abuse.py)
+    with pytest.raises((EOFError, ConnectionError)):  # over TCP: closed as accepted (tests/fleet/test_rpz_abuse.py)
         axfr(rpz_port(server))
     q = dns.message.make_query(ZONE, "AXFR")
     r = dns.query.udp(q, "127.0.0.1", port=rpz_port(server), timeout=3)

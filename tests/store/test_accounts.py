@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 
 from sinkhole.store.db import Store
+from tests.cli.test_cli import SINKHOLE, one_line_error, os_user, run
 from tests.conftest import query, wait_for
-from tests.test_cli import SINKHOLE, one_line_error, os_user, run
 
 GOOD = "a long enough password"
 

@@ -19,7 +19,7 @@ import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
 
 from tests.conftest import RunningServer, audit_rows, query, wait_for
-from tests.test_console_api import PASSWORDS, ROLES, add_user, base_url, cli_ok
+from tests.web.test_console_api import PASSWORDS, ROLES, add_user, base_url, cli_ok
 
 
 @pytest.fixture(scope="module")

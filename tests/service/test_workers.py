@@ -15,9 +15,9 @@ from pathlib import Path
 import dns.message
 import dns.query
 
+from tests.audit.test_writer import burst
 from tests.conftest import wait_for
 from tests.dnsstub import address_for
-from tests.test_audit import burst
 
 
 def children(pid: int) -> list[int]:

@@ -2,7 +2,7 @@
 
 The unit sets MemoryDenyWriteExecute=yes; here the kernel's own switch (PR_SET_MDWE, Linux 6.3) stands in
 for it, so that the normal suite catches a dependency that needs W+X memory (an old-style cffi callback,
-a JIT). The probe under the unit's real sandbox, inside systemd, is in tests/test_systemd_container.py.
+a JIT). The probe under the unit's real sandbox, inside systemd, is in tests/service/test_systemd_container.py.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-PROBE = Path(__file__).with_name("sandbox_probe.py")
+from tests.conftest import ROOT
+
+PROBE = ROOT / "tests" / "service" / "sandbox_probe.py"
 
 # PR_SET_MDWE = 65, PR_MDWE_REFUSE_EXEC_GAIN = 1: kept across exec, as systemd's setting is for the service
 MDWE_LAUNCHER = textwrap.dedent("""

@@ -1,12 +1,15 @@
 """Import every runtime dependency of sinkhole and exercise its native parts; print what worked as JSON.
 
 Run by the Python of an installed sinkhole, in the unit's sandbox (`systemd-run -p MemoryDenyWriteExecute=yes
--p SystemCallFilter=@system-service ...`, tests/test_systemd_container.py) and outside it, or under the
-kernel's PR_SET_MDWE (tests/test_sandbox.py): the two reports must be the same, so that a dependency
+-p SystemCallFilter=@system-service ...`, tests/service/test_systemd_container.py) and outside it, or under the
+kernel's PR_SET_MDWE (tests/service/test_sandbox.py): the two reports must be the same, so that a dependency
 that breaks under the sandbox (an old-style cffi callback, a JIT, a library mapping memory writable and
 executable) is caught before an agency installs it. Stdlib only, besides the packages it probes.
 
     python sandbox_probe.py [--skip-imports]   # one JSON object on stdout; exit 0 unless an exercise failed
+
+It lives in tests/service/, not in tests/: run as a script, its own folder comes first on sys.path, and there
+tests/dns/ would be imported as dnspython's `dns`.
 """
 
 from __future__ import annotations

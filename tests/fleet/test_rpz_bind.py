@@ -26,10 +26,10 @@ import pytest
 
 from sinkhole.model import RuleKind
 from sinkhole.store.db import Store
-from tests.conftest import free_ports, wait_for
+from tests.conftest import ROOT, free_ports, wait_for
 from tests.dnsstub import address_for
+from tests.fleet.test_rpz import run
 from tests.resolvers import ResolverProcess
-from tests.test_rpz import run
 
 NAMED = shutil.which("named") or shutil.which("named", path="/usr/sbin:/sbin")
 CHECKCONF = shutil.which("named-checkconf") or shutil.which("named-checkconf", path="/usr/bin:/usr/sbin:/sbin")
@@ -123,7 +123,7 @@ def test_bind_applies_block_add_and_remove_within_seconds(server_process, stub, 
 @pytest.mark.skipif(CHECKCONF is None, reason="named-checkconf not installed (bind9-utils)")
 def test_the_readmes_bind_snippet_is_a_valid_named_conf(tmp_path):
     """What an operator copies from the README passes named-checkconf (with a real secret in place)."""
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
     start = readme.index('    key "xfr-key"')
     lines = []
     for line in readme[start:].splitlines():

@@ -239,7 +239,7 @@ def sandbox_properties(box: Container) -> list[str]:
 
 
 def test_every_dependency_works_inside_the_units_sandbox(box: Container) -> None:
-    probe = box.run("cat", "/root/sinkhole/tests/sandbox_probe.py").stdout
+    probe = box.run("cat", "/root/sinkhole/tests/service/sandbox_probe.py").stdout
     props = sandbox_properties(box)
     assert "--property=MemoryDenyWriteExecute=yes" in props
     assert "--property=SystemCallFilter=@system-service" in props

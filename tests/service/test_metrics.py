@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sinkhole.dns.upstream import LATENCY_BUCKETS
 from sinkhole.service import metrics
 from tests.conftest import ROOT, ask, audit_rows, wait_for
-from tests.test_workers import children
+from tests.service.test_workers import children
 
 
 def get(port: int, path: str) -> tuple[int, str]:

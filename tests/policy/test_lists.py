@@ -27,9 +27,6 @@ from sinkhole.policy import fetch, lists
 from tests.conftest import ask, query, wait_for
 from tests.dnsstub import address_for
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
 # ---------------------------------------------------------------------------- helpers
 
 

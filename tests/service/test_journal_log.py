@@ -3,7 +3,7 @@ stderr to it, and stay plain lines with a time stamp elsewhere.
 
 systemd sets JOURNAL_STREAM=DEVICE:INODE of the stream it connected; here a pipe stands in for journald's
 socket, and its device and inode go into JOURNAL_STREAM the same way. Reading a real journal is in
-tests/test_systemd_container.py (`make systemd-test`).
+tests/service/test_systemd_container.py (`make systemd-test`).
 """
 
 from __future__ import annotations

@@ -208,7 +208,7 @@ def test_forwards_in_flight_are_bounded(make_server):
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             first = pool.submit(one, "a.example.test", "127.0.0.1")
             time.sleep(0.2)  # the first is waiting on the dead upstream now
-            # another network's client, under its own share (one client's share: tests/test_fairness.py)
+            # another network's client, under its own share (one client's share: tests/dns/test_fairness.py)
             second = pool.submit(one, "b.example.test", "127.0.1.2")
             (c1, t1), (c2, t2) = first.result(), second.result()
         assert c1 == c2 == dns.rcode.SERVFAIL

@@ -40,7 +40,7 @@ def test_client_outside_allow_list_is_refused_and_nothing_forwarded(make_server,
     for name in ("www.example.test", "chat.deepseek.com"):
         r = ask(s, name)
         assert r.rcode() == dns.rcode.REFUSED and r.answer == []
-        with pytest.raises((EOFError, ConnectionError)):  # over TCP: closed as accepted (tests/test_tcp_abuse.py)
+        with pytest.raises((EOFError, ConnectionError)):  # over TCP: closed as accepted (tests/dns/test_tcp_abuse.py)
             ask(s, name, tcp=True)
     garbage = dns.message.make_query("www.example.test", "A").to_wire()[:14]
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
@@ -54,7 +54,7 @@ def test_client_outside_allow_list_is_refused_and_nothing_forwarded(make_server,
 
     actions = [r[0] for r in sqlite3.connect(db).execute("SELECT action FROM audit")]
     assert actions.count("refused") == 3
-    # that the server's log says so once per interval: tests/test_logthrottle.py
+    # that the server's log says so once per interval: tests/service/test_logthrottle.py
 
 
 # ---------------------------------------------------------------------------- rate limits
