@@ -24,7 +24,8 @@ class ListFormatError(SinkholeError):
 
 
 class DecodeError(SinkholeError):
-    """A packet is not a DNS message we can answer (answered with FORMERR)."""
+    """A packet that is not a DNS query we can answer normally: dropped (codec.Drop) or answered with an error
+    rcode (codec.BadQuery: FORMERR, NOTIMP, NOTAUTH, BADVERS)."""
 
 
 class UpstreamError(SinkholeError):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from sinkhole.errors import ConfigError, DomainError, ListFormatError
 from sinkhole.model import Action, RuleKind
-from sinkhole.policy.names import is_ip_address, normalize
+from sinkhole.policy.names import is_ip_address, is_regex, normalize
 from sinkhole.progress import Progress
 from sinkhole.store.db import Actor, Store, iso_dt
 
@@ -93,7 +93,7 @@ def check_category(value: str | None, field: str = "category") -> str | None:
 def rule_targets(names: Iterable[str], networks: bool = False) -> list[str]:
     """Normalized names, and `/pattern/` regular expressions; with `networks`, an IP network (CIDR) is
     taken too: a block rule on a network blocks forwarded answers that hold an address in it."""
-    from sinkhole.policy.lists import is_regex, regex_rule
+    from sinkhole.policy.lists import regex_rule
 
     out = []
     for n in names:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import dnslib
 
+from sinkhole.errors import DecodeError
 from sinkhole.model import MAX_UDP, Edns, Query
 
 # Header flag bits
@@ -47,11 +48,11 @@ _PLAIN_LABEL = re.compile(rb"[a-z0-9_-]+\Z")
 _PLAIN_NAME = re.compile(r"[a-z0-9_-]+(?:\.[a-z0-9_-]+)*\Z")
 
 
-class Drop(Exception):
+class Drop(DecodeError):
     """The packet deserves no answer at all (too short to carry an ID, or itself a response)."""
 
 
-class BadQuery(Exception):
+class BadQuery(DecodeError):
     """The packet is a query we answer with an error rcode; carries what is needed to echo."""
 
     def __init__(self, rcode: int, reason: str, qid: int, flags: int, question: bytes = b"",
@@ -394,7 +395,7 @@ _DENIAL_TYPES = frozenset({T_NSEC, T_NSEC3})
 _HINT_SIZES = {4: 4, 6: 16}  # SvcParamKey ipv4hint, ipv6hint: the size of one address
 
 
-class Malformed(Exception):
+class Malformed(DecodeError):
     """An upstream reply that cannot be read record by record: never relayed (the client gets SERVFAIL)."""
 
 

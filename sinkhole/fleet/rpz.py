@@ -52,8 +52,8 @@ from sinkhole import logthrottle
 from sinkhole.dns.answer import AnswerConfig
 from sinkhole.dns.listener import ConnectionSlots, close_now, drain_within
 from sinkhole.errors import ConfigError, ListFormatError, SinkholeError
-from sinkhole.policy.decide import Policy, is_regex
-from sinkhole.policy.names import client_address
+from sinkhole.policy.decide import Policy
+from sinkhole.policy.names import client_address, is_regex
 
 if TYPE_CHECKING:
     from sinkhole.service.config import ServeConfig

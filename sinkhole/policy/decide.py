@@ -19,7 +19,7 @@ from typing import Any
 import re2
 
 from sinkhole.model import FORWARD, Action, Query, Rule, RuleKind, Verdict
-from sinkhole.policy.names import client_address
+from sinkhole.policy.names import client_address, is_regex
 
 # Names that browsers and operating systems ask to learn whether they may bypass this resolver.
 # Exact names, answered here whatever the rules say (unless an allow rule names them exactly).
@@ -38,11 +38,6 @@ log = logging.getLogger(__name__)
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Entry = tuple[RuleKind, str, str | None]  # (kind, category, list it came from)
-
-
-def is_regex(domain: str) -> bool:
-    """A `/pattern/` rule: matched as a regular expression (RE2, search) against the whole name."""
-    return len(domain) > 2 and domain[0] == "/" and domain[-1] == "/"
 
 
 _RE2_OPTIONS = re2.Options()
@@ -167,12 +162,19 @@ class Policy:
                 if "/" in domain:
                     if is_regex(domain):  # checked when it was stored; a bad one is skipped, never fatal here
                         try:
+                            if len(domain) == 2:  # `//`: no pattern, which would match every name
+                                raise ValueError("an empty pattern")
                             regexes.append((compile_regex(domain[1:-1]), entry, domain))
-                        except ValueError as exc:  # stored before RE2 checked them (Python's re did)
+                        except ValueError as exc:  # stored before RE2 checked them (Python's re did), or by hand
                             log.warning("regex rule %s (category %s) left out of the policy: %s", domain, key[1], exc)
                             continue
                     elif not allow:  # a network: answers holding an address in it are blocked
-                        self.ip_rules.append((ipaddress.ip_network(domain, strict=False), key[1], key[2]))
+                        try:
+                            self.ip_rules.append((ipaddress.ip_network(domain, strict=False), key[1], key[2]))
+                        except ValueError:  # written into the database by other means than sinkhole's
+                            log.warning("rule %s (category %s) left out of the policy: neither a name, a /regex/ nor "
+                                        "a network", domain, key[1])
+                            continue
                     else:
                         continue
                     counts[allow] += 1

@@ -20,7 +20,7 @@ import dns.ttl
 
 from sinkhole.errors import DomainError, ListFormatError
 from sinkhole.policy.decide import compile_regex
-from sinkhole.policy.names import is_ip_address, normalize
+from sinkhole.policy.names import is_ip_address, is_regex, normalize
 
 HOSTS_SINKS = {"0.0.0.0", "127.0.0.1", "::", "::1", "0:0:0:0:0:0:0:0"}
 # names on the usual preamble lines of a hosts file (`127.0.0.1 localhost`, `ff02::1 ip6-allnodes` ...)
@@ -57,11 +57,6 @@ class BlockList:
     @property
     def default_on(self) -> bool:
         return self.headers.get("default", "on").lower() not in ("off", "no", "false")
-
-
-def is_regex(domain: str) -> bool:
-    """A rule's domain column holding `/pattern/` is a regular-expression rule."""
-    return len(domain) >= 2 and domain[0] == "/" and domain[-1] == "/"
 
 
 def regex_rule(text: str) -> str:

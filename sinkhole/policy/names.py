@@ -16,6 +16,13 @@ _DOTS = str.maketrans(  # ideographic and full-width dots separate labels too (U
     {"\u3002": ".", "\uff0e": ".", "\uff61": "."})
 
 
+def is_regex(text: str) -> bool:
+    """Text shaped as a `/pattern/` rule (a regular expression, matched with RE2 against the whole name). `//`
+    is regex-shaped but has no pattern: lists and the CLI refuse it (policy.lists.regex_rule), and a policy
+    leaves one out that was stored by other means."""
+    return len(text) >= 2 and text[0] == "/" and text[-1] == "/"
+
+
 def normalize(name: str) -> str:
     """Return `name` in the canonical form used by rules and lookups, or raise DomainError.
 

@@ -25,6 +25,7 @@ from collections import OrderedDict
 
 import argon2
 
+from sinkhole.errors import ConfigError
 from sinkhole.web.limits import lower_priority
 
 COOKIE = "sinkhole_session"
@@ -42,7 +43,7 @@ _pool_lock = threading.Lock()
 _dummy: str | None = None
 
 
-class PasswordError(ValueError):
+class PasswordError(ConfigError):
     """A new password that cannot be used (too short, too long)."""
 
 

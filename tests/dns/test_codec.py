@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sinkhole.dns import codec
+from sinkhole.errors import DecodeError, SinkholeError
 
 
 def test_decode_keeps_question_bytes_and_normalizes_name():
@@ -74,6 +75,14 @@ def test_mutated_real_queries_never_raise_anything_else(data):
             assert reply[:2] == bytes(wire[:2]) and reply[2] & 0x80
         return
     assert all("." not in label.replace("\\046", "") for label in d.labels)
+
+
+def test_codec_errors_share_the_one_root():
+    """Drop, BadQuery and Malformed are DecodeErrors, and so SinkholeErrors, like every error raised on purpose."""
+    for cls in (codec.Drop, codec.BadQuery, codec.Malformed):
+        assert issubclass(cls, DecodeError) and issubclass(cls, SinkholeError)
+    with pytest.raises(DecodeError):
+        codec.decode_query(b"\x00\x01")
 
 
 @pytest.mark.parametrize("qtype,name", [(1, "A"), (65, "HTTPS"), (64999, "TYPE64999")])

@@ -67,3 +67,18 @@ def test_a_patched_policy_equals_one_built_whole():
     # a category this policy has no rules in, a regex or a network: read whole instead
     assert p.patched({"z.example"}, [("z.example", "block", "newcat", "cli")], 10) is None
     assert p.patched({"/^a/"}, [("/^a/", "block", "manual", "cli")], 10) is None
+
+
+def test_a_stored_empty_regex_or_bad_network_is_left_out_not_fatal(caplog):
+    """`//` and `x/y` can only reach the database by hand (lists and the CLI refuse them): the policy still
+    loads, blocks nothing more for them (an empty pattern would match every name), and says what it left out."""
+    with caplog.at_level("WARNING", logger="sinkhole.policy.decide"):
+        p = Policy([("//", "block", "manual"), ("x/y", "block", "manual"), ("/^chat\\./", "block", "manual"),
+                    ("deepseek.com", "block", "manual")], version=2)
+    assert p.decide_name("chat.example").action is Action.BLOCKED  # the good regex still works
+    assert p.decide_name("www.example").action is Action.FORWARDED  # `//` did not block everything
+    assert p.decide_name("deepseek.com").action is Action.BLOCKED
+    assert p.blocks == 2
+    left_out = [r.getMessage() for r in caplog.records]
+    assert any("// " in m and "empty pattern" in m for m in left_out)
+    assert any("x/y" in m for m in left_out)

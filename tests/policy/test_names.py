@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sinkhole.errors import DomainError
-from sinkhole.policy.names import SuffixTable, is_subdomain, normalize
+from sinkhole.policy.names import SuffixTable, is_regex, is_subdomain, normalize
 
 
 @pytest.mark.parametrize("raw,expected", [
@@ -63,3 +63,13 @@ def test_lookup_agrees_with_is_subdomain(rule_labels, name_labels):
 def test_lookup_name_agrees_with_lookup_by_labels(rule_labels, name_labels):
     t = SuffixTable({".".join(rule_labels): 1, "com": 2})
     assert t.lookup_name(".".join(name_labels)) == t.lookup(tuple(name_labels))
+
+
+@pytest.mark.parametrize("text,regex", [
+    ("/", False), ("//", True), ("/a/", True), ("/x+\\.example/", True), ("a/", False), ("/a", False),
+    ("10.0.0.0/8", False), ("", False),
+])
+def test_is_regex_is_the_one_shape_of_a_regex_rule(text, regex):
+    """One rule for lists, the CLI, the policy and RPZ export: `//` is regex-shaped (and then refused for its
+    empty pattern), never taken for a name or a network."""
+    assert is_regex(text) is regex
