@@ -217,12 +217,7 @@ class AuditLog:
         qtype = _QTYPES.get(e.qtype)
         if qtype is None:  # a str (an HTTP method) stands for itself
             qtype = _QTYPES.setdefault(e.qtype, e.qtype if isinstance(e.qtype, str) else codec.qtype_name(e.qtype))
-        asked = None
-        wire = e.wire
-        if wire is not None:
-            tail = wire[12:]
-            # a question without capitals (the usual case) was asked as the normalized name: no decoding
-            asked = e.qname if tail.lower() == tail and "\\" not in e.qname else codec.asked_name(wire)
+        asked = None if e.wire is None else codec.asked_name(e.wire, e.qname)
         client = e.client
         if self.client_prefix is not None:
             client = self._truncated(client)

@@ -15,15 +15,12 @@ succeeds replaces it.
 
 from __future__ import annotations
 
-import struct
 from collections import OrderedDict
 from dataclasses import dataclass
 
 from sinkhole.dns import codec
 from sinkhole.model import Query
 
-_RR = struct.Struct("!HHIH")
-_TTL = struct.Struct("!I")
 STALE_TTL = 30  # RFC 8767 section 4: the TTL of a stale answer
 EDE_STALE = 3  # RFC 8914: Stale Answer
 
@@ -46,44 +43,6 @@ def key_of(query: Query) -> bytes:
     flags = (1 if query.edns is not None else 0) | (2 if query.edns and query.edns.do else 0) | (
         4 if query.flags & codec.CD else 0) | (8 if query.flags & codec.RD else 0)
     return q[:-4].lower() + q[-4:] + bytes([flags])
-
-
-def _skip_name(wire: bytes, pos: int) -> int:
-    while True:
-        length = wire[pos]
-        if length == 0:
-            return pos + 1
-        if length & 0xC0 == 0xC0:
-            return pos + 2
-        pos += 1 + length
-
-
-def scan(wire: bytes, qlen: int) -> tuple[list[int], list[int], int | None, bool, int]:
-    """TTL offsets and values of every record but OPT; the negative TTL (SOA) if any; answers present;
-    where the OPT record starts if it is the last one (-1: no OPT; -2: an OPT before other records)."""
-    _, _, _, ancount, nscount, arcount = struct.unpack_from("!HHHHHH", wire)
-    pos = 12 + qlen
-    offsets, ttls = [], []
-    negative_ttl = None
-    opt_at = -1
-    total = ancount + nscount + arcount
-    for i in range(total):
-        start = pos
-        pos = _skip_name(wire, pos)
-        rtype, _, ttl, rdlen = _RR.unpack_from(wire, pos)
-        if rtype == codec.T_OPT:
-            opt_at = start if i == total - 1 else -2
-        else:
-            offsets.append(pos + 4)
-            ttls.append(ttl)
-            if rtype == codec.T_SOA and ancount <= i < ancount + nscount and rdlen >= 22:
-                rdata = pos + 10
-                minimum = _TTL.unpack_from(wire, rdata + rdlen - 4)[0]
-                negative_ttl = min(ttl, minimum)
-        pos += 10 + rdlen
-    if pos > len(wire):
-        raise ValueError("records run past the end")
-    return offsets, ttls, negative_ttl, ancount > 0, opt_at
 
 
 class Cache:
@@ -136,8 +95,7 @@ class Cache:
         out = codec.for_client(entry.wire, entry.qlen, query)
         elapsed = int(now - entry.stored)
         if elapsed:
-            for off, ttl in zip(entry.ttl_offsets, entry.ttls, strict=True):
-                _TTL.pack_into(out, off, max(0, ttl - elapsed))
+            codec.set_ttls(out, entry.ttl_offsets, entry.ttls, elapsed)
         return bytes(out)
 
     def stale(self, key: bytes, query: Query, now: float) -> bytes | None:
@@ -152,28 +110,21 @@ class Cache:
             return None
         self.stale_served += 1
         out = bytearray(self.render(entry, query, entry.stored))
-        for off in entry.ttl_offsets:
-            _TTL.pack_into(out, off, STALE_TTL)
+        codec.set_ttls(out, entry.ttl_offsets, None, STALE_TTL)
         if query.edns is not None and entry.opt_at != -2:  # our OPT, with the EDE, in place of the upstream's
-            rcode = out[3] & 0xF
-            if entry.opt_at >= 0:
-                del out[entry.opt_at:]
-            else:
-                struct.pack_into("!H", out, 10, struct.unpack_from("!H", out, 10)[0] + 1)
-            out += codec.opt_record(query.edns, rcode, (EDE_STALE, "stale answer: no upstream answered"))
+            return codec.with_own_opt(out, entry.opt_at, query.edns, (EDE_STALE, "stale answer: no upstream answered"))
         return bytes(out)
 
     def put(self, key: bytes, query: Query, reply: bytes, now: float) -> None:
         """Store a validated upstream reply when it may be reused; anything odd is simply not cached."""
         if self.max_entries <= 0 or len(reply) < 12 + len(query.question):
             return
-        flags = reply[2] << 8 | reply[3]
-        rcode = flags & 0xF
-        if flags & codec.TC or rcode not in (codec.NOERROR, codec.NXDOMAIN):
+        rcode = codec.header_rcode(reply)
+        if codec.is_truncated(reply) or rcode not in (codec.NOERROR, codec.NXDOMAIN):
             return
         try:
-            offsets, ttls, negative_ttl, has_answer, opt_at = scan(reply, len(query.question))
-        except (IndexError, struct.error, ValueError):
+            offsets, ttls, negative_ttl, has_answer, opt_at = codec.scan_records(reply, len(query.question))
+        except codec.Malformed:
             return
         if has_answer and rcode == codec.NOERROR:
             ttl = min(ttls)

@@ -1,9 +1,10 @@
-"""Wire format: decode the header and question of a query by hand, encode replies.
+"""Wire format, the one place that parses or frames DNS messages: decode the header and question of a query
+by hand, encode replies, read upstream replies record by record, frame messages on streams (RFC 7766).
 
 The fast path never builds a full message object: a query is validated and cut into
 the parts the pipeline needs; replies are assembled from the client's own question
-bytes. dnslib is used where a whole message must be read (`answer_targets`) and for names
-of types and rcodes.
+bytes. dnslib is used for names of types and rcodes; dnspython only to rebuild the rare
+reply that loses records (`relayed`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ OUR_UDP_SIZE = MAX_UDP  # DNS flag day 2020 recommendation: what we advertise, a
 EDNS_ECS = 8  # the Client Subnet option (RFC 7871)
 _HEADER = struct.Struct("!HHHHHH")
 _RR_FIXED = struct.Struct("!HHIH")
+_TTL = struct.Struct("!I")
 _PLAIN_LABEL = re.compile(rb"[a-z0-9_-]+\Z")
 _PLAIN_NAME = re.compile(r"[a-z0-9_-]+(?:\.[a-z0-9_-]+)*\Z")
 
@@ -91,9 +93,15 @@ def _escape_label(raw: bytes) -> str:
     return "".join(out)
 
 
-def asked_name(wire: bytes) -> str | None:
+def asked_name(wire: bytes, normalized: str | None = None) -> str | None:
     """The question name of a query as the client wrote it (case kept, escaped like Query.name), for
-    the audit log; None when it cannot be read (the query was rejected before it was decoded)."""
+    the audit log; None when it cannot be read (the query was rejected before it was decoded). `normalized`:
+    the name as decoded (Query.name), returned as it is when the packet holds no capital letter and the name
+    no escape (the usual case: no label is read again)."""
+    if normalized is not None and "\\" not in normalized:
+        tail = wire[12:]
+        if tail.lower() == tail:
+            return normalized
     pos, end, labels = 12, min(len(wire), 12 + 256), []
     while pos < end:
         length = wire[pos]
@@ -370,6 +378,49 @@ def set_id(wire: bytes, qid: int) -> bytes:
     return struct.pack("!H", qid) + wire[2:]
 
 
+def message_id(wire: bytes) -> int:
+    return (wire[0] << 8) | wire[1]
+
+
+def bare_error(wire: bytes, rcode: int) -> bytes:
+    """A reply with `rcode` and nothing else (no question, no RA) to a message that could not be read (or not
+    trusted) as a whole; b"" for a response or a packet shorter than a header: never answered."""
+    if len(wire) < 12:
+        return b""
+    qid, flags = struct.unpack("!HH", wire[:4])
+    if flags & QR:
+        return b""
+    return _HEADER.pack(qid, QR | (flags & OPCODE_MASK) | (flags & RD) | rcode, 0, 0, 0, 0)
+
+
+def matches(reply: bytes, qid: int, question: bytes) -> bool:
+    """`reply` answers our query `qid` for `question` (RFC 5452: the ID, QR, one question, the same name (in any
+    case), type and class); anything else is not the reply, whatever its source."""
+    if len(reply) < 12 + len(question):
+        return False
+    rid, flags, qdcount = struct.unpack_from("!HHH", reply)
+    if rid != qid or not flags & QR or qdcount != 1:
+        return False
+    name_end = 12 + len(question) - 4
+    return (reply[12:name_end].lower() == question[:-4].lower()
+            and reply[name_end:name_end + 4] == question[-4:])
+
+
+# ---------------------------------------------------------------------------- framing on streams
+
+FRAME = struct.Struct("!H")  # RFC 7766 (TCP, and TLS, RFC 7858): each message follows its length in two bytes
+
+
+def frame(message: bytes) -> bytes:
+    """A message as it goes on a TCP or TLS stream."""
+    return FRAME.pack(len(message)) + message
+
+
+def frame_length(head: bytes) -> int:
+    """The length a stream's two-byte prefix announces (0: the client has nothing more to ask)."""
+    return FRAME.unpack(head)[0]
+
+
 def header_rcode(wire: bytes) -> int:
     return wire[3] & 0xF if len(wire) >= 4 else SERVFAIL
 
@@ -602,6 +653,77 @@ def _normal(name: object) -> str:
     """A dnspython name, normalized like Query.name."""
     labels = [label.lower() for label in name.labels if label]  # type: ignore[attr-defined]
     return ".".join(raw.decode("ascii") if _PLAIN_LABEL.match(raw) else _escape_label(raw) for raw in labels)
+
+
+def _skip_stored_name(wire: bytes, pos: int) -> int:
+    """Past the name at `pos` of a reply that read_reply checked already (a pointer ends a name)."""
+    while True:
+        length = wire[pos]
+        if length == 0:
+            return pos + 1
+        if length & 0xC0 == 0xC0:
+            return pos + 2
+        pos += 1 + length
+
+
+def scan_records(wire: bytes, qlen: int) -> tuple[list[int], list[int], int | None, bool, int]:
+    """For the cache: TTL offsets and values of every record but OPT; the negative TTL (the SOA's, capped by its
+    MINIMUM) if any; whether there are answers; where the OPT record starts if it is the last one (-1: no OPT;
+    -2: an OPT before other records). Malformed for a reply whose records run past its end."""
+    try:
+        return _scan_records(wire, qlen)
+    except (IndexError, struct.error):
+        raise Malformed("records run past the end") from None
+
+
+def _scan_records(wire: bytes, qlen: int) -> tuple[list[int], list[int], int | None, bool, int]:
+    _, _, _, ancount, nscount, arcount = _HEADER.unpack_from(wire)
+    pos = 12 + qlen
+    offsets, ttls = [], []
+    negative_ttl = None
+    opt_at = -1
+    total = ancount + nscount + arcount
+    for i in range(total):
+        start = pos
+        pos = _skip_stored_name(wire, pos)
+        rtype, _, ttl, rdlen = _RR_FIXED.unpack_from(wire, pos)
+        if rtype == T_OPT:
+            opt_at = start if i == total - 1 else -2
+        else:
+            offsets.append(pos + 4)
+            ttls.append(ttl)
+            if rtype == T_SOA and ancount <= i < ancount + nscount and rdlen >= 22:
+                rdata = pos + 10
+                minimum = _TTL.unpack_from(wire, rdata + rdlen - 4)[0]
+                negative_ttl = min(ttl, minimum)
+        pos += 10 + rdlen
+    if pos > len(wire):
+        raise Malformed("records run past the end")
+    return offsets, ttls, negative_ttl, ancount > 0, opt_at
+
+
+def set_ttls(reply: bytearray, offsets: tuple[int, ...], ttls: tuple[int, ...] | None, less: int = 0) -> None:
+    """Each TTL at `offsets` (from scan_records) to its stored value less `less` seconds (never below 0), or, with
+    `ttls` None, to `less` itself."""
+    pack = _TTL.pack_into
+    if ttls is None:
+        for off in offsets:
+            pack(reply, off, less)
+        return
+    for off, ttl in zip(offsets, ttls, strict=True):
+        pack(reply, off, max(0, ttl - less))
+
+
+def with_own_opt(reply: bytearray, opt_at: int, edns: Edns, ede: tuple[int, str] | None = None) -> bytes:
+    """`reply` ending in our OPT record (with `ede`) instead of the one at `opt_at` (scan_records'; -1: it has
+    none, and one more additional record is counted)."""
+    rcode = reply[3] & 0xF
+    if opt_at >= 0:
+        del reply[opt_at:]
+    else:
+        struct.pack_into("!H", reply, 10, struct.unpack_from("!H", reply, 10)[0] + 1)
+    reply += opt_record(edns, rcode, ede)
+    return bytes(reply)
 
 
 def upstream_query(query: Query, ecs: bytes = b"") -> bytes:

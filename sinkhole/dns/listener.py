@@ -11,6 +11,7 @@ import struct
 import termios
 
 from sinkhole import logthrottle
+from sinkhole.dns import codec
 from sinkhole.dns.pipeline import Pending, Pipeline
 
 log = logging.getLogger(__name__)
@@ -280,7 +281,7 @@ class TcpHandler:
                     await asyncio.sleep(0)
                 try:
                     async with asyncio.timeout(self.idle_timeout):
-                        (length,) = struct.unpack("!H", await reader.readexactly(2))
+                        length = codec.frame_length(await reader.readexactly(2))
                         if length == 0:
                             break
                         data = await reader.readexactly(length)
@@ -326,7 +327,7 @@ class TcpHandler:
             self._stalled(client, f"over {self.OUTPUT_MAX // 1024} KiB unread")
             writer.transport.abort()
             return False
-        writer.write(struct.pack("!H", len(reply)) + reply)
+        writer.write(codec.frame(reply))
         return True
 
     def _stalled(self, client: str, why: str) -> None:

@@ -29,7 +29,6 @@ import re
 import secrets
 import socket
 import ssl
-import struct
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -218,17 +217,6 @@ def tls_context(ca: str | None = None) -> ssl.SSLContext:
         raise ConfigError(f"upstream_ca: cannot load {ca!r} as PEM CA certificates: {exc}") from None
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     return ctx
-
-
-def _matches(reply: bytes, qid: int, question: bytes) -> bool:
-    if len(reply) < 12 + len(question):
-        return False
-    rid, flags, qdcount = struct.unpack_from("!HHH", reply)
-    if rid != qid or not flags & codec.QR or qdcount != 1:
-        return False
-    name_end = 12 + len(question) - 4
-    return (reply[12:name_end].lower() == question[:-4].lower()
-            and reply[name_end:name_end + 4] == question[-4:])
 
 
 def _reason(exc: BaseException) -> str:
@@ -482,7 +470,7 @@ class Forwarder:
                 await loop.sock_sendall(sock, out)
                 while True:
                     reply = await loop.sock_recv(sock, 65535)
-                    if _matches(reply, qid, question):
+                    if codec.matches(reply, qid, question):
                         return reply
                     log.debug("ignored a reply from %s that does not match the query", up)
         finally:
@@ -510,7 +498,7 @@ class Forwarder:
             if conn is not None and not conn.waiting:
                 conn.close()  # a connection that did not answer in time is not used again
             raise
-        if not _matches(reply, qid, question):
+        if not codec.matches(reply, qid, question):
             raise UpstreamError(f"a {up.proto.upper()} reply with our ID but another question")
         return reply
 
@@ -582,7 +570,7 @@ class _TcpConnection:
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self.waiting[qid] = future
         try:
-            self.writer.write(struct.pack("!H", len(out)) + out)
+            self.writer.write(codec.frame(out))
             await self.writer.drain()
             return await future
         finally:
@@ -592,10 +580,9 @@ class _TcpConnection:
         error: BaseException = ConnectionError("upstream closed the connection")
         try:
             while True:
-                (length,) = struct.unpack("!H", await self.reader.readexactly(2))
-                reply = await self.reader.readexactly(length)
+                reply = await self.reader.readexactly(codec.frame_length(await self.reader.readexactly(2)))
                 if len(reply) >= 2:
-                    future = self.waiting.get(int.from_bytes(reply[:2], "big"))
+                    future = self.waiting.get(codec.message_id(reply))
                     if future is not None and not future.done():
                         future.set_result(reply)
         except (OSError, asyncio.IncompleteReadError) as exc:
@@ -650,7 +637,7 @@ class _DohClient:
         kind = r.headers.get("content-type", "").partition(";")[0].strip().lower()
         if kind != "application/dns-message":
             raise UpstreamError(f"a DoH reply of type {kind!r}, not application/dns-message")
-        if not _matches(r.content, 0, question):
+        if not codec.matches(r.content, 0, question):
             raise UpstreamError("a DoH reply that does not match the question")
         return r.content
 

@@ -24,7 +24,6 @@ import binascii
 import ipaddress
 import logging
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -49,6 +48,7 @@ import dns.versioned
 import dns.xfr
 
 from sinkhole import logthrottle
+from sinkhole.dns import codec
 from sinkhole.dns.answer import AnswerConfig
 from sinkhole.dns.listener import ConnectionSlots, close_now, drain_within
 from sinkhole.errors import ConfigError, ListFormatError, SinkholeError
@@ -316,16 +316,6 @@ def build(rules: Iterable[tuple[str, str, str]], answers: AnswerConfig, origin: 
 # ---------------------------------------------------------------------------- wire helpers
 
 
-def _error(wire: bytes, rcode: int) -> bytes:
-    """A bare reply with `rcode` to a message dnspython could not read (or not trust)."""
-    if len(wire) < 12:
-        return b""
-    qid, flags = struct.unpack("!HH", wire[:4])
-    if flags & 0x8000:
-        return b""  # a response: never answer one
-    return struct.pack("!HHHHHH", qid, 0x8000 | (flags & 0x7800) | (flags & 0x0100) | rcode, 0, 0, 0, 0)
-
-
 def _allowed(peer: str, networks: list) -> bool:
     address = client_address(peer)
     if address is None:
@@ -409,13 +399,12 @@ class Endpoint:
         try:
             while True:
                 async with asyncio.timeout(RPZ_IDLE_TIMEOUT):  # the whole request within it
-                    head = await reader.readexactly(2)
-                    wire = await reader.readexactly(struct.unpack("!H", head)[0])
+                    wire = await reader.readexactly(codec.frame_length(await reader.readexactly(2)))
                 replies = await loop.run_in_executor(None, self.answer, wire, peer, True)
                 if not replies:
                     break
                 for reply in replies:
-                    writer.write(struct.pack("!H", len(reply)) + reply)
+                    writer.write(codec.frame(reply))
                     if not await drain_within(writer, RPZ_IDLE_TIMEOUT):  # a transfer must be read, too
                         log.warning("RPZ: TCP connection from %s closed: its replies were not read within %.0f s",
                                     peer, RPZ_IDLE_TIMEOUT)
@@ -433,9 +422,9 @@ class Endpoint:
             query = dns.message.from_wire(wire, keyring=self.keyring)
         except (dns.message.UnknownTSIGKey, dns.tsig.BadSignature, dns.tsig.BadTime, dns.tsig.PeerError) as exc:
             log.warning("RPZ: %s from %s failed TSIG (%s): refused", "request", peer, exc.__class__.__name__)
-            return [r for r in [_error(wire, dns.rcode.NOTAUTH)] if r]
+            return [r for r in [codec.bare_error(wire, dns.rcode.NOTAUTH)] if r]
         except dns.exception.DNSException:
-            return [r for r in [_error(wire, dns.rcode.FORMERR)] if r]
+            return [r for r in [codec.bare_error(wire, dns.rcode.FORMERR)] if r]
         if query.flags & dns.flags.QR:
             return []
         if query.opcode() == dns.opcode.NOTIFY:

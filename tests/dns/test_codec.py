@@ -260,3 +260,85 @@ def test_mutated_replies_are_read_or_refused_never_anything_else(data):
         codec.relayed(wire, facts, None, {(1, "example.test")})
     except codec.Malformed:
         pass
+
+
+# ---------------------------------------------------------------------------- wire helpers (pinned to the bytes and
+# values of the functions they replaced: cache.scan, upstream._matches, rpz._error, Cache.stale's OPT splice)
+
+
+def _exchange(name: str, qtype: str, answers=(), authority=(), rcode: int = 0,
+              edns: bool = True) -> tuple[bytes, bytes]:
+    q = dns.message.make_query(name, qtype, use_edns=0 if edns else False)
+    q.id = 4660
+    r = dns.message.make_response(q)
+    r.set_rcode(rcode)
+    for a in answers:
+        r.answer.append(dns.rrset.from_text(*a))
+    for a in authority:
+        r.authority.append(dns.rrset.from_text(*a))
+    return q.to_wire(), r.to_wire()
+
+
+ANSWER = _exchange("Chat.Example", "A", [("chat.example.", 300, "IN", "A", "192.0.2.1")])
+NEGATIVE = _exchange("nx.example", "AAAA", rcode=3,
+                     authority=[("example.", 900, "IN", "SOA", "ns.example. h.example. 1 2 3 4 120")])
+PLAIN = _exchange("x.example", "TXT", [("x.example.", 60, "IN", "TXT", '"hi"')], edns=False)
+
+
+@pytest.mark.parametrize("case,expected", [
+    (ANSWER, ([36], [300], None, True, 46)),  # the A's TTL at 36; OPT last, at 46
+    (NEGATIVE, ([34], [900], 120, False, 69)),  # negative TTL: the SOA's MINIMUM (120) under its TTL (900)
+    (PLAIN, ([33], [60], None, True, -1)),  # no OPT
+])
+def test_scan_records_finds_ttls_negative_ttl_and_the_opt(case, expected):
+    query, reply = case
+    assert codec.scan_records(reply, len(codec.decode_query(query).question)) == expected
+    with pytest.raises(codec.Malformed):
+        codec.scan_records(reply[:-3], len(codec.decode_query(query).question))
+
+
+def test_matches_wants_our_id_qr_and_the_question_in_any_case():
+    query, reply = ANSWER
+    question = codec.decode_query(query).question
+    assert codec.matches(reply, 4660, question)
+    assert codec.matches(reply[:12] + reply[12:].upper(), 4660, question)  # 0x20: case may differ
+    assert not codec.matches(reply, 4661, question)  # another ID
+    assert not codec.matches(query, 4660, question)  # QR not set
+    assert not codec.matches(reply[:12 + len(question) - 4] + b"\x00\x1c\x00\x01", 4660, question)  # another type
+
+
+def test_bare_error_is_a_header_only_and_never_answers_a_response():
+    query, reply = ANSWER
+    assert codec.bare_error(query, 9).hex() == "123481090000000000000000"  # QR, RD, NOTAUTH; no RA, no question
+    assert codec.bare_error(reply, 1) == b""
+    assert codec.bare_error(query[:11], 1) == b""
+
+
+def test_frame_is_the_two_byte_length_then_the_message():
+    assert codec.frame(b"abc") == b"\x00\x03abc"
+    assert codec.frame_length(codec.frame(b"x" * 300)[:2]) == 300
+
+
+@pytest.mark.parametrize("case,hexed", [
+    (ANSWER, "1234810000010001000000010443686174074578616d706c650000010001c00c000100010000001e0004c000020100002904d000"
+             "0000000028000f002400037374616c6520616e737765723a206e6f20757073747265616d20616e737765726564"),
+    (PLAIN, "1234810000010001000000000178076578616d706c650000100001c00c001000010000001e0003026869"),
+])
+def test_a_stale_answer_has_ttl_30_and_our_opt_with_ede_3(case, hexed):
+    """Cache.stale through codec.set_ttls and with_own_opt: every TTL 30 s; for an EDNS client the upstream's OPT
+    replaced by ours with EDE 3 (Stale Answer); for one without EDNS no OPT at all."""
+    from sinkhole.dns.cache import Cache, key_of
+
+    query, reply = case
+    q = codec.decode_query(query)
+    cache = Cache(serve_stale=3600)
+    cache.put(key_of(q), q, reply, 1000.0)
+    assert cache.stale(key_of(q), q, 2000.0).hex() == hexed
+
+
+def test_asked_name_keeps_the_case_the_client_wrote():
+    query, _ = ANSWER
+    assert codec.asked_name(query) == "Chat.Example"
+    assert codec.asked_name(query, "chat.example") == "Chat.Example"  # capitals: read from the packet
+    lower, _ = PLAIN
+    assert codec.asked_name(lower, "x.example") == "x.example"  # none: the decoded name as it is
