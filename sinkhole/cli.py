@@ -8,7 +8,6 @@ import logging
 import math
 import os
 import re
-import sqlite3
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -23,7 +22,7 @@ from sinkhole.model import Action, RuleKind
 from sinkhole.policy.names import normalize
 from sinkhole.progress import Progress, quiet_option
 from sinkhole.service import systemd
-from sinkhole.store.db import MAX_RETENTION_DAYS, Actor, Store, default_db_path, iso_dt
+from sinkhole.store.db import MAX_RETENTION_DAYS, Actor, DatabaseError, Store, default_db_path, iso_dt
 
 USAGE_ERRORS = (ConfigError, DomainError, ListFormatError)
 FORMATS = click.Choice(["table", "json", "csv"])
@@ -61,7 +60,7 @@ class SinkholeGroup(click.Group):
         except BrokenPipeError:  # `sinkhole block list | head`: the reader is gone, nothing to say
             sys.stdout = open(os.devnull, "w")  # python flushes stdout at exit: let that go nowhere
             ctx.exit(0)
-        except (SinkholeError, sqlite3.Error, OSError) as exc:
+        except (SinkholeError, DatabaseError, OSError) as exc:
             complain(f"sinkhole: {exc}")
             ctx.exit(1)
 
@@ -608,7 +607,7 @@ def export_rpz(env: Env, client_group: str, zone: str | None, config_file: Path 
     cfg = config.load(config_file)
     origin = rpz.zone_name(zone if zone is not None else cfg.rpz_zone)
     with env.existing_store() as store:
-        version, rules = rpz.rules_in_force(store, client_group)
+        version, rules = store.rules_in_force(client_group)
     with Progress.for_command(quiet) as progress:
         result = rpz.build(rules, cfg.answers(), origin, max(version, 1), client_group, cfg.rpz_refresh, version,
                            progress.stage("building", len(rules), "rules"))
@@ -708,7 +707,7 @@ def _page_view(store: Store, ref: str) -> list[dict]:
                             f"{iso_dt(datetime.fromtimestamp(second, UTC))[:19]}Z, if it was)")
     m = re.search(r"; dns seq (\d+)", rows[0]["answer"] or "")
     if m:
-        rows[:0] = [dict(r) for r in store.db.query("SELECT * FROM audit WHERE seq = ?", [int(m.group(1))])]
+        rows[:0] = [r for r in [store.audit_row(int(m.group(1)))] if r is not None]
     return rows
 
 
@@ -884,7 +883,7 @@ def log_anchor(env: Env, fmt: str, export_key: Path | None, force: bool, key: Pa
                    f"{export_key}: keep it off this host; it verifies every chain started from now on")
         return
     with env.existing_store() as store:
-        heads = chain.heads(store.conn)
+        heads = store.chain_heads()
     if fmt == "json":
         for head in heads:
             click.echo(json.dumps(head))

@@ -504,10 +504,10 @@ def verify(store: Store, generation: int, secret: bytes, anchor: dict | None = N
     if progress is not None and progress.enabled:
         rows = store.count_log()
         advance = progress.stage("verifying", rows, "rows")
-    report = chain.verify(store.conn, generation, secret, anchor, current, advance)
+    report = chain.verify(store, generation, secret, anchor, current, advance)
     if progress is not None:
         progress.done()
-    journal = chain.verify_journal(store.conn, generation, secret)
+    journal = chain.verify_journal(store, generation, secret)
     if report.before_chain:
         say(("info", f"{report.before_chain} rows from before the chain started (written without a MAC: not "
                      "covered)"))

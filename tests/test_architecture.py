@@ -73,14 +73,7 @@ ONLY_IN: dict[str, tuple[str, ...]] = {
 PLANNED: dict[str, str] = {  # module not moved yet -> where it goes: the layer rules apply as if it were there
     "sinkhole.operations": "sinkhole.service.operations",
 }
-# (module, what) SQL run outside the store
-KNOWN_SQL: set[tuple[str, str]] = {
-    ("sinkhole.audit.chain", "execute"), ("sinkhole.audit.report", "conn"), ("sinkhole.audit.writer", "conn"),
-    ("sinkhole.audit.writer", "execute"), ("sinkhole.cli", "conn"), ("sinkhole.cli", "db.query"),
-    ("sinkhole.fleet.rpz", "conn"), ("sinkhole.fleet.rpz", "db.atomic"), ("sinkhole.fleet.rpz", "execute"),
-    ("sinkhole.operations", "conn"), ("sinkhole.service.explain", "conn"), ("sinkhole.service.explain", "execute"),
-    ("sinkhole.web.console", "conn"), ("sinkhole.web.console", "set_progress_handler"),
-}
+KNOWN_SQL: set[tuple[str, str]] = set()  # (module, what) SQL run outside the store
 # import circles not broken yet
 KNOWN_CYCLES: list[set[str]] = [
     {"sinkhole.fleet.rpz", "sinkhole.service.config", "sinkhole.service.explain", "sinkhole.service.server",
@@ -125,15 +118,13 @@ KNOWN_LAZY: set[tuple[str, str]] = {
     ("sinkhole.service.server", "uvloop"), ("sinkhole.service.workers", "asyncio"),
     ("sinkhole.service.workers", "ctypes"), ("sinkhole.service.workers", "sinkhole.service.metrics"),
     ("sinkhole.service.workers", "sinkhole.service.server"), ("sinkhole.service.workers", "uvloop"),
-    ("sinkhole.store.browse", "sinkhole.audit.chain"), ("sinkhole.web.api", "dns"), ("sinkhole.web.api", "ipaddress"),
-    ("sinkhole.web.api", "sinkhole.policy.names"), ("sinkhole.web.api", "sinkhole.service.explain"),
-    ("sinkhole.web.console", "sinkhole.service.metrics"), ("sinkhole.web.console", "sinkhole.web.certs"),
-    ("sinkhole.web.limits", "sinkhole.service.systemd"),
+    ("sinkhole.web.api", "dns"), ("sinkhole.web.api", "ipaddress"), ("sinkhole.web.api", "sinkhole.policy.names"),
+    ("sinkhole.web.api", "sinkhole.service.explain"), ("sinkhole.web.console", "sinkhole.service.metrics"),
+    ("sinkhole.web.console", "sinkhole.web.certs"), ("sinkhole.web.limits", "sinkhole.service.systemd"),
 }
 # (module, library) outside the library's home
 KNOWN_LEAKS: set[tuple[str, str]] = {
-    ("sinkhole.audit.chain", "sqlite3"), ("sinkhole.audit.writer", "sqlite3"), ("sinkhole.cli", "sqlite3"),
-    ("sinkhole.progress", "click"), ("sinkhole.service.server", "sqlite_utils"),
+    ("sinkhole.progress", "click"),
 }
 
 

@@ -41,11 +41,11 @@ import json
 import json.encoder
 import os
 import secrets
-import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Protocol
 
 from sinkhole import files
 from sinkhole.errors import ConfigError
@@ -309,19 +309,32 @@ class Checkpoints:
     entries: list[dict]  # every verified checkpoint entry, with the seq and chain of the row that holds it
 
 
-_COLS = ", ".join([name for name, _ in MAC_COLUMNS + EXTRA_COLUMNS] + ["rname"])
+# the audit columns a verifier reads, besides seq and mac
+ROW_COLUMNS = [name for name, _ in MAC_COLUMNS + EXTRA_COLUMNS] + ["rname"]
 
 
-def read_checkpoints(conn: sqlite3.Connection, key_generation: int | None = None,
-                     key: bytes | None = None) -> Checkpoints:
+class Rows(Protocol):
+    """Where the rows to verify come from (sinkhole.store.Store): this module runs no SQL."""
+
+    def chained_rows(self) -> Iterable[dict]:
+        """Every audit row (seq, mac and ROW_COLUMNS) in seq order."""
+
+    def checkpoint_rows(self) -> Iterable[dict]:
+        """The checkpoint rows (action CHECKPOINT), as chained_rows gives them, in seq order."""
+
+    def journal_rows(self) -> Iterable[dict]:
+        """Every journal entry (JOURNAL_COLUMNS and mac) in id order."""
+
+    def journal_generations(self) -> dict[int, str]:
+        """Key generation -> the time of the first journal entry sealed with it ({} without a journal)."""
+
+
+def read_checkpoints(log: Rows, key_generation: int | None = None, key: bytes | None = None) -> Checkpoints:
     """The checkpoint rows whose MACs verify under the key given (each checkpoint chain from link 0, up to its
     first bad row: the main walk reports that one). With no key (the pruner's side): every checkpoint row."""
     out = Checkpoints({}, [], [], [])
-    cur = conn.execute(f"SELECT seq, mac, {_COLS} FROM audit WHERE action = ? ORDER BY seq", (CHECKPOINT,))
-    names = [d[0] for d in cur.description]
     by_chain: dict[str, list[dict]] = {}
-    for tup in cur:
-        row = dict(zip(names, tup, strict=True))
+    for row in log.checkpoint_rows():
         if row["chain"] is not None and row["mac"] is not None and row["link"] is not None:
             by_chain.setdefault(row["chain"], []).append(row)
     for name, rows in by_chain.items():
@@ -399,16 +412,12 @@ class JournalReport:
     generations: set[int] = field(default_factory=set)
 
 
-def verify_journal(conn: sqlite3.Connection, key_generation: int, key: bytes) -> JournalReport:
+def verify_journal(log: Rows, key_generation: int, key: bytes) -> JournalReport:
     """Walk the journal in id order; the first entry edited, deleted, inserted, reordered or unsealed."""
-    cols = ", ".join(c for c, _ in JOURNAL_COLUMNS)
-    cur = conn.execute(f"SELECT {cols}, mac FROM journal ORDER BY id")
-    names = [d[0] for d in cur.description]
     report = JournalReport()
     keys: dict[int, bytes] = {}
     prev, prev_id, started = ZERO, None, False
-    for tup in cur:
-        row = dict(zip(names, tup, strict=True))
+    for row in log.journal_rows():
         report.entries += 1
         ident = int(row["id"])
         report.first_id = ident if report.first_id is None else report.first_id
@@ -502,7 +511,7 @@ class Report:
         return not self.problems
 
 
-def verify(conn: sqlite3.Connection, key_generation: int, key: bytes,
+def verify(log: Rows, key_generation: int, key: bytes,
            anchor: dict[str, dict] | None = None, current: tuple[int, bytes] | None = None,
            progress: Callable[[int], None] | None = None) -> Report:
     """Walk every chain in seq order with the operator's key (of `key_generation`); report what is wrong.
@@ -511,9 +520,7 @@ def verify(conn: sqlite3.Connection, key_generation: int, key: bytes,
     operator's key, and every generation before it must have a chain in the log (each chain start takes one),
     so that a chain deleted whole, or rewritten under a newer generation with a stolen key, shows.
     `progress` is called with the number of rows walked since its last call (every row of `audit` in all)."""
-    cps = read_checkpoints(conn, key_generation, key)
-    cur = conn.execute(f"SELECT seq, mac, {_COLS} FROM audit ORDER BY seq")
-    names = [d[0] for d in cur.description]
+    cps = read_checkpoints(log, key_generation, key)
     walks: dict[str, _Walk] = {}
     problems: list[tuple[str | None, str]] = []
     problems.extend(cps.problems)
@@ -522,11 +529,10 @@ def verify(conn: sqlite3.Connection, key_generation: int, key: bytes,
     unchained: list[int] = []
     max_policy = 0
     walked = 0
-    for tup in cur:
+    for row in log.chained_rows():
         walked += 1
         if progress is not None and walked % PROGRESS_ROWS == 0:
             progress(PROGRESS_ROWS)
-        row = dict(zip(names, tup, strict=True))
         seq, name = row["seq"], row["chain"]
         if row["policy_version"] is not None and row["action"] != CHECKPOINT:
             max_policy = max(max_policy, int(row["policy_version"]))
@@ -598,8 +604,9 @@ def verify(conn: sqlite3.Connection, key_generation: int, key: bytes,
     pruned = {name: (max(points), max(seq for _, seq in points.values()))
               for name, points in cps.resume.items() if name not in walks}
     seen = {g for name in [*walks, *pruned] if (g := chain_generation(name)) is not None}
-    _check_generations(seen, key_generation, key, current, problems, cps.gone, _journal_generations(conn))
-    _check_times(conn, walks, anchor, problems)
+    journal = log.journal_generations()
+    _check_generations(seen, key_generation, key, current, problems, cps.gone, set(journal))
+    _check_times(journal, walks, anchor, problems)
     if anchor:
         for name, head in anchor.items():
             if name == JOURNAL:
@@ -649,7 +656,7 @@ def _note_time(w: _Walk, link: int, seq: int, when: str) -> None:
         w.earliest = (t, when, seq)
 
 
-def _check_times(conn: sqlite3.Connection, walks: dict[str, _Walk], anchor: dict[str, dict] | None,
+def _check_times(journal: dict[int, str], walks: dict[str, _Walk], anchor: dict[str, dict] | None,
                  problems: list[tuple[str | None, str]]) -> None:
     """What the MACs cannot tell, for someone who holds the current key and writes a new chain of old rows.
 
@@ -663,12 +670,8 @@ def _check_times(conn: sqlite3.Connection, walks: dict[str, _Walk], anchor: dict
         g = chain_generation(w.name)
         if g is not None and w.first_time is not None and w.pruned_below == 0:
             first_use[g] = min(first_use.get(g, w.first_time), w.first_time)
-    try:
-        for g, when in conn.execute("SELECT link, min(time) FROM journal WHERE mac IS NOT NULL AND link IS NOT NULL"
-                                    " GROUP BY link"):
-            first_use[int(g)] = min(first_use.get(int(g), str(when)), str(when))
-    except sqlite3.OperationalError:  # no journal table
-        pass
+    for g, when in journal.items():  # the first journal entry sealed with each generation
+        first_use[g] = min(first_use.get(g, when), when)
     ordered = sorted((g, t) for g, when in first_use.items() if (t := _seconds(when)) is not None)
     anchor_time = max((t for name, head in (anchor or {}).items() if name != JOURNAL
                        and (t := _seconds(str(head.get("time")))) is not None), default=None)
@@ -693,14 +696,6 @@ def _check_times(conn: sqlite3.Connection, walks: dict[str, _Walk], anchor: dict
 
 def _in_ranges(g: int | None, ranges: list[list[int]]) -> bool:
     return g is not None and any(lo <= g <= hi for lo, hi in ranges)
-
-
-def _journal_generations(conn: sqlite3.Connection) -> set[int]:
-    try:
-        return {int(g) for (g,) in conn.execute("SELECT DISTINCT link FROM journal WHERE mac IS NOT NULL"
-                                                 " AND link IS NOT NULL")}
-    except sqlite3.OperationalError:  # no journal table (not a sinkhole database, or a very old one)
-        return set()
 
 
 def _check_generations(seen: set[int], key_generation: int, key: bytes,
@@ -761,17 +756,6 @@ def _finish_pending(w: _Walk) -> None:
         seq, problem, _ = w.pending
         w.pending = None
         w.problem = f"seq {seq}: {problem}"
-
-
-def heads(conn: sqlite3.Connection) -> list[dict]:
-    """The last row of every chain: what `sinkhole log anchor` prints."""
-    sql = ("SELECT a.chain, a.link, a.seq, a.mac, a.time FROM audit a JOIN "
-           "(SELECT chain, max(link) AS link FROM audit WHERE chain IS NOT NULL GROUP BY chain) h "
-           "ON a.chain = h.chain AND a.link = h.link ORDER BY a.chain, a.seq")
-    out: dict[str, dict] = {}
-    for chain, link, seq, mac, when in conn.execute(sql):
-        out.setdefault(chain, {"chain": chain, "link": link, "seq": seq, "mac": mac, "time": when})
-    return list(out.values())
 
 
 def read_anchor(path: Path) -> dict[str, dict]:

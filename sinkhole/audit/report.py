@@ -37,7 +37,7 @@ def chain_status(store: Store, key_file: Path | None, server_key: Path | None) -
             current = chain.read_key(server_key)
         except chain.AuditKeyError:
             current = None
-    result = chain.verify(store.conn, generation, secret, None, current)
+    result = chain.verify(store, generation, secret, None, current)
     rows = sum(w.rows for w in result.chains.values())
     before = f"; {result.before_chain} rows from before the chain started" if result.before_chain else ""
     if result.problems:

@@ -52,7 +52,6 @@ from sinkhole.dns import codec
 from sinkhole.dns.answer import AnswerConfig
 from sinkhole.dns.listener import ConnectionSlots, close_now, drain_within
 from sinkhole.errors import ConfigError, ListFormatError, SinkholeError
-from sinkhole.policy.decide import Policy
 from sinkhole.policy.names import client_address, is_regex
 
 if TYPE_CHECKING:
@@ -255,23 +254,6 @@ def rpz_ip_labels(network: str) -> str:
         else:
             words = text.split(":")
     return ".".join([str(net.prefixlen), *reversed(words)])
-
-
-def rules_in_force(store: Store, group: str) -> tuple[int, list[tuple[str, str, str]]]:
-    """(policy version, [(domain, kind, category)]) in force for `group`, read in one snapshot."""
-    conn = store.conn
-    with store.db.atomic():
-        version = store.policy_version()
-        categories = [r[0] for r in conn.execute("SELECT DISTINCT category FROM rules")]
-        disabled = [r[0] for r in conn.execute("SELECT category FROM disabled_categories")]
-        # which categories are in force for which group is the Policy's rule: ask it, with one rule a category
-        policy = Policy([("invalid", "block", c) for c in categories], version, groups=store.group_specs(),
-                        disabled=disabled)
-        if group not in policy.groups:
-            raise ConfigError(f"no group {group!r}: see `sinkhole group list`")
-        allowed = policy.groups[group].allowed
-        rows = [(d, k, c) for d, k, c in conn.execute("SELECT domain, kind, category FROM rules") if c in allowed]
-    return version, rows
 
 
 def build(rules: Iterable[tuple[str, str, str]], answers: AnswerConfig, origin: dns.name.Name, serial: int,
@@ -493,7 +475,7 @@ class Primary:
         """Build the zone again; a new serial and NOTIFY when its records changed. True when they did."""
         with self._lock:
             try:
-                version, rules = rules_in_force(store, self.group)
+                version, rules = store.rules_in_force(self.group)
             except ConfigError as exc:  # the group was removed: keep serving the last zone
                 log.warning("RPZ: zone %s not rebuilt: %s", self.origin, exc)
                 return False

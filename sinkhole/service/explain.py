@@ -34,11 +34,7 @@ def explain(store: Store, cfg: ServeConfig, name: str, qtype: str = "A", client:
     rule = verdict.rule if decision in ("blocked", "canary", "forwarded") else None
     source = note = None
     if rule is not None:
-        row = store.conn.execute(
-            "SELECT source, note FROM rules WHERE domain = ? AND kind = ? AND category = ? LIMIT 1",
-            (rule.domain, rule.kind.value, rule.category)).fetchone()
-        if row is not None:
-            source, note = row
+        source, note = store.rule_note(rule.domain, rule.kind, rule.category) or (None, None)
     page = None
     if decision == "blocked" and cfg.blockpage_listen:
         answers = cfg.answers()

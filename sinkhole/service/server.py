@@ -12,8 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import sqlite_utils
-
 from sinkhole import logthrottle
 from sinkhole.audit import shipping
 from sinkhole.audit.writer import AuditLog
@@ -27,7 +25,7 @@ from sinkhole.policy import lists
 from sinkhole.policy.decide import Policy
 from sinkhole.service import config, control, privileges, systemd
 from sinkhole.service.config import ServeConfig
-from sinkhole.store.db import Store, iso
+from sinkhole.store.db import Store, iso, preload
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +58,7 @@ def drop_privileges(user: str) -> None:
     import encodings.utf_8_sig  # noqa: F401  (list files are read as UTF-8 with or without a BOM)
     import importlib.metadata  # noqa: F401  (sqlite-utils plugins)
 
-    sqlite_utils.Database(memory=True).close()
+    preload()  # the store's own lazy loads (sqlite-utils' plugins)
     privileges.drop_to(user)
 
 

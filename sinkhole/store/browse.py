@@ -22,6 +22,7 @@ import sqlite3
 import time
 from dataclasses import dataclass, field
 
+from sinkhole.audit import chain as chains
 from sinkhole.operations import LogFilter
 from sinkhole.policy.names import reverse_name
 from sinkhole.store.db import Store, client_prefix
@@ -149,8 +150,6 @@ def _scan(store: Store, index: str, conds: list[str], args: dict, f: LogFilter, 
 def log_row(store: Store, seq: int) -> dict | None:
     """One audit row with what explains it: the rule as it stands now (source, note, who added it and when),
     the journal entry in force when it was written, and its place in its chain (chain, link, key epoch)."""
-    from sinkhole.audit import chain as chains
-
     cur = store.conn.execute("SELECT * FROM audit WHERE seq = ?", (seq,))
     names = [d[0] for d in cur.description]
     tup = cur.fetchone()

@@ -30,6 +30,7 @@ from sinkhole.model import RuleKind
 from sinkhole.policy.decide import DEFAULT_GROUP, EVERYWHERE, GROUP_PREFIX, GroupSpec, Policy
 from sinkhole.policy.names import reverse_name
 
+DatabaseError = sqlite3.Error  # what any store method raises when SQLite fails (locked, read-only, full, corrupt)
 SCHEMA_VERSION = 5
 # 2: audit rows carry chain, link and mac (sinkhole.audit.chain); 3: disabled categories;
 # 4: audit grp/asked/list, client groups, list sources, journal link/mac;
@@ -119,6 +120,12 @@ def file_identity(path: str | os.PathLike[str]) -> tuple[int, int] | None:
     except OSError:
         return None
     return st.st_dev, st.st_ino
+
+
+def preload() -> None:
+    """Load now what the store loads on first use (sqlite-utils' plugins, through importlib.metadata), for a
+    process that is about to become a user who may not read the installation."""
+    sqlite_utils.Database(memory=True).close()
 
 
 def default_db_path() -> Path:
@@ -233,6 +240,7 @@ class Store:
         self._journal_key: tuple[int, bytes] | None = None  # (generation, journal key), taken at the first entry
         self.journal_unsealed: str | None = None  # why entries of this store went unsealed, if they did
         conn = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_S, check_same_thread=False)
+        self.closed = False
         self.db = sqlite_utils.Database(conn)
         self.conn = conn
         with self.db.ensure_autocommit_on():
@@ -248,7 +256,16 @@ class Store:
         return now is not None and now != self.identity
 
     def close(self) -> None:
-        self.conn.close()
+        """Close the connection (again: nothing); a transaction left open (a write that failed half-way) is rolled
+        back first."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            if self.conn.in_transaction:
+                self.conn.rollback()
+        finally:
+            self.conn.close()
 
     def __enter__(self) -> Store:
         return self
@@ -597,6 +614,29 @@ class Store:
             " FROM rules r LEFT JOIN disabled_categories d ON d.category = r.category"
             " GROUP BY r.category ORDER BY r.category")]
 
+    def rules_in_force(self, group: str) -> tuple[int, list[tuple[str, str, str]]]:
+        """(policy version, [(domain, kind, category)]) in force for client group `group`, read in one snapshot
+        (what `export rpz` and an RPZ primary serve); ConfigError for a group that is not there."""
+        conn = self.conn
+        with self.db.atomic():
+            version = self.policy_version()
+            categories = [r[0] for r in conn.execute("SELECT DISTINCT category FROM rules")]
+            disabled = [r[0] for r in conn.execute("SELECT category FROM disabled_categories")]
+            # which categories are in force for which group is the Policy's rule: ask it, with one rule a category
+            policy = Policy([("invalid", "block", c) for c in categories], version, groups=self.group_specs(),
+                            disabled=disabled)
+            if group not in policy.groups:
+                raise ConfigError(f"no group {group!r}: see `sinkhole group list`")
+            allowed = policy.groups[group].allowed
+            rows = [(d, k, c) for d, k, c in conn.execute("SELECT domain, kind, category FROM rules") if c in allowed]
+        return version, rows
+
+    def rule_note(self, domain: str, kind: RuleKind, category: str) -> tuple[str | None, str | None] | None:
+        """(source, note) of one rule, None when it is not stored (any more)."""
+        row = self.conn.execute("SELECT source, note FROM rules WHERE domain = ? AND kind = ? AND category = ? LIMIT 1",
+                                (domain, kind.value, category)).fetchone()
+        return None if row is None else (row[0], row[1])
+
     def set_enabled(self, category: str, enabled: bool, actor: Actor | None = None) -> bool:
         """Put a category's rules in force or out of it (they stay stored); False when nothing changed."""
         actor = actor or Actor()
@@ -855,7 +895,7 @@ class Store:
     def _prune_plan(self, before: str, res: PruneResult) -> tuple[dict[str | None, array], list[dict],
                                                                    list[list[int]]]:
         conn = self.conn
-        cps = chain.read_checkpoints(conn)  # the pruner's side: it trusts its own database
+        cps = chain.read_checkpoints(self)  # the pruner's side: it trusts its own database
         spans = {c: (lo, hi) for c, lo, hi in conn.execute(
             "SELECT chain, min(link), max(link) FROM audit WHERE chain IS NOT NULL GROUP BY chain")}
         plan: dict[str | None, array] = {}
@@ -919,12 +959,55 @@ class Store:
             res.first_time, res.last_time = min(times), max(times)
         return plan, entries, chain.merge_ranges(gone)
 
+    # ------------------------------------------------------------------ the rows chains are verified over
+
+    def _dicts(self, sql: str, args: tuple = ()) -> Iterator[dict]:
+        cur = self.conn.execute(sql, args)
+        names = [d[0] for d in cur.description]
+        for tup in cur:
+            yield dict(zip(names, tup, strict=True))
+
+    def chained_rows(self) -> Iterator[dict]:
+        """Every audit row (seq, mac and what the chain covers) in seq order: sinkhole.audit.chain.verify's walk."""
+        return self._dicts(f"SELECT seq, mac, {', '.join(chain.ROW_COLUMNS)} FROM audit ORDER BY seq")
+
+    def checkpoint_rows(self) -> Iterator[dict]:
+        """The checkpoint rows a prune left, as chained_rows gives them."""
+        return self._dicts(f"SELECT seq, mac, {', '.join(chain.ROW_COLUMNS)} FROM audit WHERE action = ?"
+                           " ORDER BY seq", (chain.CHECKPOINT,))
+
+    def journal_rows(self) -> Iterator[dict]:
+        """Every journal entry with its MAC, in id order: sinkhole.audit.chain.verify_journal's walk."""
+        return self._dicts(f"SELECT {', '.join(c for c, _ in chain.JOURNAL_COLUMNS)}, mac FROM journal ORDER BY id")
+
+    def journal_generations(self) -> dict[int, str]:
+        """Key generation -> the time of the first journal entry sealed with it ({} without a journal table: not a
+        sinkhole database, or a very old one)."""
+        try:
+            return {int(g): str(when) for g, when in self.conn.execute(
+                "SELECT link, min(time) FROM journal WHERE mac IS NOT NULL AND link IS NOT NULL GROUP BY link")}
+        except sqlite3.OperationalError:
+            return {}
+
+    def chain_heads(self) -> list[dict]:
+        """The last row of every chain (chain, link, seq, mac, time): what `sinkhole log anchor` prints."""
+        sql = ("SELECT a.chain, a.link, a.seq, a.mac, a.time FROM audit a JOIN "
+               "(SELECT chain, max(link) AS link FROM audit WHERE chain IS NOT NULL GROUP BY chain) h "
+               "ON a.chain = h.chain AND a.link = h.link ORDER BY a.chain, a.seq")
+        out: dict[str, dict] = {}
+        for name, link, seq, mac, when in self.conn.execute(sql):
+            out.setdefault(name, {"chain": name, "link": link, "seq": seq, "mac": mac, "time": when})
+        return list(out.values())
+
     # ------------------------------------------------------------------ audit
 
-    def insert_audit(self, rows: list[dict] | list[tuple]) -> None:
-        """Rows as dicts with the columns of AUDIT_INSERT, or as tuples in that order (faster)."""
+    def insert_audit(self, rows: list[dict] | list[tuple]) -> int | None:
+        """Rows as dicts with the columns of AUDIT_INSERT, or as tuples in that order (faster), in one
+        transaction; returns the seq of the last row (one transaction holds the write lock, so the rows got
+        consecutive seqs ending there), None for no rows."""
         if rows and isinstance(rows[0], dict):
             rows = [tuple(r.get(c) for c in AUDIT_INSERT) for r in rows]  # type: ignore[union-attr]
+        last = None
         with self.db.atomic():
             # many rows per statement: one sqlite3_step (one release of the GIL) for each chunk, where
             # executemany steps, and so hands the GIL to the event loop and back, once per row
@@ -933,8 +1016,38 @@ class Store:
             while i < n:
                 while n - i < size:
                     size >>= 1
-                self.conn.execute(_chunk_sql(size), [v for r in rows[i:i + size] for v in r])
+                last = self.conn.execute(_chunk_sql(size), [v for r in rows[i:i + size] for v in r]).lastrowid
                 i += size
+        return last
+
+    def audit_row(self, seq: int) -> dict | None:
+        """One audit row by its seq."""
+        return next(self._dicts("SELECT * FROM audit WHERE seq = ?", (seq,)), None)
+
+    # ------------------------------------------------------------------ the audit writer's connection
+
+    def tune_for_writer(self, wal_limit: int) -> None:
+        """The audit writer's settings (measured on the writer alone, 2 cores: 31.7k rows/s with SQLite's
+        defaults, 42k with these): a 16 MiB page cache (the indexes' pages stay in memory) and a checkpoint every
+        4000 WAL pages instead of 1000 (a hot index page is copied into the database once per checkpoint, not
+        four times); the WAL file cut back to `wal_limit` bytes when the log starts over."""
+        self.conn.execute("PRAGMA cache_size=-16384")
+        self.conn.execute("PRAGMA wal_autocheckpoint=4000")
+        self.conn.execute(f"PRAGMA journal_size_limit={int(wal_limit)}")
+
+    def set_busy_timeout(self, ms: int) -> None:
+        """How long a statement waits for another connection's lock before it fails (DatabaseError)."""
+        self.conn.execute(f"PRAGMA busy_timeout={int(ms)}")
+
+    def restart_wal(self) -> bool:
+        """A RESTART checkpoint (it waits, within the busy timeout, for the other connections' transactions):
+        True when it ran through and the WAL starts over."""
+        return not self.conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()[0]
+
+    def interrupt_when(self, due: Callable[[], bool]) -> None:
+        """A statement running when `due()` turns true is interrupted (DatabaseError: interrupted); looked at every
+        20,000 SQLite instructions."""
+        self.conn.set_progress_handler(lambda: int(bool(due())), 20000)
 
     def _log_where(self, since: str | None, until: str | None, client: str | None, domain: str | None,
                    action: str | None, *, group: str | None = None, category: str | None = None,

@@ -152,9 +152,8 @@ class Console:
                 store.close()
             store = Store(self.db)
             local = self._local
-            # a query running past its thread's deadline is interrupted (sqlite3.OperationalError: interrupted)
-            store.conn.set_progress_handler(
-                lambda: int(bool((d := getattr(local, "deadline", None)) and time.monotonic() > d)), 20000)
+            # a query running past its thread's deadline is interrupted (DatabaseError: interrupted)
+            store.interrupt_when(lambda: bool((d := getattr(local, "deadline", None)) and time.monotonic() > d))
             self._local.store = store
             with self._stores_lock:
                 self._stores.append(store)

@@ -331,8 +331,8 @@ def test_rname_is_checked_against_qname_and_group_asked_list_are_covered(tmp_pat
     c = chain.Chain.start(chain.default_key_path(db), "n1")[0]
 
     def verify_db(db: Path, _key: object) -> chain.Report:
-        with sqlite3.connect(db) as conn:
-            return chain.verify(conn, generation, key)
+        with Store(db) as store:
+            return chain.verify(store, generation, key)
 
     operator_key = None
     base = (iso(time.time()), "10.0.0.1", "udp", "chat.deepseek.com", "A", "blocked",
