@@ -32,7 +32,8 @@ import httpx  # noqa: E402
 
 from sinkhole.service import config  # noqa: E402
 from sinkhole.store.accounts import Accounts  # noqa: E402
-from sinkhole.store.db import Actor, Store  # noqa: E402
+from sinkhole.store.db import Store  # noqa: E402
+from sinkhole.store.journal import Actor  # noqa: E402
 from sinkhole.web import console, sessions  # noqa: E402
 from sinkhole.web.limits import Service, bind  # noqa: E402
 

@@ -30,7 +30,8 @@ from common import Sinkhole, dnsperf, free_port, need, wait_port  # noqa: E402
 
 from sinkhole.model import RuleKind  # noqa: E402
 from sinkhole.store.accounts import Accounts  # noqa: E402
-from sinkhole.store.db import Actor, Store  # noqa: E402
+from sinkhole.store.db import Store  # noqa: E402
+from sinkhole.store.journal import Actor  # noqa: E402
 from sinkhole.web import sessions  # noqa: E402
 
 PASSWORD = "bench password 123"

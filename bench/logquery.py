@@ -32,7 +32,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sinkhole.store.db import AUDIT_INSERT, Store, iso, reverse_name  # noqa: E402
+from sinkhole.policy.names import reverse_name  # noqa: E402
+from sinkhole.store.db import Store  # noqa: E402
+from sinkhole.store.schema import AUDIT_INSERT, iso  # noqa: E402
 
 GENAI = ["chatgpt.com", "openai.com", "oaiusercontent.com", "claude.ai", "anthropic.com", "gemini.google.com",
          "perplexity.ai", "copilot.microsoft.com", "character.ai", "poe.com", "mistral.ai", "you.com",

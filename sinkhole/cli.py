@@ -22,7 +22,10 @@ from sinkhole.model import Action, RuleKind
 from sinkhole.policy.names import normalize
 from sinkhole.progress import Progress, quiet_option
 from sinkhole.service import systemd
-from sinkhole.store.db import MAX_RETENTION_DAYS, Actor, DatabaseError, Store, default_db_path, iso_dt
+from sinkhole.store.audit import MAX_RETENTION_DAYS
+from sinkhole.store.db import Store
+from sinkhole.store.journal import Actor
+from sinkhole.store.schema import DatabaseError, default_db_path, iso_dt
 
 USAGE_ERRORS = (ConfigError, DomainError, ListFormatError)
 FORMATS = click.Choice(["table", "json", "csv"])
@@ -78,7 +81,7 @@ class Env:
 
     def store(self) -> Store:
         """The database, made (0600, with the shipped lists) if there is none: for commands that change it."""
-        from sinkhole.service.server import open_store
+        from sinkhole.store.db import open_store
 
         return open_store(self.checked_path())
 
@@ -968,7 +971,7 @@ def changes(env: Env, since: str | None, until: str | None, user: str | None, fm
 @pass_env
 def stats(env: Env, since: str, until: str | None, top: int, fmt: str, quiet: bool) -> None:
     """Totals, top blocked rules and names, top clients, bypass attempts, groups, categories, blocked per hour."""
-    from sinkhole.store.db import STATS_QUERIES
+    from sinkhole.store.audit import STATS_QUERIES
 
     since_iso, until_iso = parse_when(since, "--since"), parse_when(until, "--until")
     with env.existing_store() as store, Progress.for_command(quiet) as progress:

@@ -24,7 +24,9 @@ from sinkhole.errors import ConfigError, DomainError, ListFormatError
 from sinkhole.model import Action, RuleKind
 from sinkhole.policy.names import is_ip_address, is_regex, normalize
 from sinkhole.progress import Progress
-from sinkhole.store.db import Actor, Store, iso_dt
+from sinkhole.store.db import Store
+from sinkhole.store.journal import Actor
+from sinkhole.store.schema import iso_dt
 
 
 class BadValue(ConfigError):

@@ -36,7 +36,7 @@ from typing import Any
 
 from sinkhole.errors import ConfigError
 from sinkhole.policy.names import is_ip_address
-from sinkhole.store.db import AUDIT_INSERT
+from sinkhole.store.schema import AUDIT_INSERT
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +217,7 @@ def _text(value: object) -> str:
 
 
 def _now_iso() -> str:
-    from sinkhole.store.db import iso
+    from sinkhole.store.schema import iso
 
     return iso(time.time())
 

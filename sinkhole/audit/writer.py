@@ -37,7 +37,8 @@ from sinkhole.audit.shipping import Shipper
 from sinkhole.dns import codec
 from sinkhole.model import Action, AuditEvent
 from sinkhole.policy.names import client_address, reverse_name
-from sinkhole.store.db import AUDIT_INSERT, DatabaseError, Seed, Store, iso
+from sinkhole.store.db import Store
+from sinkhole.store.schema import AUDIT_INSERT, DatabaseError, Seed, iso
 
 log = logging.getLogger(__name__)
 

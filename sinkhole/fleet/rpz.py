@@ -52,11 +52,13 @@ from sinkhole.dns import codec
 from sinkhole.dns.answer import AnswerConfig
 from sinkhole.dns.listener import ConnectionSlots, close_now, drain_within
 from sinkhole.errors import ConfigError, ListFormatError, SinkholeError
+from sinkhole.policy import lists
 from sinkhole.policy.names import client_address, is_regex
+from sinkhole.store.db import Store, open_store
+from sinkhole.store.journal import Actor
 
 if TYPE_CHECKING:
     from sinkhole.service.config import ServeConfig
-    from sinkhole.store.db import Store
 
 log = logging.getLogger(__name__)
 
@@ -746,10 +748,6 @@ class Secondary(threading.Thread):
 
     def apply(self, zone: dns.versioned.Zone) -> None:
         """Make the category hold exactly the zone's rules, in one transaction (nothing when equal)."""
-        from sinkhole.policy import lists
-        from sinkhole.service.server import open_store
-        from sinkhole.store.db import Actor
-
         soa = zone.get_rdataset(self.origin, dns.rdatatype.SOA)
         serial = soa[0].serial if soa else 0
         text = zone.to_text(want_origin=True)

@@ -36,7 +36,7 @@ from sinkhole.dns.upstream import (
 )
 from sinkhole.errors import ConfigError
 from sinkhole.fleet import rpz
-from sinkhole.store.db import MAX_RETENTION_DAYS
+from sinkhole.store.audit import MAX_RETENTION_DAYS
 
 
 @dataclass(frozen=True)

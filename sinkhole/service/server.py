@@ -14,6 +14,7 @@ from pathlib import Path
 
 from sinkhole import logthrottle
 from sinkhole.audit import shipping
+from sinkhole.audit.retention import Pruner
 from sinkhole.audit.writer import AuditLog
 from sinkhole.dns.answer import AnswerConfig
 from sinkhole.dns.guard import Guard
@@ -25,18 +26,11 @@ from sinkhole.policy import lists
 from sinkhole.policy.decide import Policy
 from sinkhole.service import config, control, privileges, systemd
 from sinkhole.service.config import ServeConfig
-from sinkhole.store.db import Store, iso, preload
+from sinkhole.store.db import Store, open_store
+from sinkhole.store.journal import Actor
+from sinkhole.store.schema import iso, preload
 
 log = logging.getLogger(__name__)
-
-
-def open_store(db: str | Path, shipped_lists: bool = True) -> Store:
-    """The database, with the shipped default lists loaded if it is new."""
-    seed = lists.seed() if shipped_lists else None
-    if shipped_lists and not seed and not Path(db).exists():
-        log.warning("no shipped lists found (blocklists/, or $SINKHOLE_BLOCKLISTS): the new database at %s "
-                    "starts with no rules, and nothing is blocked until rules are added", db)
-    return Store(db, seed=seed)
 
 
 def _give_back_memory() -> None:
@@ -108,52 +102,9 @@ def expire_due_rules(store: Store) -> None:
     due = store.next_expiry()
     if due is None or due > now:
         return
-    from sinkhole.store.db import Actor
-
     gone = store.expire_rules(now, Actor(command="sinkhole serve: rules past their expiry"))
     for kind, category, domain in gone:
         log.info("%s rule %s (category %s) expired", kind, domain, category)
-
-
-class Pruner(threading.Thread):
-    """Prunes audit rows older than `retention_days` once at start and every `prune_interval` seconds, in small
-    batches (Store.prune_audit), leaving checkpoints. A thread of its own: a long first prune does not hold up
-    policy reloads."""
-
-    def __init__(self, db: Path, node: str, retention_days: int, interval: float) -> None:
-        super().__init__(name="audit-pruner", daemon=True)
-        self.db = db
-        self.node = node
-        self.retention_days = retention_days
-        self.interval = interval
-        self.stopping = threading.Event()
-        self.runs = 0  # prunes finished (with or without rows to delete)
-        self.pruned = 0  # rows deleted since start
-
-    def run(self) -> None:
-        while True:
-            try:
-                self.prune_once()
-            except Exception as exc:  # a locked database or an unreadable key must not stop the thread
-                log.warning("audit prune failed (will try again in %.0f s): %s", self.interval, exc)
-            if self.stopping.wait(self.interval):
-                return
-
-    def prune_once(self) -> None:
-        if not self.db.exists():
-            return
-        before = iso(time.time() - self.retention_days * 86400)
-        store = Store(self.db)
-        try:
-            res = store.prune_audit(before, self.node, stop=self.stopping.is_set)
-        finally:
-            store.close()
-        self.runs += 1
-        self.pruned += res.rows
-        if res.rows:
-            log.info("audit: pruned %d rows older than %s (%d days) from %d chains in %.1f s (%d batches, write "
-                     "lock held at most %.0f ms); checkpoint chain %s", res.rows, before, self.retention_days,
-                     res.chains, res.seconds, res.batches, res.max_lock_ms, res.checkpoint_chain)
 
 
 class Server:
@@ -363,7 +314,7 @@ class Server:
     def _journal_settings(self, values: dict[str, str], why: str) -> None:
         """Settings applied by a reload go into the change journal like any policy change (who: the server's
         account; command: what asked for the reload)."""
-        from sinkhole.store.db import Actor
+        from sinkhole.store.journal import Actor
 
         try:
             store = open_store(self.db, self.cfg.shipped_lists)

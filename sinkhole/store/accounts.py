@@ -19,7 +19,9 @@ import time
 from dataclasses import dataclass
 
 from sinkhole.errors import ConfigError
-from sinkhole.store.db import Actor, Store, iso
+from sinkhole.store.db import Store
+from sinkhole.store.journal import Actor
+from sinkhole.store.schema import iso
 
 ROLES = ("viewer", "auditor", "admin")  # each may do what the ones before it may
 NAME = re.compile(r"[a-z0-9][a-z0-9._@-]{0,63}\Z")

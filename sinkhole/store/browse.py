@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from sinkhole.audit import chain as chains
 from sinkhole.operations import LogFilter
 from sinkhole.policy.names import reverse_name
-from sinkhole.store.db import Store, client_prefix
+from sinkhole.store.audit import client_prefix
+from sinkhole.store.db import Store
 
 NARROW = 20_000  # rows a name or network may match to be fetched through its own index and sorted
 WINDOW = 20_000  # rows of the ordered index per window of a scan, to start with

@@ -19,7 +19,8 @@ from sinkhole.model import RuleKind
 from sinkhole.operations import BadValue
 from sinkhole.store import accounts as acc
 from sinkhole.store import browse
-from sinkhole.store.db import Actor, Store
+from sinkhole.store.db import Store
+from sinkhole.store.journal import Actor
 
 Params = dict[str, Any]
 

@@ -43,7 +43,8 @@ from sinkhole.errors import ConfigError, DomainError
 from sinkhole.model import Action, AuditEvent
 from sinkhole.policy.decide import Policy
 from sinkhole.policy.names import is_ip_address, normalize
-from sinkhole.store.db import Store, iso
+from sinkhole.store.db import Store
+from sinkhole.store.schema import iso
 from sinkhole.web import certs, limits
 from sinkhole.web.limits import Gate, Limits
 

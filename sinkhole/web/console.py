@@ -44,7 +44,8 @@ from sinkhole.audit import chain, report
 from sinkhole.errors import ConfigError, DomainError, ListFormatError
 from sinkhole.store import browse
 from sinkhole.store.accounts import LOCK_AFTER, LOCK_SECONDS, Accounts, Session, may
-from sinkhole.store.db import Store, iso
+from sinkhole.store.db import Store
+from sinkhole.store.schema import iso
 from sinkhole.web import api, sessions
 from sinkhole.web.limits import Gate, Limits, lower_priority
 

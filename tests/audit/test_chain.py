@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 
 from sinkhole.audit import chain
 from sinkhole.cli import cli
-from sinkhole.service.server import open_store
-from sinkhole.store.db import SCHEMA_VERSION, Store, iso
+from sinkhole.store.db import Store, open_store
+from sinkhole.store.schema import SCHEMA_VERSION, iso
 from tests.conftest import ask, audit_rows, select, sql, wait_for
 
 
@@ -297,7 +297,7 @@ def test_a_chain_past_several_key_epochs_verifies_and_an_edit_there_is_found(tmp
 
 
 def test_the_mac_covers_every_stored_column_but_seq_and_mac():
-    from sinkhole.store.db import AUDIT_INSERT
+    from sinkhole.store.schema import AUDIT_INSERT
 
     covered = [c for c, _ in chain.MAC_COLUMNS + chain.EXTRA_COLUMNS]
     assert sorted(covered) == sorted(c for c in AUDIT_INSERT if c not in ("mac", "rname"))
@@ -323,7 +323,7 @@ def test_a_version_2_database_gains_disabled_categories(tmp_path):
 
 def test_rname_is_checked_against_qname_and_group_asked_list_are_covered(tmp_path):
     """Schema 4 columns: grp, asked and list are under the MAC; rname (the index aid) must match qname."""
-    from sinkhole.store.db import AUDIT_INSERT
+    from sinkhole.store.schema import AUDIT_INSERT
 
     db = tmp_path / "v4.db"
     store = open_store(db)

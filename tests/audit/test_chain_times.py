@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 from sinkhole.audit import chain
-from sinkhole.store.db import AUDIT_INSERT, Store, iso
+from sinkhole.store.db import Store
+from sinkhole.store.schema import AUDIT_INSERT, iso
 from tests.conftest import ask, audit_rows, wait_for
 
 SINKHOLE = shutil.which("sinkhole", path=str(Path(sys.executable).parent))

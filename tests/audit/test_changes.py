@@ -12,13 +12,12 @@ import pytest
 from click.testing import CliRunner, Result
 
 from sinkhole.cli import cli
-from sinkhole.store.db import _safe_user
+from sinkhole.store.journal import _safe_user
 from tests.conftest import ask, audit_rows, select, sql, wait_for
 
 
 def run(db: Path, *args: str, env: dict | None = None) -> Result:
     return CliRunner().invoke(cli, ["--db", str(db), *args], catch_exceptions=False, env=env)
-
 
 
 

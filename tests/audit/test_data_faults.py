@@ -27,12 +27,11 @@ import pytest
 
 from sinkhole.audit.writer import AuditLog
 from sinkhole.model import AuditEvent
-from sinkhole.store.db import iso
+from sinkhole.store.schema import iso
 from tests.conftest import ask, wait_for
 from tests.conftest import audit_rows as rows
 
 # ------------------------------------------------------------------ helpers
-
 
 
 

@@ -13,7 +13,8 @@ from click.testing import CliRunner, Result
 
 from sinkhole.cli import cli
 from sinkhole.policy.names import reverse_name
-from sinkhole.store.db import Store, iso
+from sinkhole.store.db import Store
+from sinkhole.store.schema import iso
 from tests.conftest import ask, audit_rows, wait_for
 
 HOSTILE = "<script>alert(1)</script>.evil.example"

@@ -12,7 +12,7 @@ from click.testing import CliRunner, Result
 
 from sinkhole.audit.writer import AuditLog
 from sinkhole.cli import cli
-from sinkhole.service.server import open_store
+from sinkhole.store.db import open_store
 from tests.audit.test_data_faults import event
 from tests.conftest import ask, select, sql, wait_for
 
@@ -21,7 +21,6 @@ DAY = 86400.0
 
 def run(db: Path, *args: str) -> Result:
     return CliRunner().invoke(cli, ["--db", str(db), *args], catch_exceptions=False)
-
 
 
 
@@ -62,10 +61,11 @@ class _Clock:
 def operator_key(operator_key: Path, db: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """conftest's, then the first start (shipped lists, journaled) 600 days ago: the chains below hold rows from
     500 days ago, which a database made today cannot (log verify says so: tests/audit/test_chain_times.py)."""
-    import sinkhole.store.db
+    from sinkhole.store import journal, rules
 
     with monkeypatch.context() as m:
-        m.setattr(sinkhole.store.db, "time", _Clock(600))
+        for module in (journal, rules):  # the journal entry's time, and the rules' added_at
+            m.setattr(module, "time", _Clock(600))
         open_store(db).close()
     return operator_key
 

@@ -16,8 +16,7 @@ import dns.rcode
 import pytest
 
 from sinkhole.model import RuleKind
-from sinkhole.service.server import open_store
-from sinkhole.store.db import Store
+from sinkhole.store.db import Store, open_store
 from tests.conftest import ask, audit_rows, wait_for
 
 

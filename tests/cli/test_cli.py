@@ -27,8 +27,8 @@ from click.testing import CliRunner, Result
 from sinkhole import __version__
 from sinkhole.cli import cli
 from sinkhole.model import RuleKind
-from sinkhole.service.server import open_store
-from sinkhole.store.db import Store, iso
+from sinkhole.store.db import Store, open_store
+from sinkhole.store.schema import iso
 from tests.conftest import ROOT, ask, query, wait_for
 
 SINKHOLE = shutil.which("sinkhole", path=str(Path(sys.executable).parent))

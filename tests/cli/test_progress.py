@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from sinkhole.store.db import STATS_QUERIES, Store
+from sinkhole.store.audit import STATS_QUERIES
+from sinkhole.store.db import Store
 from tests.audit.test_data_faults import event
 from tests.conftest import operator_key  # noqa: F401  (a fixture)
 

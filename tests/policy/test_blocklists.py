@@ -9,7 +9,7 @@ import pytest
 from sinkhole.errors import ListFormatError
 from sinkhole.model import RuleKind
 from sinkhole.policy import lists
-from sinkhole.service.server import open_store
+from sinkhole.store.db import open_store
 from tests.conftest import ROOT, ask
 
 SHIPPED = sorted((ROOT / "blocklists").glob("*.txt"))

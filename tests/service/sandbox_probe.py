@@ -375,7 +375,7 @@ def ex_argon2() -> str:
 
 def ex_sinkhole(tmp: Path) -> str:
     """sinkhole's own store: a new database seeded with the shipped lists, the policy loaded."""
-    from sinkhole.service.server import open_store
+    from sinkhole.store.db import open_store
 
     store = open_store(tmp / "sinkhole.db")
     try:

@@ -91,7 +91,7 @@ def test_passwd_unlock_and_remove_end_sessions_and_are_journaled(db: Path) -> No
 
 def test_account_entries_do_not_make_a_running_server_read_its_policy_whole(db: Path) -> None:
     from sinkhole.policy.decide import Policy
-    from sinkhole.service.server import open_store
+    from sinkhole.store.db import open_store
 
     with open_store(db) as store:
         policy = store.load_policy()

@@ -9,7 +9,8 @@ import pytest
 
 from sinkhole.operations import LogFilter
 from sinkhole.store import browse
-from sinkhole.store.db import AUDIT_INSERT, Store, iso
+from sinkhole.store.db import Store
+from sinkhole.store.schema import AUDIT_INSERT, iso
 
 
 def rows(n: int) -> list[dict]:

@@ -20,7 +20,9 @@ from click.testing import CliRunner, Result
 
 from sinkhole.cli import cli, histogram
 from sinkhole.policy.names import reverse_name
-from sinkhole.store.db import Store, client_prefix, iso
+from sinkhole.store.audit import client_prefix
+from sinkhole.store.db import Store
+from sinkhole.store.schema import iso
 from tests.conftest import ROOT, ask, audit_rows, wait_for
 
 
