@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
 
-from sinkhole.service import config  # noqa: E402
+from sinkhole.service import build  # noqa: E402
 from sinkhole.store.accounts import Accounts  # noqa: E402
 from sinkhole.store.db import Store  # noqa: E402
 from sinkhole.store.journal import Actor  # noqa: E402
@@ -83,7 +83,7 @@ def main() -> None:
         if accounts.user("bench") is None:
             accounts.add_user("bench", "admin", sessions.hash_password(PASSWORD), Actor(command="bench/console.py"))
     console.time = ShiftedClock(time.time() - LOG_END.timestamp() + 3600)  # type: ignore[attr-defined]
-    cfg = config.load(env={}, flags={"web_listen": ("127.0.0.1:0",), "node": "bench"})
+    cfg = build.load(env={}, flags={"web_listen": ("127.0.0.1:0",), "node": "bench"})
     sockets = bind([("127.0.0.1", 0)], "bench-web")
     port = sockets[0].getsockname()[1]
     app = console.Console(cfg, args.db)

@@ -29,11 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sinkhole.audit.writer import AuditLog
 from sinkhole.dns.cache import key_of
 from sinkhole.dns.codec import decode_query
-from sinkhole.dns.pipeline import Pipeline
 from sinkhole.dns.upstream import Forwarder, Upstream
 from sinkhole.model import RuleKind
 from sinkhole.policy.decide import Policy
-from sinkhole.service import config
+from sinkhole.service import build
 
 
 def wire(name: str, qid: int = 1) -> bytes:
@@ -53,11 +52,10 @@ SHAPES = {
 
 def pipeline(tmp: str):
     """A pipeline as `serve` builds it (rate limits off: the bench is one client), over 1,000 block rules."""
-    cfg = config.load(env={}, flags={"upstream": ("127.0.0.1:9",), "rate_limit": 0, "rate_limit_net": 0})
+    cfg = build.load(env={}, flags={"upstream": ("127.0.0.1:9",), "rate_limit": 0, "rate_limit_net": 0})
     policy = Policy([(f"r{i}.example", RuleKind.BLOCK.value, "bench") for i in range(1000)], version=1)
     audit = AuditLog(Path(tmp) / "a.db", "bench", "none", seed=None)  # not started: nothing is written
-    return Pipeline(lambda: policy, Forwarder([Upstream("127.0.0.1", 9)]), audit, cfg.answers(), cfg.make_guard(),
-                    cfg.make_cache())
+    return build.pipeline(cfg, lambda: policy, Forwarder([Upstream("127.0.0.1", 9)]), audit)
 
 
 def cache_hit(p) -> bytes:

@@ -221,16 +221,16 @@ def serve(env: Env, config_file: Path | None, **flags: Any) -> None:
     """Serve DNS: sinkhole listed names, forward the rest, audit every block.
 
     sinkhole reload (or SIGHUP) reads the configuration again and applies what can change at run time."""
-    from sinkhole.service import config, server, systemd
+    from sinkhole.service import build, config, server, systemd
 
     config_file = config_file or config.default_file()
     # a repeatable option given no value comes as (): not set, rather than set to nothing
     given = {k: (None if v == () else v) for k, v in flags.items()}
-    cfg = config.load(config_file, flags=given)
+    cfg = build.load(config_file, flags=given)
     env.checked_path()
     # under systemd, each line carries its priority into the journal (journalctl -p warning)
     logging.basicConfig(level=cfg.log_level.upper(), handlers=[systemd.log_handler(sys.stderr)])
-    sys.exit(server.run(cfg, env.db_path, reload=lambda: config.load(config_file, flags=given)))
+    sys.exit(server.run(cfg, env.db_path, reload=lambda: build.load(config_file, flags=given)))
 
 
 @cli.command()
@@ -267,12 +267,12 @@ def config_group() -> None:
 def config_check(file: Path | None) -> None:
     """Validate FILE [SINKHOLE_CONFIG, else /etc/sinkhole/sinkhole.toml]: every error, each with its
     line; exit 2 if there is any."""
-    from sinkhole.service import config
+    from sinkhole.service import build, config
 
     file = file or config.default_file()
     if file is None:
         raise ConfigError(f"no settings file: give FILE, set SINKHOLE_CONFIG, or create {config.DEFAULT_PATH}")
-    problems = config.check_file(file)
+    problems = config.check_file(file, build.check)
     for problem in problems:
         click.echo(problem.format(file), err=True)
     if problems:
@@ -286,10 +286,10 @@ def config_check(file: Path | None) -> None:
 @click.option("--format", "fmt", type=click.Choice(["toml", "json"]), default="toml", show_default=True)
 def config_show(config_file: Path | None, fmt: str) -> None:
     """The effective settings (defaults < file < SINKHOLE_* environment), each with where it came from."""
-    from sinkhole.service import config
+    from sinkhole.service import build, config
 
     config_file = config_file or config.default_file()
-    cfg, sources = config.load_sources(config_file)
+    cfg, sources = build.load_sources(config_file)
     if fmt == "json":
         click.echo(json.dumps({"file": str(config_file) if config_file else None, "settings": {
             name: {"value": list(v) if isinstance(v := getattr(cfg, name), tuple) else v, "source": sources[name]}
@@ -605,14 +605,14 @@ def export_rpz(env: Env, client_group: str, zone: str | None, config_file: Path 
     are left out, named in a comment and on stderr. The serial is the policy version.
     """
     from sinkhole.fleet import rpz
-    from sinkhole.service import config
+    from sinkhole.service import build
 
-    cfg = config.load(config_file)
+    cfg = build.load(config_file)
     origin = rpz.zone_name(zone if zone is not None else cfg.rpz_zone)
     with env.existing_store() as store:
         version, rules = store.rules_in_force(client_group)
     with Progress.for_command(quiet) as progress:
-        result = rpz.build(rules, cfg.answers(), origin, max(version, 1), client_group, cfg.rpz_refresh, version,
+        result = rpz.build(rules, build.answers(cfg), origin, max(version, 1), client_group, cfg.rpz_refresh, version,
                            progress.stage("building", len(rules), "rules"))
         del rules
         ordered = result.sorted_records(progress.stage("ordering", len(result.records), "records"))
@@ -1077,7 +1077,7 @@ def check(env: Env, name: str, qtype: str, client: str, config_file: Path | None
 
     import dns.rdatatype
 
-    from sinkhole.service import config
+    from sinkhole.service import build, config
     from sinkhole.service.explain import explain
 
     domain = normalize(name)
@@ -1086,7 +1086,7 @@ def check(env: Env, name: str, qtype: str, client: str, config_file: Path | None
         ipaddress.ip_address(client)
     except (ValueError, dns.rdatatype.UnknownRdatatype):
         raise click.BadParameter(f"{qtype!r} or {client!r} is not a query type / an IP address") from None
-    cfg = config.load(config_file or config.default_file())
+    cfg = build.load(config_file or config.default_file())
     quiet = logging.getLogger("sinkhole")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # the server's own warnings are not the answer here

@@ -23,7 +23,7 @@ import dns.query
 import dns.rdatatype
 import pytest
 
-from sinkhole.service import config
+from sinkhole.service import build
 from sinkhole.service.server import Server
 from tests.dnsstub import StubResolver
 
@@ -48,7 +48,7 @@ class RunningServer:
         settings.setdefault("listen", ("127.0.0.1:0",))
         settings.setdefault("reload_interval", 0.1)
         settings.setdefault("node", "test-node")
-        self.cfg = config.load(env={}, flags=settings)
+        self.cfg = build.load(env={}, flags=settings)
         self.db = db
         self.server: Server | None = None
         self.loop = asyncio.new_event_loop()

@@ -111,18 +111,6 @@ def facility_code(name: str) -> int:
         raise ConfigError(f"syslog_facility must be one of {', '.join(FACILITIES)}, not {name!r}") from None
 
 
-def from_config(cfg: Any) -> Shipper | None:
-    """The shipper a ServeConfig asks for (`syslog`, `syslog_facility`, `json_log`, `anchor_interval`), or None."""
-    sinks: list[_Sink] = []
-    shipper = Shipper(sinks, node=cfg.node)
-    if cfg.syslog:
-        sinks.append(SyslogSink(shipper, parse_target(cfg.syslog), facility_code(cfg.syslog_facility),
-                                cfg.anchor_interval))
-    if cfg.json_log:
-        sinks.append(JsonSink(shipper))
-    return shipper if sinks else None
-
-
 # ---------------------------------------------------------------------------- formats
 
 

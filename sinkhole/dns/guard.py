@@ -14,10 +14,6 @@ from sinkhole.policy.names import client_address
 
 log = logging.getLogger(__name__)
 
-# loopback, RFC 1918, RFC 6598 (carrier-grade NAT), IPv6 ULA, link-local
-DEFAULT_ALLOW = ("127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10",
-                 "fc00::/7", "169.254.0.0/16", "fe80::/10")
-DEFAULT_EXEMPT = ("127.0.0.0/8", "::1/128")
 _CACHE_MAX = 65536
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -79,10 +75,11 @@ class _Buckets:
 
 
 class Guard:
-    def __init__(self, allow_clients: Iterable[str] = DEFAULT_ALLOW, rate_limit: float = 200.0,
+    def __init__(self, allow_clients: Iterable[str], rate_limit: float = 200.0,
                  rate_limit_burst: float = 400.0, net_rate_limit: float = 2000.0, net_rate_limit_burst: float = 4000.0,
                  v4_prefix: int = 24, v6_prefix: int = 56, action: str = "truncate",
-                 exempt: Iterable[str] = DEFAULT_EXEMPT) -> None:
+                 exempt: Iterable[str] = ()) -> None:
+        """`allow_clients` and `exempt`: networks (their defaults are the settings', service.config)."""
         if action not in ("truncate", "refuse"):
             raise ConfigError(f"rate_limit_action must be truncate or refuse, not {action!r}")
         if not (0 <= v4_prefix <= 32 and 0 <= v6_prefix <= 128):

@@ -57,9 +57,9 @@ class Pending:
 
 class Pipeline:
     def __init__(self, get_policy: Callable[[], Policy], forwarder: Forwarder, audit: AuditLog,
-                 answers: answer.AnswerConfig, guard: Guard | None = None, cache: Cache | None = None,
+                 answers: answer.AnswerConfig, guard: Guard, cache: Cache,
                  ecs: tuple[int, int] | None = None, shares: Shares | None = None) -> None:
-        self.guard = guard or Guard()
+        self.guard = guard
         self.shares = shares or Shares()  # forwards in flight per client and per network
         # Client Subnet (RFC 7871): None strips it (internal addresses never leave the agency); (V4, V6) sends
         # the client's network of those prefix lengths upstream, and keys the cache on it
@@ -68,7 +68,7 @@ class Pipeline:
             "nxdomain": answer.AnswerConfig(mode="nxdomain", ttl=answers.ttl),
             "nodata": answer.AnswerConfig(mode="sinkhole", a=None, aaaa=None, ttl=answers.ttl),
         }
-        self.cache = cache if cache is not None else Cache()
+        self.cache = cache
         self._inflight: dict[bytes, asyncio.Future[tuple[bytes, str, Verdict | None]]] = {}
         # blocked answers by packet-without-ID, valid for one policy snapshot; one memo per client group
         self._memo: dict[bytes, tuple[bytes, str, int, int, Verdict, str]] = {}

@@ -142,29 +142,6 @@ def zone_name(text: str) -> dns.name.Name:
     return name
 
 
-def check_config(cfg: ServeConfig) -> None:
-    """The RPZ settings of `cfg`, or ConfigError naming the bad one."""
-    from sinkhole.dns.upstream import parse_hostport
-
-    zone_name(cfg.rpz_zone)
-    parse_tsig(cfg.rpz_tsig)
-    if cfg.rpz_listen:
-        parse_hostport(cfg.rpz_listen, 53)
-    if cfg.policy_from:
-        parse_hostport(cfg.policy_from, 53)
-    for target in cfg.rpz_notify:
-        parse_hostport(target, 53)
-    for network in cfg.rpz_secondaries:
-        try:
-            ipaddress.ip_network(network, strict=False)
-        except ValueError:
-            raise ConfigError(f"rpz_secondaries: {network!r} is not an address or CIDR network") from None
-    if not 1 <= cfg.rpz_refresh <= 86400:
-        raise ConfigError("rpz_refresh must be from 1 to 86400 seconds")
-    if cfg.rpz_notify and not cfg.rpz_listen:
-        raise ConfigError("rpz_notify needs rpz_listen: NOTIFY tells secondaries to transfer from it")
-
-
 # ---------------------------------------------------------------------------- the zone
 
 
@@ -456,11 +433,11 @@ class _Udp(asyncio.DatagramProtocol):
 class Primary:
     """The zone in force and its recent differences; answers SOA, AXFR, IXFR; sends NOTIFY."""
 
-    def __init__(self, cfg: ServeConfig) -> None:
+    def __init__(self, cfg: ServeConfig, answers: AnswerConfig) -> None:
         from sinkhole.dns.upstream import parse_hostport
 
         self.cfg = cfg
-        self.answers = cfg.answers()
+        self.answers = answers
         self.origin = zone_name(cfg.rpz_zone)
         self.group = cfg.rpz_group
         self.networks = [ipaddress.ip_network(n, strict=False) for n in cfg.rpz_secondaries]
@@ -791,8 +768,8 @@ def bind(cfg: ServeConfig) -> tuple[socket.socket, socket.socket] | None:
 class Node:
     """What `sinkhole serve` runs for RPZ: a primary, a secondary, or both, and their listener."""
 
-    def __init__(self, cfg: ServeConfig, db: Path) -> None:
-        self.primary = Primary(cfg) if cfg.rpz_listen else None
+    def __init__(self, cfg: ServeConfig, db: Path, answers: AnswerConfig) -> None:
+        self.primary = Primary(cfg, answers) if cfg.rpz_listen else None
         self.secondary = Secondary(cfg, db) if cfg.policy_from else None
         self.endpoint = Endpoint(cfg, self.primary, self.secondary) if cfg.rpz_listen else None
 

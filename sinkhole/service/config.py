@@ -1,42 +1,35 @@
 """Settings for `sinkhole serve`: defaults < TOML file < SINKHOLE_* environment < command-line flags.
 
+A leaf: values and the checks that need nothing but the values (types, ranges, relations between keys). What
+turns a setting into a running part, and the checks that need one (an upstream URL, a TSIG key, a CA file), is
+sinkhole.service.build, which `serve` and `config check` both use.
+
 The file is `--config FILE` (env SINKHOLE_CONFIG), else /etc/sinkhole/sinkhole.toml when it exists.
-`check_file` validates a file and names the line of every error; `load_sources` also says where each
-effective value came from; `reload_plan` splits a changed configuration into what a running server
-applies (RELOADABLE) and what needs a restart.
+`read` also says where each effective value came from; `check_file` validates a file with the validator it is
+given (build.check) and names the line of every error; `reload_plan` splits a changed configuration into what a
+running server applies (RELOADABLE) and what needs a restart.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
+import json
 import os
 import re
 import socket
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sinkhole.audit import shipping
-from sinkhole.audit.writer import MODES as LOG_MODES
-from sinkhole.dns import guard
-from sinkhole.dns.answer import AnswerConfig
-from sinkhole.dns.cache import Cache
-from sinkhole.dns.upstream import (
-    STRATEGIES,
-    Forwarder,
-    Upstream,
-    parse_hostport,
-    parse_upstream,
-    parse_zones,
-    system_upstreams,
-    tls_context,
-)
 from sinkhole.errors import ConfigError
-from sinkhole.fleet import rpz
-from sinkhole.store.audit import MAX_RETENTION_DAYS
+
+# loopback, RFC 1918, RFC 6598 (carrier-grade NAT), IPv6 ULA, link-local
+DEFAULT_ALLOW = ("127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10",
+                 "fc00::/7", "169.254.0.0/16", "fe80::/10")
+DEFAULT_EXEMPT = ("127.0.0.0/8", "::1/128")
+MAX_RETENTION_DAYS = 36500  # a hundred years: beyond, the cut-off date is out of datetime's range
 
 
 @dataclass(frozen=True)
@@ -55,7 +48,7 @@ class ServeConfig:
     log_queries: str = "blocked"  # blocked | all | none
     log_client_prefix: str = ""  # "V4/V6", e.g. "24/56": audit rows keep the client's network, not its address
     audit_synchronous: str = "normal"  # SQLite synchronous level of the audit log: off | normal | full | extra
-    allow_clients: tuple[str, ...] = guard.DEFAULT_ALLOW  # others get REFUSED
+    allow_clients: tuple[str, ...] = DEFAULT_ALLOW  # others get REFUSED
     rate_limit: float = 200.0  # queries/s per client address (0: off)
     rate_limit_burst: float = 400.0
     rate_limit_net: float = 2000.0  # queries/s per client network (/24, /56) (0: off)
@@ -63,7 +56,7 @@ class ServeConfig:
     rate_limit_v4_prefix: int = 24
     rate_limit_v6_prefix: int = 56
     rate_limit_action: str = "truncate"  # truncate: TC=1 over UDP (TCP is not limited); refuse: REFUSED
-    rate_limit_exempt: tuple[str, ...] = guard.DEFAULT_EXEMPT
+    rate_limit_exempt: tuple[str, ...] = DEFAULT_EXEMPT
     cache_size: int = 100_000  # entries (0: no cache)
     cache_min_ttl: int = 0
     cache_max_ttl: int = 86400
@@ -119,108 +112,6 @@ class ServeConfig:
     web_idle_timeout: int = 1800  # seconds a session may go unused
     web_session_lifetime: int = 43200  # seconds a session lasts at most after the login
 
-    def answers(self) -> AnswerConfig:
-        """With a block page, blocked A/AAAA answers point at its address (unless block_a / block_aaaa are
-        set to something other than their defaults); a family it does not listen on gets no data."""
-        a, aaaa = self.block_a, self.block_aaaa
-        pages = self.blockpage_addresses()
-        if pages:
-            if a == DEFAULT.block_a:
-                a = next((h for h, _ in pages if ":" not in h), "none")
-            if aaaa == DEFAULT.block_aaaa:
-                aaaa = next((h for h, _ in pages if ":" in h), "none")
-            for host in (a, aaaa):
-                if host in ("0.0.0.0", "::"):
-                    raise ConfigError("blockpage_listen is a wildcard address: set block_a (and block_aaaa) to the "
-                                      "address clients reach the block page at")
-        return AnswerConfig(mode=self.mode, a=_addr(a, 4, "block_a"), aaaa=_addr(aaaa, 6, "block_aaaa"),
-                            ttl=self.block_ttl)
-
-    def blockpage_addresses(self) -> list[tuple[str, int]]:
-        """Where the block page listens: HOST:PORT each, a bare HOST as HOST:80 and HOST:443."""
-        out: list[tuple[str, int]] = []
-        for text in self.blockpage_listen:
-            host, port = parse_hostport(text, -1)  # -1: no port given
-            out += [(host, 80), (host, 443)] if port == -1 else [(host, port)]
-        return list(dict.fromkeys(out))
-
-    def web_addresses(self) -> list[tuple[str, int]]:
-        """Where the web console listens (a bare HOST: port 8053)."""
-        return list(dict.fromkeys(parse_hostport(text, WEB_PORT) for text in self.web_listen))
-
-    def make_guard(self) -> guard.Guard:
-        return guard.Guard(self.allow_clients, self.rate_limit, self.rate_limit_burst, self.rate_limit_net,
-                           self.rate_limit_net_burst, self.rate_limit_v4_prefix, self.rate_limit_v6_prefix,
-                           self.rate_limit_action, self.rate_limit_exempt)
-
-    def make_shares(self) -> guard.Shares:
-        return guard.Shares(self.max_inflight_client_share, self.max_inflight_network_share)
-
-    def client_prefix(self) -> tuple[int, int] | None:
-        """(IPv4 prefix, IPv6 prefix) to which audit rows truncate client addresses; None: whole addresses."""
-        text = self.log_client_prefix.strip()
-        if not text:
-            return None
-        v4, _, v6 = text.partition("/")
-        try:
-            prefix = (int(v4), int(v6 or "128"))
-        except ValueError:
-            raise ConfigError(f"log_client_prefix: {text!r} is not V4/V6 prefix lengths like 24/56") from None
-        if not (0 <= prefix[0] <= 32 and 0 <= prefix[1] <= 128):
-            raise ConfigError(f"log_client_prefix: {text!r}: IPv4 prefix 0..32, IPv6 prefix 0..128")
-        return prefix
-
-    def ecs_prefix(self) -> tuple[int, int] | None:
-        """ecs as (IPv4 prefix, IPv6 prefix) to send upstream, or None: no Client Subnet leaves sinkhole."""
-        text = self.ecs.strip().lower()
-        if text == "strip":
-            return None
-        v4, slash, v6 = text.partition("/")
-        try:
-            prefix = (int(v4), int(v6))
-        except ValueError:
-            raise ConfigError(f'ecs: {self.ecs!r} is neither "strip" nor V4/V6 prefix lengths like 24/56') from None
-        if not slash or not (0 < prefix[0] <= 32 and 0 < prefix[1] <= 128):
-            raise ConfigError(f"ecs: {self.ecs!r}: IPv4 prefix 1..32, IPv6 prefix 1..128, as in 24/56")
-        return prefix
-
-    def make_cache(self) -> Cache:
-        return Cache(self.cache_size, self.cache_min_ttl, self.cache_max_ttl, self.cache_negative_max_ttl,
-                     self.cache_prefetch, self.cache_serve_stale)
-
-    def upstreams(self) -> list[Upstream]:
-        if self.upstream:
-            try:
-                return [parse_upstream(u) for u in self.upstream]
-            except ConfigError as exc:
-                raise ConfigError(f"upstream: {exc}") from None
-        return system_upstreams()
-
-    def zones(self) -> dict[str, list[Upstream]]:
-        """forward_zones as {zone: upstreams}."""
-        table: dict[str, list[str]] = {}
-        try:
-            for entry in self.forward_zones:
-                zone, eq, urls = entry.partition("=")
-                if not eq or not zone.strip():
-                    raise ConfigError(f"{entry!r}: expected ZONE=UPSTREAM[,UPSTREAM...]")
-                if zone.strip() in table:
-                    raise ConfigError(f"zone {zone.strip()!r} is given twice")
-                table[zone.strip()] = [u for u in (x.strip() for x in urls.split(",")) if u]
-            return parse_zones(table)
-        except ConfigError as exc:
-            raise ConfigError(f"forward_zones: {exc}") from None
-
-    def make_forwarder(self) -> Forwarder:
-        return Forwarder(self.upstreams(), self.timeout, self.max_inflight, self.upstream_strategy,
-                         self.upstream_ca or None, self.zones())
-
-    def listen_addresses(self) -> list[tuple[str, int]]:
-        return [parse_hostport(x, 53) for x in self.listen]
-
-    def metrics_address(self) -> tuple[str, int] | None:
-        return parse_hostport(self.metrics, METRICS_PORT) if self.metrics.strip() else None
-
 
 FIELDS = {f.name: f for f in dataclasses.fields(ServeConfig)}
 DEFAULT = ServeConfig()
@@ -240,18 +131,6 @@ RELOADABLE = frozenset({
 def default_file() -> Path | None:
     """/etc/sinkhole/sinkhole.toml when it exists: used when no --config / SINKHOLE_CONFIG is given."""
     return DEFAULT_PATH if DEFAULT_PATH.is_file() else None
-
-
-def _addr(text: str, version: int, name: str) -> Any:
-    if text.lower() in ("", "none"):
-        return None
-    try:
-        addr = ipaddress.ip_address(text)
-    except ValueError:
-        raise ConfigError(f"{name}: {text!r} is not an IP address") from None
-    if addr.version != version:
-        raise ConfigError(f"{name}: {text!r} is not an IPv{version} address")
-    return addr
 
 
 def _coerce(name: str, value: Any, origin: str) -> Any:
@@ -330,18 +209,18 @@ LIMITS: dict[str, tuple[int, int]] = {
 }
 
 
-def _validate(cfg: ServeConfig) -> ServeConfig:
-    if cfg.mode not in AnswerConfig.MODES:
-        raise ConfigError(f"mode must be one of {', '.join(AnswerConfig.MODES)}, not {cfg.mode!r}")
-    if cfg.log_queries not in LOG_MODES:
-        raise ConfigError(f"log_queries must be one of {', '.join(LOG_MODES)}, not {cfg.log_queries!r}")
+SYNCHRONOUS = ("off", "normal", "full", "extra")  # SQLite's levels (audit_synchronous)
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def check_values(cfg: ServeConfig) -> ServeConfig:
+    """ConfigError for a value that is wrong by itself or together with another, whatever runs it (build.check
+    adds what needs the parts themselves: addresses, upstreams, keys, choices a part owns)."""
     if not all(0 < v < 3600 for v in (cfg.timeout, cfg.tcp_idle_timeout, cfg.reload_interval)):
         raise ConfigError("timeouts and intervals must be above zero and below an hour")
-    if cfg.audit_synchronous.lower() not in ("off", "normal", "full", "extra"):
+    if cfg.audit_synchronous.lower() not in SYNCHRONOUS:
         raise ConfigError(f"audit_synchronous must be off, normal, full or extra, not {cfg.audit_synchronous!r}")
-    cfg.client_prefix()
-    cfg.ecs_prefix()
-    if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
+    if cfg.log_level.lower() not in LOG_LEVELS:
         raise ConfigError(f"log_level must be debug, info, warning or error, not {cfg.log_level!r}")
     if not 0 <= cfg.log_repeat_interval <= 3600:
         raise ConfigError("log_repeat_interval must be from 0 (every line) to 3600 seconds")
@@ -359,35 +238,18 @@ def _validate(cfg: ServeConfig) -> ServeConfig:
         raise ConfigError("prune_interval must be above 0 and at most 86400 s")
     if not cfg.listen:
         raise ConfigError("listen: at least one address is needed")
-    if cfg.syslog:
-        shipping.parse_target(cfg.syslog)
-    shipping.facility_code(cfg.syslog_facility)
     if not 0 < cfg.anchor_interval <= 86400:
         raise ConfigError("anchor_interval must be above zero and at most a day (86400 seconds)")
-    cfg.metrics_address()
-    cfg.answers()
-    rpz.check_config(cfg)
-    cfg.make_guard()
-    cfg.listen_addresses()
-    if cfg.upstream:
-        cfg.upstreams()
-    if cfg.upstream_strategy not in STRATEGIES:
-        raise ConfigError(f"upstream_strategy must be one of {', '.join(STRATEGIES)}, not {cfg.upstream_strategy!r}")
-    if cfg.upstream_ca:
-        tls_context(cfg.upstream_ca)
-    cfg.zones()
+    if not 1 <= cfg.rpz_refresh <= 86400:
+        raise ConfigError("rpz_refresh must be from 1 to 86400 seconds")
+    if cfg.rpz_notify and not cfg.rpz_listen:
+        raise ConfigError("rpz_notify needs rpz_listen: NOTIFY tells secondaries to transfer from it")
     if cfg.blockpage_language not in ("en", "ko"):
         raise ConfigError(f"blockpage_language must be en or ko, not {cfg.blockpage_language!r}")
-    if cfg.blockpage_logo and not Path(cfg.blockpage_logo).is_file():
-        raise ConfigError(f"blockpage_logo: {cfg.blockpage_logo}: no such file")
-    cfg.web_addresses()
     if cfg.web_tls not in ("auto", "on", "off"):
         raise ConfigError(f"web_tls must be auto, on or off, not {cfg.web_tls!r}")
     if cfg.web_key and not cfg.web_cert:
         raise ConfigError("web_key needs web_cert")
-    for name in ("web_cert", "web_key"):
-        if getattr(cfg, name) and not Path(getattr(cfg, name)).is_file():
-            raise ConfigError(f"{name}: {getattr(cfg, name)}: no such file")
     if not 60 <= cfg.web_idle_timeout <= cfg.web_session_lifetime <= 7 * 86400:
         raise ConfigError("web_idle_timeout must be at least 60 s and at most web_session_lifetime, which is at most"
                           " a week (604800 s)")
@@ -407,9 +269,10 @@ def _read(path: Path) -> dict[str, Any]:
     return server if isinstance(server, dict) else data
 
 
-def load_sources(file: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None,
-                 flags: Mapping[str, Any] | None = None) -> tuple[ServeConfig, dict[str, str]]:
-    """The effective settings and, for each, where it came from: default, file, env or flag."""
+def read(file: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None,
+         flags: Mapping[str, Any] | None = None) -> tuple[ServeConfig, dict[str, str]]:
+    """The effective settings (values checked by check_values) and, for each, where it came from: default,
+    file, env or flag. build.load_sources adds the checks of the parts that use them."""
     values: dict[str, Any] = {}
     sources = dict.fromkeys(FIELDS, "default")
     if file is not None:
@@ -431,12 +294,7 @@ def load_sources(file: str | os.PathLike[str] | None = None, env: Mapping[str, s
             continue
         values[name] = _coerce(name, value, "--" + name.replace("_", "-"))
         sources[name] = "flag"
-    return _validate(ServeConfig(**values)), sources
-
-
-def load(file: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None,
-         flags: Mapping[str, Any] | None = None) -> ServeConfig:
-    return load_sources(file, env, flags)[0]
+    return check_values(ServeConfig(**values)), sources
 
 
 # ---------------------------------------------------------------------------- config check
@@ -469,8 +327,9 @@ def _strip_origin(message: str) -> str:
     return message.split(": ", 1)[1] if message.startswith(("/", ".")) and ": " in message else message
 
 
-def check_file(file: str | os.PathLike[str]) -> list[Problem]:
-    """Every error in a settings file at once, each with its line (as `config check` prints them).
+def check_file(file: str | os.PathLike[str], validate: Callable[[ServeConfig], object]) -> list[Problem]:
+    """Every error in a settings file at once, each with its line (as `config check` prints them); `validate`
+    (build.check: what serve builds) raises ConfigError for settings that cannot be served.
 
     TOML syntax errors carry tomllib's line and column (the file cannot be read further); unknown
     keys and bad values name the line of their key; a value that is wrong only together with
@@ -515,19 +374,20 @@ def check_file(file: str | os.PathLike[str]) -> list[Problem]:
 
     def error_of(values: dict[str, Any]) -> str | None:
         try:
-            _validate(ServeConfig(**values))
+            validate(check_values(ServeConfig(**values)))
         except ConfigError as exc:
             return _strip_origin(str(exc))
         return None
 
     if error_of(good) is not None:
+        base = error_of({})  # the defaults alone (on a host whose resolv.conf names no nameserver, say)
         for name in list(good):  # each value alone over the defaults: which ones are wrong by themselves
             message = error_of({name: good[name]})
-            if message is not None:
+            if message is not None and message != base:
                 problems.append(Problem(lines[name], 0, message))
                 del good[name]
         message = error_of(good)
-        if message is not None:  # wrong only together
+        if message is not None:  # wrong only together (or with the defaults)
             named = [n for n in good if re.search(r"\b" + re.escape(n) + r"\b", message)]
             problems.append(Problem(lines[named[0]] if named else 0, 0, message))
     return sorted(problems, key=lambda p: (p.line, p.column))
@@ -552,6 +412,4 @@ def to_toml(value: Any) -> str:
         return repr(value)
     if isinstance(value, tuple | list):
         return "[" + ", ".join(to_toml(v) for v in value) + "]"
-    import json
-
     return json.dumps(str(value), ensure_ascii=False)

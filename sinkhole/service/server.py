@@ -13,18 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sinkhole import logthrottle
-from sinkhole.audit import shipping
 from sinkhole.audit.retention import Pruner
-from sinkhole.audit.writer import AuditLog
 from sinkhole.dns.answer import AnswerConfig
 from sinkhole.dns.guard import Guard
 from sinkhole.dns.listener import Listener, _Tasks, bind_all, close_all
-from sinkhole.dns.pipeline import Pipeline
 from sinkhole.dns.upstream import Upstream
 from sinkhole.fleet import rpz
-from sinkhole.policy import lists
 from sinkhole.policy.decide import Policy
-from sinkhole.service import config, control, privileges, systemd
+from sinkhole.service import build, config, control, privileges, systemd
 from sinkhole.service.config import ServeConfig
 from sinkhole.store.db import Store, open_store
 from sinkhole.store.journal import Actor
@@ -131,16 +127,11 @@ class Server:
         self.listeners: list[Listener] = []
         self.tasks = _Tasks()
         self._stop = asyncio.Event()
-        self.audit = AuditLog(self.db, cfg.node, cfg.log_queries,
-                              seed=lists.seed if cfg.shipped_lists else None, synchronous=cfg.audit_synchronous,
-                              client_prefix=cfg.client_prefix(), shipper=shipping.from_config(cfg))
-        self.forwarder = cfg.make_forwarder()
-        self.pipeline = Pipeline(lambda: self.policy, self.forwarder, self.audit, cfg.answers(), cfg.make_guard(),
-                                 cfg.make_cache(), cfg.ecs_prefix(), cfg.make_shares())
+        parts = build.parts(cfg, self.db, lambda: self.policy, worker)  # what `config check` builds too
+        self.audit, self.forwarder, self.pipeline = parts.audit, parts.forwarder, parts.pipeline
+        self.rpz = parts.fleet  # RPZ primary/secondary: one per server, so with several workers worker 0's
         self.reloader: PolicyReloader | None = None
         self.pruner: Pruner | None = None
-        # RPZ primary/secondary: one per server, so with several workers only worker 0 runs it
-        self.rpz = rpz.Node(cfg, self.db) if (cfg.rpz_listen or cfg.policy_from) and not worker else None
         self._watchdog: asyncio.Task[None] | None = None
         self.control: control.ControlSocket | None = None  # `sinkhole reload` (a server on its own)
         self._control_server: asyncio.AbstractServer | None = None
@@ -182,7 +173,7 @@ class Server:
             bound, passed = self.sockets, False
         else:
             web_tls = web_tls_for(self.cfg, self.db)  # a console that cannot be served says so before binding
-            bound, passed = bind_all(self.cfg.listen_addresses())
+            bound, passed = bind_all(build.listen_addresses(self.cfg))
             if self.rpz is not None:
                 try:
                     self.rpz_sockets = rpz.bind(self.cfg)
@@ -235,7 +226,7 @@ class Server:
             self.pruner.start()
         if self.sockets is not None:
             return
-        address = self.cfg.metrics_address()
+        address = build.metrics_address(self.cfg)
         if address is not None:
             from sinkhole.service import metrics
 
@@ -429,7 +420,7 @@ def bind_blockpage(cfg: ServeConfig) -> list:
             sock.close()
         return []
 
-    return bind(cfg.blockpage_addresses(), BLOCKPAGE)
+    return bind(build.blockpage_addresses(cfg), BLOCKPAGE)
 
 
 @dataclass(frozen=True)
@@ -449,8 +440,8 @@ def plan_reload(running: ServeConfig, new: ServeConfig) -> ReloadPlan:
     The supervisor calls it to check the settings once before its workers apply them."""
     cfg, applied, restart = config.reload_plan(running, new)
     changed = set(applied)
-    return ReloadPlan(cfg, applied, restart, cfg.answers(), cfg.make_guard() if changed & GUARD_SETTINGS else None,
-                      cfg.upstreams() if "upstream" in changed else None)
+    return ReloadPlan(cfg, applied, restart, build.answers(cfg), build.guard(cfg) if changed & GUARD_SETTINGS else None,
+                      build.upstreams(cfg) if "upstream" in changed else None)
 
 
 def bind_web(cfg: ServeConfig) -> list:
@@ -463,7 +454,7 @@ def bind_web(cfg: ServeConfig) -> list:
         for sock in listen_sockets(WEB):
             sock.close()
         return []
-    return bind(cfg.web_addresses(), WEB)
+    return bind(build.web_addresses(cfg), WEB)
 
 
 def web_tls_for(cfg: ServeConfig, db: Path):

@@ -35,7 +35,7 @@ from typing import Any
 from sinkhole import logthrottle
 from sinkhole.dns.listener import Bound, bind_all, close_all
 from sinkhole.fleet import rpz
-from sinkhole.service import config, control, systemd
+from sinkhole.service import build, config, control, systemd
 from sinkhole.service.config import ServeConfig
 
 log = logging.getLogger(__name__)
@@ -213,7 +213,7 @@ class Supervisor:
         signal.signal(signal.SIGINT, self._on_signal)
         signal.signal(signal.SIGHUP, self._on_hup)
         web_tls = web_tls_for(self.cfg, self.db)  # a console that cannot be served says so before binding
-        self.bound, from_systemd = bind_all(self.cfg.listen_addresses())
+        self.bound, from_systemd = bind_all(build.listen_addresses(self.cfg))
         try:
             self.rpz_bound = rpz.bind(self.cfg)  # before --user drops root: port 53 works; worker 0 serves it
             self.blockpage_bound = bind_blockpage(self.cfg)  # the same for ports 80 and 443
@@ -231,12 +231,12 @@ class Supervisor:
             drop_privileges(self.cfg.user)
         open_store(self.db, self.cfg.shipped_lists).close()  # create and seed once, before the workers race
         self.control = control.listen(self.db)
-        upstreams = ", ".join(map(str, self.cfg.upstreams()))
+        upstreams = ", ".join(map(str, build.upstreams(self.cfg)))
         interval = systemd.watchdog_interval()
         for index in range(self.count):
             self._spawn(index, interval)
         exporter = console = None
-        address = self.cfg.metrics_address()
+        address = build.metrics_address(self.cfg)
         if address is not None or self.web_bound:  # workers send snapshots for /metrics and the console
             from sinkhole.service.metrics import WorkerSnapshots
 
@@ -497,7 +497,7 @@ def worker_main(cfg: ServeConfig, db: Path, bound: list[Bound], fd: int, index: 
 
         beater = loop.create_task(beat())
         reporter = None
-        if cfg.metrics_address() is not None or cfg.web_listen:  # the supervisor's /metrics and web console
+        if build.metrics_address(cfg) is not None or cfg.web_listen:  # the supervisor's /metrics and web console
             from sinkhole.service import metrics
 
             async def report() -> None:  # counters for the supervisor's /metrics

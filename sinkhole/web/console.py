@@ -42,6 +42,7 @@ from aiohttp import web
 from sinkhole import __version__, operations
 from sinkhole.audit import chain, report
 from sinkhole.errors import ConfigError, DomainError, ListFormatError
+from sinkhole.service import build
 from sinkhole.store import browse
 from sinkhole.store.accounts import LOCK_AFTER, LOCK_SECONDS, Accounts, Session, may
 from sinkhole.store.db import Store
@@ -920,7 +921,7 @@ def tls_from_config(cfg: Any, db: Path) -> Callable[[str], ssl.SSLContext] | Non
     address (or web_name), else None: plain HTTP, which only loopback addresses may serve (ConfigError)."""
     from sinkhole.web import certs
 
-    hosts = [h for h, _ in cfg.web_addresses()]
+    hosts = [h for h, _ in build.web_addresses(cfg)]
     mode = cfg.web_tls
     ctx: ssl.SSLContext | None = None
     if mode != "off" and cfg.web_cert:

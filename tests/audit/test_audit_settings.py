@@ -8,7 +8,7 @@ import pytest
 from sinkhole.audit.writer import AuditLog
 from sinkhole.errors import ConfigError
 from sinkhole.model import AuditEvent
-from sinkhole.service import config
+from sinkhole.service import build
 from tests.conftest import ask, audit_rows, wait_for
 
 
@@ -55,9 +55,9 @@ def test_synchronous_level_is_the_writers(make_server, stub, db, level, expected
 ])
 def test_bad_settings_are_refused(settings, message):
     with pytest.raises(ConfigError, match=message):
-        config.load(env={}, flags=settings)
+        build.load(env={}, flags=settings)
 
 
 def test_settings_come_from_the_environment_too():
-    cfg = config.load(env={"SINKHOLE_LOG_CLIENT_PREFIX": "16/48", "SINKHOLE_AUDIT_SYNCHRONOUS": "full"})
-    assert cfg.client_prefix() == (16, 48) and cfg.audit_synchronous == "full"
+    cfg = build.load(env={"SINKHOLE_LOG_CLIENT_PREFIX": "16/48", "SINKHOLE_AUDIT_SYNCHRONOUS": "full"})
+    assert build.client_prefix(cfg) == (16, 48) and cfg.audit_synchronous == "full"

@@ -12,6 +12,7 @@ from click.testing import CliRunner, Result
 
 from sinkhole.audit.writer import AuditLog
 from sinkhole.cli import cli
+from sinkhole.service import build
 from sinkhole.store.db import open_store
 from tests.audit.test_data_faults import event
 from tests.conftest import ask, select, sql, wait_for
@@ -206,16 +207,15 @@ def test_server_prunes_old_rows_periodically(make_server, stub, aged, db, operat
 
 def test_retention_setting(tmp_path, monkeypatch):
     from sinkhole.errors import ConfigError
-    from sinkhole.service import config
 
-    assert config.load(env={}).retention_days == 365
-    assert config.load(env={"SINKHOLE_RETENTION_DAYS": "0"}).retention_days == 0
+    assert build.load(env={}).retention_days == 365
+    assert build.load(env={"SINKHOLE_RETENTION_DAYS": "0"}).retention_days == 0
     f = tmp_path / "s.toml"
     f.write_text("[server]\nretention_days = 90\n")
-    assert config.load(f, env={}).retention_days == 90
-    assert config.load(f, env={}, flags={"retention_days": 7}).retention_days == 7
+    assert build.load(f, env={}).retention_days == 90
+    assert build.load(f, env={}, flags={"retention_days": 7}).retention_days == 7
     with pytest.raises(ConfigError):
-        config.load(env={"SINKHOLE_RETENTION_DAYS": "-1"})
+        build.load(env={"SINKHOLE_RETENTION_DAYS": "-1"})
 
 
 def test_retention_zero_keeps_everything(make_server, stub, aged, db):

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from sinkhole.audit import shipping
 from sinkhole.cli import cli
 from sinkhole.errors import ConfigError
-from sinkhole.service import config
+from sinkhole.service import build
 from tests.conftest import ask, audit_rows, wait_for
 
 # RFC 5424 section 6, strictly: HEADER SP STRUCTURED-DATA [SP MSG]
@@ -216,16 +216,16 @@ def test_syslog_targets(text, want):
 ])
 def test_bad_shipping_settings_are_refused(settings, message):
     with pytest.raises(ConfigError, match=message):
-        config.load(env={}, flags=settings)
+        build.load(env={}, flags=settings)
 
 
 def test_shipping_settings_from_file_env_and_flags(tmp_path):
     f = tmp_path / "s.toml"
     f.write_text('syslog = "tcp://127.0.0.1:6514"\nsyslog_facility = "authpriv"\nanchor_interval = 300\n')
-    cfg = config.load(f, env={"SINKHOLE_JSON_LOG": "true"}, flags={"anchor_interval": 30})
+    cfg = build.load(f, env={"SINKHOLE_JSON_LOG": "true"}, flags={"anchor_interval": 30})
     assert (cfg.syslog, cfg.syslog_facility, cfg.json_log, cfg.anchor_interval) == (
         "tcp://127.0.0.1:6514", "authpriv", True, 30.0)
-    assert shipping.from_config(config.load(env={})) is None  # nothing configured: nothing started
+    assert build.shipper(build.load(env={})) is None  # nothing configured: nothing started
 
 
 def test_a_full_queue_drops_and_counts_and_says_so_once_per_interval(caplog):

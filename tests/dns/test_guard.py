@@ -13,6 +13,7 @@ import dns.rdatatype
 import pytest
 
 from sinkhole.dns.guard import Guard, Outcome
+from sinkhole.service.config import DEFAULT_ALLOW, DEFAULT_EXEMPT
 from tests.conftest import ask, wait_for
 from tests.dnsstub import StubResolver, address_for
 
@@ -32,7 +33,7 @@ def ask_from(server, source: str, name: str = "www.example.test", qtype: str = "
     ("not-an-ip", False),
 ])
 def test_default_allow_clients(addr, ok):
-    assert (Guard().check(addr, "udp") is Outcome.OK) is ok
+    assert (Guard(DEFAULT_ALLOW, exempt=DEFAULT_EXEMPT).check(addr, "udp") is Outcome.OK) is ok
 
 
 def test_client_outside_allow_list_is_refused_and_nothing_forwarded(make_server, stub, db):

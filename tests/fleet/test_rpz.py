@@ -29,7 +29,7 @@ from sinkhole.errors import ConfigError
 from sinkhole.fleet import rpz
 from sinkhole.model import RuleKind
 from sinkhole.policy import lists
-from sinkhole.service.config import load
+from sinkhole.service.build import load
 from sinkhole.store.db import Store
 from tests.conftest import ask, free_ports, wait_for
 

@@ -5,27 +5,27 @@ from __future__ import annotations
 import pytest
 
 from sinkhole.errors import ConfigError
-from sinkhole.service import config
+from sinkhole.service import build
 
 
 def test_defaults_match_the_contract():
-    cfg = config.load(env={})
+    cfg = build.load(env={})
     assert cfg.listen == ("127.0.0.1:5353",) and cfg.timeout == 2.0 and cfg.mode == "sinkhole"
     assert cfg.log_queries == "blocked" and cfg.block_ttl == 60
-    a = cfg.answers()
+    a = build.answers(cfg)
     assert str(a.a) == "0.0.0.0" and str(a.aaaa) == "::"
 
 
 def test_precedence_file_env_flags(tmp_path):
     f = tmp_path / "sinkhole.toml"
     f.write_text('listen = ["127.0.0.1:5400"]\nupstream = ["127.0.0.1:5301"]\nblock_ttl = 30\nmode = "nxdomain"\n')
-    cfg = config.load(f, env={})
+    cfg = build.load(f, env={})
     assert cfg.listen == ("127.0.0.1:5400",) and cfg.block_ttl == 30 and cfg.mode == "nxdomain"
-    cfg = config.load(f, env={"SINKHOLE_BLOCK_TTL": "20", "SINKHOLE_LISTEN": "127.0.0.1:1,[::1]:2"})
+    cfg = build.load(f, env={"SINKHOLE_BLOCK_TTL": "20", "SINKHOLE_LISTEN": "127.0.0.1:1,[::1]:2"})
     assert cfg.block_ttl == 20 and cfg.listen == ("127.0.0.1:1", "[::1]:2")
-    cfg = config.load(f, env={"SINKHOLE_BLOCK_TTL": "20"}, flags={"block_ttl": 10, "listen": None})
+    cfg = build.load(f, env={"SINKHOLE_BLOCK_TTL": "20"}, flags={"block_ttl": 10, "listen": None})
     assert cfg.block_ttl == 10 and cfg.listen == ("127.0.0.1:5400",)
-    assert [str(u) for u in cfg.upstreams()] == ["127.0.0.1:5301"]
+    assert [str(u) for u in build.upstreams(cfg)] == ["127.0.0.1:5301"]
 
 
 @pytest.mark.parametrize("content,message", [
@@ -41,19 +41,19 @@ def test_bad_config_file_is_rejected_with_reason(tmp_path, content, message):
     f = tmp_path / "sinkhole.toml"
     f.write_text(content)
     with pytest.raises(ConfigError) as err:
-        config.load(f, env={})
+        build.load(f, env={})
     assert message in str(err.value)
 
 
 def test_server_table_is_accepted(tmp_path):
     f = tmp_path / "sinkhole.toml"
     f.write_text("[server]\nlog_queries = 'all'\n")
-    assert config.load(f, env={}).log_queries == "all"
+    assert build.load(f, env={}).log_queries == "all"
 
 
 def test_bad_env_value(tmp_path):
     with pytest.raises(ConfigError, match="SINKHOLE_TIMEOUT"):
-        config.load(env={"SINKHOLE_TIMEOUT": "soon"})
+        build.load(env={"SINKHOLE_TIMEOUT": "soon"})
 
 
 @pytest.mark.parametrize("env,message", [
@@ -67,12 +67,12 @@ def test_bad_env_value(tmp_path):
 ])
 def test_more_bad_values(env, message):
     with pytest.raises(ConfigError, match=message):
-        config.load(env=env)
+        build.load(env=env)
 
 
 def test_ecs_is_strip_unless_prefixes_are_given():
-    assert config.load(env={}).ecs_prefix() is None
-    assert config.load(env={"SINKHOLE_ECS": "24/56"}).ecs_prefix() == (24, 56)
+    assert build.ecs_prefix(build.load(env={})) is None
+    assert build.ecs_prefix(build.load(env={"SINKHOLE_ECS": "24/56"})) == (24, 56)
 
 
 def test_bad_log_level_from_the_console_script_is_one_line(tmp_path):

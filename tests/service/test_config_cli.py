@@ -15,7 +15,8 @@ import pytest
 from click.testing import CliRunner
 
 from sinkhole.cli import cli
-from sinkhole.service import config
+from sinkhole.errors import ConfigError
+from sinkhole.service import build, config
 from tests.conftest import ROOT, audit_rows, wait_for
 from tests.dnsstub import address_for
 
@@ -34,7 +35,7 @@ def test_example_lists_every_setting_at_its_default():
     text = EXAMPLE.read_text()
     shown = [m.group(1) for line in text.splitlines() if (m := SETTING.match(line))]
     assert sorted(shown) == sorted(config.FIELDS), "every ServeConfig field, once"
-    assert config.load(EXAMPLE, env={}) == config.ServeConfig()  # as shipped, it changes nothing
+    assert build.load(EXAMPLE, env={}) == config.ServeConfig()  # as shipped, it changes nothing
 
 
 def test_example_values_are_the_defaults(tmp_path):
@@ -42,9 +43,9 @@ def test_example_values_are_the_defaults(tmp_path):
     uncommented = re.sub(r"^#(\w+ = )", r"\1", EXAMPLE.read_text(), flags=re.MULTILINE)
     f = tmp_path / "all.toml"
     f.write_text(uncommented)
-    loaded = config.load(f, env={})
+    loaded = build.load(f, env={})
     assert loaded == dataclasses.replace(config.ServeConfig(), node=loaded.node)
-    assert config.check_file(f) == []
+    assert config.check_file(f, build.check) == []
 
 
 def test_example_marks_exactly_the_reloadable_settings():
@@ -115,6 +116,39 @@ def test_config_check_ok(tmp_path):
     assert run("config", "check", str(EXAMPLE)).exit_code == 0
 
 
+@pytest.mark.parametrize("line,words", [
+    ('rpz_listen = "127.0.0.1:0"\nrpz_tsig = "k:hmac-nope:c2VjcmV0"', "rpz_tsig: algorithm 'hmac-nope'"),
+    ('syslog = "ftp://10.0.0.1:514"', "the scheme must be udp:// or tcp://"),
+    ('upstream_ca = "/nonexistent/ca.pem"', "upstream_ca: cannot load"),
+    ('mode = "drop"', "mode must be one of sinkhole, nxdomain, not 'drop'"),
+    ('blockpage_listen = ["0.0.0.0"]', "blockpage_listen is a wildcard address"),
+    ('log_client_prefix = "24"', None),  # fine: the IPv4 prefix alone
+])
+def test_config_check_refuses_exactly_what_serve_refuses(tmp_path, line, words):
+    """`config check` validates by building what `serve` builds (service.build.check): serve starts with
+    build.load, so a file it would refuse at start is refused by the check, with the same words; one it takes
+    passes."""
+    f = tmp_path / "sinkhole.toml"
+    f.write_text(f'upstream = ["127.0.0.1:5301"]\n{line}\n')
+    checked = run("config", "check", str(f))
+    if words is None:
+        assert checked.exit_code == 0
+        assert build.load(f, env={}).log_client_prefix == "24"
+        return
+    assert checked.exit_code == 2 and words in checked.stderr
+    with pytest.raises(ConfigError) as refused:
+        build.load(f, env={})
+    assert words in str(refused.value)
+
+
+def test_serve_refuses_a_bad_file_before_binding_or_making_a_database(tmp_path):
+    f = tmp_path / "sinkhole.toml"
+    f.write_text('upstream = ["127.0.0.1:5301"]\nmode = "drop"\n')
+    served = run("--db", str(tmp_path / "s.db"), "serve", "--config", str(f), "--listen", "127.0.0.1:0")
+    assert served.exit_code == 2 and "mode must be one of sinkhole, nxdomain, not 'drop'" in served.stderr
+    assert not (tmp_path / "s.db").exists()
+
+
 def test_config_check_without_a_file_uses_the_default_path(tmp_path, monkeypatch):
     monkeypatch.setattr(config, "DEFAULT_PATH", tmp_path / "sinkhole.toml")
     r = run("config", "check", env={"SINKHOLE_CONFIG": None})
@@ -151,7 +185,7 @@ def test_config_show_output_is_a_config_file_that_loads_the_same(tmp_path):
     r = run("config", "show", "--config", str(f), env={})
     again = tmp_path / "shown.toml"
     again.write_text(r.stdout)
-    assert config.load(again, env={}) == config.load(f, env={})
+    assert build.load(again, env={}) == build.load(f, env={})
 
 
 def test_config_show_reads_the_default_path_and_refuses_a_bad_file(tmp_path, monkeypatch):

@@ -1,0 +1,269 @@
+"""Settings turned into running parts: the one place that does it, for `serve`, `config check`, `check`, `export
+rpz` and the reload of a running server.
+
+sinkhole.service.config holds values and the checks that need nothing but the values; everything that parses a
+setting into a runtime object (an address, an upstream, a TLS context, a TSIG key) or builds one (the guard, the
+cache, the forwarder, the audit log, the shipper, the RPZ node, the pipeline) is here. `config check` validates
+a file with `check`, which builds what `serve` builds (`parts`) without starting anything: no thread, no socket,
+no database is opened (the parts only touch those in their start()).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sinkhole.audit import shipping
+from sinkhole.audit.writer import MODES as LOG_MODES
+from sinkhole.audit.writer import AuditLog
+from sinkhole.dns.answer import AnswerConfig
+from sinkhole.dns.cache import Cache
+from sinkhole.dns.guard import Guard, Shares
+from sinkhole.dns.pipeline import Pipeline
+from sinkhole.dns.upstream import (
+    Forwarder,
+    Upstream,
+    parse_hostport,
+    parse_upstream,
+    parse_zones,
+    system_upstreams,
+    tls_context,
+)
+from sinkhole.errors import ConfigError
+from sinkhole.fleet import rpz
+from sinkhole.policy import lists
+from sinkhole.policy.decide import Policy
+from sinkhole.service import config
+from sinkhole.service.config import ServeConfig
+
+CHECK_DB = Path(os.devnull)  # the database `check` builds the parts for: never opened
+
+
+# ---------------------------------------------------------------------------- reading settings
+
+
+def load_sources(file: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None,
+                 flags: Mapping[str, Any] | None = None) -> tuple[ServeConfig, dict[str, str]]:
+    """The effective settings (defaults < file < env < flags), checked as `serve` uses them, and where each
+    came from."""
+    cfg, sources = config.read(file, env, flags)
+    check(cfg)
+    return cfg, sources
+
+
+def load(file: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None,
+         flags: Mapping[str, Any] | None = None) -> ServeConfig:
+    return load_sources(file, env, flags)[0]
+
+
+# ---------------------------------------------------------------------------- one part each
+
+
+def _address(text: str, version: int, name: str) -> Any:
+    if text.lower() in ("", "none"):
+        return None
+    try:
+        addr = ipaddress.ip_address(text)
+    except ValueError:
+        raise ConfigError(f"{name}: {text!r} is not an IP address") from None
+    if addr.version != version:
+        raise ConfigError(f"{name}: {text!r} is not an IPv{version} address")
+    return addr
+
+
+def answers(cfg: ServeConfig) -> AnswerConfig:
+    """How blocked names are answered. With a block page, blocked A/AAAA answers point at its address (unless
+    block_a / block_aaaa are set to something other than their defaults); a family it does not listen on gets
+    no data."""
+    if cfg.mode not in AnswerConfig.MODES:
+        raise ConfigError(f"mode must be one of {', '.join(AnswerConfig.MODES)}, not {cfg.mode!r}")
+    a, aaaa = cfg.block_a, cfg.block_aaaa
+    pages = blockpage_addresses(cfg)
+    if pages:
+        if a == config.DEFAULT.block_a:
+            a = next((h for h, _ in pages if ":" not in h), "none")
+        if aaaa == config.DEFAULT.block_aaaa:
+            aaaa = next((h for h, _ in pages if ":" in h), "none")
+        for host in (a, aaaa):
+            if host in ("0.0.0.0", "::"):
+                raise ConfigError("blockpage_listen is a wildcard address: set block_a (and block_aaaa) to the "
+                                  "address clients reach the block page at")
+    return AnswerConfig(mode=cfg.mode, a=_address(a, 4, "block_a"), aaaa=_address(aaaa, 6, "block_aaaa"),
+                        ttl=cfg.block_ttl)
+
+
+def guard(cfg: ServeConfig) -> Guard:
+    return Guard(cfg.allow_clients, cfg.rate_limit, cfg.rate_limit_burst, cfg.rate_limit_net, cfg.rate_limit_net_burst,
+                 cfg.rate_limit_v4_prefix, cfg.rate_limit_v6_prefix, cfg.rate_limit_action, cfg.rate_limit_exempt)
+
+
+def shares(cfg: ServeConfig) -> Shares:
+    return Shares(cfg.max_inflight_client_share, cfg.max_inflight_network_share)
+
+
+def cache(cfg: ServeConfig) -> Cache:
+    return Cache(cfg.cache_size, cfg.cache_min_ttl, cfg.cache_max_ttl, cfg.cache_negative_max_ttl, cfg.cache_prefetch,
+                 cfg.cache_serve_stale)
+
+
+def client_prefix(cfg: ServeConfig) -> tuple[int, int] | None:
+    """(IPv4 prefix, IPv6 prefix) to which audit rows truncate client addresses; None: whole addresses."""
+    text = cfg.log_client_prefix.strip()
+    if not text:
+        return None
+    v4, _, v6 = text.partition("/")
+    try:
+        prefix = (int(v4), int(v6 or "128"))
+    except ValueError:
+        raise ConfigError(f"log_client_prefix: {text!r} is not V4/V6 prefix lengths like 24/56") from None
+    if not (0 <= prefix[0] <= 32 and 0 <= prefix[1] <= 128):
+        raise ConfigError(f"log_client_prefix: {text!r}: IPv4 prefix 0..32, IPv6 prefix 0..128")
+    return prefix
+
+
+def ecs_prefix(cfg: ServeConfig) -> tuple[int, int] | None:
+    """ecs as (IPv4 prefix, IPv6 prefix) to send upstream, or None: no Client Subnet leaves sinkhole."""
+    text = cfg.ecs.strip().lower()
+    if text == "strip":
+        return None
+    v4, slash, v6 = text.partition("/")
+    try:
+        prefix = (int(v4), int(v6))
+    except ValueError:
+        raise ConfigError(f'ecs: {cfg.ecs!r} is neither "strip" nor V4/V6 prefix lengths like 24/56') from None
+    if not slash or not (0 < prefix[0] <= 32 and 0 < prefix[1] <= 128):
+        raise ConfigError(f"ecs: {cfg.ecs!r}: IPv4 prefix 1..32, IPv6 prefix 1..128, as in 24/56")
+    return prefix
+
+
+def upstreams(cfg: ServeConfig) -> list[Upstream]:
+    """`upstream`, or the nameservers of /etc/resolv.conf when it is empty (as serve would ask them)."""
+    if cfg.upstream:
+        try:
+            return [parse_upstream(u) for u in cfg.upstream]
+        except ConfigError as exc:
+            raise ConfigError(f"upstream: {exc}") from None
+    return system_upstreams()
+
+
+def zones(cfg: ServeConfig) -> dict[str, list[Upstream]]:
+    """forward_zones as {zone: upstreams}."""
+    table: dict[str, list[str]] = {}
+    try:
+        for entry in cfg.forward_zones:
+            zone, eq, urls = entry.partition("=")
+            if not eq or not zone.strip():
+                raise ConfigError(f"{entry!r}: expected ZONE=UPSTREAM[,UPSTREAM...]")
+            if zone.strip() in table:
+                raise ConfigError(f"zone {zone.strip()!r} is given twice")
+            table[zone.strip()] = [u for u in (x.strip() for x in urls.split(",")) if u]
+        return parse_zones(table)
+    except ConfigError as exc:
+        raise ConfigError(f"forward_zones: {exc}") from None
+
+
+def forwarder(cfg: ServeConfig) -> Forwarder:
+    if cfg.upstream_ca:  # checked even when no tls:// or https:// upstream would use it yet
+        tls_context(cfg.upstream_ca)
+    return Forwarder(upstreams(cfg), cfg.timeout, cfg.max_inflight, cfg.upstream_strategy, cfg.upstream_ca or None,
+                     zones(cfg))
+
+
+def shipper(cfg: ServeConfig) -> shipping.Shipper | None:
+    """The shipper the settings ask for (`syslog`, `syslog_facility`, `json_log`, `anchor_interval`), or None."""
+    facility = shipping.facility_code(cfg.syslog_facility)
+    sinks: list = []
+    out = shipping.Shipper(sinks, node=cfg.node)
+    if cfg.syslog:
+        sinks.append(shipping.SyslogSink(out, shipping.parse_target(cfg.syslog), facility, cfg.anchor_interval))
+    if cfg.json_log:
+        sinks.append(shipping.JsonSink(out))
+    return out if sinks else None
+
+
+def audit_log(cfg: ServeConfig, db: Path) -> AuditLog:
+    if cfg.log_queries not in LOG_MODES:
+        raise ConfigError(f"log_queries must be one of {', '.join(LOG_MODES)}, not {cfg.log_queries!r}")
+    return AuditLog(db, cfg.node, cfg.log_queries, seed=lists.seed if cfg.shipped_lists else None,
+                    synchronous=cfg.audit_synchronous, client_prefix=client_prefix(cfg), shipper=shipper(cfg))
+
+
+def pipeline(cfg: ServeConfig, get_policy: Callable[[], Policy], forward: Forwarder, audit: AuditLog) -> Pipeline:
+    return Pipeline(get_policy, forward, audit, answers(cfg), guard(cfg), cache(cfg), ecs_prefix(cfg), shares(cfg))
+
+
+def fleet(cfg: ServeConfig, db: Path) -> rpz.Node | None:
+    """The RPZ primary and/or secondary the settings ask for (rpz_listen, policy_from), or None."""
+    rpz.zone_name(cfg.rpz_zone)
+    rpz.parse_tsig(cfg.rpz_tsig)
+    for network in cfg.rpz_secondaries:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ConfigError(f"rpz_secondaries: {network!r} is not an address or CIDR network") from None
+    for target in cfg.rpz_notify:
+        parse_hostport(target, 53)
+    if cfg.policy_from:
+        parse_hostport(cfg.policy_from, 53)
+    if cfg.rpz_listen:
+        parse_hostport(cfg.rpz_listen, 53)
+    if not (cfg.rpz_listen or cfg.policy_from):
+        return None
+    return rpz.Node(cfg, db, answers(cfg))
+
+
+def listen_addresses(cfg: ServeConfig) -> list[tuple[str, int]]:
+    return [parse_hostport(x, 53) for x in cfg.listen]
+
+
+def metrics_address(cfg: ServeConfig) -> tuple[str, int] | None:
+    return parse_hostport(cfg.metrics, config.METRICS_PORT) if cfg.metrics.strip() else None
+
+
+def blockpage_addresses(cfg: ServeConfig) -> list[tuple[str, int]]:
+    """Where the block page listens: HOST:PORT each, a bare HOST as HOST:80 and HOST:443."""
+    out: list[tuple[str, int]] = []
+    for text in cfg.blockpage_listen:
+        host, port = parse_hostport(text, -1)  # -1: no port given
+        out += [(host, 80), (host, 443)] if port == -1 else [(host, port)]
+    return list(dict.fromkeys(out))
+
+
+def web_addresses(cfg: ServeConfig) -> list[tuple[str, int]]:
+    """Where the web console listens (a bare HOST: port 8053)."""
+    return list(dict.fromkeys(parse_hostport(text, config.WEB_PORT) for text in cfg.web_listen))
+
+
+# ---------------------------------------------------------------------------- what serve builds
+
+
+@dataclass
+class Parts:
+    """What one serving process runs (none of it started): Server.__init__ takes them from `parts`."""
+
+    audit: AuditLog
+    forwarder: Forwarder
+    pipeline: Pipeline
+    fleet: rpz.Node | None  # RPZ: one per server, so with several workers only worker 0 has one
+
+
+def parts(cfg: ServeConfig, db: Path, get_policy: Callable[[], Policy], worker: int | None = None) -> Parts:
+    audit = audit_log(cfg, db)
+    forward = forwarder(cfg)
+    return Parts(audit, forward, pipeline(cfg, get_policy, forward, audit), fleet(cfg, db) if not worker else None)
+
+
+def check(cfg: ServeConfig) -> None:
+    """ConfigError unless `serve` could start with `cfg`: the parts it builds, built (nothing started), and the
+    addresses it binds parsed (nothing bound). With no `upstream`, /etc/resolv.conf is read as serve reads it."""
+    parts(cfg, CHECK_DB, Policy)
+    listen_addresses(cfg)
+    metrics_address(cfg)
+    web_addresses(cfg)
+    for name in ("blockpage_logo", "web_cert", "web_key"):
+        if getattr(cfg, name) and not Path(getattr(cfg, name)).is_file():
+            raise ConfigError(f"{name}: {getattr(cfg, name)}: no such file")
