@@ -155,8 +155,12 @@ def test_real_cname_and_mapped_address_to_blocked_targets_are_sinkholed(real, si
     assert [rr.to_text() for rrset in cloak.answer for rr in rrset] == ["0.0.0.0"]
     mapped = ask(sinkhole.port, "mapped.agency.test", "AAAA", tcp=tcp)  # ::ffff:198.51.100.7
     assert [rr.to_text() for rrset in mapped.answer for rr in rrset] == ["::"]
-    rows = wait_for(lambda: {r["qname"]: (r["action"], r["rule"]) for r in audit_rows(sinkhole.db)
-                             if r["qname"] in ("cloak.agency.test", "mapped.agency.test")}, timeout=5)
+    def both() -> dict | None:  # the audit writer stores them a moment later, not necessarily together
+        found = {r["qname"]: (r["action"], r["rule"]) for r in audit_rows(sinkhole.db)
+                 if r["qname"] in ("cloak.agency.test", "mapped.agency.test")}
+        return found if len(found) == 2 else None
+
+    rows = wait_for(both, timeout=15)
     assert rows == {"cloak.agency.test": ("cname-blocked", "cname:chat.ai.agency.test"),
                     "mapped.agency.test": ("ip-blocked", "ip:198.51.100.7 in 198.51.100.0/24")}
 
