@@ -229,7 +229,7 @@ def serve(env: Env, config_file: Path | None, **flags: Any) -> None:
     cfg = build.load(config_file, flags=given)
     env.checked_path()
     # under systemd, each line carries its priority into the journal (journalctl -p warning)
-    logging.basicConfig(level=cfg.log_level.upper(), handlers=[systemd.log_handler(sys.stderr)])
+    logging.basicConfig(level=cfg.process.log_level.upper(), handlers=[systemd.log_handler(sys.stderr)])
     sys.exit(server.run(cfg, env.db_path, reload=lambda: build.load(config_file, flags=given)))
 
 
@@ -292,17 +292,17 @@ def config_show(config_file: Path | None, fmt: str) -> None:
     cfg, sources = build.load_sources(config_file)
     if fmt == "json":
         click.echo(json.dumps({"file": str(config_file) if config_file else None, "settings": {
-            name: {"value": list(v) if isinstance(v := getattr(cfg, name), tuple) else v, "source": sources[name]}
-            for name in config.FIELDS}}, indent=2))
+            name: {"value": list(v) if isinstance(v := cfg.value(name), tuple) else v, "source": sources[name]}
+            for name in config.KEYS}}, indent=2))
         return
     click.echo(f"# effective settings: defaults < {config_file or '(no file)'} < SINKHOLE_* environment")
-    for name in config.FIELDS:
+    for name in config.KEYS:
         source = sources[name]
         if source == "env":
             source = f"env SINKHOLE_{name.upper()}"
         elif source == "file":
             source = f"file {config_file}"
-        line = f"{name} = {config.to_toml(getattr(cfg, name))}"
+        line = f"{name} = {config.to_toml(cfg.value(name))}"
         click.echo(f"{line}  # {source}")
 
 
@@ -608,11 +608,12 @@ def export_rpz(env: Env, client_group: str, zone: str | None, config_file: Path 
     from sinkhole.service import build
 
     cfg = build.load(config_file)
-    origin = rpz.zone_name(zone if zone is not None else cfg.rpz_zone)
+    origin = rpz.zone_name(zone if zone is not None else cfg.fleet.rpz_zone)
     with env.existing_store() as store:
         version, rules = store.rules_in_force(client_group)
     with Progress.for_command(quiet) as progress:
-        result = rpz.build(rules, build.answers(cfg), origin, max(version, 1), client_group, cfg.rpz_refresh, version,
+        result = rpz.build(rules, build.answers(cfg), origin, max(version, 1), client_group, cfg.fleet.rpz_refresh,
+                           version,
                            progress.stage("building", len(rules), "rules"))
         del rules
         ordered = result.sorted_records(progress.stage("ordering", len(result.records), "records"))

@@ -58,7 +58,7 @@ from sinkhole.store.db import Store, open_store
 from sinkhole.store.journal import Actor
 
 if TYPE_CHECKING:
-    from sinkhole.service.config import ServeConfig
+    from sinkhole.service.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -303,13 +303,13 @@ class Diff:
 class Endpoint:
     """The RPZ listener (`rpz_listen`): the primary's SOA/AXFR/IXFR, and NOTIFY for a secondary."""
 
-    def __init__(self, cfg: ServeConfig, primary: Primary | None, secondary: Secondary | None) -> None:
+    def __init__(self, cfg: Settings, primary: Primary | None, secondary: Secondary | None) -> None:
         from sinkhole.dns.upstream import parse_hostport
 
-        self.host, self.port = parse_hostport(cfg.rpz_listen, 53)
+        self.host, self.port = parse_hostport(cfg.fleet.rpz_listen, 53)
         self.primary = primary
         self.secondary = secondary
-        self.tsig = parse_tsig(cfg.rpz_tsig)
+        self.tsig = parse_tsig(cfg.fleet.rpz_tsig)
         self.keyring = self.tsig.keyring if self.tsig else None
         self.tcp_server: asyncio.AbstractServer | None = None
         self.udp: asyncio.DatagramTransport | None = None
@@ -433,16 +433,16 @@ class _Udp(asyncio.DatagramProtocol):
 class Primary:
     """The zone in force and its recent differences; answers SOA, AXFR, IXFR; sends NOTIFY."""
 
-    def __init__(self, cfg: ServeConfig, answers: AnswerConfig) -> None:
+    def __init__(self, cfg: Settings, answers: AnswerConfig) -> None:
         from sinkhole.dns.upstream import parse_hostport
 
         self.cfg = cfg
         self.answers = answers
-        self.origin = zone_name(cfg.rpz_zone)
-        self.group = cfg.rpz_group
-        self.networks = [ipaddress.ip_network(n, strict=False) for n in cfg.rpz_secondaries]
-        self.notify_to = [parse_hostport(t, 53) for t in cfg.rpz_notify]
-        self.tsig = parse_tsig(cfg.rpz_tsig)
+        self.origin = zone_name(cfg.fleet.rpz_zone)
+        self.group = cfg.fleet.rpz_group
+        self.networks = [ipaddress.ip_network(n, strict=False) for n in cfg.fleet.rpz_secondaries]
+        self.notify_to = [parse_hostport(t, 53) for t in cfg.fleet.rpz_notify]
+        self.tsig = parse_tsig(cfg.fleet.rpz_tsig)
         self.zone: Zone | None = None
         self.history: tuple[Diff, ...] = ()
         self._skipped_warned: list[str] = []
@@ -462,7 +462,7 @@ class Primary:
             serial = max(version, 1)
             if old is not None and not dns.serial.Serial(serial) > dns.serial.Serial(old.serial):
                 serial = (old.serial + 1) & 0xFFFFFFFF or 1  # the database went back (replaced): keep going up
-            zone = build(rules, self.answers, self.origin, serial, self.group, self.cfg.rpz_refresh, version)
+            zone = build(rules, self.answers, self.origin, serial, self.group, self.cfg.fleet.rpz_refresh, version)
             if zone.skipped != self._skipped_warned:
                 for line in zone.skipped:
                     log.warning("RPZ: left out of zone %s: %s", self.origin, line)
@@ -627,23 +627,23 @@ class TransferError(SinkholeError):
 class Secondary(threading.Thread):
     """Pulls the policy zone from `policy_from` and applies it as category `rpz:<zone>`."""
 
-    def __init__(self, cfg: ServeConfig, db: Path) -> None:
+    def __init__(self, cfg: Settings, db: Path) -> None:
         from sinkhole.dns.upstream import parse_hostport
 
         super().__init__(name="rpz-secondary", daemon=True)
         self.cfg = cfg
         self.db = db
-        self.host, self.port = parse_hostport(cfg.policy_from, 53)
-        self.where = cfg.policy_from
-        self.origin = zone_name(cfg.rpz_zone)
+        self.host, self.port = parse_hostport(cfg.fleet.policy_from, 53)
+        self.where = cfg.fleet.policy_from
+        self.origin = zone_name(cfg.fleet.rpz_zone)
         self.category = CATEGORY_PREFIX + self.origin.to_text(omit_final_dot=True)
-        self.tsig = parse_tsig(cfg.rpz_tsig)
+        self.tsig = parse_tsig(cfg.fleet.rpz_tsig)
         self.zone: dns.versioned.Zone | None = None
         self.applied: int | None = None  # the serial whose rules are in the database
         self.wake = threading.Event()
         self.stopping = threading.Event()
-        self.refresh = float(cfg.rpz_refresh)
-        self.retry = max(1.0, cfg.rpz_refresh / 4)
+        self.refresh = float(cfg.fleet.rpz_refresh)
+        self.retry = max(1.0, cfg.fleet.rpz_refresh / 4)
         self._failing_since: float | None = None
         self._last_complaint = 0.0
         self.transfers = 0
@@ -734,7 +734,7 @@ class Secondary(threading.Thread):
             parsed = lists.parse(text, source, "rpz") if has_policy else lists.BlockList(self.category)
         except ListFormatError as exc:
             raise TransferError(f"serial {serial} cannot be applied: {exc}") from None
-        store = open_store(self.db, self.cfg.shipped_lists)
+        store = open_store(self.db, self.cfg.policy.shipped_lists)
         try:
             have = {(r["domain"], r["kind"]) for r in store.list_rules(category=self.category) if r["source"] != "cli"}
             want = {(d, "block") for d, _ in parsed.entries} | {(d, "allow") for d, _ in parsed.allows}
@@ -752,15 +752,15 @@ class Secondary(threading.Thread):
 # ---------------------------------------------------------------------------- wiring
 
 
-def bind(cfg: ServeConfig) -> tuple[socket.socket, socket.socket] | None:
+def bind(cfg: Settings) -> tuple[socket.socket, socket.socket] | None:
     """The UDP and TCP sockets of rpz_listen (port 0: the same free port for both), bound before --user
     drops root so that the zone can be served on port 53; None when there is no rpz_listen."""
     from sinkhole.dns.listener import bind_pair
     from sinkhole.dns.upstream import parse_hostport
 
-    if not cfg.rpz_listen:
+    if not cfg.fleet.rpz_listen:
         return None
-    host, port = parse_hostport(cfg.rpz_listen, 53)
+    host, port = parse_hostport(cfg.fleet.rpz_listen, 53)
     _, _, udp, tcp = bind_pair(host, port)
     return udp, tcp
 
@@ -768,10 +768,10 @@ def bind(cfg: ServeConfig) -> tuple[socket.socket, socket.socket] | None:
 class Node:
     """What `sinkhole serve` runs for RPZ: a primary, a secondary, or both, and their listener."""
 
-    def __init__(self, cfg: ServeConfig, db: Path, answers: AnswerConfig) -> None:
-        self.primary = Primary(cfg, answers) if cfg.rpz_listen else None
-        self.secondary = Secondary(cfg, db) if cfg.policy_from else None
-        self.endpoint = Endpoint(cfg, self.primary, self.secondary) if cfg.rpz_listen else None
+    def __init__(self, cfg: Settings, db: Path, answers: AnswerConfig) -> None:
+        self.primary = Primary(cfg, answers) if cfg.fleet.rpz_listen else None
+        self.secondary = Secondary(cfg, db) if cfg.fleet.policy_from else None
+        self.endpoint = Endpoint(cfg, self.primary, self.secondary) if cfg.fleet.rpz_listen else None
 
     def policy_changed(self, store: Store) -> None:
         if self.primary is not None:

@@ -38,7 +38,7 @@ from sinkhole.fleet import rpz
 from sinkhole.policy import lists
 from sinkhole.policy.decide import Policy
 from sinkhole.service import config
-from sinkhole.service.config import ServeConfig
+from sinkhole.service.config import Settings
 
 CHECK_DB = Path(os.devnull)  # the database `check` builds the parts for: never opened
 
@@ -47,7 +47,7 @@ CHECK_DB = Path(os.devnull)  # the database `check` builds the parts for: never 
 
 
 def load_sources(file: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None,
-                 flags: Mapping[str, Any] | None = None) -> tuple[ServeConfig, dict[str, str]]:
+                 flags: Mapping[str, Any] | None = None) -> tuple[Settings, dict[str, str]]:
     """The effective settings (defaults < file < env < flags), checked as `serve` uses them, and where each
     came from."""
     cfg, sources = config.read(file, env, flags)
@@ -56,7 +56,7 @@ def load_sources(file: str | os.PathLike[str] | None = None, env: Mapping[str, s
 
 
 def load(file: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None,
-         flags: Mapping[str, Any] | None = None) -> ServeConfig:
+         flags: Mapping[str, Any] | None = None) -> Settings:
     return load_sources(file, env, flags)[0]
 
 
@@ -75,44 +75,46 @@ def _address(text: str, version: int, name: str) -> Any:
     return addr
 
 
-def answers(cfg: ServeConfig) -> AnswerConfig:
+def answers(cfg: Settings) -> AnswerConfig:
     """How blocked names are answered. With a block page, blocked A/AAAA answers point at its address (unless
     block_a / block_aaaa are set to something other than their defaults); a family it does not listen on gets
     no data."""
-    if cfg.mode not in AnswerConfig.MODES:
-        raise ConfigError(f"mode must be one of {', '.join(AnswerConfig.MODES)}, not {cfg.mode!r}")
-    a, aaaa = cfg.block_a, cfg.block_aaaa
+    if cfg.answers.mode not in AnswerConfig.MODES:
+        raise ConfigError(f"mode must be one of {', '.join(AnswerConfig.MODES)}, not {cfg.answers.mode!r}")
+    a, aaaa = cfg.answers.block_a, cfg.answers.block_aaaa
     pages = blockpage_addresses(cfg)
     if pages:
-        if a == config.DEFAULT.block_a:
+        if a == config.DEFAULT.answers.block_a:
             a = next((h for h, _ in pages if ":" not in h), "none")
-        if aaaa == config.DEFAULT.block_aaaa:
+        if aaaa == config.DEFAULT.answers.block_aaaa:
             aaaa = next((h for h, _ in pages if ":" in h), "none")
         for host in (a, aaaa):
             if host in ("0.0.0.0", "::"):
                 raise ConfigError("blockpage_listen is a wildcard address: set block_a (and block_aaaa) to the "
                                   "address clients reach the block page at")
-    return AnswerConfig(mode=cfg.mode, a=_address(a, 4, "block_a"), aaaa=_address(aaaa, 6, "block_aaaa"),
-                        ttl=cfg.block_ttl)
+    return AnswerConfig(mode=cfg.answers.mode, a=_address(a, 4, "block_a"), aaaa=_address(aaaa, 6, "block_aaaa"),
+                        ttl=cfg.answers.block_ttl)
 
 
-def guard(cfg: ServeConfig) -> Guard:
-    return Guard(cfg.allow_clients, cfg.rate_limit, cfg.rate_limit_burst, cfg.rate_limit_net, cfg.rate_limit_net_burst,
-                 cfg.rate_limit_v4_prefix, cfg.rate_limit_v6_prefix, cfg.rate_limit_action, cfg.rate_limit_exempt)
+def guard(cfg: Settings) -> Guard:
+    c = cfg.clients
+    return Guard(c.allow_clients, c.rate_limit, c.rate_limit_burst, c.rate_limit_net, c.rate_limit_net_burst,
+                 c.rate_limit_v4_prefix, c.rate_limit_v6_prefix, c.rate_limit_action, c.rate_limit_exempt)
 
 
-def shares(cfg: ServeConfig) -> Shares:
-    return Shares(cfg.max_inflight_client_share, cfg.max_inflight_network_share)
+def shares(cfg: Settings) -> Shares:
+    return Shares(cfg.upstreams.max_inflight_client_share, cfg.upstreams.max_inflight_network_share)
 
 
-def cache(cfg: ServeConfig) -> Cache:
-    return Cache(cfg.cache_size, cfg.cache_min_ttl, cfg.cache_max_ttl, cfg.cache_negative_max_ttl, cfg.cache_prefetch,
-                 cfg.cache_serve_stale)
+def cache(cfg: Settings) -> Cache:
+    c = cfg.cache
+    return Cache(c.cache_size, c.cache_min_ttl, c.cache_max_ttl, c.cache_negative_max_ttl, c.cache_prefetch,
+                 c.cache_serve_stale)
 
 
-def client_prefix(cfg: ServeConfig) -> tuple[int, int] | None:
+def client_prefix(cfg: Settings) -> tuple[int, int] | None:
     """(IPv4 prefix, IPv6 prefix) to which audit rows truncate client addresses; None: whole addresses."""
-    text = cfg.log_client_prefix.strip()
+    text = cfg.audit.log_client_prefix.strip()
     if not text:
         return None
     v4, _, v6 = text.partition("/")
@@ -125,36 +127,37 @@ def client_prefix(cfg: ServeConfig) -> tuple[int, int] | None:
     return prefix
 
 
-def ecs_prefix(cfg: ServeConfig) -> tuple[int, int] | None:
+def ecs_prefix(cfg: Settings) -> tuple[int, int] | None:
     """ecs as (IPv4 prefix, IPv6 prefix) to send upstream, or None: no Client Subnet leaves sinkhole."""
-    text = cfg.ecs.strip().lower()
+    ecs = cfg.upstreams.ecs
+    text = ecs.strip().lower()
     if text == "strip":
         return None
     v4, slash, v6 = text.partition("/")
     try:
         prefix = (int(v4), int(v6))
     except ValueError:
-        raise ConfigError(f'ecs: {cfg.ecs!r} is neither "strip" nor V4/V6 prefix lengths like 24/56') from None
+        raise ConfigError(f'ecs: {ecs!r} is neither "strip" nor V4/V6 prefix lengths like 24/56') from None
     if not slash or not (0 < prefix[0] <= 32 and 0 < prefix[1] <= 128):
-        raise ConfigError(f"ecs: {cfg.ecs!r}: IPv4 prefix 1..32, IPv6 prefix 1..128, as in 24/56")
+        raise ConfigError(f"ecs: {ecs!r}: IPv4 prefix 1..32, IPv6 prefix 1..128, as in 24/56")
     return prefix
 
 
-def upstreams(cfg: ServeConfig) -> list[Upstream]:
+def upstreams(cfg: Settings) -> list[Upstream]:
     """`upstream`, or the nameservers of /etc/resolv.conf when it is empty (as serve would ask them)."""
-    if cfg.upstream:
+    if cfg.upstreams.upstream:
         try:
-            return [parse_upstream(u) for u in cfg.upstream]
+            return [parse_upstream(u) for u in cfg.upstreams.upstream]
         except ConfigError as exc:
             raise ConfigError(f"upstream: {exc}") from None
     return system_upstreams()
 
 
-def zones(cfg: ServeConfig) -> dict[str, list[Upstream]]:
+def zones(cfg: Settings) -> dict[str, list[Upstream]]:
     """forward_zones as {zone: upstreams}."""
     table: dict[str, list[str]] = {}
     try:
-        for entry in cfg.forward_zones:
+        for entry in cfg.upstreams.forward_zones:
             zone, eq, urls = entry.partition("=")
             if not eq or not zone.strip():
                 raise ConfigError(f"{entry!r}: expected ZONE=UPSTREAM[,UPSTREAM...]")
@@ -166,76 +169,78 @@ def zones(cfg: ServeConfig) -> dict[str, list[Upstream]]:
         raise ConfigError(f"forward_zones: {exc}") from None
 
 
-def forwarder(cfg: ServeConfig) -> Forwarder:
-    if cfg.upstream_ca:  # checked even when no tls:// or https:// upstream would use it yet
-        tls_context(cfg.upstream_ca)
-    return Forwarder(upstreams(cfg), cfg.timeout, cfg.max_inflight, cfg.upstream_strategy, cfg.upstream_ca or None,
-                     zones(cfg))
+def forwarder(cfg: Settings) -> Forwarder:
+    u = cfg.upstreams
+    if u.upstream_ca:  # checked even when no tls:// or https:// upstream would use it yet
+        tls_context(u.upstream_ca)
+    return Forwarder(upstreams(cfg), u.timeout, u.max_inflight, u.upstream_strategy, u.upstream_ca or None, zones(cfg))
 
 
-def shipper(cfg: ServeConfig) -> shipping.Shipper | None:
+def shipper(cfg: Settings) -> shipping.Shipper | None:
     """The shipper the settings ask for (`syslog`, `syslog_facility`, `json_log`, `anchor_interval`), or None."""
-    facility = shipping.facility_code(cfg.syslog_facility)
+    s = cfg.shipping
+    facility = shipping.facility_code(s.syslog_facility)
     sinks: list = []
-    out = shipping.Shipper(sinks, node=cfg.node)
-    if cfg.syslog:
-        sinks.append(shipping.SyslogSink(out, shipping.parse_target(cfg.syslog), facility, cfg.anchor_interval))
-    if cfg.json_log:
+    out = shipping.Shipper(sinks, node=cfg.audit.node)
+    if s.syslog:
+        sinks.append(shipping.SyslogSink(out, shipping.parse_target(s.syslog), facility, s.anchor_interval))
+    if s.json_log:
         sinks.append(shipping.JsonSink(out))
     return out if sinks else None
 
 
-def audit_log(cfg: ServeConfig, db: Path) -> AuditLog:
-    if cfg.log_queries not in LOG_MODES:
-        raise ConfigError(f"log_queries must be one of {', '.join(LOG_MODES)}, not {cfg.log_queries!r}")
-    return AuditLog(db, cfg.node, cfg.log_queries, seed=lists.seed if cfg.shipped_lists else None,
-                    synchronous=cfg.audit_synchronous, client_prefix=client_prefix(cfg), shipper=shipper(cfg))
+def audit_log(cfg: Settings, db: Path) -> AuditLog:
+    a = cfg.audit
+    if a.log_queries not in LOG_MODES:
+        raise ConfigError(f"log_queries must be one of {', '.join(LOG_MODES)}, not {a.log_queries!r}")
+    return AuditLog(db, a.node, a.log_queries, seed=lists.seed if cfg.policy.shipped_lists else None,
+                    synchronous=a.audit_synchronous, client_prefix=client_prefix(cfg), shipper=shipper(cfg))
 
 
-def pipeline(cfg: ServeConfig, get_policy: Callable[[], Policy], forward: Forwarder, audit: AuditLog) -> Pipeline:
+def pipeline(cfg: Settings, get_policy: Callable[[], Policy], forward: Forwarder, audit: AuditLog) -> Pipeline:
     return Pipeline(get_policy, forward, audit, answers(cfg), guard(cfg), cache(cfg), ecs_prefix(cfg), shares(cfg))
 
 
-def fleet(cfg: ServeConfig, db: Path) -> rpz.Node | None:
+def fleet(cfg: Settings, db: Path) -> rpz.Node | None:
     """The RPZ primary and/or secondary the settings ask for (rpz_listen, policy_from), or None."""
-    rpz.zone_name(cfg.rpz_zone)
-    rpz.parse_tsig(cfg.rpz_tsig)
-    for network in cfg.rpz_secondaries:
+    rpz.zone_name(cfg.fleet.rpz_zone)
+    rpz.parse_tsig(cfg.fleet.rpz_tsig)
+    for network in cfg.fleet.rpz_secondaries:
         try:
             ipaddress.ip_network(network, strict=False)
         except ValueError:
             raise ConfigError(f"rpz_secondaries: {network!r} is not an address or CIDR network") from None
-    for target in cfg.rpz_notify:
+    for target in cfg.fleet.rpz_notify:
         parse_hostport(target, 53)
-    if cfg.policy_from:
-        parse_hostport(cfg.policy_from, 53)
-    if cfg.rpz_listen:
-        parse_hostport(cfg.rpz_listen, 53)
-    if not (cfg.rpz_listen or cfg.policy_from):
+    if cfg.fleet.policy_from:
+        parse_hostport(cfg.fleet.policy_from, 53)
+    if cfg.fleet.rpz_listen:
+        parse_hostport(cfg.fleet.rpz_listen, 53)
+    if not (cfg.fleet.rpz_listen or cfg.fleet.policy_from):
         return None
     return rpz.Node(cfg, db, answers(cfg))
 
 
-def listen_addresses(cfg: ServeConfig) -> list[tuple[str, int]]:
-    return [parse_hostport(x, 53) for x in cfg.listen]
+def listen_addresses(cfg: Settings) -> list[tuple[str, int]]:
+    return [parse_hostport(x, 53) for x in cfg.serving.listen]
 
 
-def metrics_address(cfg: ServeConfig) -> tuple[str, int] | None:
-    return parse_hostport(cfg.metrics, config.METRICS_PORT) if cfg.metrics.strip() else None
+def metrics_address(cfg: Settings) -> tuple[str, int] | None:
+    return parse_hostport(cfg.process.metrics, config.METRICS_PORT) if cfg.process.metrics.strip() else None
 
 
-def blockpage_addresses(cfg: ServeConfig) -> list[tuple[str, int]]:
+def blockpage_addresses(cfg: Settings) -> list[tuple[str, int]]:
     """Where the block page listens: HOST:PORT each, a bare HOST as HOST:80 and HOST:443."""
     out: list[tuple[str, int]] = []
-    for text in cfg.blockpage_listen:
+    for text in cfg.blockpage.blockpage_listen:
         host, port = parse_hostport(text, -1)  # -1: no port given
         out += [(host, 80), (host, 443)] if port == -1 else [(host, port)]
     return list(dict.fromkeys(out))
 
 
-def web_addresses(cfg: ServeConfig) -> list[tuple[str, int]]:
+def web_addresses(cfg: Settings) -> list[tuple[str, int]]:
     """Where the web console listens (a bare HOST: port 8053)."""
-    return list(dict.fromkeys(parse_hostport(text, config.WEB_PORT) for text in cfg.web_listen))
+    return list(dict.fromkeys(parse_hostport(text, config.WEB_PORT) for text in cfg.web.web_listen))
 
 
 # ---------------------------------------------------------------------------- what serve builds
@@ -251,13 +256,13 @@ class Parts:
     fleet: rpz.Node | None  # RPZ: one per server, so with several workers only worker 0 has one
 
 
-def parts(cfg: ServeConfig, db: Path, get_policy: Callable[[], Policy], worker: int | None = None) -> Parts:
+def parts(cfg: Settings, db: Path, get_policy: Callable[[], Policy], worker: int | None = None) -> Parts:
     audit = audit_log(cfg, db)
     forward = forwarder(cfg)
     return Parts(audit, forward, pipeline(cfg, get_policy, forward, audit), fleet(cfg, db) if not worker else None)
 
 
-def check(cfg: ServeConfig) -> None:
+def check(cfg: Settings) -> None:
     """ConfigError unless `serve` could start with `cfg`: the parts it builds, built (nothing started), and the
     addresses it binds parsed (nothing bound). With no `upstream`, /etc/resolv.conf is read as serve reads it."""
     parts(cfg, CHECK_DB, Policy)
@@ -265,5 +270,5 @@ def check(cfg: ServeConfig) -> None:
     metrics_address(cfg)
     web_addresses(cfg)
     for name in ("blockpage_logo", "web_cert", "web_key"):
-        if getattr(cfg, name) and not Path(getattr(cfg, name)).is_file():
-            raise ConfigError(f"{name}: {getattr(cfg, name)}: no such file")
+        if cfg.value(name) and not Path(cfg.value(name)).is_file():
+            raise ConfigError(f"{name}: {cfg.value(name)}: no such file")

@@ -33,21 +33,44 @@ MAX_RETENTION_DAYS = 36500  # a hundred years: beyond, the cut-off date is out o
 
 
 @dataclass(frozen=True)
-class ServeConfig:
+class ServingSettings:
+    """The DNS listeners and their TCP connections (sinkhole.dns.listener)."""
+
     listen: tuple[str, ...] = ("127.0.0.1:5353",)
+    tcp_idle_timeout: float = 10.0
+    tcp_max_clients: int = 1000
+    tcp_max_per_client: int = 16  # open TCP connections from one client address (Unbound's tcp-connection-limit)
+
+
+@dataclass(frozen=True)
+class UpstreamSettings:
+    """Where forwarded queries go, and how many may wait (sinkhole.dns.upstream, the pipeline's shares)."""
+
     upstream: tuple[str, ...] = ()  # empty: the nameservers of /etc/resolv.conf
     upstream_strategy: str = "failover"  # failover (in order) | fastest (lowest smoothed RTT) | parallel (two at once)
     upstream_ca: str = ""  # PEM CA bundle tls:// and https:// upstreams must chain to; empty: the system's CAs
     forward_zones: tuple[str, ...] = ()  # "ZONE=URL[,URL...]": names at or under ZONE go to those upstreams
     timeout: float = 2.0  # seconds until a client gets SERVFAIL when no upstream answers
     ecs: str = "strip"  # EDNS Client Subnet upstream: "strip" (none), or "V4/V6" prefix lengths, e.g. "24/56"
+    max_inflight: int = 1000  # forwards waiting for an upstream at once (each holds a socket)
+    max_inflight_client_share: float = 0.1  # of max_inflight, held by one client address at most
+    max_inflight_network_share: float = 0.5  # of max_inflight, held by one client /24 or /56 at most
+
+
+@dataclass(frozen=True)
+class AnswerSettings:
+    """How blocked names are answered (sinkhole.dns.answer)."""
+
     mode: str = "sinkhole"  # or "nxdomain"
     block_a: str = "0.0.0.0"  # "none": NODATA for A
     block_aaaa: str = "::"
     block_ttl: int = 60
-    log_queries: str = "blocked"  # blocked | all | none
-    log_client_prefix: str = ""  # "V4/V6", e.g. "24/56": audit rows keep the client's network, not its address
-    audit_synchronous: str = "normal"  # SQLite synchronous level of the audit log: off | normal | full | extra
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """Who may ask, and how fast (sinkhole.dns.guard)."""
+
     allow_clients: tuple[str, ...] = DEFAULT_ALLOW  # others get REFUSED
     rate_limit: float = 200.0  # queries/s per client address (0: off)
     rate_limit_burst: float = 400.0
@@ -57,34 +80,55 @@ class ServeConfig:
     rate_limit_v6_prefix: int = 56
     rate_limit_action: str = "truncate"  # truncate: TC=1 over UDP (TCP is not limited); refuse: REFUSED
     rate_limit_exempt: tuple[str, ...] = DEFAULT_EXEMPT
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """The reply cache (sinkhole.dns.cache)."""
+
     cache_size: int = 100_000  # entries (0: no cache)
     cache_min_ttl: int = 0
     cache_max_ttl: int = 86400
     cache_negative_max_ttl: int = 3600
     cache_prefetch: bool = False  # a hit in the last tenth of a TTL refreshes the entry in the background
     cache_serve_stale: float = 0.0  # seconds past expiry an entry may answer when no upstream does (0: never)
-    tcp_idle_timeout: float = 10.0
-    tcp_max_clients: int = 1000
-    tcp_max_per_client: int = 16  # open TCP connections from one client address (Unbound's tcp-connection-limit)
-    max_inflight: int = 1000  # forwards waiting for an upstream at once (each holds a socket)
-    max_inflight_client_share: float = 0.1  # of max_inflight, held by one client address at most
-    max_inflight_network_share: float = 0.5  # of max_inflight, held by one client /24 or /56 at most
-    reload_interval: float = 0.25
-    node: str = field(default_factory=socket.gethostname)
-    user: str = ""  # when started as root: bind, then run as this user
-    workers: int = 0  # processes serving the same sockets; 0: one per core
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    """The policy in force: the shipped lists of a new database, the canaries, reloads."""
+
     shipped_lists: bool = True
     bypass_canaries: bool = True  # answer the DoH / Private Relay / DDR canaries so clients stay with us
-    log_level: str = "info"
-    log_repeat_interval: float = 10.0  # a repeatable warning at most once per this many seconds per kind (0: every one)
+    reload_interval: float = 0.25
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    """The audit log (sinkhole.audit.writer) and its retention (sinkhole.audit.retention)."""
+
+    log_queries: str = "blocked"  # blocked | all | none
+    log_client_prefix: str = ""  # "V4/V6", e.g. "24/56": audit rows keep the client's network, not its address
+    audit_synchronous: str = "normal"  # SQLite synchronous level of the audit log: off | normal | full | extra
+    node: str = field(default_factory=socket.gethostname)
+    retention_days: int = 365  # audit rows older than this are pruned, leaving checkpoints (0: kept forever)
+    prune_interval: float = 3600.0  # seconds between two prunes (and one at start)
+
+
+@dataclass(frozen=True)
+class ShippingSettings:
+    """Shipping every audit row to a SIEM (sinkhole.audit.shipping)."""
+
     syslog: str = ""  # udp://HOST:PORT, tcp://HOST:PORT or HOST:PORT (UDP): every audit row and chain head, RFC 5424
     syslog_facility: str = "local0"
     json_log: bool = False  # every audit row as a JSON line on stdout (journald under systemd)
     anchor_interval: float = 60.0  # seconds between chain heads sent to syslog (and one at shutdown)
-    retention_days: int = 365  # audit rows older than this are pruned, leaving checkpoints (0: kept forever)
-    prune_interval: float = 3600.0  # seconds between two prunes (and one at start)
-    metrics: str = ""  # HOST:PORT serving Prometheus /metrics and /healthz; empty: off
-    # RPZ (sinkhole.fleet.rpz): the policy as a zone served to secondaries, or pulled from a primary
+
+
+@dataclass(frozen=True)
+class FleetSettings:
+    """The policy as an RPZ zone, served to secondaries or pulled from a primary (sinkhole.fleet)."""
+
     rpz_listen: str = ""  # HOST:PORT: serve the zone (SOA, AXFR, IXFR) and take NOTIFY here; "" off
     rpz_zone: str = "rpz.sinkhole."
     rpz_group: str = "default"  # whose policy the served zone holds
@@ -93,7 +137,12 @@ class ServeConfig:
     rpz_tsig: str = ""  # NAME:ALGORITHM:BASE64SECRET: transfers and NOTIFY must be signed with it
     rpz_refresh: int = 60  # SOA refresh of the served zone; a secondary checks the serial this often
     policy_from: str = ""  # HOST:PORT of a primary: pull its zone into category rpz:<zone>
-    # the block page (sinkhole.web.blockpage): what a person whose browser asked a blocked name sees
+
+
+@dataclass(frozen=True)
+class BlockpageSettings:
+    """What a person whose browser asked a blocked name sees (sinkhole.web.blockpage)."""
+
     blockpage_listen: tuple[str, ...] = ()  # HOST:PORT (a bare HOST: ports 80 and 443), each HTTP and HTTPS; () off
     blockpage_ca: str = ""  # the CA directory (sinkhole ca init/import); empty: ca/ beside the database
     blockpage_agency: str = ""  # the agency's name, shown on the page
@@ -103,7 +152,12 @@ class ServeConfig:
     blockpage_templates: str = "/etc/sinkhole/blockpage"  # blockpage.html here replaces the shipped one
     blockpage_language: str = "en"  # en or ko: the page's language when Accept-Language names neither
     blockpage_requests: bool = True  # the page's access request form (sinkhole requests list|approve|deny)
-    # the web console (sinkhole.web.console): accounts from `sinkhole user add`
+
+
+@dataclass(frozen=True)
+class WebSettings:
+    """The web console (sinkhole.web.console); accounts from `sinkhole user add`."""
+
     web_listen: tuple[str, ...] = ()  # HOST:PORT (a bare HOST: port 8053); () off. Plain HTTP on loopback only
     web_tls: str = "auto"  # auto: HTTPS when web_cert or the block page's CA gives a certificate; on; off (loopback)
     web_cert: str = ""  # PEM certificate (chain) for HTTPS; with web_key
@@ -113,8 +167,90 @@ class ServeConfig:
     web_session_lifetime: int = 43200  # seconds a session lasts at most after the login
 
 
-FIELDS = {f.name: f for f in dataclasses.fields(ServeConfig)}
-DEFAULT = ServeConfig()
+@dataclass(frozen=True)
+class ProcessSettings:
+    """The process: privileges, workers, its log, its metrics."""
+
+    user: str = ""  # when started as root: bind, then run as this user
+    workers: int = 0  # processes serving the same sockets; 0: one per core
+    log_level: str = "info"
+    log_repeat_interval: float = 10.0  # a repeatable warning at most once per this many seconds per kind (0: every one)
+    metrics: str = ""  # HOST:PORT serving Prometheus /metrics and /healthz; empty: off
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting, one frozen section per part that consumes it; a section's fields are named by their flat
+    keys (the contract: TOML keys, SINKHOLE_<KEY>, --key flags, `config show`), so `settings.cache.cache_size` is
+    `cache_size` wherever it is written. `value(key)` and `replace(**keys)` are the flat views."""
+
+    serving: ServingSettings = field(default_factory=ServingSettings)
+    upstreams: UpstreamSettings = field(default_factory=UpstreamSettings)
+    answers: AnswerSettings = field(default_factory=AnswerSettings)
+    clients: ClientSettings = field(default_factory=ClientSettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)
+    policy: PolicySettings = field(default_factory=PolicySettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
+    shipping: ShippingSettings = field(default_factory=ShippingSettings)
+    fleet: FleetSettings = field(default_factory=FleetSettings)
+    blockpage: BlockpageSettings = field(default_factory=BlockpageSettings)
+    web: WebSettings = field(default_factory=WebSettings)
+    process: ProcessSettings = field(default_factory=ProcessSettings)
+
+    @classmethod
+    def of(cls, **values: Any) -> Settings:
+        """Settings with these flat keys set, the others at their defaults."""
+        return cls().replace(**values)
+
+    def value(self, key: str) -> Any:
+        """The value of one flat key."""
+        return getattr(getattr(self, KEYS[key]), key)
+
+    def replace(self, **values: Any) -> Settings:
+        """A copy with these flat keys set (KeyError for a key that is not a setting)."""
+        by_section: dict[str, dict[str, Any]] = {}
+        for key, value in values.items():
+            by_section.setdefault(KEYS[key], {})[key] = value
+        return dataclasses.replace(self, **{attr: dataclasses.replace(getattr(self, attr), **changed)
+                                            for attr, changed in by_section.items()})
+
+
+def keys_of(section: type) -> frozenset[str]:
+    """The flat keys of one section (e.g. every setting the guard takes: keys_of(ClientSettings))."""
+    return frozenset(f.name for f in dataclasses.fields(section))
+
+
+SECTIONS: dict[str, type] = {  # Settings' attribute -> its section
+    "serving": ServingSettings, "upstreams": UpstreamSettings, "answers": AnswerSettings, "clients": ClientSettings,
+    "cache": CacheSettings, "policy": PolicySettings, "audit": AuditSettings, "shipping": ShippingSettings,
+    "fleet": FleetSettings, "blockpage": BlockpageSettings, "web": WebSettings, "process": ProcessSettings,
+}
+# flat key -> the section that holds it, in the order `config show` prints them and etc/sinkhole.toml lists them
+KEYS: dict[str, str] = {
+    "listen": "serving", "upstream": "upstreams", "upstream_strategy": "upstreams", "upstream_ca": "upstreams",
+    "forward_zones": "upstreams", "timeout": "upstreams", "ecs": "upstreams", "mode": "answers",
+    "block_a": "answers", "block_aaaa": "answers", "block_ttl": "answers", "log_queries": "audit",
+    "log_client_prefix": "audit", "audit_synchronous": "audit", "allow_clients": "clients", "rate_limit": "clients",
+    "rate_limit_burst": "clients", "rate_limit_net": "clients", "rate_limit_net_burst": "clients",
+    "rate_limit_v4_prefix": "clients", "rate_limit_v6_prefix": "clients", "rate_limit_action": "clients",
+    "rate_limit_exempt": "clients", "cache_size": "cache", "cache_min_ttl": "cache", "cache_max_ttl": "cache",
+    "cache_negative_max_ttl": "cache", "cache_prefetch": "cache", "cache_serve_stale": "cache",
+    "tcp_idle_timeout": "serving", "tcp_max_clients": "serving", "tcp_max_per_client": "serving",
+    "max_inflight": "upstreams", "max_inflight_client_share": "upstreams",
+    "max_inflight_network_share": "upstreams", "reload_interval": "policy", "node": "audit", "user": "process",
+    "workers": "process", "shipped_lists": "policy", "bypass_canaries": "policy", "log_level": "process",
+    "log_repeat_interval": "process", "syslog": "shipping", "syslog_facility": "shipping", "json_log": "shipping",
+    "anchor_interval": "shipping", "retention_days": "audit", "prune_interval": "audit", "metrics": "process",
+    "rpz_listen": "fleet", "rpz_zone": "fleet", "rpz_group": "fleet", "rpz_secondaries": "fleet",
+    "rpz_notify": "fleet", "rpz_tsig": "fleet", "rpz_refresh": "fleet", "policy_from": "fleet",
+    "blockpage_listen": "blockpage", "blockpage_ca": "blockpage", "blockpage_agency": "blockpage",
+    "blockpage_contact": "blockpage", "blockpage_policy": "blockpage", "blockpage_logo": "blockpage",
+    "blockpage_templates": "blockpage", "blockpage_language": "blockpage", "blockpage_requests": "blockpage",
+    "web_listen": "web", "web_tls": "web", "web_cert": "web", "web_key": "web", "web_name": "web",
+    "web_idle_timeout": "web", "web_session_lifetime": "web",
+}
+FIELDS = {f.name: f for section in SECTIONS.values() for f in dataclasses.fields(section)}  # flat key -> its field
+DEFAULT = Settings()
 DEFAULT_PATH = Path("/etc/sinkhole/sinkhole.toml")
 METRICS_PORT = 9153
 WEB_PORT = 8053
@@ -213,44 +349,45 @@ SYNCHRONOUS = ("off", "normal", "full", "extra")  # SQLite's levels (audit_synch
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
-def check_values(cfg: ServeConfig) -> ServeConfig:
+def check_values(cfg: Settings) -> Settings:
     """ConfigError for a value that is wrong by itself or together with another, whatever runs it (build.check
     adds what needs the parts themselves: addresses, upstreams, keys, choices a part owns)."""
-    if not all(0 < v < 3600 for v in (cfg.timeout, cfg.tcp_idle_timeout, cfg.reload_interval)):
+    if not all(0 < v < 3600 for v in (cfg.upstreams.timeout, cfg.serving.tcp_idle_timeout, cfg.policy.reload_interval)):
         raise ConfigError("timeouts and intervals must be above zero and below an hour")
-    if cfg.audit_synchronous.lower() not in SYNCHRONOUS:
-        raise ConfigError(f"audit_synchronous must be off, normal, full or extra, not {cfg.audit_synchronous!r}")
-    if cfg.log_level.lower() not in LOG_LEVELS:
-        raise ConfigError(f"log_level must be debug, info, warning or error, not {cfg.log_level!r}")
-    if not 0 <= cfg.log_repeat_interval <= 3600:
+    if cfg.audit.audit_synchronous.lower() not in SYNCHRONOUS:
+        raise ConfigError(f"audit_synchronous must be off, normal, full or extra, not {cfg.audit.audit_synchronous!r}")
+    if cfg.process.log_level.lower() not in LOG_LEVELS:
+        raise ConfigError(f"log_level must be debug, info, warning or error, not {cfg.process.log_level!r}")
+    if not 0 <= cfg.process.log_repeat_interval <= 3600:
         raise ConfigError("log_repeat_interval must be from 0 (every line) to 3600 seconds")
     for name, (low, high) in LIMITS.items():
-        value = getattr(cfg, name)
+        value = cfg.value(name)
         if not low <= value <= high:  # NaN too
             raise ConfigError(f"{name} must be from {low:,} to {high:,}, not {value!r}")
-    if not (0 < cfg.max_inflight_client_share <= 1 and 0 < cfg.max_inflight_network_share <= 1):
+    if not (0 < cfg.upstreams.max_inflight_client_share <= 1 and 0 < cfg.upstreams.max_inflight_network_share <= 1):
         raise ConfigError("max_inflight_client_share and max_inflight_network_share must be above 0 and at most 1")
-    if not cfg.cache_min_ttl <= cfg.cache_max_ttl:
-        raise ConfigError(f"cache_min_ttl <= cache_max_ttl is needed: {cfg.cache_min_ttl} is above {cfg.cache_max_ttl}")
-    if not 0 <= cfg.block_ttl <= 86400:
+    if not cfg.cache.cache_min_ttl <= cfg.cache.cache_max_ttl:
+        raise ConfigError(f"cache_min_ttl <= cache_max_ttl is needed: {cfg.cache.cache_min_ttl} is above "
+                          f"{cfg.cache.cache_max_ttl}")
+    if not 0 <= cfg.answers.block_ttl <= 86400:
         raise ConfigError("block_ttl must be from 0 to 86400 seconds")
-    if not 0 < cfg.prune_interval <= 86400:
+    if not 0 < cfg.audit.prune_interval <= 86400:
         raise ConfigError("prune_interval must be above 0 and at most 86400 s")
-    if not cfg.listen:
+    if not cfg.serving.listen:
         raise ConfigError("listen: at least one address is needed")
-    if not 0 < cfg.anchor_interval <= 86400:
+    if not 0 < cfg.shipping.anchor_interval <= 86400:
         raise ConfigError("anchor_interval must be above zero and at most a day (86400 seconds)")
-    if not 1 <= cfg.rpz_refresh <= 86400:
+    if not 1 <= cfg.fleet.rpz_refresh <= 86400:
         raise ConfigError("rpz_refresh must be from 1 to 86400 seconds")
-    if cfg.rpz_notify and not cfg.rpz_listen:
+    if cfg.fleet.rpz_notify and not cfg.fleet.rpz_listen:
         raise ConfigError("rpz_notify needs rpz_listen: NOTIFY tells secondaries to transfer from it")
-    if cfg.blockpage_language not in ("en", "ko"):
-        raise ConfigError(f"blockpage_language must be en or ko, not {cfg.blockpage_language!r}")
-    if cfg.web_tls not in ("auto", "on", "off"):
-        raise ConfigError(f"web_tls must be auto, on or off, not {cfg.web_tls!r}")
-    if cfg.web_key and not cfg.web_cert:
+    if cfg.blockpage.blockpage_language not in ("en", "ko"):
+        raise ConfigError(f"blockpage_language must be en or ko, not {cfg.blockpage.blockpage_language!r}")
+    if cfg.web.web_tls not in ("auto", "on", "off"):
+        raise ConfigError(f"web_tls must be auto, on or off, not {cfg.web.web_tls!r}")
+    if cfg.web.web_key and not cfg.web.web_cert:
         raise ConfigError("web_key needs web_cert")
-    if not 60 <= cfg.web_idle_timeout <= cfg.web_session_lifetime <= 7 * 86400:
+    if not 60 <= cfg.web.web_idle_timeout <= cfg.web.web_session_lifetime <= 7 * 86400:
         raise ConfigError("web_idle_timeout must be at least 60 s and at most web_session_lifetime, which is at most"
                           " a week (604800 s)")
     return cfg
@@ -270,11 +407,11 @@ def _read(path: Path) -> dict[str, Any]:
 
 
 def read(file: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None,
-         flags: Mapping[str, Any] | None = None) -> tuple[ServeConfig, dict[str, str]]:
+         flags: Mapping[str, Any] | None = None) -> tuple[Settings, dict[str, str]]:
     """The effective settings (values checked by check_values) and, for each, where it came from: default,
     file, env or flag. build.load_sources adds the checks of the parts that use them."""
     values: dict[str, Any] = {}
-    sources = dict.fromkeys(FIELDS, "default")
+    sources = dict.fromkeys(KEYS, "default")
     if file is not None:
         path = Path(file)
         for key, value in _read(path).items():
@@ -284,7 +421,7 @@ def read(file: str | os.PathLike[str] | None = None, env: Mapping[str, str] | No
             values[name] = _coerce(name, value, str(path))
             sources[name] = "file"
     env = os.environ if env is None else env
-    for name in FIELDS:
+    for name in KEYS:
         var = f"SINKHOLE_{name.upper()}"
         if var in env:
             values[name] = _coerce(name, env[var], var)
@@ -294,7 +431,7 @@ def read(file: str | os.PathLike[str] | None = None, env: Mapping[str, str] | No
             continue
         values[name] = _coerce(name, value, "--" + name.replace("_", "-"))
         sources[name] = "flag"
-    return check_values(ServeConfig(**values)), sources
+    return check_values(Settings.of(**values)), sources
 
 
 # ---------------------------------------------------------------------------- config check
@@ -327,7 +464,7 @@ def _strip_origin(message: str) -> str:
     return message.split(": ", 1)[1] if message.startswith(("/", ".")) and ": " in message else message
 
 
-def check_file(file: str | os.PathLike[str], validate: Callable[[ServeConfig], object]) -> list[Problem]:
+def check_file(file: str | os.PathLike[str], validate: Callable[[Settings], object]) -> list[Problem]:
     """Every error in a settings file at once, each with its line (as `config check` prints them); `validate`
     (build.check: what serve builds) raises ConfigError for settings that cannot be served.
 
@@ -374,7 +511,7 @@ def check_file(file: str | os.PathLike[str], validate: Callable[[ServeConfig], o
 
     def error_of(values: dict[str, Any]) -> str | None:
         try:
-            validate(check_values(ServeConfig(**values)))
+            validate(check_values(Settings.of(**values)))
         except ConfigError as exc:
             return _strip_origin(str(exc))
         return None
@@ -396,12 +533,12 @@ def check_file(file: str | os.PathLike[str], validate: Callable[[ServeConfig], o
 # ---------------------------------------------------------------------------- reload
 
 
-def reload_plan(running: ServeConfig, new: ServeConfig) -> tuple[ServeConfig, list[str], list[str]]:
+def reload_plan(running: Settings, new: Settings) -> tuple[Settings, list[str], list[str]]:
     """(the running settings with every reloadable change applied, names applied, names needing a restart)."""
-    changed = [f for f in FIELDS if getattr(running, f) != getattr(new, f)]
+    changed = [f for f in KEYS if running.value(f) != new.value(f)]
     applied = [f for f in changed if f in RELOADABLE]
     restart = [f for f in changed if f not in RELOADABLE]
-    return dataclasses.replace(running, **{f: getattr(new, f) for f in applied}), applied, restart
+    return running.replace(**{f: new.value(f) for f in applied}), applied, restart
 
 
 def to_toml(value: Any) -> str:

@@ -10,18 +10,18 @@ from sinkhole.dns import codec
 from sinkhole.dns.pipeline import Pending
 from sinkhole.dns.upstream import Forwarder, Upstream
 from sinkhole.service import build
-from sinkhole.service.config import ServeConfig
+from sinkhole.service.config import Settings
 from sinkhole.store.db import Store
 
 
-def explain(store: Store, cfg: ServeConfig, name: str, qtype: str = "A", client: str = "127.0.0.1") -> dict:
+def explain(store: Store, cfg: Settings, name: str, qtype: str = "A", client: str = "127.0.0.1") -> dict:
     """The decision for `name` as a server with `cfg` would take it for `client`: the rule, its list and
     source note, and the exact answer (presentation form) when it is answered here. Nothing is sent:
     a name that would be forwarded is only said to be."""
-    policy = store.load_policy(cfg.bypass_canaries)
+    policy = store.load_policy(cfg.policy.bypass_canaries)
     # the pipeline serve builds, but with nobody to forward to and an audit log that keeps nothing: nothing is sent
-    pipeline = build.pipeline(cfg, lambda: policy, Forwarder([Upstream("127.0.0.1", 9)], cfg.timeout),
-                              AuditLog(store.path, cfg.node, "none"))
+    pipeline = build.pipeline(cfg, lambda: policy, Forwarder([Upstream("127.0.0.1", 9)], cfg.upstreams.timeout),
+                              AuditLog(store.path, cfg.audit.node, "none"))
     wire = dns.message.make_query(name, dns.rdatatype.from_text(qtype), use_edns=0).to_wire()
     group = policy.group_of(client)
     verdict = policy.decide(codec.decode_query(wire), group)
@@ -38,7 +38,7 @@ def explain(store: Store, cfg: ServeConfig, name: str, qtype: str = "A", client:
     if rule is not None:
         source, note = store.rule_note(rule.domain, rule.kind, rule.category) or (None, None)
     page = None
-    if decision == "blocked" and cfg.blockpage_listen:
+    if decision == "blocked" and cfg.blockpage.blockpage_listen:
         answers = build.answers(cfg)
         at = [str(a) for a in (answers.a, answers.aaaa) if a is not None]
         page = f"https://{name}/ and http://{name}/ show the block page at {' and '.join(at)}" if at else None

@@ -21,7 +21,7 @@ from sinkhole.dns.upstream import Upstream
 from sinkhole.fleet import rpz
 from sinkhole.policy.decide import Policy
 from sinkhole.service import build, config, control, privileges, systemd
-from sinkhole.service.config import ServeConfig
+from sinkhole.service.config import Settings
 from sinkhole.store.db import Store, open_store
 from sinkhole.store.journal import Actor
 from sinkhole.store.schema import iso, preload
@@ -74,7 +74,7 @@ class PolicyReloader(threading.Thread):
                         store, replaced = None, True
                     if store is None:
                         # as any first opener of a new file does: it may be us, and then it must be seeded
-                        store = open_store(self.db, self.server.cfg.shipped_lists)
+                        store = open_store(self.db, self.server.cfg.policy.shipped_lists)
                         if replaced:
                             self.server.load_policy(store)
                             replaced = False
@@ -104,8 +104,8 @@ def expire_due_rules(store: Store) -> None:
 
 
 class Server:
-    def __init__(self, cfg: ServeConfig, db: str | Path, sockets: list | None = None,
-                 worker: int | None = None, reload: Callable[[], ServeConfig] | None = None,
+    def __init__(self, cfg: Settings, db: str | Path, sockets: list | None = None,
+                 worker: int | None = None, reload: Callable[[], Settings] | None = None,
                  rpz_sockets: tuple | None = None, blockpage_sockets: list | None = None) -> None:
         """`sockets`: (host, port, udp, tcp) already bound by a supervisor, which also speaks to systemd;
         `rpz_sockets`: the (udp, tcp) of rpz_listen, bound by it too (worker 0 serves them), and so are
@@ -147,7 +147,7 @@ class Server:
             policy = store.patch_policy(self.policy)
             how = "patched"
         if policy is None:
-            policy, how = store.load_policy(self.cfg.bypass_canaries), "loaded"
+            policy, how = store.load_policy(self.cfg.policy.bypass_canaries), "loaded"
         old, self.policy = self.policy, policy  # one assignment: every query sees the old or the new policy
         self.policy_loaded = True
         if how == "loaded" and max(old.blocks + old.allows, policy.blocks + policy.allows) > 10_000:
@@ -188,17 +188,18 @@ class Server:
                 for sock in [*(self.rpz_sockets or ()), *(self.blockpage_sockets or ())]:
                     sock.close()
                 raise
-            if self.cfg.user:
-                drop_privileges(self.cfg.user)
-        store = open_store(self.db, self.cfg.shipped_lists)
+            if self.cfg.process.user:
+                drop_privileges(self.cfg.process.user)
+        store = open_store(self.db, self.cfg.policy.shipped_lists)
         try:
             self.load_policy(store)
         finally:
             store.close()
         for host, port, udp, tcp in bound:
             listener = Listener(host, port, udp, tcp)
-            await listener.start(self.pipeline, self.tasks, self.cfg.tcp_idle_timeout, self.cfg.tcp_max_clients,
-                                 self.cfg.tcp_max_per_client)
+            serving = self.cfg.serving
+            await listener.start(self.pipeline, self.tasks, serving.tcp_idle_timeout, serving.tcp_max_clients,
+                                 serving.tcp_max_per_client)
             self.listeners.append(listener)
             if self.sockets is None:
                 log.info("listening on %s %s%s", listener.transports, listener, " (from systemd)" if passed else "")
@@ -219,10 +220,11 @@ class Server:
             self.console = start_console(self.cfg, self.db, self.web_sockets, web_tls,
                                          lambda: [metrics.snapshot(self)], lambda: metrics.problems(self))
         self._housekeeping = asyncio.get_running_loop().create_task(self._keep_house())
-        self.reloader = PolicyReloader(self, self.db, self.cfg.reload_interval)
+        self.reloader = PolicyReloader(self, self.db, self.cfg.policy.reload_interval)
         self.reloader.start()
-        if self.cfg.retention_days and self.worker in (None, 0):  # one pruner, not one per worker
-            self.pruner = Pruner(self.db, self.cfg.node, self.cfg.retention_days, self.cfg.prune_interval)
+        if self.cfg.audit.retention_days and self.worker in (None, 0):  # one pruner, not one per worker
+            audit = self.cfg.audit
+            self.pruner = Pruner(self.db, audit.node, audit.retention_days, audit.prune_interval)
             self.pruner.start()
         if self.sockets is not None:
             return
@@ -235,7 +237,7 @@ class Server:
         if self.control is not None:
             self._control_server = await asyncio.start_unix_server(self._on_control, sock=self.control.sock)
         log.info("forwarding to %s; audit log %s in %s", ", ".join(map(str, self.forwarder.upstreams)),
-                 self.cfg.log_queries, self.db)
+                 self.cfg.audit.log_queries, self.db)
         systemd.notify("READY=1\nSTATUS=serving on " + ", ".join(self.addresses))
         interval = systemd.watchdog_interval()
         if interval:
@@ -277,7 +279,7 @@ class Server:
         finally:
             systemd.notify("READY=1")
 
-    def reload_config(self, new: ServeConfig | None = None, why: str = "SIGHUP") -> control.Outcome:
+    def reload_config(self, new: Settings | None = None, why: str = "SIGHUP") -> control.Outcome:
         """Read the configuration again (or take `new`, read once by the supervisor for every worker) and apply
         what can change at run time; a bad one is refused with the reason and the running settings stay.
         `why` (SIGHUP, sinkhole reload) goes into the change journal."""
@@ -296,7 +298,7 @@ class Server:
         except Exception as exc:
             log.error("%sconfig reload refused, the running settings stay: %s", who, exc)
             return control.Outcome(refused=str(exc))
-        values = {k: config.to_toml(getattr(self.cfg, k)) for k in applied}
+        values = {k: config.to_toml(self.cfg.value(k)) for k in applied}
         if applied and not self.worker:  # one journal entry per reload: the single server or worker 0
             threading.Thread(target=self._journal_settings, args=(values, why), name="settings-journal",
                              daemon=True).start()
@@ -308,7 +310,7 @@ class Server:
         from sinkhole.store.journal import Actor
 
         try:
-            store = open_store(self.db, self.cfg.shipped_lists)
+            store = open_store(self.db, self.cfg.policy.shipped_lists)
             try:
                 store.journal_settings(values, Actor(command=f"{why}: sinkhole serve read its configuration again"))
             finally:
@@ -316,7 +318,7 @@ class Server:
         except Exception as exc:  # the settings are applied whatever; the journal entry is what is missing
             log.warning("settings reload could not be journaled: %s", exc)
 
-    def apply_config(self, new: ServeConfig, who: str = "") -> tuple[list[str], list[str]]:
+    def apply_config(self, new: Settings, who: str = "") -> tuple[list[str], list[str]]:
         """Apply the settings of `new` that can change at run time (config.RELOADABLE); returns
         (applied, needing a restart). Raises (and changes nothing) when they cannot be used."""
         plan = plan_reload(self.cfg, new)
@@ -324,28 +326,28 @@ class Server:
         changed = set(applied)
         answers, guard, upstreams = plan.answers, plan.guard, plan.upstreams
         self.cfg = running
-        self.audit.mode = running.log_queries
-        logging.getLogger().setLevel(running.log_level.upper())
+        self.audit.mode = running.audit.log_queries
+        logging.getLogger().setLevel(running.process.log_level.upper())
         if "log_repeat_interval" in changed:
-            logthrottle.set_interval(running.log_repeat_interval)
+            logthrottle.set_interval(running.process.log_repeat_interval)
         if changed & ANSWER_SETTINGS:
             self.pipeline.set_answers(answers)
         if guard is not None:
             self.pipeline.guard = guard
         if upstreams is not None:
             self.forwarder.set_upstreams(upstreams)
-        self.forwarder.timeout = running.timeout
-        self.forwarder.max_inflight = running.max_inflight
-        self.pipeline.shares.client_share = running.max_inflight_client_share
-        self.pipeline.shares.network_share = running.max_inflight_network_share
+        self.forwarder.timeout = running.upstreams.timeout
+        self.forwarder.max_inflight = running.upstreams.max_inflight
+        self.pipeline.shares.client_share = running.upstreams.max_inflight_client_share
+        self.pipeline.shares.network_share = running.upstreams.max_inflight_network_share
         cache = self.pipeline.cache
-        cache.max_entries, cache.min_ttl = running.cache_size, running.cache_min_ttl
-        cache.max_ttl, cache.negative_max_ttl = running.cache_max_ttl, running.cache_negative_max_ttl
-        cache.serve_stale = running.cache_serve_stale
+        cache.max_entries, cache.min_ttl = running.cache.cache_size, running.cache.cache_min_ttl
+        cache.max_ttl, cache.negative_max_ttl = running.cache.cache_max_ttl, running.cache.cache_negative_max_ttl
+        cache.serve_stale = running.cache.cache_serve_stale
         if self.reloader is not None:
-            self.reloader.interval = running.reload_interval
+            self.reloader.interval = running.policy.reload_interval
         log.info("%sconfig reloaded: %s%s", who,
-                 f"applied {', '.join(f'{k} = {config.to_toml(getattr(running, k))}' for k in applied)}"
+                 f"applied {', '.join(f'{k} = {config.to_toml(running.value(k))}' for k in applied)}"
                  if applied else "no change to apply",
                  f"; needs a restart: {', '.join(restart)}" if restart else "")
         return applied, restart
@@ -386,7 +388,7 @@ class Server:
         for listener in self.listeners:
             listener.stop_udp()
         if self.tasks.tasks:
-            await asyncio.wait(set(self.tasks.tasks), timeout=self.cfg.timeout + 1.0)
+            await asyncio.wait(set(self.tasks.tasks), timeout=self.cfg.upstreams.timeout + 1.0)
         for listener in self.listeners:
             listener.close()
         await self.forwarder.aclose()
@@ -406,12 +408,12 @@ class Server:
         logthrottle.flush(final=True)  # what the log held back is said before the process ends
 
 
-def bind_blockpage(cfg: ServeConfig) -> list:
+def bind_blockpage(cfg: Settings) -> list:
     """The block page's listening sockets (systemd's, else bound now, before --user drops root); [] when off."""
     from sinkhole.service.systemd import BLOCKPAGE, listen_sockets
     from sinkhole.web.limits import bind
 
-    if not cfg.blockpage_listen:
+    if not cfg.blockpage.blockpage_listen:
         unused = listen_sockets(BLOCKPAGE)
         if unused:
             log.warning("systemd passed %d block page sockets, but blockpage_listen is not set: not serving them "
@@ -427,7 +429,7 @@ def bind_blockpage(cfg: ServeConfig) -> list:
 class ReloadPlan:
     """What a reload changes, built (and so checked) before anything is changed."""
 
-    running: ServeConfig  # the running settings with every reloadable change of the new ones
+    running: Settings  # the running settings with every reloadable change of the new ones
     applied: list[str]  # the reloadable settings that changed
     restart: list[str]  # the settings that changed but need a restart
     answers: AnswerConfig
@@ -435,7 +437,7 @@ class ReloadPlan:
     upstreams: list[Upstream] | None  # new upstreams when `upstream` changed
 
 
-def plan_reload(running: ServeConfig, new: ServeConfig) -> ReloadPlan:
+def plan_reload(running: Settings, new: Settings) -> ReloadPlan:
     """The reload of `running` to `new`; raises when a new setting cannot be used (e.g. a bad upstream URL).
     The supervisor calls it to check the settings once before its workers apply them."""
     cfg, applied, restart = config.reload_plan(running, new)
@@ -444,30 +446,30 @@ def plan_reload(running: ServeConfig, new: ServeConfig) -> ReloadPlan:
                       build.upstreams(cfg) if "upstream" in changed else None)
 
 
-def bind_web(cfg: ServeConfig) -> list:
+def bind_web(cfg: Settings) -> list:
     """The web console's listening sockets (systemd's, named `web`, else bound now, before --user drops root);
     [] when web_listen is off."""
     from sinkhole.service.systemd import WEB, listen_sockets
     from sinkhole.web.limits import bind
 
-    if not cfg.web_listen:
+    if not cfg.web.web_listen:
         for sock in listen_sockets(WEB):
             sock.close()
         return []
     return bind(build.web_addresses(cfg), WEB)
 
 
-def web_tls_for(cfg: ServeConfig, db: Path):
+def web_tls_for(cfg: Settings, db: Path):
     """The web console's TLS (sinkhole.web.console.tls_from_config): None for plain HTTP, or when web_listen is
     off; ConfigError when plain HTTP would be served on an address that is not loopback."""
-    if not cfg.web_listen:
+    if not cfg.web.web_listen:
         return None
     from sinkhole.web import console
 
     return console.tls_from_config(cfg, db)
 
 
-def start_console(cfg: ServeConfig, db: Path, sockets: list, tls, live: Callable[[], list[dict]],
+def start_console(cfg: Settings, db: Path, sockets: list, tls, live: Callable[[], list[dict]],
                   health: Callable[[], list[str]]):
     """The web console on its own thread and event loop, serving `sockets` (with `tls`, from web_tls_for); `live`
     gives the serving processes' metrics snapshots, `health` their problems."""
@@ -482,13 +484,11 @@ def start_console(cfg: ServeConfig, db: Path, sockets: list, tls, live: Callable
 
 
 HOUSEKEEPING_INTERVAL = 1.0  # seconds
-GUARD_SETTINGS = frozenset({"allow_clients", "rate_limit", "rate_limit_burst", "rate_limit_net",
-                            "rate_limit_net_burst", "rate_limit_v4_prefix", "rate_limit_v6_prefix",
-                            "rate_limit_action", "rate_limit_exempt"})
-ANSWER_SETTINGS = frozenset({"mode", "block_a", "block_aaaa", "block_ttl"})
+GUARD_SETTINGS = config.keys_of(config.ClientSettings)  # a change of any of these makes a new guard
+ANSWER_SETTINGS = config.keys_of(config.AnswerSettings)
 
 
-async def _serve(cfg: ServeConfig, db: Path, reload: Callable[[], ServeConfig] | None) -> None:
+async def _serve(cfg: Settings, db: Path, reload: Callable[[], Settings] | None) -> None:
     server = Server(cfg, db, reload=reload)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -498,11 +498,11 @@ async def _serve(cfg: ServeConfig, db: Path, reload: Callable[[], ServeConfig] |
     await server.wait()
 
 
-def run(cfg: ServeConfig, db: Path, reload: Callable[[], ServeConfig] | None = None) -> int:
+def run(cfg: Settings, db: Path, reload: Callable[[], Settings] | None = None) -> int:
     """Serve until SIGTERM or SIGINT; SIGHUP calls `reload` and applies what can change at run time;
     uses uvloop when it is installed; returns the exit code."""
-    logthrottle.install(cfg.log_repeat_interval)  # on the handler `serve` set up, whatever its formatter
-    workers = cfg.workers or os.cpu_count() or 1
+    logthrottle.install(cfg.process.log_repeat_interval)  # on the handler `serve` set up, whatever its formatter
+    workers = cfg.process.workers or os.cpu_count() or 1
     if workers > 1:
         from sinkhole.service.workers import Supervisor
 

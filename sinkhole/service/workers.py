@@ -36,7 +36,7 @@ from sinkhole import logthrottle
 from sinkhole.dns.listener import Bound, bind_all, close_all
 from sinkhole.fleet import rpz
 from sinkhole.service import build, config, control, systemd
-from sinkhole.service.config import ServeConfig
+from sinkhole.service.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class Worker:
     index: int
     pid: int
     fd: int  # its lines to us: ready, beat, metrics, reloaded, the final report
-    control_fd: int  # our messages to it: new settings (a length, then the pickled (why, ServeConfig))
+    control_fd: int  # our messages to it: new settings (a length, then the pickled (why, Settings))
     buffer: bytes = b""
     ready: bool = False
     last_beat: float = field(default_factory=time.monotonic)
@@ -72,8 +72,8 @@ def _show(host: str, port: int) -> str:
 
 
 class Supervisor:
-    def __init__(self, cfg: ServeConfig, db: Path, count: int,
-                 reload: Callable[[], ServeConfig] | None = None) -> None:
+    def __init__(self, cfg: Settings, db: Path, count: int,
+                 reload: Callable[[], Settings] | None = None) -> None:
         self.cfg = cfg
         self.reload = reload
         self.hup = False
@@ -148,9 +148,9 @@ class Supervisor:
             systemd.notify("READY=1")
             return
         self.cfg = plan.running  # for workers started from now on
-        logging.getLogger().setLevel(self.cfg.log_level.upper())
+        logging.getLogger().setLevel(self.cfg.process.log_level.upper())
         if "log_repeat_interval" in plan.applied:
-            logthrottle.set_interval(self.cfg.log_repeat_interval)
+            logthrottle.set_interval(self.cfg.process.log_repeat_interval)
         message = pickle.dumps((why, new))
         message = struct.pack("!I", len(message)) + message
         sent = set()
@@ -160,7 +160,7 @@ class Supervisor:
                 sent.add(w.pid)
             except OSError:
                 pass  # exiting: its replacement starts with the new settings
-        applied = [f"{k} = {config.to_toml(getattr(plan.running, k))}" for k in plan.applied]
+        applied = [f"{k} = {config.to_toml(plan.running.value(k))}" for k in plan.applied]
         self.round = Round(waiters, applied, plan.restart, sent, len(self.workers))
         self._finish_reload()
 
@@ -227,9 +227,9 @@ class Supervisor:
             kinds = "+".join(k for k, s in (("udp", udp), ("tcp", tcp)) if s is not None)
             log.info("listening on %s %s (%d workers)%s", kinds, _show(host, port), self.count,
                      " (from systemd)" if from_systemd else "")
-        if self.cfg.user:
-            drop_privileges(self.cfg.user)
-        open_store(self.db, self.cfg.shipped_lists).close()  # create and seed once, before the workers race
+        if self.cfg.process.user:
+            drop_privileges(self.cfg.process.user)
+        open_store(self.db, self.cfg.policy.shipped_lists).close()  # create and seed once, before the workers race
         self.control = control.listen(self.db)
         upstreams = ", ".join(map(str, build.upstreams(self.cfg)))
         interval = systemd.watchdog_interval()
@@ -285,7 +285,7 @@ class Supervisor:
             if not notified_ready and all(w.ready for w in self.workers.values()):
                 notified_ready = True
                 log.info("forwarding to %s with %d workers; audit log %s in %s", upstreams, self.count,
-                         self.cfg.log_queries, self.db)
+                         self.cfg.audit.log_queries, self.db)
                 systemd.notify(f"READY=1\nSTATUS=serving on {', '.join(_show(h, p) for h, p, _, _ in self.bound)}"
                                f" with {self.count} workers")
             now = time.monotonic()
@@ -439,8 +439,8 @@ def _die_with(supervisor: int) -> None:
         os._exit(0)
 
 
-def worker_main(cfg: ServeConfig, db: Path, bound: list[Bound], fd: int, index: int,
-                interval: float | None, parent: int, reload: Callable[[], ServeConfig] | None = None,
+def worker_main(cfg: Settings, db: Path, bound: list[Bound], fd: int, index: int,
+                interval: float | None, parent: int, reload: Callable[[], Settings] | None = None,
                 rpz_sockets: tuple | None = None, blockpage_sockets: list | None = None,
                 control_fd: int | None = None) -> int:
     """One worker: an event loop serving the inherited sockets until SIGTERM/SIGINT; new settings come
@@ -467,7 +467,7 @@ def worker_main(cfg: ServeConfig, db: Path, bound: list[Bound], fd: int, index: 
             pending = bytearray()
 
             def on_control() -> None:
-                """A length, then the pickled (why, ServeConfig) the supervisor read: apply it and answer."""
+                """A length, then the pickled (why, Settings) the supervisor read: apply it and answer."""
                 try:
                     data = os.read(control_fd, 65536)
                 except BlockingIOError:
@@ -497,7 +497,7 @@ def worker_main(cfg: ServeConfig, db: Path, bound: list[Bound], fd: int, index: 
 
         beater = loop.create_task(beat())
         reporter = None
-        if build.metrics_address(cfg) is not None or cfg.web_listen:  # the supervisor's /metrics and web console
+        if build.metrics_address(cfg) is not None or cfg.web.web_listen:  # the supervisor's /metrics and web console
             from sinkhole.service import metrics
 
             async def report() -> None:  # counters for the supervisor's /metrics

@@ -492,7 +492,7 @@ class Service(limits.Service):
 
 def from_config(cfg, db: Path, get_policy: Callable[[], Policy], audit) -> BlockPage:
     """The block page a server with settings `cfg` runs (the CA, when there is one, from blockpage_ca)."""
-    directory = certs.ca_directory(db, cfg.blockpage_ca)
+    directory = certs.ca_directory(db, cfg.blockpage.blockpage_ca)
     ca = None
     try:
         ca = certs.load_ca(directory)
@@ -500,6 +500,7 @@ def from_config(cfg, db: Path, get_policy: Callable[[], Policy], audit) -> Block
         log.warning("block page: HTTPS is off (%s); plain HTTP only", exc)
     else:
         log.info("block page: HTTPS with CA %s", ca.describe())
-    look = Look(cfg.blockpage_agency, cfg.blockpage_contact, cfg.blockpage_policy, read_logo(cfg.blockpage_logo),
-                cfg.blockpage_language, cfg.blockpage_requests)
-    return BlockPage(get_policy, audit, db, look, templates(cfg.blockpage_templates), ca)
+    b = cfg.blockpage
+    look = Look(b.blockpage_agency, b.blockpage_contact, b.blockpage_policy, read_logo(b.blockpage_logo),
+                b.blockpage_language, b.blockpage_requests)
+    return BlockPage(get_policy, audit, db, look, templates(b.blockpage_templates), ca)

@@ -118,8 +118,8 @@ class Console:
         self.tls = tls
         self.limits = limits
         self.started = time.time()
-        self.idle = float(getattr(cfg, "web_idle_timeout", 1800))
-        self.lifetime = float(getattr(cfg, "web_session_lifetime", 43200))
+        self.idle = float(cfg.web.web_idle_timeout)
+        self.lifetime = float(cfg.web.web_session_lifetime)
         self.secret = secrets.token_bytes(32)
         self.env = jinja2.Environment(loader=jinja2.PackageLoader("sinkhole.web", "templates/console"),
                                       autoescape=True, trim_blocks=True, lstrip_blocks=True)
@@ -385,7 +385,7 @@ class Console:
         flash = self.flashes.pop(sess.id, None) if sess is not None else None
         page = self.env.get_template(template).render(
             **data, session=sess, flash=flash, path=request.path, tls=request.secure,
-            node=getattr(self.cfg, "node", ""))
+            node=self.cfg.audit.node)
         return web.Response(text=page, content_type="text/html", charset="utf-8", status=status)
 
     def call(self, request: web.Request, sess: Session) -> Callable[[Store], api.Call]:
@@ -661,7 +661,7 @@ class Console:
         verification = self.verification
         data = {
             "period": period, "computed_at": iso(computed), "version": __version__,
-            "uptime_s": round(time.time() - self.started), "node": getattr(self.cfg, "node", ""),
+            "uptime_s": round(time.time() - self.started), "node": self.cfg.audit.node,
             "totals": stats["totals"], "hourly": stats["hourly"], "top_rules": stats["top_rules"],
             "top_names": stats["top_names"], "top_clients": stats["top_clients"], "by_group": stats["by_group"],
             "by_category": stats["by_category"], "bypass_clients": stats["bypass_clients"],
@@ -922,24 +922,24 @@ def tls_from_config(cfg: Any, db: Path) -> Callable[[str], ssl.SSLContext] | Non
     from sinkhole.web import certs
 
     hosts = [h for h, _ in build.web_addresses(cfg)]
-    mode = cfg.web_tls
+    mode = cfg.web.web_tls
     ctx: ssl.SSLContext | None = None
-    if mode != "off" and cfg.web_cert:
+    if mode != "off" and cfg.web.web_cert:
         ctx = certs.server_context()
         try:
-            ctx.load_cert_chain(cfg.web_cert, cfg.web_key or None)
+            ctx.load_cert_chain(cfg.web.web_cert, cfg.web.web_key or None)
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(f"web_cert/web_key: {exc}") from None
         fixed = ctx
         return lambda peer: fixed
     if mode != "off":
         try:
-            ca = certs.load_ca(certs.ca_directory(db, cfg.blockpage_ca))
+            ca = certs.load_ca(certs.ca_directory(db, cfg.blockpage.blockpage_ca))
         except certs.CertError as exc:
             if mode == "on":
                 raise ConfigError(f"web_tls = on, but there is no certificate: {exc}") from None
         else:
-            name = cfg.web_name or next((h for h in hosts if h not in ("0.0.0.0", "::")), "localhost")
+            name = cfg.web.web_name or next((h for h in hosts if h not in ("0.0.0.0", "::")), "localhost")
             minter = certs.Minter(ca)
             if minter.context(name) is None:
                 raise ConfigError(f"the CA's name constraints do not cover {name}: set web_cert/web_key")

@@ -60,4 +60,4 @@ def test_bad_settings_are_refused(settings, message):
 
 def test_settings_come_from_the_environment_too():
     cfg = build.load(env={"SINKHOLE_LOG_CLIENT_PREFIX": "16/48", "SINKHOLE_AUDIT_SYNCHRONOUS": "full"})
-    assert build.client_prefix(cfg) == (16, 48) and cfg.audit_synchronous == "full"
+    assert build.client_prefix(cfg) == (16, 48) and cfg.audit.audit_synchronous == "full"

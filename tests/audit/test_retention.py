@@ -208,12 +208,12 @@ def test_server_prunes_old_rows_periodically(make_server, stub, aged, db, operat
 def test_retention_setting(tmp_path, monkeypatch):
     from sinkhole.errors import ConfigError
 
-    assert build.load(env={}).retention_days == 365
-    assert build.load(env={"SINKHOLE_RETENTION_DAYS": "0"}).retention_days == 0
+    assert build.load(env={}).audit.retention_days == 365
+    assert build.load(env={"SINKHOLE_RETENTION_DAYS": "0"}).audit.retention_days == 0
     f = tmp_path / "s.toml"
     f.write_text("[server]\nretention_days = 90\n")
-    assert build.load(f, env={}).retention_days == 90
-    assert build.load(f, env={}, flags={"retention_days": 7}).retention_days == 7
+    assert build.load(f, env={}).audit.retention_days == 90
+    assert build.load(f, env={}, flags={"retention_days": 7}).audit.retention_days == 7
     with pytest.raises(ConfigError):
         build.load(env={"SINKHOLE_RETENTION_DAYS": "-1"})
 

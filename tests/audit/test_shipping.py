@@ -223,7 +223,7 @@ def test_shipping_settings_from_file_env_and_flags(tmp_path):
     f = tmp_path / "s.toml"
     f.write_text('syslog = "tcp://127.0.0.1:6514"\nsyslog_facility = "authpriv"\nanchor_interval = 300\n')
     cfg = build.load(f, env={"SINKHOLE_JSON_LOG": "true"}, flags={"anchor_interval": 30})
-    assert (cfg.syslog, cfg.syslog_facility, cfg.json_log, cfg.anchor_interval) == (
+    assert (cfg.shipping.syslog, cfg.shipping.syslog_facility, cfg.shipping.json_log, cfg.shipping.anchor_interval) == (
         "tcp://127.0.0.1:6514", "authpriv", True, 30.0)
     assert build.shipper(build.load(env={})) is None  # nothing configured: nothing started
 

@@ -135,7 +135,7 @@ def test_all_upstreams_down_gives_servfail_within_timeout(make_server, tcp):
 def test_default_servfail_bound_is_two_seconds(make_server):
     with StubResolver(silent=True) as dead:
         s = make_server(upstream=(dead.address,))
-        assert s.cfg.timeout == 2.0
+        assert s.cfg.upstreams.timeout == 2.0
         started = time.monotonic()
         r = ask(s, "slow.example.test", timeout=6)
         assert r.rcode() == dns.rcode.SERVFAIL

@@ -182,14 +182,14 @@ def test_upstream_settings_from_file_env_and_flags(tmp_path):
                  '"corp.example" = ["10.0.0.53", "10.0.0.54"]\n'
                  'lab.corp.example = "tcp://10.9.0.53"\n')  # unquoted: TOML makes it nested tables
     cfg = build.load(f, env={})
-    assert cfg.upstream_strategy == "fastest"
+    assert cfg.upstreams.upstream_strategy == "fastest"
     assert [str(u) for u in build.upstreams(cfg)] == ["tls://10.0.0.53:853#dns.corp.example",
                                                  "https://10.0.1.53:443/dns-query"]
     assert {z: [str(u) for u in ups] for z, ups in build.zones(cfg).items()} == {
         "corp.example": ["10.0.0.53:53", "10.0.0.54:53"], "lab.corp.example": ["tcp://10.9.0.53:53"]}
     cfg = build.load(f, env={"SINKHOLE_FORWARD_ZONES": "corp.example=10.0.0.99; other.example=10.1.0.1,10.1.0.2",
                               "SINKHOLE_UPSTREAM_STRATEGY": "parallel"})
-    assert cfg.upstream_strategy == "parallel" and list(build.zones(cfg)) == ["corp.example", "other.example"]
+    assert cfg.upstreams.upstream_strategy == "parallel" and list(build.zones(cfg)) == ["corp.example", "other.example"]
     cfg = build.load(f, env={}, flags={"forward_zones": ("x.example=10.2.0.1",)})
     assert list(build.zones(cfg)) == ["x.example"]
     assert build.zones(build.load(env={})) == {}
@@ -225,7 +225,7 @@ def test_serve_flags_reach_the_settings(tmp_path, monkeypatch):
         "--forward-zone", "lab.example=127.0.0.4"])
     assert result.exit_code == 0, result.output
     cfg = seen["cfg"]
-    assert cfg.upstream_strategy == "parallel"
+    assert cfg.upstreams.upstream_strategy == "parallel"
     assert {z: [str(u) for u in ups] for z, ups in build.zones(cfg).items()} == {
         "corp.example": ["127.0.0.2:53", "tcp://127.0.0.3:53"], "lab.example": ["127.0.0.4:53"]}
     bad = CliRunner().invoke(cli.cli, ["--db", str(tmp_path / "db"), "serve", "--upstream", "tls://x..y"])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 import signal
@@ -34,8 +33,8 @@ def run(*args: str, env: dict | None = None):
 def test_example_lists_every_setting_at_its_default():
     text = EXAMPLE.read_text()
     shown = [m.group(1) for line in text.splitlines() if (m := SETTING.match(line))]
-    assert sorted(shown) == sorted(config.FIELDS), "every ServeConfig field, once"
-    assert build.load(EXAMPLE, env={}) == config.ServeConfig()  # as shipped, it changes nothing
+    assert sorted(shown) == sorted(config.FIELDS), "every Settings field, once"
+    assert build.load(EXAMPLE, env={}) == config.Settings()  # as shipped, it changes nothing
 
 
 def test_example_values_are_the_defaults(tmp_path):
@@ -44,7 +43,7 @@ def test_example_values_are_the_defaults(tmp_path):
     f = tmp_path / "all.toml"
     f.write_text(uncommented)
     loaded = build.load(f, env={})
-    assert loaded == dataclasses.replace(config.ServeConfig(), node=loaded.node)
+    assert loaded == config.Settings().replace(node=loaded.audit.node)
     assert config.check_file(f, build.check) == []
 
 
@@ -133,7 +132,7 @@ def test_config_check_refuses_exactly_what_serve_refuses(tmp_path, line, words):
     checked = run("config", "check", str(f))
     if words is None:
         assert checked.exit_code == 0
-        assert build.load(f, env={}).log_client_prefix == "24"
+        assert build.load(f, env={}).audit.log_client_prefix == "24"
         return
     assert checked.exit_code == 2 and words in checked.stderr
     with pytest.raises(ConfigError) as refused:
@@ -200,11 +199,11 @@ def test_config_show_reads_the_default_path_and_refuses_a_bad_file(tmp_path, mon
 
 
 def test_reload_plan_splits_what_applies_from_what_needs_a_restart():
-    old = config.ServeConfig(node="n")
-    new = dataclasses.replace(old, block_ttl=5, log_queries="all", listen=("127.0.0.1:53",), workers=3)
+    old = config.Settings.of(node="n")
+    new = old.replace(block_ttl=5, log_queries="all", listen=("127.0.0.1:53",), workers=3)
     running, applied, restart = config.reload_plan(old, new)
     assert applied == ["block_ttl", "log_queries"] and restart == ["listen", "workers"]
-    assert running == dataclasses.replace(old, block_ttl=5, log_queries="all")
+    assert running == old.replace(block_ttl=5, log_queries="all")
 
 
 # ---------------------------------------------------------------------------- SIGHUP

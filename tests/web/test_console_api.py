@@ -163,14 +163,14 @@ def test_cookies_are_httponly_samesite_strict_and_pages_forbid_scripts(console) 
 def test_sessions_end_when_idle_too_long_or_too_old(console, db: Path) -> None:
     client = Client(console, "vic")
     assert client.get("/api/session").status_code == 200
-    idle = console.cfg.web_idle_timeout
+    idle = console.cfg.web.web_idle_timeout
     with sqlite3.connect(db) as conn:  # the session's last use, moved back past the idle timeout
         conn.execute("UPDATE web_sessions SET seen = seen - ?", (idle + 5,))
     assert client.get("/api/session").status_code == 401
     other = Client(console, "aud")
     with sqlite3.connect(db) as conn:  # used just now, but signed in longer ago than a session may last
         conn.execute("UPDATE web_sessions SET created = created - ? WHERE user = 'aud'",
-                     (console.cfg.web_session_lifetime + 5,))
+                     (console.cfg.web.web_session_lifetime + 5,))
     assert other.get("/api/session").status_code == 401
     assert query(db, "SELECT count(*) AS n FROM web_sessions") == [{"n": 0}]
 
