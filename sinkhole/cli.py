@@ -604,7 +604,7 @@ def export_rpz(env: Env, client_group: str, zone: str | None, config_file: Path 
     CNAME rpz-passthru.; a blocked network an rpz-ip trigger. /regex/ rules have no RPZ form: they
     are left out, named in a comment and on stderr. The serial is the policy version.
     """
-    from sinkhole.fleet import rpz
+    from sinkhole.fleet import zone as rpz
     from sinkhole.service import build
 
     cfg = build.load(config_file)

@@ -81,9 +81,8 @@ KNOWN_CYCLES: list[set[str]] = [
 # (module, imported module) against the layers
 KNOWN_UPWARD: set[tuple[str, str]] = {
     ("sinkhole.dns.listener", "sinkhole.service.systemd"), ("sinkhole.dns.pipeline", "sinkhole.audit.writer"),
-    ("sinkhole.fleet.rpz", "sinkhole.service.config"), ("sinkhole.service.server", "sinkhole.web.blockpage"),
-    ("sinkhole.service.server", "sinkhole.web.console"), ("sinkhole.service.server", "sinkhole.web.limits"),
-    ("sinkhole.store.browse", "sinkhole.operations"),
+    ("sinkhole.service.server", "sinkhole.web.blockpage"), ("sinkhole.service.server", "sinkhole.web.console"),
+    ("sinkhole.service.server", "sinkhole.web.limits"), ("sinkhole.store.browse", "sinkhole.operations"),
 }
 # (module, imported module or top-level name) inside a function
 KNOWN_LAZY: set[tuple[str, str]] = {
@@ -91,7 +90,7 @@ KNOWN_LAZY: set[tuple[str, str]] = {
     ("sinkhole.audit.writer", "sinkhole.policy.lists"), ("sinkhole.cli", "cryptography"), ("sinkhole.cli", "dns"),
     ("sinkhole.cli", "ipaddress"), ("sinkhole.cli", "shutil"), ("sinkhole.cli", "signal"),
     ("sinkhole.cli", "sinkhole.audit.chain"), ("sinkhole.cli", "sinkhole.audit.report"),
-    ("sinkhole.cli", "sinkhole.files"), ("sinkhole.cli", "sinkhole.fleet.rpz"),
+    ("sinkhole.cli", "sinkhole.files"), ("sinkhole.cli", "sinkhole.fleet.zone"),
     ("sinkhole.cli", "sinkhole.policy.decide"), ("sinkhole.cli", "sinkhole.policy.lists"),
     ("sinkhole.cli", "sinkhole.service.build"), ("sinkhole.cli", "sinkhole.service.config"),
     ("sinkhole.cli", "sinkhole.service.control"), ("sinkhole.cli", "sinkhole.service.explain"),
@@ -100,7 +99,6 @@ KNOWN_LAZY: set[tuple[str, str]] = {
     ("sinkhole.cli", "sinkhole.store.db"), ("sinkhole.cli", "sinkhole.web.blockpage"),
     ("sinkhole.cli", "sinkhole.web.certs"), ("sinkhole.cli", "sinkhole.web.sessions"), ("sinkhole.cli", "socket"),
     ("sinkhole.cli", "time"), ("sinkhole.dns.listener", "sinkhole.service.systemd"),
-    ("sinkhole.fleet.rpz", "sinkhole.dns.listener"), ("sinkhole.fleet.rpz", "sinkhole.dns.upstream"),
     ("sinkhole.operations", "sinkhole.audit.chain"), ("sinkhole.operations", "sinkhole.policy.decide"),
     ("sinkhole.operations", "sinkhole.policy.fetch"), ("sinkhole.operations", "sinkhole.policy.lists"),
     ("sinkhole.operations", "urllib"), ("sinkhole.service.server", "concurrent"),

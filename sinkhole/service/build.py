@@ -34,7 +34,11 @@ from sinkhole.dns.upstream import (
     tls_context,
 )
 from sinkhole.errors import ConfigError
-from sinkhole.fleet import rpz
+from sinkhole.fleet.endpoint import Endpoint
+from sinkhole.fleet.node import Node
+from sinkhole.fleet.primary import Primary
+from sinkhole.fleet.secondary import Secondary
+from sinkhole.fleet.zone import parse_tsig, zone_name
 from sinkhole.policy import lists
 from sinkhole.policy.decide import Policy
 from sinkhole.service import config
@@ -201,24 +205,31 @@ def pipeline(cfg: Settings, get_policy: Callable[[], Policy], forward: Forwarder
     return Pipeline(get_policy, forward, audit, answers(cfg), guard(cfg), cache(cfg), ecs_prefix(cfg), shares(cfg))
 
 
-def fleet(cfg: Settings, db: Path) -> rpz.Node | None:
+def fleet(cfg: Settings, db: Path) -> Node | None:
     """The RPZ primary and/or secondary the settings ask for (rpz_listen, policy_from), or None."""
-    rpz.zone_name(cfg.fleet.rpz_zone)
-    rpz.parse_tsig(cfg.fleet.rpz_tsig)
-    for network in cfg.fleet.rpz_secondaries:
+    f = cfg.fleet
+    origin = zone_name(f.rpz_zone)
+    tsig = parse_tsig(f.rpz_tsig)
+    secondaries = []
+    for network in f.rpz_secondaries:
         try:
-            ipaddress.ip_network(network, strict=False)
+            secondaries.append(ipaddress.ip_network(network, strict=False))
         except ValueError:
             raise ConfigError(f"rpz_secondaries: {network!r} is not an address or CIDR network") from None
-    for target in cfg.fleet.rpz_notify:
-        parse_hostport(target, 53)
-    if cfg.fleet.policy_from:
-        parse_hostport(cfg.fleet.policy_from, 53)
-    if cfg.fleet.rpz_listen:
-        parse_hostport(cfg.fleet.rpz_listen, 53)
-    if not (cfg.fleet.rpz_listen or cfg.fleet.policy_from):
-        return None
-    return rpz.Node(cfg, db, answers(cfg))
+    notify_to = [parse_hostport(target, 53) for target in f.rpz_notify]
+    secondary = primary = endpoint = None
+    if f.policy_from:
+        host, port = parse_hostport(f.policy_from, 53)
+        secondary = Secondary(host, port, f.policy_from, origin, tsig, f.rpz_refresh, db, cfg.policy.shipped_lists)
+    if f.rpz_listen:
+        primary = Primary(origin, f.rpz_group, secondaries, notify_to, tsig, f.rpz_refresh, answers(cfg))
+        endpoint = Endpoint(*rpz_address(cfg), tsig, primary, secondary)  # type: ignore[misc]
+    return Node(primary, secondary, endpoint) if primary or secondary else None
+
+
+def rpz_address(cfg: Settings) -> tuple[str, int] | None:
+    """Where rpz_listen is (None: nowhere)."""
+    return parse_hostport(cfg.fleet.rpz_listen, 53) if cfg.fleet.rpz_listen else None
 
 
 def listen_addresses(cfg: Settings) -> list[tuple[str, int]]:
@@ -253,7 +264,7 @@ class Parts:
     audit: AuditLog
     forwarder: Forwarder
     pipeline: Pipeline
-    fleet: rpz.Node | None  # RPZ: one per server, so with several workers only worker 0 has one
+    fleet: Node | None  # RPZ: one per server, so with several workers only worker 0 has one
 
 
 def parts(cfg: Settings, db: Path, get_policy: Callable[[], Policy], worker: int | None = None) -> Parts:

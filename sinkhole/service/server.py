@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -16,9 +17,8 @@ from sinkhole import logthrottle
 from sinkhole.audit.retention import Pruner
 from sinkhole.dns.answer import AnswerConfig
 from sinkhole.dns.guard import Guard
-from sinkhole.dns.listener import Listener, _Tasks, bind_all, close_all
+from sinkhole.dns.listener import Listener, _Tasks, bind_all, bind_pair, close_all
 from sinkhole.dns.upstream import Upstream
-from sinkhole.fleet import rpz
 from sinkhole.policy.decide import Policy
 from sinkhole.service import build, config, control, privileges, systemd
 from sinkhole.service.config import Settings
@@ -176,7 +176,7 @@ class Server:
             bound, passed = bind_all(build.listen_addresses(self.cfg))
             if self.rpz is not None:
                 try:
-                    self.rpz_sockets = rpz.bind(self.cfg)
+                    self.rpz_sockets = bind_rpz(self.cfg)
                 except BaseException:
                     close_all(bound)
                     raise
@@ -406,6 +406,16 @@ class Server:
                  ", ".join(f"{k} {v}" for k, v in sorted(self.pipeline.counts.items())) or "no queries",
                  a.written, a.dropped, a.queue_dropped, a.write_dropped, a.gaps, a.failed_batches, a.reopened)
         logthrottle.flush(final=True)  # what the log held back is said before the process ends
+
+
+def bind_rpz(cfg: Settings) -> tuple[socket.socket, socket.socket] | None:
+    """The UDP and TCP sockets of rpz_listen (port 0: the same free port for both), bound before --user
+    drops root so that the zone can be served on port 53; None when there is no rpz_listen."""
+    address = build.rpz_address(cfg)
+    if address is None:
+        return None
+    _, _, udp, tcp = bind_pair(*address)
+    return udp, tcp
 
 
 def bind_blockpage(cfg: Settings) -> list:

@@ -34,7 +34,6 @@ from typing import Any
 
 from sinkhole import logthrottle
 from sinkhole.dns.listener import Bound, bind_all, close_all
-from sinkhole.fleet import rpz
 from sinkhole.service import build, config, control, systemd
 from sinkhole.service.config import Settings
 
@@ -202,6 +201,7 @@ class Supervisor:
     def run(self) -> int:
         from sinkhole.service.server import (
             bind_blockpage,
+            bind_rpz,
             bind_web,
             drop_privileges,
             open_store,
@@ -215,7 +215,7 @@ class Supervisor:
         web_tls = web_tls_for(self.cfg, self.db)  # a console that cannot be served says so before binding
         self.bound, from_systemd = bind_all(build.listen_addresses(self.cfg))
         try:
-            self.rpz_bound = rpz.bind(self.cfg)  # before --user drops root: port 53 works; worker 0 serves it
+            self.rpz_bound = bind_rpz(self.cfg)  # before --user drops root: port 53 works; worker 0 serves it
             self.blockpage_bound = bind_blockpage(self.cfg)  # the same for ports 80 and 443
             self.web_bound = bind_web(self.cfg)
         except BaseException:

@@ -26,7 +26,7 @@ from click.testing import CliRunner
 
 from sinkhole.cli import cli
 from sinkhole.errors import ConfigError
-from sinkhole.fleet import rpz
+from sinkhole.fleet import zone as rpz
 from sinkhole.model import RuleKind
 from sinkhole.policy import lists
 from sinkhole.service.build import load
@@ -311,8 +311,8 @@ def test_secondary_applies_the_zone_blocks_new_names_and_keeps_its_policy_withou
     assert fresh, "the secondary did not block the new name within 10 s"
     primary.stop()
     secondary.server.rpz.secondary.wake.set()  # a refresh now: the primary does not answer
-    wait_for(lambda: secondary.server.rpz.secondary._failing_since is not None, timeout=10)
-    assert secondary.server.rpz.secondary._failing_since is not None
+    wait_for(lambda: secondary.server.rpz.secondary.failing_since is not None, timeout=10)
+    assert secondary.server.rpz.secondary.failing_since is not None
     assert ask(secondary, "api.fresh-ai.test").answer[0][0].to_text() == "0.0.0.0"
     assert ask(secondary, "chat.deepseek.com").answer[0][0].to_text() == "0.0.0.0"
 
@@ -347,7 +347,7 @@ def test_secondary_with_the_tsig_key_pulls_and_one_with_another_key_keeps_what_i
     bad = make_server(upstream=(stub.address,), shipped_lists=False, db=tmp_path / "bad.db",
                       rpz_tsig=f"xfr-key:hmac-sha256:{other}", policy_from=f"127.0.0.1:{rpz_port(primary)}")
     assert wait_for(lambda: ask(good, "chat.deepseek.com").answer[0][0].to_text() == "0.0.0.0", timeout=10)
-    assert wait_for(lambda: bad.server.rpz.secondary._failing_since is not None, timeout=10)
+    assert wait_for(lambda: bad.server.rpz.secondary.failing_since is not None, timeout=10)
     assert ask(bad, "chat.deepseek.com").answer[0][0].to_text() != "0.0.0.0"
     assert Store(tmp_path / "bad.db").list_rules(category="rpz:rpz.sinkhole") == []
     assert any("keeping the policy in force" in r.getMessage() for r in caplog.records)

@@ -11,7 +11,7 @@ import dns.query
 import dns.zone
 import pytest
 
-from sinkhole.fleet import rpz
+from sinkhole.fleet import endpoint
 from tests.conftest import free_ports, wait_for
 
 ZONE = "rpz.sinkhole."
@@ -63,7 +63,7 @@ def test_a_connection_flood_from_a_refused_address_holds_no_descriptor(server_pr
 
 @pytest.fixture
 def quick_idle(monkeypatch):
-    monkeypatch.setattr(rpz, "RPZ_IDLE_TIMEOUT", 1.0)
+    monkeypatch.setattr(endpoint, "RPZ_IDLE_TIMEOUT", 1.0)
 
 
 def test_one_address_holds_few_rpz_connections_and_an_idle_one_is_closed(make_server, stub, quick_idle):
@@ -71,10 +71,10 @@ def test_one_address_holds_few_rpz_connections_and_an_idle_one_is_closed(make_se
     port = s.server.rpz.endpoint.port
     held = [connect(port, "127.0.0.5") for _ in range(10)]
     try:
-        over = held[rpz.RPZ_MAX_PER_ADDRESS:]
+        over = held[endpoint.RPZ_MAX_PER_ADDRESS:]
         assert all(closed_by_server(sock) for sock in over)
         # the ones it holds are closed once idle for the deadline, without a request
-        assert all(closed_by_server(sock) for sock in held[:rpz.RPZ_MAX_PER_ADDRESS])
+        assert all(closed_by_server(sock) for sock in held[:endpoint.RPZ_MAX_PER_ADDRESS])
         assert wait_for(lambda: s.server.rpz.endpoint.slots.open == 0, timeout=10)
         zone = dns.zone.from_xfr(dns.query.xfr("127.0.0.1", ZONE, port=port, timeout=10, source="127.0.0.6"))
         assert zone.get_rdataset("@", "SOA") is not None
