@@ -31,11 +31,12 @@ sys.path.insert(0, str(ROOT))
 import httpx  # noqa: E402
 
 from sinkhole.service import build  # noqa: E402
+from sinkhole.service.process import bind_tcp as bind  # noqa: E402
 from sinkhole.store.accounts import Accounts  # noqa: E402
 from sinkhole.store.db import Store  # noqa: E402
 from sinkhole.store.journal import Actor  # noqa: E402
 from sinkhole.web import console, sessions  # noqa: E402
-from sinkhole.web.limits import Service, bind  # noqa: E402
+from sinkhole.web.limits import Service  # noqa: E402
 
 LOG_END = datetime(2026, 11, 22, tzinfo=UTC)  # bench/logquery.py's fixed end: the same rows every run
 PASSWORD = "bench password 123"

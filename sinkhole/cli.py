@@ -221,7 +221,8 @@ def serve(env: Env, config_file: Path | None, **flags: Any) -> None:
     """Serve DNS: sinkhole listed names, forward the rest, audit every block.
 
     sinkhole reload (or SIGHUP) reads the configuration again and applies what can change at run time."""
-    from sinkhole.service import build, config, server, systemd
+    from sinkhole.service import build, config, process, systemd
+    from sinkhole.web.front import Front
 
     config_file = config_file or config.default_file()
     # a repeatable option given no value comes as (): not set, rather than set to nothing
@@ -230,7 +231,7 @@ def serve(env: Env, config_file: Path | None, **flags: Any) -> None:
     env.checked_path()
     # under systemd, each line carries its priority into the journal (journalctl -p warning)
     logging.basicConfig(level=cfg.process.log_level.upper(), handlers=[systemd.log_handler(sys.stderr)])
-    sys.exit(server.run(cfg, env.db_path, reload=lambda: build.load(config_file, flags=given)))
+    sys.exit(process.run(cfg, env.db_path, reload=lambda: build.load(config_file, flags=given), front=Front()))
 
 
 @cli.command()

@@ -23,8 +23,9 @@ import dns.query
 import dns.rdatatype
 import pytest
 
-from sinkhole.service import build
+from sinkhole.service import build, process
 from sinkhole.service.server import Server
+from sinkhole.web.front import Front
 from tests.dnsstub import StubResolver
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,8 +61,10 @@ class RunningServer:
         asyncio.set_event_loop(self.loop)
 
         async def main() -> None:
-            self.server = Server(self.cfg, self.db)
             try:
+                front = Front()  # the block page and the console, as `serve` runs them
+                tls = front.console_tls(self.cfg, self.db)
+                self.server = Server(self.cfg, self.db, process.bind(self.cfg), front=front, web_tls=tls)
                 await self.server.start()
             except BaseException as exc:
                 self._error = exc

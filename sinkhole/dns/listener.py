@@ -56,31 +56,6 @@ def bind_pair(host: str, port: int) -> Bound:
     raise OSError(errno.EADDRINUSE, f"no port free for both UDP and TCP on {host}")
 
 
-def bind_all(addresses: list[tuple[str, int]]) -> tuple[list[Bound], bool]:
-    """systemd's sockets when socket-activated (whatever `addresses` says), else ours; True when systemd's."""
-    from sinkhole.service import systemd
-
-    passed = systemd.listen_sockets()
-    if passed:
-        return [(h, p, pair["udp"], pair["tcp"]) for (h, p), pair in systemd.group_by_address(passed).items()], True
-    bound: list[Bound] = []
-    try:
-        for host, port in addresses:
-            bound.append(bind_pair(host, port))
-    except BaseException:
-        close_all(bound)
-        raise
-    return bound, False
-
-
-def close_all(bound: list[Bound]) -> None:
-    """Close the sockets of bind_all (when what follows the binding fails)."""
-    for _, _, udp, tcp in bound:
-        for sock in (udp, tcp):
-            if sock is not None:
-                sock.close()
-
-
 class _Tasks:
     """Tasks in flight, so that shutdown can wait for them."""
 

@@ -1,55 +1,89 @@
-"""Wires the parts together; reloads the policy when the database changes; SIGTERM drains and flushes."""
+"""One serving process: the parts wired together on sockets bound for it (service.process binds them), the
+policy reloaded when the database changes, reloads of the settings, and a shutdown that drains and flushes.
+
+The process runs as a server on its own (`worker` None: it speaks to systemd, serves `sinkhole reload`, /metrics
+and the console) or as a worker of a supervisor (service.workers), which does those for every worker.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
-import os
 import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 from sinkhole import logthrottle
 from sinkhole.audit.retention import Pruner
 from sinkhole.dns.answer import AnswerConfig
 from sinkhole.dns.guard import Guard
-from sinkhole.dns.listener import Listener, _Tasks, bind_all, bind_pair, close_all
+from sinkhole.dns.listener import Bound as DnsSockets
+from sinkhole.dns.listener import Listener, _Tasks
 from sinkhole.dns.upstream import Upstream
 from sinkhole.policy.decide import Policy
-from sinkhole.service import build, config, control, privileges, systemd
+from sinkhole.service import build, config, control, metrics, systemd
 from sinkhole.service.config import Settings
 from sinkhole.store.db import Store, open_store
 from sinkhole.store.journal import Actor
-from sinkhole.store.schema import iso, preload
+from sinkhole.store.schema import iso
+
+try:
+    import uvloop
+except ImportError:  # an optional dependency (pyproject: not on Windows): asyncio's own loop then
+    uvloop = None
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Bound:
+    """The sockets a server serves, bound by service.process before root was dropped."""
+
+    dns: list[DnsSockets]  # (host, port, udp, tcp) per listen address
+    from_systemd: bool = False  # socket activation: the DNS sockets are systemd's
+    rpz: tuple[socket.socket, socket.socket] | None = None  # rpz_listen's (udp, tcp)
+    blockpage: list[socket.socket] = field(default_factory=list)  # blockpage_listen's
+    web: list[socket.socket] = field(default_factory=list)  # web_listen's
+
+    def close(self) -> None:
+        for _, _, udp, tcp in self.dns:
+            for sock in (udp, tcp):
+                if sock is not None:
+                    sock.close()
+        for sock in [*(self.rpz or ()), *self.blockpage, *self.web]:
+            sock.close()
+
+
+class Running(Protocol):
+    def stop(self) -> None: ...
+
+
+class Front(Protocol):
+    """The block page and the console, as the web layer hands them over (sinkhole.web.front.Front): the service
+    runs them without importing them."""
+
+    def console_tls(self, settings: Settings, db: Path) -> Any: ...
+
+    def blockpage(self, settings: Settings, db: Path, get_policy: Callable[[], Policy], audit: Any,
+                  sockets: list[socket.socket]) -> Running: ...
+
+    def console(self, settings: Settings, db: Path, sockets: list[socket.socket], tls: Any,
+                live: Callable[[], list[dict]], health: Callable[[], list[str]]) -> Running: ...
 
 
 def _give_back_memory() -> None:
     """After a large policy is replaced: return the freed heap to the system (glibc malloc_trim),
     so that RSS after a reload of a million rules is that of one policy, not two."""
     try:
-        import ctypes
-
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):
         pass
-
-
-def drop_privileges(user: str) -> None:
-    """Import now what later code imports lazily (the new user may not be able to read the
-    installation, e.g. a Python under /root), then become `user`."""
-    import concurrent.futures.thread  # noqa: F401  (run_in_executor at shutdown)
-    import encodings.idna  # (codecs are looked up, and imported, on first use)
-    import encodings.utf_8_sig  # noqa: F401  (list files are read as UTF-8 with or without a BOM)
-    import importlib.metadata  # noqa: F401  (sqlite-utils plugins)
-
-    preload()  # the store's own lazy loads (sqlite-utils' plugins)
-    privileges.drop_to(user)
 
 
 class PolicyReloader(threading.Thread):
@@ -104,22 +138,20 @@ def expire_due_rules(store: Store) -> None:
 
 
 class Server:
-    def __init__(self, cfg: Settings, db: str | Path, sockets: list | None = None,
-                 worker: int | None = None, reload: Callable[[], Settings] | None = None,
-                 rpz_sockets: tuple | None = None, blockpage_sockets: list | None = None) -> None:
-        """`sockets`: (host, port, udp, tcp) already bound by a supervisor, which also speaks to systemd;
-        `rpz_sockets`: the (udp, tcp) of rpz_listen, bound by it too (worker 0 serves them), and so are
-        `blockpage_sockets`, the listening sockets of blockpage_listen.
-        `reload`: reads the configuration again (file < env < flags) on SIGHUP; raises ConfigError."""
+    def __init__(self, cfg: Settings, db: str | Path, bound: Bound, *, worker: int | None = None,
+                 reload: Callable[[], Settings] | None = None, front: Front | None = None,
+                 web_tls: Any = None) -> None:
+        """`bound`: the sockets to serve (a worker is given the DNS sockets, and worker 0 also rpz_listen's and
+        the block page's); `reload` reads the configuration again (file < env < flags), raising ConfigError;
+        `front` runs the block page and (on its own) the console, with `web_tls` (Front.console_tls)."""
         self.reload = reload
         self.policy_loaded = False
-        self.exporter = None
-        self.sockets = sockets
-        self.rpz_sockets = rpz_sockets
-        self.blockpage_sockets = blockpage_sockets
-        self.blockpage = None  # sinkhole.web.blockpage.Service, when blockpage_listen is set
-        self.web_sockets: list = []  # web_listen's listening sockets (a single server; else the supervisor's)
-        self.console = None  # sinkhole.web.limits.Service running the web console
+        self.exporter: metrics.Exporter | None = None
+        self.bound = bound
+        self.front = front
+        self.web_tls = web_tls
+        self.blockpage: Running | None = None  # the block page, when blockpage_listen is set
+        self.console: Running | None = None  # the web console (a server on its own; else the supervisor's)
         self.worker = worker
         self.cfg = cfg
         self.db = Path(db)
@@ -164,61 +196,34 @@ class Server:
         return [str(x) for x in self.listeners]
 
     async def start(self) -> None:
-        """Bind (or take systemd's sockets), drop privileges, load the policy, then serve.
+        """Load the policy, then serve the bound sockets.
 
         Nothing is answered before the policy is in force: a query that arrives early waits
         in the socket's queue rather than being forwarded under an empty policy.
         """
-        if self.sockets is not None:  # a worker: the supervisor bound them and dropped privileges
-            bound, passed = self.sockets, False
-        else:
-            web_tls = web_tls_for(self.cfg, self.db)  # a console that cannot be served says so before binding
-            bound, passed = bind_all(build.listen_addresses(self.cfg))
-            if self.rpz is not None:
-                try:
-                    self.rpz_sockets = bind_rpz(self.cfg)
-                except BaseException:
-                    close_all(bound)
-                    raise
-            try:
-                self.blockpage_sockets = bind_blockpage(self.cfg)
-                self.web_sockets = bind_web(self.cfg)
-            except BaseException:
-                close_all(bound)
-                for sock in [*(self.rpz_sockets or ()), *(self.blockpage_sockets or ())]:
-                    sock.close()
-                raise
-            if self.cfg.process.user:
-                drop_privileges(self.cfg.process.user)
         store = open_store(self.db, self.cfg.policy.shipped_lists)
         try:
             self.load_policy(store)
         finally:
             store.close()
-        for host, port, udp, tcp in bound:
+        serving = self.cfg.serving
+        for host, port, udp, tcp in self.bound.dns:
             listener = Listener(host, port, udp, tcp)
-            serving = self.cfg.serving
             await listener.start(self.pipeline, self.tasks, serving.tcp_idle_timeout, serving.tcp_max_clients,
                                  serving.tcp_max_per_client)
             self.listeners.append(listener)
-            if self.sockets is None:
-                log.info("listening on %s %s%s", listener.transports, listener, " (from systemd)" if passed else "")
+            if self.worker is None:  # a supervisor says it for its workers
+                log.info("listening on %s %s%s", listener.transports, listener,
+                         " (from systemd)" if self.bound.from_systemd else "")
         if self.rpz is not None:
-            await self.rpz.start(self.rpz_sockets)
+            await self.rpz.start(self.bound.rpz)
         self.audit.start()
-        if self.blockpage_sockets:
-            from sinkhole.web import blockpage
-            from sinkhole.web.limits import where
-
-            page = blockpage.from_config(self.cfg, self.db, lambda: self.policy, self.audit)
-            self.blockpage = blockpage.Service(page, self.blockpage_sockets)
-            self.blockpage.start()
-            log.info("block page on %s (HTTP and HTTPS)", ", ".join(where(s) for s in self.blockpage_sockets))
-        if self.web_sockets:
-            from sinkhole.service import metrics
-
-            self.console = start_console(self.cfg, self.db, self.web_sockets, web_tls,
-                                         lambda: [metrics.snapshot(self)], lambda: metrics.problems(self))
+        if self.bound.blockpage and self.front is not None:
+            self.blockpage = self.front.blockpage(self.cfg, self.db, lambda: self.policy, self.audit,
+                                                  self.bound.blockpage)
+        if self.bound.web and self.front is not None:
+            self.console = self.front.console(self.cfg, self.db, self.bound.web, self.web_tls,
+                                              lambda: [metrics.snapshot(self)], lambda: metrics.problems(self))
         self._housekeeping = asyncio.get_running_loop().create_task(self._keep_house())
         self.reloader = PolicyReloader(self, self.db, self.cfg.policy.reload_interval)
         self.reloader.start()
@@ -226,12 +231,10 @@ class Server:
             audit = self.cfg.audit
             self.pruner = Pruner(self.db, audit.node, audit.retention_days, audit.prune_interval)
             self.pruner.start()
-        if self.sockets is not None:
+        if self.worker is not None:
             return
         address = build.metrics_address(self.cfg)
         if address is not None:
-            from sinkhole.service import metrics
-
             self.exporter = metrics.for_server(self, address)
         self.control = control.listen(self.db)
         if self.control is not None:
@@ -307,8 +310,6 @@ class Server:
     def _journal_settings(self, values: dict[str, str], why: str) -> None:
         """Settings applied by a reload go into the change journal like any policy change (who: the server's
         account; command: what asked for the reload)."""
-        from sinkhole.store.journal import Actor
-
         try:
             store = open_store(self.db, self.cfg.policy.shipped_lists)
             try:
@@ -358,7 +359,7 @@ class Server:
 
     async def shutdown(self) -> None:
         """Stop accepting, answer what is in hand, flush the audit log."""
-        if self.sockets is None:
+        if self.worker is None:
             systemd.notify("STOPPING=1")
         if self._watchdog is not None:
             self._watchdog.cancel()
@@ -408,33 +409,6 @@ class Server:
         logthrottle.flush(final=True)  # what the log held back is said before the process ends
 
 
-def bind_rpz(cfg: Settings) -> tuple[socket.socket, socket.socket] | None:
-    """The UDP and TCP sockets of rpz_listen (port 0: the same free port for both), bound before --user
-    drops root so that the zone can be served on port 53; None when there is no rpz_listen."""
-    address = build.rpz_address(cfg)
-    if address is None:
-        return None
-    _, _, udp, tcp = bind_pair(*address)
-    return udp, tcp
-
-
-def bind_blockpage(cfg: Settings) -> list:
-    """The block page's listening sockets (systemd's, else bound now, before --user drops root); [] when off."""
-    from sinkhole.service.systemd import BLOCKPAGE, listen_sockets
-    from sinkhole.web.limits import bind
-
-    if not cfg.blockpage.blockpage_listen:
-        unused = listen_sockets(BLOCKPAGE)
-        if unused:
-            log.warning("systemd passed %d block page sockets, but blockpage_listen is not set: not serving them "
-                        "(set SINKHOLE_BLOCKPAGE_LISTEN, or disable sinkhole-blockpage.socket)", len(unused))
-        for sock in unused:
-            sock.close()
-        return []
-
-    return bind(build.blockpage_addresses(cfg), BLOCKPAGE)
-
-
 @dataclass(frozen=True)
 class ReloadPlan:
     """What a reload changes, built (and so checked) before anything is changed."""
@@ -456,71 +430,37 @@ def plan_reload(running: Settings, new: Settings) -> ReloadPlan:
                       build.upstreams(cfg) if "upstream" in changed else None)
 
 
-def bind_web(cfg: Settings) -> list:
-    """The web console's listening sockets (systemd's, named `web`, else bound now, before --user drops root);
-    [] when web_listen is off."""
-    from sinkhole.service.systemd import WEB, listen_sockets
-    from sinkhole.web.limits import bind
-
-    if not cfg.web.web_listen:
-        for sock in listen_sockets(WEB):
-            sock.close()
-        return []
-    return bind(build.web_addresses(cfg), WEB)
-
-
-def web_tls_for(cfg: Settings, db: Path):
-    """The web console's TLS (sinkhole.web.console.tls_from_config): None for plain HTTP, or when web_listen is
-    off; ConfigError when plain HTTP would be served on an address that is not loopback."""
-    if not cfg.web.web_listen:
-        return None
-    from sinkhole.web import console
-
-    return console.tls_from_config(cfg, db)
-
-
-def start_console(cfg: Settings, db: Path, sockets: list, tls, live: Callable[[], list[dict]],
-                  health: Callable[[], list[str]]):
-    """The web console on its own thread and event loop, serving `sockets` (with `tls`, from web_tls_for); `live`
-    gives the serving processes' metrics snapshots, `health` their problems."""
-    from sinkhole.web import console
-    from sinkhole.web.limits import Service, where
-
-    service = Service(console.Console(cfg, db, live, health, tls), sockets, "web-console")
-    service.start()
-    scheme = "https" if service.app.tls is not None else "http"  # type: ignore[attr-defined]
-    log.info("web console on %s", ", ".join(f"{scheme}://{where(s)}/" for s in sockets))
-    return service
-
-
 HOUSEKEEPING_INTERVAL = 1.0  # seconds
 GUARD_SETTINGS = config.keys_of(config.ClientSettings)  # a change of any of these makes a new guard
 ANSWER_SETTINGS = config.keys_of(config.AnswerSettings)
 
 
-async def _serve(cfg: Settings, db: Path, reload: Callable[[], Settings] | None) -> None:
-    server = Server(cfg, db, reload=reload)
+def run_loop(main: Callable[[], Awaitable[None]]) -> None:
+    """Run `main()` on uvloop's event loop when it is installed (several times the queries per CPU-second of
+    asyncio's own), else on asyncio's."""
+    if uvloop is not None:
+        uvloop.run(main())
+    else:
+        asyncio.run(main())
+
+
+async def serve(server: Server, early: Callable[[], bool] = lambda: False,
+                after_start: Callable[[Server], Awaitable[None]] | None = None,
+                after_stop: Callable[[Server], Awaitable[None]] | None = None) -> None:
+    """Serve until SIGTERM or SIGINT, then drain and flush; SIGHUP reloads a server on its own (a worker's reloads
+    come from its supervisor). `early()`: a stop was asked for before the loop handled signals; `after_start` and
+    `after_stop`: what a worker does around serving (its pipes to the supervisor)."""
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.request_stop)
-    loop.add_signal_handler(signal.SIGHUP, server.reload_announced)
+    if server.worker is None:
+        loop.add_signal_handler(signal.SIGHUP, server.reload_announced)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})  # a worker holds them until now
+    if early():
+        server.request_stop()
     await server.start()
+    if after_start is not None:
+        await after_start(server)
     await server.wait()
-
-
-def run(cfg: Settings, db: Path, reload: Callable[[], Settings] | None = None) -> int:
-    """Serve until SIGTERM or SIGINT; SIGHUP calls `reload` and applies what can change at run time;
-    uses uvloop when it is installed; returns the exit code."""
-    logthrottle.install(cfg.process.log_repeat_interval)  # on the handler `serve` set up, whatever its formatter
-    workers = cfg.process.workers or os.cpu_count() or 1
-    if workers > 1:
-        from sinkhole.service.workers import Supervisor
-
-        return Supervisor(cfg, db, workers, reload).run()
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(_serve(cfg, db, reload))
-    else:
-        uvloop.run(_serve(cfg, db, reload))
-    return 0
+    if after_stop is not None:
+        await after_stop(server)

@@ -1,7 +1,7 @@
 """Several worker processes on the same sockets, for every core.
 
-The supervisor binds every listen address (or takes systemd's sockets), drops privileges,
-creates the database once, then forks the workers: each runs its own event loop, cache,
+service.process binds every listen address (or takes systemd's sockets), drops privileges and
+creates the database once; then the supervisor forks the workers: each runs its own event loop, cache,
 policy reloader and audit writer on the inherited sockets (the kernel hands each datagram
 and connection to one of them). The supervisor restarts a worker that dies, forwards
 SIGTERM/SIGINT, speaks sd_notify for all of them, and adds up their counts at the end.
@@ -18,6 +18,8 @@ adding up the snapshots its workers send over their pipes (sinkhole.service.metr
 
 from __future__ import annotations
 
+import asyncio
+import ctypes
 import json
 import logging
 import os
@@ -33,9 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from sinkhole import logthrottle
-from sinkhole.dns.listener import Bound, bind_all, close_all
-from sinkhole.service import build, config, control, systemd
+from sinkhole.service import build, config, control, metrics, systemd
 from sinkhole.service.config import Settings
+from sinkhole.service.server import Bound, Front, Server, plan_reload, run_loop, serve
 
 log = logging.getLogger(__name__)
 
@@ -71,19 +73,22 @@ def _show(host: str, port: int) -> str:
 
 
 class Supervisor:
-    def __init__(self, cfg: Settings, db: Path, count: int,
-                 reload: Callable[[], Settings] | None = None) -> None:
+    def __init__(self, cfg: Settings, db: Path, count: int, bound: Bound,
+                 reload: Callable[[], Settings] | None = None, front: Front | None = None, web_tls: Any = None,
+                 early: Callable[[], bool] = lambda: False) -> None:
+        """`bound`: every socket, bound by service.process (worker 0 serves rpz_listen's and the block page's;
+        this process serves the console's, with `front` and `web_tls`); `early()`: a stop asked for already."""
         self.cfg = cfg
+        self.bound = bound
+        self.front = front
+        self.web_tls = web_tls
+        self.early = early
         self.reload = reload
         self.hup = False
         self.snapshots: Any = None  # metrics.WorkerSnapshots when metrics are on
         self.db = db
         self.count = count
         self.workers: dict[int, Worker] = {}
-        self.bound: list[Bound] = []
-        self.rpz_bound: tuple | None = None  # the (udp, tcp) of rpz_listen, bound here, served by worker 0
-        self.blockpage_bound: list = []  # blockpage_listen's listening sockets, bound here, served by worker 0
-        self.web_bound: list = []  # web_listen's listening sockets: the console runs here, in the supervisor
         self.stopping = False
         self.restarts = 0
         self.restart_times: list[float] = []
@@ -131,8 +136,6 @@ class Supervisor:
 
     def _start_reload(self) -> None:
         """Read and check the configuration once, then send it to every worker."""
-        from sinkhole.service.server import plan_reload
-
         why = "sinkhole reload" if self.waiting else "SIGHUP"
         waiters, self.waiting, self.hup = self.waiting, [], False
         systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
@@ -199,37 +202,14 @@ class Supervisor:
             self.control = None
 
     def run(self) -> int:
-        from sinkhole.service.server import (
-            bind_blockpage,
-            bind_rpz,
-            bind_web,
-            drop_privileges,
-            open_store,
-            start_console,
-            web_tls_for,
-        )
-
-        signal.signal(signal.SIGTERM, self._on_signal)  # from the start: a stop while starting is a stop
+        signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         signal.signal(signal.SIGHUP, self._on_hup)
-        web_tls = web_tls_for(self.cfg, self.db)  # a console that cannot be served says so before binding
-        self.bound, from_systemd = bind_all(build.listen_addresses(self.cfg))
-        try:
-            self.rpz_bound = bind_rpz(self.cfg)  # before --user drops root: port 53 works; worker 0 serves it
-            self.blockpage_bound = bind_blockpage(self.cfg)  # the same for ports 80 and 443
-            self.web_bound = bind_web(self.cfg)
-        except BaseException:
-            close_all(self.bound)
-            for sock in [*(self.rpz_bound or ()), *self.blockpage_bound]:
-                sock.close()
-            raise
-        for host, port, udp, tcp in self.bound:
+        self.stopping = self.stopping or self.early()  # a stop while starting is a stop
+        for host, port, udp, tcp in self.bound.dns:
             kinds = "+".join(k for k, s in (("udp", udp), ("tcp", tcp)) if s is not None)
             log.info("listening on %s %s (%d workers)%s", kinds, _show(host, port), self.count,
-                     " (from systemd)" if from_systemd else "")
-        if self.cfg.process.user:
-            drop_privileges(self.cfg.process.user)
-        open_store(self.db, self.cfg.policy.shipped_lists).close()  # create and seed once, before the workers race
+                     " (from systemd)" if self.bound.from_systemd else "")
         self.control = control.listen(self.db)
         upstreams = ", ".join(map(str, build.upstreams(self.cfg)))
         interval = systemd.watchdog_interval()
@@ -237,17 +217,15 @@ class Supervisor:
             self._spawn(index, interval)
         exporter = console = None
         address = build.metrics_address(self.cfg)
-        if address is not None or self.web_bound:  # workers send snapshots for /metrics and the console
-            from sinkhole.service.metrics import WorkerSnapshots
-
-            self.snapshots = WorkerSnapshots()
+        if address is not None or self.bound.web:  # workers send snapshots for /metrics and the console
+            self.snapshots = metrics.WorkerSnapshots()
             self.snapshots.expected = self.count
             if address is not None:
                 exporter = self.snapshots.exporter(address)
-        if self.web_bound:
+        if self.bound.web and self.front is not None:
             try:
-                console = start_console(self.cfg, self.db, self.web_bound, web_tls, self.snapshots.snapshots,
-                                        self.snapshots.problems)
+                console = self.front.console(self.cfg, self.db, self.bound.web, self.web_tls,
+                                             self.snapshots.snapshots, self.snapshots.problems)
             except Exception as exc:  # a console that cannot start must not leave the workers running alone
                 log.error("web console: %s", exc)
                 self.stopping = True
@@ -286,7 +264,7 @@ class Supervisor:
                 notified_ready = True
                 log.info("forwarding to %s with %d workers; audit log %s in %s", upstreams, self.count,
                          self.cfg.audit.log_queries, self.db)
-                systemd.notify(f"READY=1\nSTATUS=serving on {', '.join(_show(h, p) for h, p, _, _ in self.bound)}"
+                systemd.notify(f"READY=1\nSTATUS=serving on {', '.join(_show(h, p) for h, p, _, _ in self.bound.dns)}"
                                f" with {self.count} workers")
             now = time.monotonic()
             if interval and notified_ready and not self.stopping and now - last_ping >= interval and all(
@@ -294,9 +272,7 @@ class Supervisor:
                 systemd.notify("WATCHDOG=1")
                 last_ping = now
         self._close_control()
-        close_all(self.bound)
-        for sock in [*(self.rpz_bound or ()), *self.blockpage_bound]:
-            sock.close()
+        self.bound.close()
         if console is not None:
             console.stop()
         if exporter is not None:
@@ -321,9 +297,11 @@ class Supervisor:
             code = 1
             try:
                 _die_with(supervisor)
-                code = worker_main(self.cfg, self.db, self.bound, w, index, interval, supervisor, self.reload,
-                                   self.rpz_bound if index == 0 else None,
-                                   self.blockpage_bound if index == 0 else None, control_r)
+                # worker 0 serves rpz_listen and the block page too; the console stays here, in the supervisor
+                mine = Bound(self.bound.dns, self.bound.from_systemd, *((self.bound.rpz, self.bound.blockpage)
+                                                                        if index == 0 else (None, [])))
+                code = worker_main(self.cfg, self.db, mine, w, index, interval, supervisor, self.reload, control_r,
+                                   self.front)
             except BaseException:
                 log.exception("worker %d failed", index)
             finally:
@@ -429,8 +407,6 @@ def _kill(pid: int, sig: int) -> None:
 def _die_with(supervisor: int) -> None:
     """Linux: SIGTERM this process when the supervisor dies (checked again after, for the race)."""
     try:
-        import ctypes
-
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
@@ -439,32 +415,42 @@ def _die_with(supervisor: int) -> None:
         os._exit(0)
 
 
-def worker_main(cfg: Settings, db: Path, bound: list[Bound], fd: int, index: int,
-                interval: float | None, parent: int, reload: Callable[[], Settings] | None = None,
-                rpz_sockets: tuple | None = None, blockpage_sockets: list | None = None,
-                control_fd: int | None = None) -> int:
-    """One worker: an event loop serving the inherited sockets until SIGTERM/SIGINT; new settings come
-    over `control_fd` and are answered on `fd` ("reloaded" and the outcome)."""
-    import asyncio
+def worker_main(cfg: Settings, db: Path, bound: Bound, fd: int, index: int, interval: float | None, parent: int,
+                reload: Callable[[], Settings] | None = None, control_fd: int | None = None,
+                front: Front | None = None) -> int:
+    """One worker: a server on the inherited sockets (server.serve) until SIGTERM/SIGINT; it tells the supervisor
+    over `fd` when it is ready, beats, sends its metrics snapshots and its final counts; new settings come over
+    `control_fd` and are answered on `fd` ("reloaded" and the outcome)."""
+    link = _SupervisorLink(fd, parent, interval, control_fd, metrics_on=(build.metrics_address(cfg) is not None
+                                                                          or bool(cfg.web.web_listen)))
+    server = Server(cfg, db, bound, worker=index, reload=reload, front=front)
+    run_loop(lambda: serve(server, after_start=link.started, after_stop=link.stopped))
+    return 0
 
-    from sinkhole.service.server import Server
 
-    def say(line: str) -> None:
+class _SupervisorLink:
+    """A worker's side of its pipes to the supervisor."""
+
+    def __init__(self, fd: int, parent: int, interval: float | None, control_fd: int | None,
+                 metrics_on: bool) -> None:
+        self.fd = fd
+        self.parent = parent
+        self.interval = interval
+        self.control_fd = control_fd
+        self.metrics_on = metrics_on  # the supervisor serves /metrics or the console: it needs our counters
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def say(self, line: str) -> None:
         try:
-            os.write(fd, line.encode() + b"\n")
+            os.write(self.fd, line.encode() + b"\n")
         except OSError:
             pass
 
-    async def main() -> None:
-        server = Server(cfg, db, sockets=bound, worker=index, reload=reload, rpz_sockets=rpz_sockets,
-                        blockpage_sockets=blockpage_sockets)
+    async def started(self, server: Server) -> None:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, server.request_stop)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
-        await server.start()
-        if control_fd is not None:
+        if self.control_fd is not None:
             pending = bytearray()
+            control_fd = self.control_fd
 
             def on_control() -> None:
                 """A length, then the pickled (why, Settings) the supervisor read: apply it and answer."""
@@ -480,44 +466,33 @@ def worker_main(cfg: Settings, db: Path, bound: list[Bound], fd: int, index: int
                     size = struct.unpack("!I", pending[:4])[0]
                     why, new = pickle.loads(bytes(pending[4:4 + size]))
                     del pending[:4 + size]
-                    say("reloaded " + server.reload_config(new, why).to_line().decode().rstrip("\n"))
+                    self.say("reloaded " + server.reload_config(new, why).to_line().decode().rstrip("\n"))
 
             os.set_blocking(control_fd, False)
             loop.add_reader(control_fd, on_control)
-        say("ready")
+        self.say("ready")
+        self.tasks.append(loop.create_task(self._beat(server)))
+        if self.metrics_on:
+            self.tasks.append(loop.create_task(self._report(server)))
 
-        async def beat() -> None:
-            while True:
-                if os.getppid() != parent:  # the supervisor is gone: do not keep the port alone
-                    server.request_stop()
-                    return
-                if interval:
-                    say("beat")
-                await asyncio.sleep(min(interval or 1.0, 1.0))
+    async def _beat(self, server: Server) -> None:
+        while True:
+            if os.getppid() != self.parent:  # the supervisor is gone: do not keep the port alone
+                server.request_stop()
+                return
+            if self.interval:
+                self.say("beat")
+            await asyncio.sleep(min(self.interval or 1.0, 1.0))
 
-        beater = loop.create_task(beat())
-        reporter = None
-        if build.metrics_address(cfg) is not None or cfg.web.web_listen:  # the supervisor's /metrics and web console
-            from sinkhole.service import metrics
+    async def _report(self, server: Server) -> None:  # counters for the supervisor's /metrics and console
+        while True:
+            self.say("metrics " + json.dumps(metrics.snapshot(server)))
+            await asyncio.sleep(metrics.SNAPSHOT_INTERVAL)
 
-            async def report() -> None:  # counters for the supervisor's /metrics
-                while True:
-                    say("metrics " + json.dumps(metrics.snapshot(server)))
-                    await asyncio.sleep(metrics.SNAPSHOT_INTERVAL)
-
-            reporter = loop.create_task(report())
-        await server.wait()
-        beater.cancel()
-        if reporter is not None:
-            reporter.cancel()
-            say("metrics " + json.dumps(metrics.snapshot(server)))  # the last counters, after the drain
-        say(json.dumps({"counts": server.pipeline.counts, "written": server.audit.written,
-                        "dropped": server.audit.dropped}))
-
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(main())
-    else:
-        uvloop.run(main())
-    return 0
+    async def stopped(self, server: Server) -> None:
+        for task in self.tasks:
+            task.cancel()
+        if self.metrics_on:
+            self.say("metrics " + json.dumps(metrics.snapshot(server)))  # the last counters, after the drain
+        self.say(json.dumps({"counts": server.pipeline.counts, "written": server.audit.written,
+                             "dropped": server.audit.dropped}))

@@ -66,33 +66,6 @@ def lower_priority() -> None:
         pass
 
 
-def bind(addresses: list[tuple[str, int]], name: str) -> list[socket.socket]:
-    """Listening TCP sockets: those systemd passed under FileDescriptorName `name`, else bound here (before
-    root is dropped, so that ports 80 and 443 work); port 0 picks a free port."""
-    from sinkhole.service import systemd
-
-    passed = systemd.listen_sockets(name)
-    if passed:
-        return passed
-    socks: list[socket.socket] = []
-    try:
-        for host, port in addresses:
-            family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            socks.append(sock)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, port))
-            sock.listen(socket.SOMAXCONN)
-            sock.setblocking(False)
-    except BaseException:
-        for sock in socks:
-            sock.close()
-        raise
-    return socks
-
-
 def where(sock: socket.socket) -> str:
     host, port = sock.getsockname()[:2]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

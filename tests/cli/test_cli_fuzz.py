@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from sinkhole import cli as cli_mod
 from sinkhole.cli import cli, main
 from sinkhole.policy import fetch
-from sinkhole.service import config, server
+from sinkhole.service import config, process
 
 SIDE = ("-wal", "-shm", "-journal", ".lock")
 # paths the arguments may name, all in the scratch directory: a database, its key, a list, a settings
@@ -111,7 +111,7 @@ def scratch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("SINKHOLE_BLOCKLISTS", str(lists))
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     monkeypatch.setattr(config, "DEFAULT_PATH", tmp_path / "no-such.toml")
-    monkeypatch.setattr(server, "run", lambda *a, **kw: 0)  # `serve` checks everything, then does not serve
+    monkeypatch.setattr(process, "run", lambda *a, **kw: 0)  # `serve` checks everything, then does not serve
     monkeypatch.setattr(cli_mod, "_follow", lambda *a, **kw: None)
     monkeypatch.setattr(click, "prompt", lambda *a, **kw: (_ for _ in ()).throw(click.Abort()))  # no one types
 

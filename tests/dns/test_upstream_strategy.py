@@ -215,10 +215,10 @@ def test_serve_flags_reach_the_settings(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
     from sinkhole import cli
-    from sinkhole.service import server
+    from sinkhole.service import process
 
     seen = {}
-    monkeypatch.setattr(server, "run", lambda cfg, db, **kw: seen.setdefault("cfg", cfg) and 0)
+    monkeypatch.setattr(process, "run", lambda cfg, db, **kw: seen.setdefault("cfg", cfg) and 0)
     result = CliRunner().invoke(cli.cli, [
         "--db", str(tmp_path / "db"), "serve", "--upstream", "tls://127.0.0.1#dns.test",
         "--upstream-strategy", "parallel", "--forward-zone", "corp.example=127.0.0.2,tcp://127.0.0.3",

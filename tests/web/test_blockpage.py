@@ -48,8 +48,8 @@ def page(make_server, stub, ca) -> RunningServer:
 
 
 def page_port(server: RunningServer) -> int:
-    assert server.server is not None and server.server.blockpage_sockets
-    return server.server.blockpage_sockets[0].getsockname()[1]
+    assert server.server is not None and server.server.bound.blockpage
+    return server.server.bound.blockpage[0].getsockname()[1]
 
 
 def fetch(server: RunningServer, name: str, path: str = "/", method: str = "GET", headers: dict | None = None,

@@ -60,7 +60,7 @@ def launch(playwright: Playwright, server: RunningServer, home: Path, names: lis
            lang: str = "en") -> Browser:
     """Chromium that resolves each name to the address sinkhole answers for it, on the page's port."""
     assert server.server is not None
-    port = server.server.blockpage_sockets[0].getsockname()[1]
+    port = server.server.bound.blockpage[0].getsockname()[1]
     rules = []
     for name in names:
         answered = ask(server, name).answer[0][0].to_text()

@@ -64,7 +64,7 @@ def console(make_server, stub, db: Path) -> RunningServer:
 
 def base_url(server: RunningServer) -> str:
     assert server.server is not None
-    host, port = server.server.web_sockets[0].getsockname()[:2]
+    host, port = server.server.bound.web[0].getsockname()[:2]
     return f"http://{host}:{port}"
 
 
@@ -348,7 +348,7 @@ def test_https_with_a_certificate_from_the_ca_and_plain_http_redirected(make_ser
     server = make_server(upstream=(stub.address,), web_listen=("127.0.0.1:0",))
     add_user(db, "vic", "viewer", PASSWORDS["vic"])
     assert server.server is not None
-    port = server.server.web_sockets[0].getsockname()[1]
+    port = server.server.bound.web[0].getsockname()[1]
     ca = str(db.parent / "ca" / "ca.pem")
     with httpx.Client(base_url=f"https://127.0.0.1:{port}", verify=ssl.create_default_context(cafile=ca)) as http:
         r = http.post("/api/login", json={"name": "vic", "password": PASSWORDS["vic"]})
