@@ -56,6 +56,8 @@ def test_refusals_held_back_are_said_at_shutdown_by_every_worker(server_process,
         rcodes = burst(p.port, [f"r{round_}-{i}.example.test" for i in range(40)])
         assert rcodes == [dns.rcode.REFUSED] * 40
         sent += 40
+    # the lines reach us through a pipe and a reader thread: wait for the first one, then look at what came
+    wait_for(lambda: any("not in allow_clients" in line for line in p.lines), timeout=10)
     lines_before = [line for line in p.lines if "not in allow_clients" in line]
     assert 1 <= len(lines_before) <= 2, "one line per worker for the whole burst:\n" + "".join(lines_before)
     assert p.terminate() == 0
