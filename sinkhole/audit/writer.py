@@ -169,6 +169,21 @@ class AuditLog:
         """Rows that will never be stored: queue full, or the database could not be written in time."""
         return self.queue_dropped + self.write_dropped
 
+    @property
+    def writer_alive(self) -> bool:
+        """The writer thread is running (started, not stopped, not died)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def queue_depth(self) -> int:
+        """Events submitted and not yet taken by the writer."""
+        return self._queue.qsize()
+
+    @property
+    def writer_store(self) -> Store | None:
+        """The store the writer thread writes through (None before its first write, or between two files)."""
+        return self._writer.store if self._writer is not None else None
+
     def wants(self, action: Action) -> bool:
         if self.mode == "all":
             return True

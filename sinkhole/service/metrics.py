@@ -55,12 +55,11 @@ def _rss_bytes() -> int:
 def problems(server: Any) -> list[str]:
     """Why this server is not healthy; empty when it is."""
     out = []
-    if not getattr(server, "policy_loaded", False):
+    if not server.policy_loaded:
         out.append("policy not loaded")
-    if not server.listeners or server._stop.is_set():
+    if not server.listeners or server.stopping:
         out.append("listeners not up" if not server.listeners else "stopping")
-    thread = getattr(server.audit, "_thread", None)
-    if thread is None or not thread.is_alive():
+    if not server.audit.writer_alive:
         out.append("audit writer not running")
     return out
 
@@ -83,7 +82,7 @@ def snapshot(server: Any) -> Snapshot:
                                "failures": failures.get(u, 0)} for u in set(latency) | set(failures)},
         "inflight": fw.inflight,
         "cache": {"hits": p.cache.hits, "misses": p.cache.misses, "entries": len(p.cache)},
-        "audit": {"queue": a._queue.qsize(), "written": a.written, "queue_dropped": a.queue_dropped,
+        "audit": {"queue": a.queue_depth, "written": a.written, "queue_dropped": a.queue_dropped,
                   "write_dropped": a.write_dropped, "gaps": a.gaps},
         "policy": {"version": policy.version, "blocks": policy.blocks, "allows": policy.allows,
                    "groups": len(policy.groups)},

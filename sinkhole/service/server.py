@@ -261,6 +261,11 @@ class Server:
     def request_stop(self) -> None:
         self._stop.set()
 
+    @property
+    def stopping(self) -> bool:
+        """A stop was asked for (SIGTERM, SIGINT, the supervisor gone): draining, or about to."""
+        return self._stop.is_set()
+
     async def _on_control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One `sinkhole reload`: the settings are read after its request came in; the answer says how it went."""
         try:

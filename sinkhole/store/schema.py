@@ -260,6 +260,10 @@ class Database:
         for tup in cur:
             yield dict(zip(names, tup, strict=True))
 
+    def synchronous(self) -> int:
+        """SQLite's synchronous level of this connection (0 off, 1 normal, 2 full, 3 extra)."""
+        return int(self.conn.execute("PRAGMA synchronous").fetchone()[0])
+
     def set_busy_timeout(self, ms: int) -> None:
         """How long a statement waits for another connection's lock before it fails (DatabaseError)."""
         self.conn.execute(f"PRAGMA busy_timeout={int(ms)}")

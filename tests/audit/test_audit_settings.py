@@ -43,9 +43,8 @@ def test_synchronous_level_is_the_writers(make_server, stub, db, level, expected
     s = make_server(upstream=(stub.address,), audit_synchronous=level)
     assert ask(s, "chat.deepseek.com").answer
     wait_for(lambda: audit_rows(db))
-    writer = s.server.audit._writer
-    store = wait_for(lambda: writer.store)
-    assert store.conn.execute("PRAGMA synchronous").fetchone()[0] == expected
+    store = wait_for(lambda: s.server.audit.writer_store)
+    assert store.synchronous() == expected
 
 
 @pytest.mark.parametrize("settings, message", [
