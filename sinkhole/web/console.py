@@ -25,6 +25,7 @@ import concurrent.futures
 import ipaddress
 import json
 import logging
+import re
 import secrets
 import socket
 import ssl
@@ -34,7 +35,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import unquote, urlencode, urlsplit
 
 import jinja2
 from aiohttp import web
@@ -875,11 +876,31 @@ def _keep(params: dict) -> dict:
     return {k: v for k, v in params.items() if k in ("kind", "status") and isinstance(v, str) and v}
 
 
+_INVISIBLE = re.compile(r"[\x00-\x20\x7f]")  # browsers drop tabs and new lines in a URL, and trim the rest
+
+
 def _next(target: str | None) -> str:
-    """Where to go after signing in: a path of this site only."""
-    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+    """Where to go after signing in: a path of this site only, else "/".
+
+    A browser reads `/%09/evil.example` (decoded, the tab dropped) and `/\\evil.example` as `//evil.example`, a
+    URL of another host; so the value is judged as it reads once decoded (up to three times: `%252f`) and stripped
+    of spaces and control characters: it must be a path (one `/`, then neither `/` nor `\\`), with no scheme and
+    no host; and the value itself must start with `/` and carry no space, control character or backslash at all."""
+    if (not target or len(target) > 2000 or not target.startswith("/") or "\\" in target
+            or _INVISIBLE.search(target)):
         return "/"
-    return target[:2000]
+    decoded = target
+    for _ in range(3):
+        decoded, before = unquote(decoded), decoded
+        if decoded == before:
+            break
+    seen = _INVISIBLE.sub("", decoded)
+    if not seen.startswith("/") or seen[1:2] in ("/", "\\"):
+        return "/"
+    parts = urlsplit(seen)
+    if parts.scheme or parts.netloc:
+        return "/"
+    return target
 
 
 def describe(path: str, result: dict) -> str:

@@ -7,7 +7,9 @@ key, HTTPS with the block page's CA, and what a page shows of text a client or a
 
 from __future__ import annotations
 
+import html
 import json
+import re
 import sqlite3
 import ssl
 import time
@@ -410,3 +412,39 @@ def test_lists_imported_from_a_url_and_updated_over_the_api(console, db: Path) -
         assert [e["action"] for e in entries] == ["lists import", "lists update"]
     finally:
         lists.close()
+
+
+# `next` values that a browser would follow to another host (or run): the login must send each to "/"
+HOSTILE_NEXT = ["//x.example", "/%09/x.example", "/\t/x.example", "/\\x.example", "/%5cx.example", "%2f%2fx.example",
+                "/%2f/x.example", "/%252f/x.example", "https://x.example", "javascript:alert(1)", " //x.example",
+                "/\r\n/x.example", "/%0d%0a/x.example", "/%20/x.example"]
+
+
+def _login_form(http: httpx.Client, next_value: str) -> tuple[str, str]:
+    """The login page for `next_value`: its form token and the `next` it will post back."""
+    page = http.get("/login", params={"next": next_value})
+    assert page.status_code == 200, page.text
+    token = re.search(r'name="token" value="([^"]+)"', page.text)
+    kept = re.search(r'name="next" value="([^"]*)"', page.text)
+    assert token and kept
+    return token.group(1), html.unescape(kept.group(1))
+
+
+def test_login_sends_a_hostile_next_to_the_start_page_and_a_path_of_this_site_to_itself(console) -> None:
+    signed_in = Client(console, "vic")
+    for value in HOSTILE_NEXT:  # already signed in: /login redirects at once
+        r = signed_in.http.get("/login", params={"next": value})
+        assert r.status_code == 303 and r.headers["location"] == "/", (value, r.headers.get("location"))
+    http = httpx.Client(base_url=base_url(console), follow_redirects=False, timeout=30)
+    for value in HOSTILE_NEXT:  # the form keeps "/" in place of the value
+        assert _login_form(http, value)[1] == "/", value
+    # posted straight to the form (as another site's page could): still "/"; logins are rate limited, so
+    # the six that matter most and one path of this site
+    for value in ["//x.example", "/%09/x.example", "/\\x.example", "%2f%2fx.example", "https://x.example",
+                  "javascript:alert(1)", "/log?domain=a%20b.example"]:
+        http.cookies.clear()
+        token, _ = _login_form(http, "/")
+        r = http.post("/login", data={"token": token, "next": value, "name": "vic", "password": PASSWORDS["vic"]})
+        assert r.status_code == 303, (value, r.status_code, r.text)
+        expected = value if value.startswith("/log") else "/"
+        assert r.headers["location"] == expected, (value, r.headers["location"])
