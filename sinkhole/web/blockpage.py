@@ -198,7 +198,7 @@ def language(accept: str, default: str) -> str:
     return best
 
 
-def _host_of(header: str) -> str:
+def host_of(header: str) -> str:
     """The name in a Host header (no port, no brackets), as given."""
     text = header.strip()
     if text.startswith("["):
@@ -302,13 +302,13 @@ class BlockPage:
     async def respond(self, request: web.Request) -> web.StreamResponse:
         now = time.time()
         peer = request.transport.get_extra_info("peername") if request.transport else None
-        client = _plain(peer[0]) if peer else ""
+        client = plain_address(peer[0]) if peer else ""
         if not self.views.take(client, time.monotonic()):
             self.counts["limited"] += 1
             return web.Response(status=403, text="403 Forbidden: too many requests\n", headers=HEADERS)
         self.counts["views"] += 1
         tls = request.transport.get_extra_info("sslcontext") is not None if request.transport else False
-        asked = _host_of(request.headers.get("Host", ""))
+        asked = host_of(request.headers.get("Host", ""))
         host = _blockable(asked)
         policy = self.get_policy()
         group = policy.group_of(client)
@@ -447,7 +447,7 @@ class BlockPage:
             self._store = None
 
 
-def _plain(address: str) -> str:
+def plain_address(address: str) -> str:
     """A v4-mapped address (dual-stack socket) as its IPv4 form, as the DNS side logs clients."""
     return address[7:] if address.startswith("::ffff:") and "." in address else address
 

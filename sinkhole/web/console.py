@@ -49,6 +49,7 @@ from sinkhole.store.accounts import LOCK_AFTER, LOCK_SECONDS, Accounts, Session,
 from sinkhole.store.db import Store
 from sinkhole.store.schema import iso
 from sinkhole.web import api, sessions
+from sinkhole.web.blockpage import host_of, plain_address
 from sinkhole.web.limits import Gate, Limits, lower_priority
 
 log = logging.getLogger(__name__)
@@ -99,8 +100,7 @@ def is_loopback(host: str) -> bool:
 
 def _peer(request: web.Request) -> str:
     peer = request.transport.get_extra_info("peername") if request.transport else None
-    address = peer[0] if peer else ""
-    return address[7:] if address.startswith("::ffff:") and "." in address else address
+    return plain_address(peer[0]) if peer else ""
 
 
 class Console:
@@ -260,8 +260,7 @@ class Console:
             api_call = request.path.startswith("/api/")
             try:
                 if self.tls is not None and not request.secure:  # HTTPS only: never a password in clear
-                    host = request.headers.get("Host", "")
-                    raise web.HTTPPermanentRedirect(f"https://{host}{request.path_qs}")
+                    raise web.HTTPPermanentRedirect(self._https_url(request))
                 origin = request.headers.get("Origin")
                 if request.method == "POST" and origin and origin != "null" and not self._same_origin(request, origin):
                     raise Refused(403, "a request from another site")
@@ -332,6 +331,23 @@ class Console:
             r.add_post(f"/api/{path}", self.endpoint("admin", self.with_password(fn)))
             r.add_post(f"/{path}", self.page("admin", self.with_password(fn, "users")))
         return app
+
+    def _https_url(self, request: web.Request) -> str:
+        """The same page over HTTPS, on the same port: at the name the Host header gives when it is this console's
+        (web_name or the address the request came in on), else at web_name or that address. Never a host the
+        request chose: a forged Host cannot turn the console into a redirect to another site."""
+        local = request.transport.get_extra_info("sockname") if request.transport else None
+        address, port = (plain_address(local[0]), local[1]) if local else ("localhost", 443)
+        ours = {address.lower(), "localhost" if is_loopback(address) else address.lower()}
+        if self.cfg.web.web_name:
+            ours.add(self.cfg.web.web_name.lower())
+        asked = host_of(request.headers.get("Host", ""))
+        name = asked.lower() if asked.lower() in ours else (self.cfg.web.web_name or address)
+        try:
+            literal = ipaddress.ip_address(name).version == 6
+        except ValueError:
+            literal = False
+        return f"https://{f'[{name}]' if literal else name}:{port}{request.path_qs}"
 
     def _same_origin(self, request: web.Request, origin: str) -> bool:
         return origin == f"{request.scheme}://{request.headers.get('Host', '')}"

@@ -124,6 +124,13 @@ def test_every_method_and_path_gets_403_and_the_page_never_redirects(page, ca, m
             assert (text == "") if method == "HEAD" else ("chat.deepseek.com" in text)
 
 
+def test_a_forged_host_gets_the_page_and_no_redirect_to_it(page, ca) -> None:
+    for host in ("evil.example", "evil.example:443", "chat.deepseek.com@evil.example", "[::1]:80"):
+        resp, text = fetch(page, host, "/login?next=//evil.example", tls=False, address=PAGE_HOST)
+        assert resp.status == 403 and resp.getheader("Location") is None, host
+        assert 'id="rule"' not in text  # the policy blocks none of them: the page names no rule
+
+
 def test_json_for_accept_json_and_korean_for_accept_language_ko(page, ca) -> None:
     resp, text = fetch(page, "chat.deepseek.com", headers={"Accept": "application/json"}, ca=ca)
     assert resp.status == 403 and resp.getheader("Content-Type", "").startswith("application/json")

@@ -361,6 +361,13 @@ def test_https_with_a_certificate_from_the_ca_and_plain_http_redirected(make_ser
         assert "max-age" in http.get("/login").headers["strict-transport-security"]
     plain = httpx.get(f"http://127.0.0.1:{port}/login?next=/", follow_redirects=False)
     assert plain.status_code == 308 and plain.headers["location"] == f"https://127.0.0.1:{port}/login?next=/"
+    # the redirect goes to this console whatever Host the request names: never to a host the client chose
+    for host, goes_to in [("evil.example", "127.0.0.1"), ("evil.example:443", "127.0.0.1"), ("[::1]:1", "127.0.0.1"),
+                          ("evil.example/x?", "127.0.0.1"), ("", "127.0.0.1"), ("localhost:99", "localhost"),
+                          (f"127.0.0.1:{port}", "127.0.0.1")]:
+        plain = httpx.get(f"http://127.0.0.1:{port}/log?x=1", headers={"Host": host}, follow_redirects=False)
+        assert plain.status_code == 308, host
+        assert plain.headers["location"] == f"https://{goes_to}:{port}/log?x=1", (host, plain.headers["location"])
 
 
 def test_plain_http_is_refused_on_an_address_that_is_not_loopback(make_server, stub, db: Path) -> None:
