@@ -108,12 +108,16 @@ class Accounts:
         return out
 
     def user(self, name: str) -> dict | None:
-        """One account with its hash, or None."""
+        """One account with its hash, or None. A lock that has run out is gone, and its failures with it: the
+        count (and the backoff it sets) starts again from 0."""
         row = self.conn.execute("SELECT name, role, hash, failures, locked_until FROM web_users WHERE name = ?",
                                 (name,)).fetchone()
         if row is None:
             return None
-        return dict(zip(("name", "role", "hash", "failures", "locked_until"), row, strict=True))
+        user = dict(zip(("name", "role", "hash", "failures", "locked_until"), row, strict=True))
+        if user["locked_until"] is not None and user["locked_until"] <= time.time():
+            user["failures"], user["locked_until"] = 0, None
+        return user
 
     def admins(self) -> int:
         return int(self.conn.execute("SELECT count(*) FROM web_users WHERE role = 'admin'").fetchone()[0])
@@ -196,9 +200,10 @@ class Accounts:
         with self.store._immediate():
             locked_until = None
             failures = 0
-            if known and reason == "wrong password":
-                self.conn.execute("UPDATE web_users SET failures = failures + 1, last_failure = ? WHERE name = ?",
-                                  (iso(now), name))
+            if known and reason == "wrong password":  # after a lock that has run out, the count starts again
+                self.conn.execute("UPDATE web_users SET failures = CASE WHEN locked_until <= ?1 THEN 1"
+                                  " ELSE failures + 1 END, locked_until = CASE WHEN locked_until <= ?1 THEN NULL"
+                                  " ELSE locked_until END, last_failure = ?2 WHERE name = ?3", (now, iso(now), name))
                 failures = int(self.conn.execute("SELECT failures FROM web_users WHERE name = ?",
                                                  (name,)).fetchone()[0])
             actor = web_actor(name, address, "login")

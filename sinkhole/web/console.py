@@ -82,6 +82,12 @@ PARAMS: Any = _KEY("params", dict) if _KEY else "params"
 PERIODS = {"1h": 1, "24h": 24, "7d": 24 * 7, "30d": 24 * 30}
 
 
+# what every failed sign-in reads, whatever failed (no such account, a wrong password, a locked account): the
+# answer must not tell which names exist or are locked; the journal and the server log say which it was
+FAILED_LOGIN = (f"Wrong name or password. After {LOCK_AFTER} failed sign-ins in a row an account is locked for "
+                f"{LOCK_SECONDS // 60} minutes; an admin can unlock it sooner.")
+
+
 class Refused(Exception):
     """A request refused before it ran: status and message (JSON for the API, a page otherwise)."""
 
@@ -537,22 +543,17 @@ class Console:
         async with lock:  # attempts for one account wait their turn: the backoff cannot be run around
             user = await self.run(lambda st: Accounts(st).user(name))
             now = time.time()
-            if user is not None and user["locked_until"] and user["locked_until"] > now:
-                await self.run(lambda st: Accounts(st).login_failed(name, address, "locked", True), pool="write")
-                until = datetime.fromtimestamp(user["locked_until"], UTC).strftime("%H:%M:%S UTC")
-                return (f"This account is locked after {LOCK_AFTER} failed sign-ins in a row, until {until}; an "
-                        "admin can unlock it (sinkhole user unlock).")
+            locked = user is not None and user["locked_until"] is not None and user["locked_until"] > now
             await asyncio.sleep(sessions.backoff(user["failures"] if user else 0))
+            # a locked account is checked against the dummy hash: it takes the time any other attempt takes
             good = await asyncio.get_running_loop().run_in_executor(
-                sessions.hash_pool(), sessions.verify_password, user["hash"] if user else None, password)
+                sessions.hash_pool(), sessions.verify_password, user["hash"] if user and not locked else None, password)
             if not good:
-                reason = "wrong password" if user is not None else "unknown account"
-                locked = await self.run(lambda st: Accounts(st).login_failed(name, address, reason, user is not None),
-                                        pool="write")
+                reason = "unknown account" if user is None else "locked" if locked else "wrong password"
+                await self.run(lambda st: Accounts(st).login_failed(name, address, reason, user is not None),
+                               pool="write")
                 log.info("web console: failed sign-in for %r from %s (%s)", name, address, reason)
-                if locked:
-                    return f"Wrong name or password. The account is now locked for {LOCK_SECONDS // 60} minutes."
-                return "Wrong name or password."
+                return FAILED_LOGIN
             cookie = sessions.new_token()
             sess = Session(sessions.session_id(cookie), name, user["role"], sessions.new_token(), now, now, address)
             await self.run(lambda st: Accounts(st).login_succeeded(name, address, sess, request.secure),

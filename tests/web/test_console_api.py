@@ -179,13 +179,19 @@ def test_sessions_end_when_idle_too_long_or_too_old(console, db: Path) -> None:
 
 def test_five_wrong_passwords_lock_the_account_and_each_failure_is_journaled(console, db: Path) -> None:
     client = Client(console)
+    unknown = client.login("nobody-here", "whatever it is")
+    assert unknown.status_code == 401
+    answers = []
     for _ in range(5):
         r = client.login("aud", "not the password")
         assert r.status_code == 401
-    assert "locked" in r.json()["error"]
+        answers.append(r.json()["error"])
     r = client.login("aud", PASSWORDS["aud"])  # the right password, now: still locked
-    assert r.status_code == 401 and "locked" in r.json()["error"]
-    failed = journal(db, "web login failed")
+    assert r.status_code == 401
+    answers.append(r.json()["error"])
+    # the same words whether the account exists, the password is wrong or the account is locked
+    assert set(answers) == {unknown.json()["error"]}
+    failed = journal(db, "web login failed")[1:]
     assert len(failed) == 6 and all(e["host"] == "127.0.0.1" for e in failed)
     assert [json.loads(e["detail"])["reason"] for e in failed] == ["wrong password"] * 5 + ["locked"]
     lockouts = journal(db, "web lockout")
@@ -197,6 +203,20 @@ def test_five_wrong_passwords_lock_the_account_and_each_failure_is_journaled(con
     assert locked["aud"] is not None and locked["ada"] is None
     cli_ok(db, "user", "unlock", "aud")
     assert Client(console).login("aud", PASSWORDS["aud"]).status_code == 200
+
+
+def test_when_a_lock_runs_out_the_failed_logins_count_from_zero_again(console, db: Path) -> None:
+    client = Client(console)
+    for _ in range(5):
+        assert client.login("vic", "not the password").status_code == 401
+    assert client.login("vic", PASSWORDS["vic"]).status_code == 401  # locked
+    with sqlite3.connect(db) as conn:  # the lock ran out a second ago
+        conn.execute("UPDATE web_users SET locked_until = ? WHERE name = 'vic'", (time.time() - 1,))
+    assert client.login("vic", "one more typo").status_code == 401  # one failure: not five, not a new lock
+    row = query(db, "SELECT failures, locked_until FROM web_users WHERE name = 'vic'")[0]
+    assert row == {"failures": 1, "locked_until": None}
+    assert len(journal(db, "web lockout")) == 1
+    assert client.login("vic", PASSWORDS["vic"]).status_code == 200
 
 
 def test_a_rule_added_over_the_api_is_answered_within_a_second_and_journaled_with_the_account(console,
