@@ -1,5 +1,6 @@
 """The change journal: who changed what, when, from where, with which command; every entry sealed into the
-journal chain (sinkhole.audit.chain) in the transaction of the change itself. Its id is the policy version."""
+journal chain (sinkhole.audit.chain) in the transaction of the change itself. The id of the last entry that
+changed the policy is the policy version."""
 
 from __future__ import annotations
 
@@ -19,6 +20,12 @@ from sinkhole.audit import chain
 from sinkhole.errors import ConfigError
 from sinkhole.store.schema import Database, iso
 
+# journal actions that change nothing in the policy: they do not make a new policy version (a running server
+# neither reloads nor logs a new version for them, and an RPZ serial stays as it is)
+NOT_POLICY = frozenset({"settings reload", "log prune",
+                        # the web console's accounts and logins (sinkhole.store.accounts)
+                        "user add", "user passwd", "user role", "user remove", "user unlock",
+                        "web login", "web logout", "web login failed", "web lockout"})
 JOURNAL_FIELDS = ["id", "time", "user", "sudo_user", "host", "command", "action", "kind", "category", "domains",
                   "detail", "link", "mac"]
 log = logging.getLogger(__name__)
@@ -91,8 +98,11 @@ class JournalQueries(Database):
                      (generation, chain.journal_mac(key, prev, entry).hex(), ident))
 
     def policy_version(self) -> int:
-        row = self.conn.execute("SELECT max(id) FROM journal").fetchone()
-        return int(row[0] or 0)
+        """The id of the last journal entry that changed the policy (NOT_POLICY entries, such as logins, do not):
+        read back from the newest entry, so a run of logins since the last change costs a few rows."""
+        row = self.conn.execute(f"SELECT id FROM journal WHERE action NOT IN ({','.join('?' * len(NOT_POLICY))})"
+                                " ORDER BY id DESC LIMIT 1", sorted(NOT_POLICY)).fetchone()
+        return int(row[0]) if row else 0
 
     def journal_settings(self, values: dict[str, str], actor: Actor | None = None) -> int:
         """A configuration reload that changed settings: one journal entry naming each new value."""

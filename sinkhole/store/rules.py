@@ -13,16 +13,12 @@ from sinkhole.errors import ConfigError
 from sinkhole.model import RuleKind
 from sinkhole.policy.decide import Policy
 from sinkhole.store.groups import GroupQueries
-from sinkhole.store.journal import Actor
+from sinkhole.store.journal import NOT_POLICY, Actor
 from sinkhole.store.schema import Seed, iso
 
-# journal actions a running server applies by patching its policy (they add or remove the names they list),
-# and those that change nothing in the policy; any other action makes it read the policy whole
+# journal actions a running server applies by patching its policy (they add or remove the names they list);
+# those that change nothing in the policy are NOT_POLICY; any other action makes it read the policy whole
 PATCHABLE = frozenset({"block add", "block remove", "allow add", "allow remove", "block expire", "allow expire"})
-NOT_POLICY = frozenset({"settings reload", "log prune",
-                        # the web console's accounts and logins (sinkhole.store.accounts)
-                        "user add", "user passwd", "user role", "user remove", "user unlock",
-                        "web login", "web logout", "web login failed", "web lockout"})
 PATCH_MAX = 50_000  # names: beyond this, reading the policy whole is as quick
 PROGRESS_ROWS = 10_000  # rows stored between two progress reports of a list import
 

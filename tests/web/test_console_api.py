@@ -475,3 +475,30 @@ def test_login_sends_a_hostile_next_to_the_start_page_and_a_path_of_this_site_to
         assert r.status_code == 303, (value, r.status_code, r.text)
         expected = value if value.startswith("/log") else "/"
         assert r.headers["location"] == expected, (value, r.headers["location"])
+
+
+def test_logins_and_logouts_make_no_new_policy_version(console, db: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from sinkhole.store.db import Store
+
+    caplog.set_level(logging.INFO, logger="sinkhole.service.server")
+    assert console.server is not None
+    start = console.server.policy.version
+    with Store(db) as store:
+        assert store.policy_version() == start
+    for name in ("vic", "aud"):
+        client = Client(console, name)
+        assert client.post("/api/logout").status_code == 200
+    assert Client(console).login("vic", "a wrong password").status_code == 401
+    assert len(journal(db, "web log")) == 5  # journaled: two logins, two logouts, one failure ...
+    with Store(db) as store:
+        assert store.policy_version() == start  # ... but none of them is a change of the policy
+    # a real change after them: once it is answered, every poll of the journal since the logins has run
+    admin = Client(console, "ada")
+    assert admin.post("/api/rules", {"kind": "block", "names": ["after-logins.example"]}).status_code == 200
+    changed = journal(db, "block add")[-1]["id"]
+    assert wait_for(lambda: ask(console, "after-logins.example").answer[0][0].to_text() == "0.0.0.0", 10.0)
+    assert console.server.policy.version == changed
+    versions = [r.getMessage() for r in caplog.records if "in force:" in r.getMessage()]
+    assert versions and all(m.startswith(f"policy version {changed} in force") for m in versions), versions
