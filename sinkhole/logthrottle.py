@@ -9,6 +9,9 @@ were held back and the last of them. Records below WARNING pass untouched.
 formatter it has); `flush` says what was held back for kinds whose interval is over (the server calls it from
 its housekeeping, every second) or for all of them (`final=True`, at shutdown), so that no count is lost.
 
+A line an operator must see every time it happens (a refused reload: each one is an admin's action, with a
+reason of its own) is logged with `extra=logthrottle.ALWAYS` and passes untouched.
+
 A logging call that is held back still costs a LogRecord (8 us): on paths a flood drives (a refusal per
 query), `warning(log, msg, *args)` asks the filter first and makes no record for a held-back line (0.5 us).
 """
@@ -22,6 +25,7 @@ import time
 from dataclasses import dataclass
 
 DEFAULT_INTERVAL = 10.0
+ALWAYS = {"unthrottled": True}  # `log.error(..., extra=ALWAYS)`: never held back
 
 
 @dataclass
@@ -43,7 +47,8 @@ class RepeatFilter(logging.Filter):
         self._lock = threading.Lock()  # the audit writer, the reloader and the event loop all log
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < self.level or self.interval <= 0 or hasattr(record, "repeats"):
+        if (record.levelno < self.level or self.interval <= 0 or hasattr(record, "repeats")
+                or getattr(record, "unthrottled", False)):
             return True
         key = (record.name, str(record.msg))
         now = time.monotonic()

@@ -294,17 +294,17 @@ class Server:
         who = "" if self.worker is None else f"worker {self.worker}: "
         if new is None:
             if self.reload is None:
-                log.warning("%s%s: no configuration to read again", who, why)
+                log.warning("%s%s: no configuration to read again", who, why, extra=logthrottle.ALWAYS)
                 return control.Outcome(refused="this server has no configuration to read again")
             try:
                 new = self.reload()
             except Exception as exc:  # whatever is wrong with the new file, the running settings stay
-                log.error("%sconfig reload refused, the running settings stay: %s", who, exc)
+                log.error("%sconfig reload refused, the running settings stay: %s", who, exc, extra=logthrottle.ALWAYS)
                 return control.Outcome(refused=str(exc))
         try:
             applied, restart = self.apply_config(new, who)
         except Exception as exc:
-            log.error("%sconfig reload refused, the running settings stay: %s", who, exc)
+            log.error("%sconfig reload refused, the running settings stay: %s", who, exc, extra=logthrottle.ALWAYS)
             return control.Outcome(refused=str(exc))
         values = {k: config.to_toml(self.cfg.value(k)) for k in applied}
         if applied and not self.worker:  # one journal entry per reload: the single server or worker 0

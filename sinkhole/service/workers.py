@@ -145,7 +145,7 @@ class Supervisor:
             new = self.reload()
             plan = plan_reload(self.cfg, new)
         except Exception as exc:  # a bad file never reaches the workers
-            log.error("config reload refused, the running settings stay: %s", exc)
+            log.error("config reload refused, the running settings stay: %s", exc, extra=logthrottle.ALWAYS)
             _answer(waiters, control.Outcome(refused=str(exc), workers=len(self.workers)))
             systemd.notify("READY=1")
             return
@@ -181,7 +181,8 @@ class Supervisor:
         self.round = None
         if r.refusals:
             outcome = control.Outcome(refused="; ".join(r.refusals), workers=r.workers)
-            log.error("config reload refused by %d of %d workers: %s", len(r.refusals), r.workers, outcome.refused)
+            log.error("config reload refused by %d of %d workers: %s", len(r.refusals), r.workers, outcome.refused,
+                      extra=logthrottle.ALWAYS)
         else:
             outcome = control.Outcome(applied=r.applied, restart=r.restart, workers=r.workers)
             log.info("config reloaded by %d workers: %s%s", r.workers,

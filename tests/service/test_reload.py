@@ -70,6 +70,10 @@ def test_reload_returns_when_every_worker_applied_and_fails_when_refused(server_
     r = reload(db)
     assert r.returncode == 2 and "upstream" in r.stderr
     assert ttls(p) == {5}  # not the default TTL the file would have brought back: nothing of it applied
+    # the second refusal within the log's repeat interval has its own line with its own reason, at once (not
+    # held back as "1 more like this" until the interval ends); the deadline is far past that interval's end
+    assert wait_for(lambda: any("ERROR config reload refused" in x and "99999" in x for x in p.lines), 60.0), p.lines
+    assert not any("more like this" in x and "config reload refused" in x for x in p.lines)
     assert p.terminate() == 0
     entries = journal_entries(db, "settings reload")  # each applied reload is journaled once, with its cause
     assert len(entries) == 3
