@@ -62,7 +62,7 @@ STATS_TTL = 60.0  # seconds the dashboard's figures are reused before they are c
 SAMPLE_EVERY = 5.0  # seconds between two samples of the live counters (queries per second)
 STATIC = {"console.css": "text/css"}
 LIMITS = Limits(max_connections=256, per_address=32, rate=20.0, burst=60.0, lifetime=1800.0, keepalive=15.0,
-                max_body=65536)
+                max_body=65536, answer_refused=True)  # a person over a cap reads a 429, not a reset
 HEADERS = {
     "Content-Security-Policy": "default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self';"
                                " frame-ancestors 'none'; base-uri 'none'",

@@ -4,7 +4,9 @@ what any one client can hold.
 `Gate.serve(sockets)` accepts on listening sockets bound earlier (before root was dropped, or passed by
 systemd). Each new connection is checked against the caps before a byte of it is read: connections in
 all (`max_connections`) and per client address (`per_address`), and a token bucket of new connections
-per address (`rate`, `burst`); over a cap the connection is closed at once. Then its first byte says
+per address (`rate`, `burst`); over a cap the connection is closed at once, or, with `answer_refused` (the
+console: a person at a browser should read why), answered `429 Too Many Requests` with `Retry-After`, at
+most REFUSALS of them at once (beyond, closed at once: a flood still costs nothing). Then its first byte says
 what it speaks: 0x16 starts a TLS handshake (the gate asks `tls_for(peer)` for the context, with a
 handshake deadline), anything else is plain HTTP. The aiohttp server behind it limits each request
 (header lines and fields, the body: `max_body`) and closes idle keep-alive connections; the gate also
@@ -16,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import socket
 import ssl
@@ -32,6 +35,8 @@ from sinkhole.policy.names import client_address
 log = logging.getLogger(__name__)
 
 TLS_HANDSHAKE = 0x16  # the first byte of a TLS record carrying a ClientHello
+REFUSALS = 16  # refused connections answered with a 429 at once; beyond, reset
+REFUSAL_SECONDS = 5.0  # how long a refused connection may take to send its request head and read the 429
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,7 @@ class Limits:
     max_body: int = 8192  # bytes of a request body (the access request form)
     max_line: int = 4096  # bytes of the request line and of one header line
     max_headers: int = 64
+    answer_refused: bool = False  # over a cap: HTTP 429 with Retry-After (else the connection is reset)
 
     def server_kwargs(self) -> dict:
         """What aiohttp's AppRunner takes for these limits."""
@@ -128,6 +134,7 @@ class Gate:
         self.buckets: dict[str, _Bucket] = {}
         self.refused = 0  # connections closed at accept, over a cap
         self.accepted = 0
+        self._refusing = 0  # refused connections being answered (answer_refused)
         self._accepting: list[asyncio.Task[None]] = []
         self._connections: set[asyncio.Task[None]] = set()
         self._transports: set[asyncio.BaseTransport] = set()
@@ -156,11 +163,12 @@ class Gate:
 
     # ------------------------------------------------------------------ admission
 
-    def admit(self, peer: str, now: float) -> bool:
-        """Whether a new connection from `peer` may open (and count it if so)."""
+    def admit(self, peer: str, now: float) -> float:
+        """0 when a new connection from `peer` may open (and it is counted), else the seconds to wait before
+        the next one may (Retry-After)."""
         lim = self.limits
         if self.total >= lim.max_connections or self.open.get(peer, 0) >= lim.per_address:
-            return False
+            return 1.0  # a slot frees when any connection closes: soon, but nobody knows when
         bucket = self.buckets.get(peer)
         if bucket is None:
             if len(self.buckets) >= 65536:  # forget the full buckets of clients long gone
@@ -169,11 +177,11 @@ class Gate:
         bucket.tokens = min(lim.burst, bucket.tokens + (now - bucket.stamp) * lim.rate)
         bucket.stamp = now
         if bucket.tokens < 1.0:
-            return False
+            return (1.0 - bucket.tokens) / lim.rate
         bucket.tokens -= 1.0
         self.open[peer] = self.open.get(peer, 0) + 1
         self.total += 1
-        return True
+        return 0.0
 
     def release(self, peer: str) -> None:
         left = self.open.get(peer, 0) - 1
@@ -195,8 +203,15 @@ class Gate:
                 await asyncio.sleep(0.1)
                 continue
             peer = peer_key(address[0])
-            if not self.admit(peer, time.monotonic()):
+            wait = self.admit(peer, time.monotonic())
+            if wait:
                 self.refused += 1
+                if self.limits.answer_refused and self._refusing < REFUSALS:
+                    self._refusing += 1
+                    task = loop.create_task(self._refuse(conn, peer, wait))
+                    self._connections.add(task)
+                    task.add_done_callback(self._connections.discard)
+                    continue
                 with contextlib.suppress(OSError):
                     conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
                 conn.close()
@@ -206,6 +221,47 @@ class Gate:
             task = loop.create_task(self._connection(conn, peer))
             self._connections.add(task)
             task.add_done_callback(self._connections.discard)
+
+    async def _refuse(self, conn: socket.socket, peer: str, wait: float) -> None:
+        """A connection over a cap, answered: its request head is read (over TLS when it speaks TLS), then
+        `429 Too Many Requests` with Retry-After, and the connection closed; all within REFUSAL_SECONDS."""
+        loop = asyncio.get_running_loop()
+        transport: asyncio.BaseTransport | None = None
+        retry = max(1, math.ceil(wait))
+        body = f"Too many connections from {peer}: try again in {retry} s.\n".encode()
+        try:
+            async with asyncio.timeout(REFUSAL_SECONDS):
+                conn.setblocking(False)
+                readable = loop.create_future()
+                loop.add_reader(conn.fileno(), lambda: readable.done() or readable.set_result(None))
+                try:
+                    await readable
+                finally:
+                    loop.remove_reader(conn.fileno())
+                head = conn.recv(1, socket.MSG_PEEK)
+                ctx = self.tls_for(peer) if head and head[0] == TLS_HANDSHAKE and self.tls_for is not None else None
+                if head and head[0] == TLS_HANDSHAKE and ctx is None:
+                    raise ConnectionError("TLS asked, none configured")
+                reader = asyncio.StreamReader(limit=self.limits.max_line * 4)
+                protocol = asyncio.StreamReaderProtocol(reader)
+                transport, _ = await loop.connect_accepted_socket(lambda: protocol, conn, ssl=ctx)
+                writer = asyncio.StreamWriter(transport, protocol, reader, loop)  # type: ignore[arg-type]
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: %d\r\nContent-Type: text/plain; "
+                             b"charset=utf-8\r\nContent-Length: %d\r\nCache-Control: no-store\r\n"
+                             b"Connection: close\r\n\r\n%s" % (retry, len(body), body))
+                await writer.drain()
+                writer.close()
+                await writer.wait_closed()
+        except (OSError, ConnectionError, TimeoutError, ssl.SSLError, asyncio.IncompleteReadError,
+                asyncio.LimitOverrunError) as exc:
+            log.debug("%s: a refused connection from %s was not answered: %s", self.name, peer, exc)
+        finally:
+            if transport is not None:
+                transport.abort()
+            else:
+                conn.close()
+            self._refusing -= 1
 
     async def _connection(self, conn: socket.socket, peer: str) -> None:
         """Peek at the first byte, then hand the socket to aiohttp, over TLS or not; abort it at its deadline."""

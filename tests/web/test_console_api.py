@@ -8,8 +8,10 @@ key, HTTPS with the block page's CA, and what a page shows of text a client or a
 from __future__ import annotations
 
 import html
+import http.client
 import json
 import re
+import socket
 import sqlite3
 import ssl
 import time
@@ -379,6 +381,20 @@ def test_https_with_a_certificate_from_the_ca_and_plain_http_redirected(make_ser
         assert "secure" in cookie and "httponly" in cookie
         assert http.get("/api/session").json()["account"] == "vic"
         assert "max-age" in http.get("/login").headers["strict-transport-security"]
+        # over the connection cap, HTTPS too reads a 429 (after its handshake), not a reset
+        from sinkhole.web.console import LIMITS
+
+        held = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(LIMITS.per_address)]
+        try:
+            gate = server.server.console.app.gate  # type: ignore[union-attr]
+            assert wait_for(lambda: gate.open.get("127.0.0.1", 0) >= LIMITS.per_address, 30.0)
+            with httpx.Client(base_url=f"https://127.0.0.1:{port}",
+                              verify=ssl.create_default_context(cafile=ca)) as fresh:
+                refused = fresh.get("/login")
+            assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
+        finally:
+            for sock in held:
+                sock.close()
     plain = httpx.get(f"http://127.0.0.1:{port}/login?next=/", follow_redirects=False)
     assert plain.status_code == 308 and plain.headers["location"] == f"https://127.0.0.1:{port}/login?next=/"
     # the redirect goes to this console whatever Host the request names: never to a host the client chose
@@ -502,3 +518,31 @@ def test_logins_and_logouts_make_no_new_policy_version(console, db: Path, caplog
     assert console.server.policy.version == changed
     versions = [r.getMessage() for r in caplog.records if "in force:" in r.getMessage()]
     assert versions and all(m.startswith(f"policy version {changed} in force") for m in versions), versions
+
+
+def _http_get(port: int, path: str = "/login", timeout: float = 30) -> tuple[int, dict[str, str], str]:
+    """One request on a new connection, read to its end: (status, headers, body)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+        resp = http.client.HTTPResponse(sock, method="GET")
+        resp.begin()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read().decode()
+
+
+def test_over_the_connection_cap_the_console_answers_429_with_retry_after(console) -> None:
+    from sinkhole.web.console import LIMITS
+
+    port = int(base_url(console).rsplit(":", 1)[1])
+    held = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(LIMITS.per_address)]
+    try:
+        # the gate admits in the order it accepts: once these are in, the next connection is over the cap
+        gate = console.server.console.app.gate  # type: ignore[union-attr]
+        assert wait_for(lambda: gate.accepted >= LIMITS.per_address, 30.0)
+        status, headers, body = _http_get(port)
+        assert status == 429, (status, body)
+        assert int(headers["retry-after"]) >= 1 and "Too many connections" in body
+    finally:
+        for sock in held:
+            sock.close()
+    # the slots free as the held connections close: the console answers again (the wait is not the test)
+    assert wait_for(lambda: _http_get(port)[0] == 200, 30.0)
