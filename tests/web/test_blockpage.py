@@ -373,7 +373,7 @@ def test_serve_refuses_a_wildcard_block_page_address_without_block_a(tmp_path: P
 
 
 
-def test_report_counts_block_page_views(page, ca, db, tmp_path: Path) -> None:
+def test_report_and_stats_count_block_page_views(page, ca, db, tmp_path: Path) -> None:
     for _ in range(2):
         fetch(page, "chat.deepseek.com", ca=ca)
     assert wait_for(lambda: len(page_rows(db)) == 2, timeout=30.0)
@@ -381,6 +381,11 @@ def test_report_counts_block_page_views(page, ca, db, tmp_path: Path) -> None:
     result = run(db, "report", "-o", str(out))
     assert result.exit_code == 0, result.output
     assert re.search(r"<b>2</b>block page views", out.read_text())
+    fetch(page, "chatgpt.com", ca=ca, source="127.0.0.2")  # a second client
+    assert wait_for(lambda: len(page_rows(db)) == 3, timeout=30.0)
+    table = run(db, "stats")
+    assert table.exit_code == 0 and "\nblock page views: 3 from 2 clients\n" in table.output, table.output
+    assert json.loads(run(db, "stats", "--format", "json").output)["totals"]["page_views"] == 3
 
 
 def test_with_log_client_prefix_the_view_still_finds_its_dns_row(make_server, stub, ca, db) -> None:
