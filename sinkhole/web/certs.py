@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from sinkhole import files
 from sinkhole.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ def _prepare(directory: Path, force: bool) -> None:
         if (directory / name).exists() and not force:
             raise CertError(f"{directory / name} exists: there is a CA already (`sinkhole ca export` shows it; "
                             "--force replaces it, and every PC must then trust the new one)")
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    files.private_dirs(directory)  # it and every parent it makes (the state directory, say) 0700, whatever the umask
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> bytes:

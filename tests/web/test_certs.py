@@ -178,3 +178,26 @@ def test_ca_import_refuses_what_cannot_sign_and_writes_nothing(tmp_path: Path, c
     assert result.exit_code == 2, result.output
     assert len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "ca").exists()
+
+
+def test_ca_init_makes_a_new_state_directory_private_whatever_the_umask(tmp_path: Path) -> None:
+    """A first `sinkhole ca init` on a fresh account (no --db): the state directory it makes holds the CA key
+    and later the database, so it and the directories made for it are 0700, not the umask's 0755."""
+    import os
+    import shutil
+    import sys
+
+    exe = shutil.which("sinkhole", path=str(Path(sys.executable).parent))
+    assert exe
+    home = tmp_path / "home"
+    home.mkdir(mode=0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("SINKHOLE_DB", "XDG_STATE_HOME")}
+    env["HOME"] = str(home)
+    out = subprocess.run([exe, "ca", "init", "--name", "Fresh CA"], env=env, capture_output=True, text=True,
+                         timeout=60, umask=0o022)
+    assert out.returncode == 0, out.stderr
+    state = home / ".local" / "state" / "sinkhole"
+    assert (state / "ca" / "ca.key").exists()
+    for made in (home / ".local", home / ".local" / "state", state, state / "ca"):
+        assert made.stat().st_mode & 0o777 == 0o700, made
+    assert home.stat().st_mode & 0o777 == 0o755  # a directory that was there stays as it was
