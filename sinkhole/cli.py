@@ -1042,9 +1042,10 @@ def histogram(hourly: list[dict], width: int = 72, height: int = 8) -> list[str]
 @click.option("--top", type=click.IntRange(min=1, max=MAX_TOP), default=10, show_default=True)
 @click.option("--force", is_flag=True, help="Write over OUTPUT if it is there (never the database or its audit key).")
 @_SERVER_KEY
+@quiet_option
 @pass_env
 def report(env: Env, since: str, until: str | None, output: Path, key_file: Path | None, top: int, force: bool,
-           key: Path | None) -> None:
+           key: Path | None, quiet: bool) -> None:
     """A self-contained HTML report for a security officer: blocked attempts over time, top clients,
     top services, bypass attempts, client groups, and whether the audit chains verify."""
     from sinkhole.audit import report as report_mod
@@ -1055,9 +1056,12 @@ def report(env: Env, since: str, until: str | None, output: Path, key_file: Path
         raise click.BadParameter(f"{str(key_file)!r}: no such file", param_hint="--key-file")
     env.checked_path()
     guard_output(output, force, _protected(env, key) + ([key_file] if key_file is not None else []), "--output")
-    with env.existing_store() as store:
-        stats_ = store.stats(since_iso, until_iso, top)
-        status = report_mod.chain_status(store, key_file, _key_path(env, key))
+    from sinkhole.store.audit import STATS_QUERIES
+
+    with env.existing_store() as store, Progress.for_command(quiet) as progress:
+        stats_ = store.stats(since_iso, until_iso, top, progress.stage("counting", STATS_QUERIES, "queries"))
+        status = report_mod.chain_status(store, key_file, _key_path(env, key),
+                                         progress.stage if progress.enabled else None)
     page = report_mod.render(stats_, since_iso, until_iso, status, str(env.db_path))
     write_private(output, page.encode("utf-8"))  # 0600: the report names clients
     t = stats_["totals"]

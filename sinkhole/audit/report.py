@@ -7,6 +7,7 @@ comes from the database (names are chosen by whoever sends a query) goes through
 from __future__ import annotations
 
 import html
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,8 +25,10 @@ class ChainStatus:
     problems: tuple[str, ...] = ()
 
 
-def chain_status(store: Store, key_file: Path | None, server_key: Path | None) -> ChainStatus:
-    """Run sinkhole.audit.chain.verify with the operator's key copy, as `sinkhole log verify` does."""
+def chain_status(store: Store, key_file: Path | None, server_key: Path | None,
+                 stage: Callable[[str, int, str], Callable[[int], None] | None] | None = None) -> ChainStatus:
+    """Run sinkhole.audit.chain.verify with the operator's key copy, as `sinkhole log verify` does. `stage`:
+    the CLI's Progress.stage, for a bar over the rows verified."""
     if key_file is None:
         return ChainStatus("not verified", "not verified: no operator key given (--key-file)")
     from sinkhole.audit import chain
@@ -37,7 +40,8 @@ def chain_status(store: Store, key_file: Path | None, server_key: Path | None) -
             current = chain.read_key(server_key)
         except chain.AuditKeyError:
             current = None
-    result = chain.verify(store, generation, secret, None, current)
+    advance = stage("verifying", store.count_log(), "rows") if stage is not None else None
+    result = chain.verify(store, generation, secret, None, current, advance)
     rows = sum(w.rows for w in result.chains.values())
     before = f"; {result.before_chain} rows from before the chain started" if result.before_chain else ""
     if result.problems:

@@ -1,5 +1,6 @@
-"""Long commands show progress on a terminal (stderr a pseudo-terminal here): a bar with done/total, percent,
-time left and rate; nothing at all when stderr is piped or with --quiet, and stdout the same either way."""
+"""Long commands (lists import/update, export rpz, log verify/prune, stats, report) show progress on a terminal
+(stderr a pseudo-terminal here): a bar with done/total, percent, time left and rate; nothing at all when stderr is
+piped or with --quiet, and stdout the same either way."""
 
 from __future__ import annotations
 
@@ -154,6 +155,18 @@ def test_log_verify_and_prune_on_a_terminal(tmp_path, db, operator_key):  # noqa
     frames, out, code = on_terminal(db, "stats", "--since", "2000-01-01")
     assert code == 0 and out == plain.stdout and "25000 blocked queries" in out
     check_stage(frames, "counting", STATS_QUERIES, "queries")
+
+    # the report: the same counting, then the chains verified with the operator's key
+    report = ("report", "--since", "2000-01-01", "--key-file", str(operator_key), "--force", "-o")
+    plain = piped(db, *report, str(tmp_path / "piped.html"))
+    assert plain.returncode == 0 and plain.stderr == "" and "chain: verified" in plain.stdout
+    frames, out, code = on_terminal(db, *report, str(tmp_path / "drawn.html"))
+    assert code == 0 and "chain: verified" in out
+    check_stage(frames, "counting", STATS_QUERIES, "queries")
+    check_stage(frames, "verifying", 25_000, "rows")
+    assert "25000 blocked queries" in out and "25000 blocked queries" in plain.stdout
+    _, out, code = on_terminal(db, *report, str(tmp_path / "quiet.html"), "--quiet")
+    assert code == 0 and on_terminal.text == "" and "chain: verified" in out  # type: ignore[attr-defined]
 
     frames, out, code = on_terminal(db, "log", "prune", "--retention-days", "30")
     assert code == 0 and out.startswith("pruned 25000 audit rows older than ")
