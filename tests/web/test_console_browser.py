@@ -103,10 +103,17 @@ def test_an_admin_blocks_a_name_then_finds_and_exports_the_queries_of_one_addres
     tab.goto(base_url(console) + "/changes")
     assert "web:ada" in tab.inner_text("#changes")  # journaled with the web account as the actor
 
+    assert dig(console, "www.example.test")  # forwarded: the dashboard has an upstream to show
     for width, path in ((375, "/log?client=127.0.0.2"), (375, "/"), (1280, "/")):  # narrow screens too
         tab.set_viewport_size({"width": width, "height": 800})
         tab.goto(base_url(console) + path)
         assert tab.evaluate("document.documentElement.scrollWidth") <= width, (width, path)
+    # at 1280 px every table of the dashboard shows whole: none is cut to a scroll box of its own
+    assert tab.locator("#upstreams table").count() == 1
+    cut = tab.evaluate("[...document.querySelectorAll('.scroll')].filter(e => e.scrollWidth > e.clientWidth + 1)"
+                       ".map(e => (e.closest('section') || {}).id || e.closest('section').querySelector('h2')"
+                       ".textContent)")
+    assert cut == [], cut
     tab.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
 
 
