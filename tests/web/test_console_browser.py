@@ -169,3 +169,153 @@ def test_text_carrying_script_is_shown_escaped_and_never_runs(console, context, 
         assert tab.evaluate("document.scripts.length") == 0, path  # no script element was made from the text
         assert tab.locator("img").count() == 0, path
         assert shown in tab.inner_text("main"), path  # shown, as text
+
+
+# ---------------------------------------------------------------------------- every page, one flow each
+
+
+def submit(tab: Page, selector: str) -> None:
+    """Click a form's button and wait for the page it leads to."""
+    with tab.expect_navigation():
+        tab.click(selector)
+
+
+def row_of(tab: Page, table: str, first_cell: str):
+    return tab.locator(f"#{table} tbody tr", has=tab.locator("td:first-child", has_text=first_cell))
+
+
+def test_an_admin_works_the_lists_groups_and_check_pages(console, context, db: Path) -> None:
+    from tests.policy.test_lists import ListServer
+
+    tab = context.new_page()
+    sign_in(tab, console, "ada")
+    base = base_url(console)
+    # check: the decision and the exact answer, for a blocked name and for one that is not
+    tab.goto(base + "/check")
+    tab.fill("#check-name", "chat.deepseek.com")
+    submit(tab, "#check")
+    assert tab.inner_text("#check-decision") == "blocked" and tab.inner_text("#check-category") == "deepseek"
+    assert "0.0.0.0" in tab.inner_text("#answer")
+    tab.fill("#check-name", "www.example.test")
+    submit(tab, "#check")
+    assert tab.inner_text("#check-decision") != "blocked" and "0.0.0.0" not in tab.inner_text("#answer")
+
+    # lists: take a category out of force and back; import one from a URL
+    tab.goto(base + "/lists")
+    assert row_of(tab, "lists", "deepseek").locator("td").nth(1).inner_text() == "yes"
+    submit(tab, "#lists tr:has(td:first-child:text-is('deepseek')) button")
+    assert tab.inner_text("#flash") == "category deepseek is out of force"
+    assert row_of(tab, "lists", "deepseek").locator("td").nth(1).inner_text() == "no"
+    assert wait_for(lambda: dig(console, "chat.deepseek.com") not in ("0.0.0.0", ""), 30.0)
+    submit(tab, "#lists tr:has(td:first-child:text-is('deepseek')) button")
+    assert tab.inner_text("#flash") == "category deepseek is in force"
+    served = ListServer()
+    try:
+        url = served.put("/ai.txt", "# category: browser-ai\nbrowser-imported.example\n")
+        tab.fill("form[action='/lists/import'] input[name=url]", url)
+        submit(tab, "form[action='/lists/import'] button")
+    finally:
+        served.close()
+    assert tab.inner_text("#flash").startswith("imported ") and "into category browser-ai" in tab.inner_text("#flash")
+    assert row_of(tab, "lists", "browser-ai").locator("td").nth(2).inner_text() == "1"
+    assert wait_for(lambda: dig(console, "x.browser-imported.example") == "0.0.0.0", 30.0)
+
+    # groups: a group of one address with no category in force gets the name answered; removed, blocked again
+    tab.goto(base + "/groups")
+    tab.fill("form[action='/groups'] input[name=name]", "lab")
+    tab.fill("form[action='/groups'] input[name=networks]", "127.0.0.2/32")
+    tab.fill("form[action='/groups'] input[name=categories]", "none")
+    submit(tab, "form[action='/groups'] button")
+    assert tab.inner_text("#flash") == "created group lab"
+    assert "127.0.0.2/32" in row_of(tab, "groups", "lab").inner_text()
+    assert wait_for(lambda: dig(console, "chat.deepseek.com", source="127.0.0.2") not in ("0.0.0.0", ""), 30.0)
+    assert dig(console, "chat.deepseek.com") == "0.0.0.0"  # everyone else: still blocked
+    submit(tab, "#groups tr:has(td:first-child:text-is('lab')) button")
+    assert tab.inner_text("#flash") == "removed group lab" and row_of(tab, "groups", "lab").count() == 0
+    assert wait_for(lambda: dig(console, "chat.deepseek.com", source="127.0.0.2") == "0.0.0.0", 30.0)
+
+
+def test_an_admin_approves_one_access_request_and_denies_another(console, context, db: Path) -> None:
+    with sqlite3.connect(db) as conn:  # as the block page's form stores them
+        for host, who in (("chat.deepseek.com", "Kim Minji"), ("claude.ai", "Lee Joon")):
+            conn.execute("INSERT INTO access_requests (time, client, grp, host, rule, category, name, reason, ref,"
+                         " status) VALUES ('2026-01-01T00:00:00Z', '127.0.0.1', 'default', ?, ?, 'genai', ?,"
+                         " 'evaluation', 'AAAAA-BBBBB', 'pending')", (host, host, who))
+    tab = context.new_page()
+    sign_in(tab, console, "ada")
+    tab.goto(base_url(console) + "/requests")
+    assert tab.locator("#requests tbody tr").count() == 2
+    first = tab.locator("#requests tbody tr", has_text="Kim Minji")
+    first.locator("input[name=expires]").fill("1h")
+    submit(tab, "#requests tbody tr:has-text('Kim Minji') form[action='/requests/approve'] button")
+    assert tab.inner_text("#flash").startswith("request 1 approved: chat.deepseek.com (manual) until 20")
+    submit(tab, "#requests tbody tr:has-text('Lee Joon') form[action='/requests/deny'] button")
+    assert tab.inner_text("#flash") == "request 2 denied"
+    assert tab.locator("#requests tbody tr", has_text="Kim Minji").count() == 0  # pending only, by default
+    tab.select_option("select[name=status]", "all")
+    submit(tab, "form[action='/requests'] button")
+    statuses = tab.locator("#requests tbody tr td:nth-child(8)").all_inner_texts()
+    assert sorted(s.split(":")[0] for s in statuses) == ["approved", "denied"]
+    assert wait_for(lambda: dig(console, "chat.deepseek.com") not in ("0.0.0.0", ""), 30.0)  # allowed now
+    assert dig(console, "claude.ai") == "0.0.0.0"  # denied: still blocked
+
+
+def test_an_auditor_verifies_the_chains_with_the_key_file_and_opens_the_report(operator_key: Path, console,
+                                                                               context, db: Path) -> None:
+    for i in range(3):
+        dig(console, f"v{i}.deepseek.com")
+    assert wait_for(lambda: len(audit_rows(db)) >= 3, 30.0)
+    tab = context.new_page()
+    sign_in(tab, console, "aud")
+    tab.goto(base_url(console) + "/verify")
+    assert "No verification since the server started" in tab.inner_text("#result")
+    tab.set_input_files("#key", str(operator_key))
+    submit(tab, "#verify")
+    assert tab.inner_text("#flash").startswith("Verification started")
+
+    def summary() -> str:
+        tab.goto(base_url(console) + "/verify")
+        return tab.inner_text("#summary") if tab.locator("#summary").count() else ""
+
+    text = wait_for(summary, 60.0, interval=0.3)  # the walk runs on its own thread: look again until it is done
+    assert text.startswith("verified: 1 chains") and "status-ok" in (tab.get_attribute("#summary", "class") or "")
+
+    tab.goto(base_url(console) + "/report")
+    submit(tab, "#make-report")
+    assert tab.inner_text("h1") == "Blocked generative-AI lookups"
+    assert "verified in the web console by aud" in tab.inner_text("body")
+    assert tab.evaluate("document.scripts.length") == 0
+
+
+def test_an_admin_adds_an_account_and_a_viewer_changes_their_own_password(console, context, browser) -> None:
+    tab = context.new_page()
+    sign_in(tab, console, "ada")
+    tab.goto(base_url(console) + "/users")
+    tab.fill("form[action='/users'] input[name=name]", "newbie")
+    tab.select_option("form[action='/users'] select[name=role]", "auditor")
+    tab.fill("form[action='/users'] input[name=password]", "newbie password 1")
+    submit(tab, "form[action='/users'] button")
+    assert tab.inner_text("#flash") == "account newbie: done"
+    assert row_of(tab, "users", "newbie").locator("td").nth(1).inner_text() == "auditor"
+    tab.fill("form[action='/users'] input[name=name]", "short")
+    tab.fill("form[action='/users'] input[name=password]", "x" * 10)
+    tab.evaluate("document.querySelector(\"form[action='/users'] input[name=password]\").value = 'short'")
+    submit(tab, "form[action='/users'] button")  # past the browser's own minlength: the server says why
+    assert "at least 10 characters" in tab.inner_text("#flash") and row_of(tab, "users", "short").count() == 0
+
+    other = browser.new_context(viewport={"width": 1280, "height": 900})
+    try:
+        viewer = other.new_page()
+        sign_in(viewer, console, "newbie", "newbie password 1")
+        assert viewer.inner_text("#account") == "newbie" and viewer.inner_text("#role") == "auditor"
+        viewer.goto(base_url(console) + "/password")
+        viewer.fill("input[name=current]", "newbie password 1")
+        viewer.fill("input[name=password]", "a brand new one 2")
+        submit(viewer, "form[action='/password'] button")
+        assert viewer.url.endswith("/login") and viewer.locator("#account").count() == 0  # signed out
+        sign_in(viewer, console, "newbie", "newbie password 1")
+        assert viewer.locator("#account").count() == 0 and "Wrong name or password" in viewer.inner_text("#error")
+        sign_in(viewer, console, "newbie", "a brand new one 2")
+        assert viewer.inner_text("#account") == "newbie"
+    finally:
+        other.close()
