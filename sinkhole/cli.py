@@ -1079,7 +1079,10 @@ def report(env: Env, since: str, until: str | None, output: Path, key_file: Path
 @pass_env
 def check(env: Env, name: str, qtype: str, client: str, config_file: Path | None, fmt: str) -> None:
     """What the policy in force does with NAME, and why: decision, rule, category, list and its
-    source, and the exact answer a client would get. Sends nothing; exit 0 either way."""
+    source, and the exact answer a client would get. Sends nothing; exit 0 either way.
+
+    The answer follows the settings file (--config) and SINKHOLE_* variables, not the flags of a
+    running `sinkhole serve` (e.g. --blockpage-listen): give those settings in the file."""
     import ipaddress
 
     import dns.rdatatype
@@ -1093,7 +1096,8 @@ def check(env: Env, name: str, qtype: str, client: str, config_file: Path | None
         ipaddress.ip_address(client)
     except (ValueError, dns.rdatatype.UnknownRdatatype):
         raise click.BadParameter(f"{qtype!r} or {client!r} is not a query type / an IP address") from None
-    cfg = build.load(config_file or config.default_file())
+    settings_file = config_file or config.default_file()
+    cfg = build.load(settings_file)
     quiet = logging.getLogger("sinkhole")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # the server's own warnings are not the answer here
@@ -1112,6 +1116,8 @@ def check(env: Env, name: str, qtype: str, client: str, config_file: Path | None
     click.echo("answer:")
     for line in str(result["answer"]).splitlines():
         click.echo(f"  {line}")
+    click.echo(f"(settings from {settings_file or 'the defaults'} and SINKHOLE_* variables; the flags of a running "
+               "`sinkhole serve`, such as --blockpage-listen, are not seen here)")
 
 
 # ---------------------------------------------------------------------------- ca (the block page's certificates)

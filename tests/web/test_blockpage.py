@@ -393,3 +393,19 @@ def test_with_log_client_prefix_the_view_still_finds_its_dns_row(make_server, st
     fetch(s, "chat.deepseek.com", ca=ca)
     row = wait_for(lambda: next((r for r in page_rows(db) if "dns seq" in (r["answer"] or "")), None), 30.0)
     assert row is not None and row["client"] == "127.0.0.0/24"
+
+
+def test_check_says_which_settings_it_read_and_shows_the_page_address_from_the_file(db, tmp_path: Path,
+                                                                                    monkeypatch) -> None:
+    from sinkhole.store.db import open_store
+
+    monkeypatch.delenv("SINKHOLE_CONFIG", raising=False)
+    open_store(db).close()  # a database with the shipped lists, as a server leaves it
+    bare = run(db, "check", "chat.deepseek.com")
+    assert bare.exit_code == 0 and "IN A 0.0.0.0" in bare.output
+    assert "the flags of a running `sinkhole serve`, such as --blockpage-listen, are not seen here" in bare.output
+    settings = tmp_path / "sinkhole.toml"
+    settings.write_text(f'blockpage_listen = ["{PAGE_HOST}:80"]\n')
+    filed = run(db, "check", "chat.deepseek.com", "--config", str(settings))
+    assert filed.exit_code == 0 and f"IN A {PAGE_HOST}" in filed.output and "IN A 0.0.0.0" not in filed.output
+    assert f"(settings from {settings} and SINKHOLE_* variables;" in filed.output
