@@ -268,3 +268,63 @@ def test_every_dependency_works_inside_the_units_sandbox(box: Container) -> None
     print(f"\nsandbox probe: {len(sandboxed['distributions'])} distributions, {len(sandboxed['imported'])} modules "
           f"({len(sandboxed['native'])} native) imported under {len(props)} sandbox settings; "
           + "; ".join(sandboxed["exercises"].values()))
+
+
+# ---------------------------------------------------------------------------- the block page's sockets
+
+PAGE = "127.0.0.7"  # blockpage_listen: the address blocked answers point at (sinkhole-blockpage.socket binds *:80/443)
+FETCH = """
+import http.client, socket, ssl, sys
+name, port = sys.argv[1], int(sys.argv[2])
+sock = socket.create_connection((sys.argv[3], port), timeout=60)
+if port == 443:  # verified against the CA `sinkhole ca init` made, with the SNI a browser sends
+    sock = ssl.create_default_context(cafile="/var/lib/sinkhole/ca/ca.pem").wrap_socket(sock, server_hostname=name)
+sock.sendall(f"GET /x HTTP/1.1\\r\\nHost: {name}\\r\\nConnection: close\\r\\n\\r\\n".encode())
+r = http.client.HTTPResponse(sock)
+r.begin()
+body = r.read().decode()
+print(r.status, "Access to this site is restricted" in body, f'id="host">{name}<' in body)
+"""
+
+
+def fetch_page(box: Container, port: int, name: str = "chat.deepseek.com") -> str:
+    """One request for `name` to the block page's address, as a browser sends it: '403 True True' for the page."""
+    return box.run("/opt/sinkhole/bin/python", "-c", FETCH, name, str(port), PAGE, timeout=120).stdout.strip()
+
+
+def test_the_block_page_is_served_on_the_sockets_systemd_holds_and_a_visit_starts_the_service(box: Container) -> None:
+    assert wait_until(lambda: prop(box, "ActiveState") == "active")
+    box.run("runuser", "-u", "sinkhole", "--", "env", f"SINKHOLE_DB={DB}", "sinkhole", "ca", "init", "--name",
+            "Container test CA")
+    box.sh(f"echo SINKHOLE_BLOCKPAGE_LISTEN={PAGE}:80 >> /etc/default/sinkhole")
+    # what the README warns about: systemd will not start a socket for a service that is running already
+    early = box.run("systemctl", "enable", "--now", "sinkhole-blockpage.socket", check=False)
+    assert early.returncode != 0
+    assert "Socket service sinkhole.service already active, refusing." in box.run(
+        "journalctl", "--no-pager", "-o", "cat", "-u", "sinkhole-blockpage.socket").stdout
+    # what it says to do instead (a service is handed its sockets when it starts)
+    box.run("systemctl", "stop", "sinkhole.service")
+    box.run("systemctl", "enable", "--now", "sinkhole-blockpage.socket")
+    box.run("systemctl", "start", "sinkhole.service")
+    assert wait_until(lambda: prop(box, "ActiveState") == "active")
+    answer = dig(box, "chat.deepseek.com")
+    assert len(answer) == 1 and answer[0].endswith(f"\tA\t{PAGE}"), answer
+    assert fetch_page(box, 80) == "403 True True"  # plain HTTP
+    assert fetch_page(box, 443) == "403 True True"  # HTTPS: a leaf minted for the name, chained to the CA
+    main = prop(box, "MainPID")
+    caps = [line for line in box.run("cat", f"/proc/{main}/status").stdout.splitlines() if line.startswith("CapEff")]
+    assert caps and int(caps[0].split()[1], 16) == 0  # ports 80 and 443 without CAP_NET_BIND_SERVICE
+
+    box.run("systemctl", "stop", "sinkhole.service")
+    assert prop(box, "ActiveState") == "inactive"
+    assert prop(box, "ActiveState", "sinkhole-blockpage.socket") == "active"  # systemd keeps 80 and 443 bound
+    assert fetch_page(box, 443, "chatgpt.com") == "403 True True"  # the visit itself starts the service
+    assert wait_until(lambda: prop(box, "ActiveState") == "active")
+
+    def views() -> set[tuple[str, str]]:
+        out = box.run("runuser", "-u", "sinkhole", "--", "env", f"SINKHOLE_DB={DB}", "sinkhole", "log", "--action",
+                      "page", "--format", "json").stdout.splitlines()
+        return {(json.loads(v)["qname"], json.loads(v)["transport"]) for v in out}
+
+    expected = {("chat.deepseek.com", "http"), ("chat.deepseek.com", "https"), ("chatgpt.com", "https")}
+    assert wait_until(lambda: views() >= expected, timeout=60), views()  # each view an audit row
