@@ -29,10 +29,29 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from sinkhole.policy.names import client_address
 
 log = logging.getLogger(__name__)
+http_log = logging.getLogger("sinkhole.web.http")  # aiohttp's server logger for our apps (see _ClientFaults)
+
+
+class _ClientFaults(logging.Filter):
+    """aiohttp logs a request it cannot parse (a line too long, too many headers, not HTTP at all: the client's
+    fault) as an ERROR with a traceback, so that any client could put lines into `journalctl -p err`. Such a
+    record becomes one DEBUG line; an error of the server's own stays an ERROR."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        fault = record.exc_info[1] if record.exc_info else None
+        if isinstance(fault, HttpProcessingError) and record.levelno > logging.DEBUG:
+            http_log.debug("a request that is not valid HTTP from %s: %s", record.args[0] if record.args else "?",
+                           str(fault).splitlines()[0] if str(fault) else type(fault).__name__)
+            return False
+        return True
+
+
+http_log.addFilter(_ClientFaults())
 
 TLS_HANDSHAKE = 0x16  # the first byte of a TLS record carrying a ClientHello
 REFUSALS = 16  # refused connections answered with a 429 at once; beyond, reset
@@ -57,7 +76,8 @@ class Limits:
     def server_kwargs(self) -> dict:
         """What aiohttp's AppRunner takes for these limits."""
         return {"keepalive_timeout": self.keepalive, "max_line_size": self.max_line,
-                "max_field_size": self.max_line, "max_headers": self.max_headers, "access_log": None}
+                "max_field_size": self.max_line, "max_headers": self.max_headers, "access_log": None,
+                "logger": http_log}
 
 
 NICE = 10  # the console's threads: a nice value above the process's, so that they yield the CPU to DNS

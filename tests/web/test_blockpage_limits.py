@@ -81,7 +81,11 @@ def test_a_client_files_at_most_three_access_requests(make_server, stub, ca, db:
         "chat.deepseek.com", "chatgpt.com", "claude.ai"]
 
 
-def test_request_line_headers_and_body_over_their_limits_are_refused(make_server, stub, ca, db: Path) -> None:
+def test_request_line_headers_and_body_over_their_limits_are_refused(make_server, stub, ca, db: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="sinkhole.web.http")
     s = serve(make_server, stub)
     lim = s.server.blockpage.page.limits  # type: ignore[union-attr]
     long_line = raw_request(s, f"GET /{'a' * (lim.max_line + 10)} HTTP/1.1\r\nHost: chatgpt.com\r\n\r\n".encode())
@@ -96,6 +100,10 @@ def test_request_line_headers_and_body_over_their_limits_are_refused(make_server
     assert resp.status == 403 and "could not be recorded" in text
     assert query(db, "SELECT count(*) AS n FROM access_requests") == [{"n": 0}]
     assert fetch(s, "chatgpt.com", ca=ca)[0].status == 403  # and it keeps serving
+    # a client's malformed request is not an error of the server: one DEBUG line, no traceback, no ERROR
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+    said = [r.getMessage() for r in caplog.records if r.name == "sinkhole.web.http"]
+    assert len(said) == 2 and all(m.startswith("a request that is not valid HTTP from 127.0.0.1: ") for m in said)
 
 
 def test_a_logo_is_inlined_up_to_its_limit_and_a_larger_one_is_refused(make_server, stub, ca,
