@@ -135,6 +135,13 @@ def add_rules(store: Store, kind: RuleKind, names: Iterable[str], category: str 
         raise BadValue("names", "give at least one name")
     if client_group is not None and client_group not in {g["name"] for g in store.groups()}:
         raise ConfigError(f"no group {client_group!r}: see `sinkhole group list`")
+    if any(is_regex(t) for t in targets):
+        from sinkhole.policy.lists import check_regex_budget
+
+        stored = store.regex_rules()
+        have = set(stored)
+        check_regex_budget([r[0] for r in stored],
+                           [t for t in dict.fromkeys(targets) if is_regex(t) and (t, kind.value, filed) not in have])
     added, present = store.add_rules(kind, targets, category=filed, note=note or None, expires=expires, actor=actor)
     return filed, added, present
 
@@ -304,12 +311,23 @@ def store_list(store: Store, read: ListRead, fmt: str = "auto", actor: Actor | N
     """Make the category hold exactly the list's rules, in one transaction, and record its source for
     `update_lists`; returns the number of rules."""
     parsed, got = read.parsed, read.got
+    _check_regex_budget(store, read.category, parsed, read.source)
     total = len(parsed.entries) + len(parsed.allows)  # type: ignore[attr-defined]
     storing = progress.stage("storing", total, "rules") if progress is not None else None
     # files: the sources row keeps the absolute path (for `lists update`), the rules the path as typed
     return store.import_list(read.category, parsed.entries, parsed.allows, read.location, fmt,  # type: ignore
                              got.sha256 or "", got.etag, got.last_modified, rule_source=read.source,  # type: ignore
                              actor=actor, progress=storing)
+
+
+def _check_regex_budget(store: Store, category: str, parsed, source: str) -> None:
+    """ListFormatError (with the line) when the list's regex rules, with those of the other categories, go over
+    the regex budget (policy.regexcost): nothing is written and the category's rules stay in force."""
+    from sinkhole.policy.lists import check_regex_budget
+
+    if parsed.regex_lines:
+        check_regex_budget([r[0] for r in store.regex_rules(but=category)],
+                           [d for d, _ in (*parsed.entries, *parsed.allows) if is_regex(d)], parsed, source)
 
 
 @dataclass(frozen=True)
@@ -350,6 +368,7 @@ def update_lists(store: Store, categories: Iterable[str] | None = None, actor: A
             if progress is not None:
                 checking = progress.stage(f"{name}: checking", lists.line_count(text), "lines")
             parsed = lists.parse(text, location, src["format"] or "auto", checking)
+            _check_regex_budget(store, name, parsed, location)
             if progress is not None:
                 storing = progress.stage(f"{name}: storing", len(parsed.entries) + len(parsed.allows), "rules")
             store.import_list(name, parsed.entries, parsed.allows, location, src["format"] or "auto",

@@ -20,6 +20,7 @@ import re2
 
 from sinkhole.model import FORWARD, Action, Query, Rule, RuleKind, Verdict
 from sinkhole.policy.names import client_address, is_regex
+from sinkhole.policy.regexcost import within_budget
 
 # Names that browsers and operating systems ask to learn whether they may bypass this resolver.
 # Exact names, answered here whatever the rules say (unless an allow rule names them exactly).
@@ -193,6 +194,10 @@ class Policy:
         blocks, allows = counts
         self.categories = frozenset(seen)  # the categories with rules in force for some group
         self._map = table
+        regexes, over = within_budget(regexes, lambda r: r[0].programsize)
+        if over:  # stored by other means than block add / lists import, which refuse them
+            log.warning("%d regex rules left out of the policy, over the regex budget (policy.regexcost): %s ...",
+                        len(over), ", ".join(f"{text} ({entry[1]})" for _, entry, text in over[:3]))
         self._regexes = regexes
         # every pattern in one RE2 program: one pass over a name tells that none matches (most names)
         self._regex_any = any_of([text[1:-1] for _, _, text in regexes]) if len(regexes) > 1 else None

@@ -7,7 +7,7 @@ import ipaddress
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +21,7 @@ import dns.ttl
 from sinkhole.errors import DomainError, ListFormatError
 from sinkhole.policy.decide import compile_regex
 from sinkhole.policy.names import is_ip_address, is_regex, normalize
+from sinkhole.policy.regexcost import RegexBudget
 
 HOSTS_SINKS = {"0.0.0.0", "127.0.0.1", "::", "::1", "0:0:0:0:0:0:0:0"}
 # names on the usual preamble lines of a hosts file (`127.0.0.1 localhost`, `ff02::1 ip6-allnodes` ...)
@@ -53,6 +54,7 @@ class BlockList:
     headers: dict[str, str] = field(default_factory=dict)
     allows: list[tuple[str, str]] = field(default_factory=list)
     format: str = "domains"
+    regex_lines: dict[str, int] = field(default_factory=dict)  # `/pattern/` -> its line, for budget errors
 
     @property
     def default_on(self) -> bool:
@@ -61,7 +63,14 @@ class BlockList:
 
 def regex_rule(text: str) -> str:
     """`/pattern/` checked with RE2 (the syntax the policy matches with: policy.compile_regex), returned as
-    stored (slashes included); DomainError if it is not one."""
+    stored (slashes included); DomainError if it is not one, or if its RE2 program alone is over
+    regexcost.REGEX_PROGRAM_MAX."""
+    regex_size(text)
+    return text.strip()
+
+
+def regex_size(text: str) -> int:
+    """The RE2 program size (instructions) of a `/pattern/` rule; DomainError as regex_rule says."""
     text = text.strip()
     pattern = text[1:-1]
     if not is_regex(text) or not pattern:
@@ -69,10 +78,42 @@ def regex_rule(text: str) -> str:
     if len(pattern) > MAX_REGEX:
         raise DomainError(f"invalid regex rule {text[:40]!r}...: over {MAX_REGEX} characters")
     try:
-        compile_regex(pattern)
+        size = compile_regex(pattern).programsize
     except ValueError as exc:
         raise DomainError(f"invalid regex rule {text!r}: {exc} (RE2 syntax: no backreferences or lookaround)") from None
-    return text
+    try:
+        RegexBudget().check_one(size)
+    except ValueError as exc:
+        raise DomainError(f"regex rule {text!r} refused: {exc}") from None
+    return size
+
+
+def check_regex_budget(stored: Iterable[str], new: Iterable[str], listed: BlockList | None = None,
+                       source: str = "") -> None:
+    """DomainError naming the first of the `new` `/pattern/` rules that would take the regex rules past their
+    budget (regexcost), counted with the `stored` ones (those the new rules do not replace); ListFormatError
+    with its line when the new rules are the list `listed` read from `source`."""
+    budget = RegexBudget(_stored_size(r) for r in stored)
+    for text in new:
+        try:
+            budget.take(regex_size(text))
+        except ValueError as exc:
+            reason = f"regex rule {text!r} refused: {exc}"
+            if listed is not None:
+                raise ListFormatError(source, listed.regex_lines.get(text, 0), reason) from None
+            raise DomainError(reason) from None
+        except DomainError as exc:
+            if listed is not None:
+                raise ListFormatError(source, listed.regex_lines.get(text, 0), str(exc)) from None
+            raise
+
+
+def _stored_size(text: str) -> int:
+    """A stored rule's share of the budget: 0 for one the policy leaves out (RE2 cannot take it, or too large)."""
+    try:
+        return regex_size(text)
+    except DomainError:
+        return 0
 
 
 # ---------------------------------------------------------------------------- format detection
@@ -121,6 +162,7 @@ class _Rules:
     def __init__(self, result: BlockList) -> None:
         self.result = result
         self.seen: dict[str, set[str]] = {"block": set(), "allow": set()}
+        self.regexes = RegexBudget()  # the list's own: a list over it is refused at the line that goes over
 
     def add(self, kind: str, domain: str, note: str) -> None:
         if domain in self.seen[kind]:
@@ -208,10 +250,18 @@ def _adblock_line(line: str, source: str, number: int, rules: _Rules) -> None:
         rule, _, comment = rule.partition("#")
         rule, comment = rule.strip(), comment.strip()
     if is_regex(rule):
+        rule = rule.strip()
         try:
-            rules.add(kind, regex_rule(rule), comment)
+            size = regex_size(rule)
+            if rule not in rules.seen[kind]:
+                try:
+                    rules.regexes.take(size)
+                except ValueError as exc:
+                    raise DomainError(f"regex rule {rule!r} refused: {exc}") from None
         except DomainError as exc:
             raise ListFormatError(source, number, str(exc)) from None
+        rules.result.regex_lines.setdefault(rule, number)
+        rules.add(kind, rule, comment)
         return
     if not rule.startswith("||"):
         raise ListFormatError(source, number, f"adblock rule {line!r}: expected ||name^ or /regex/")

@@ -150,6 +150,12 @@ class RuleQueries(GroupQueries):
             "SELECT category, sum(domain LIKE '/%/') AS regex,"
             " sum(domain LIKE '%/%' AND NOT domain LIKE '/%/') AS networks FROM rules GROUP BY category")}
 
+    def regex_rules(self, but: str | None = None) -> list[tuple[str, str, str]]:
+        """(domain, kind, category) of every `/pattern/` rule stored, but those of category `but`: what the
+        regex budget (policy.regexcost) is counted over."""
+        return self.conn.execute("SELECT domain, kind, category FROM rules WHERE domain LIKE '/%/'"
+                                 " AND category IS NOT ?", (but,)).fetchall()
+
     def list_rules(self, kind: RuleKind | None = None, category: str | None = None) -> list[dict]:
         where, args = [], []
         if kind is not None:

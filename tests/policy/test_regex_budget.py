@@ -1,0 +1,103 @@
+"""Regex rules under a budget: a list of thousands of patterns with bounded repeats (each a few hundred RE2
+instructions) made every forwarded name cost milliseconds and held other clients up for seconds. Patterns and
+lists past the budget are refused at `block add` and `lists import` (with the line, nothing written, the old
+list in force); a policy remembers each name's regex outcome, so a name asked again costs a dict lookup."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from sinkhole.model import RuleKind
+from sinkhole.policy import decide, lists
+from sinkhole.policy.decide import Policy
+from sinkhole.policy.regexcost import REGEX_BUDGET, REGEX_PROGRAM_MAX, REGEX_RULES_MAX
+from sinkhole.store.db import Store
+from tests.policy.test_regex_rules import sinkhole
+
+
+def heavy(i: int) -> str:
+    """The reviewer's shape: 329 RE2 instructions each (the index has four digits, so that all have one size)."""
+    return f"/^([a-z]{{1,30}}\\.){{1,5}}evil{i:04d}[0-9]{{1,4}}\\.example$/"
+
+
+def fitting() -> int:
+    """How many heavy patterns the budget holds."""
+    return REGEX_BUDGET // lists.regex_size(heavy(1000))
+
+
+def test_one_pattern_over_its_program_size_is_refused_at_add(db):
+    big = "/^([a-z0-9]{1,60}\\.){1,16}x$/"
+    assert decide.compile_regex(big[1:-1]).programsize > REGEX_PROGRAM_MAX  # valid RE2, only too large
+    result = sinkhole(db, "block", "add", big)
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.splitlines()) == 1 and "RE2 program has" in result.stderr
+    assert not db.exists()
+
+
+def test_a_list_past_the_budget_is_refused_at_its_line_and_the_old_list_stays(db, tmp_path):
+    listed = tmp_path / "evil.txt"
+    listed.write_text("! evil names\n/^old[0-9]+\\.example$/\n||old.example^\n")
+    assert sinkhole(db, "lists", "import", str(listed), "--category", "evil").returncode == 0
+    listed.write_text("! evil names\n" + "\n".join(heavy(i) for i in range(3000)) + "\n")
+    result = sinkhole(db, "lists", "import", str(listed), "--category", "evil")
+    assert result.returncode == 2, result.stderr
+    over = fitting() + 1  # the first pattern that does not fit, on the line after the header
+    assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr
+    assert f"{listed}:{over + 1}:" in result.stderr and "budget" in result.stderr, result.stderr
+    shown = sinkhole(db, "block", "list", "--format", "json", "--category", "evil").stdout
+    assert "old.example" in shown and "/^old[0-9]+" in shown and "evil1" not in shown
+
+
+def test_a_list_past_the_number_of_regex_rules_is_refused_at_its_line(db, tmp_path):
+    listed = tmp_path / "many.txt"
+    listed.write_text("\n".join(f"/^a{i}\\.example$/" for i in range(REGEX_RULES_MAX + 5)) + "\n")
+    result = sinkhole(db, "lists", "import", str(listed), "--category", "many")
+    assert result.returncode == 2
+    assert f"{listed}:{REGEX_RULES_MAX + 1}:" in result.stderr and f"over {REGEX_RULES_MAX} regex" in result.stderr
+    assert not Store(db).regex_rules()
+
+
+def test_the_budget_counts_every_list_and_block_add(db, tmp_path):
+    half = fitting() // 2 + 1
+    for name in ("one", "two"):
+        (tmp_path / f"{name}.txt").write_text("\n".join(heavy(i) for i in range(half)) + "\n")
+    assert sinkhole(db, "lists", "import", str(tmp_path / "one.txt"), "--category", "one").returncode == 0
+    # each list fits alone; with the other one stored they do not
+    result = sinkhole(db, "lists", "import", str(tmp_path / "two.txt"), "--category", "two")
+    assert result.returncode == 2 and "budget" in result.stderr, result.stderr
+    # importing the same category again replaces its own patterns: they do not count twice
+    assert sinkhole(db, "lists", "import", str(tmp_path / "one.txt"), "--category", "one").returncode == 0
+    rest = [heavy(5000 + i) for i in range(fitting() - half + 1)]
+    result = sinkhole(db, "block", "add", *rest)
+    assert result.returncode == 2 and "budget" in result.stderr and len(result.stderr.splitlines()) == 1
+    assert len(Store(db).regex_rules()) == half  # nothing of the refused add written
+    assert sinkhole(db, "block", "add", *rest[:-1]).returncode == 0  # up to the budget it goes in
+
+
+def test_a_policy_leaves_out_stored_patterns_past_the_budget_with_one_line(caplog):
+    rules = [(heavy(i), "block", "old") for i in range(3000)]
+    with caplog.at_level(logging.WARNING):
+        policy = Policy(rules)
+    assert len(policy._regexes) == fitting()
+    assert sum(p.programsize for p, _, _ in policy._regexes) <= REGEX_BUDGET
+    lines = [r for r in caplog.records if "over the regex budget" in r.getMessage()]
+    assert len(lines) == 1 and f"{3000 - fitting()} regex rules left out" in lines[0].getMessage()
+
+
+@pytest.mark.parametrize("kind", [RuleKind.BLOCK, RuleKind.ALLOW])
+def test_the_console_path_shares_the_budget(db, kind):
+    """The web console and API add rules through operations.add_rules, as `block add` does."""
+    from sinkhole.errors import DomainError
+    from sinkhole.operations import add_rules
+
+    store = Store(db)
+    with pytest.raises(DomainError, match="budget"):
+        add_rules(store, kind, [heavy(i) for i in range(fitting() + 1)])
+    assert not store.regex_rules()
+    store.close()
+
+
+def test_measure_helper_matches_policy():
+    assert lists.regex_size(heavy(1)) == decide.compile_regex(heavy(1)[1:-1]).programsize
