@@ -6,7 +6,11 @@ list in force); a policy remembers each name's regex outcome, so a name asked ag
 from __future__ import annotations
 
 import logging
+import socket
 
+import dns.message
+import dns.query
+import dns.rcode
 import pytest
 
 from sinkhole.model import RuleKind
@@ -14,6 +18,7 @@ from sinkhole.policy import decide, lists
 from sinkhole.policy.decide import Policy
 from sinkhole.policy.regexcost import REGEX_BUDGET, REGEX_PROGRAM_MAX, REGEX_RULES_MAX
 from sinkhole.store.db import Store
+from tests.dnsstub import address_for
 from tests.policy.test_regex_rules import sinkhole
 
 
@@ -84,6 +89,71 @@ def test_a_policy_leaves_out_stored_patterns_past_the_budget_with_one_line(caplo
     assert sum(p.programsize for p, _, _ in policy._regexes) <= REGEX_BUDGET
     lines = [r for r in caplog.records if "over the regex budget" in r.getMessage()]
     assert len(lines) == 1 and f"{3000 - fitting()} regex rules left out" in lines[0].getMessage()
+
+
+def test_a_name_asked_again_costs_no_regex_search_and_a_new_policy_forgets(monkeypatch):
+    searches: list[str] = []
+    search = Policy._search_regexes
+
+    def counted(self, name, allowed):
+        searches.append(name)
+        return search(self, name, allowed)
+
+    monkeypatch.setattr(Policy, "_search_regexes", counted)
+    policy = Policy([(heavy(i), "block", "evil") for i in range(40)] + [("plain.example", "block", "evil")])
+    for _ in range(50):
+        assert policy.decide_name("aa.bb.evil00171234.example").rule.domain == heavy(17)
+        assert policy.decide_name("www.example.org").rule is None
+    assert searches == ["aa.bb.evil00171234.example", "www.example.org"]
+    patched = policy.patched({"plain.example"}, [], policy.version + 1)  # a changed policy asks again
+    assert patched is not None and patched.decide_name("www.example.org").rule is None
+    assert searches[-1] == "www.example.org" and len(searches) == 3
+
+
+def test_the_memo_is_bounded(monkeypatch):
+    monkeypatch.setattr(decide, "_REGEX_MEMO_MAX", 100)
+    policy = Policy([("/^x[0-9]+\\.example$/", "block", "evil"), ("/^y[0-9]+\\.example$/", "block", "evil")])
+    for i in range(1000):
+        policy.decide_name(f"n{i}.example")
+    assert len(policy._regex_memo) == 100
+    assert ("n999.example", policy.default.allowed) in policy._regex_memo  # the most recent kept
+
+
+def test_another_clients_answers_wait_for_at_most_one_search_per_distinct_name(db, tmp_path, make_server, stub,
+                                                                                monkeypatch):
+    """Client A repeats a few names that go through a budget-full list of heavy patterns, many times; client B
+    asks meanwhile. Every query is answered, and the regex work done is one search per distinct name: what B can
+    wait behind is bounded by A's distinct names times the cost of a program within the budget."""
+    listed = tmp_path / "evil.txt"
+    listed.write_text("\n".join(heavy(i) for i in range(fitting())) + "\n")
+    assert sinkhole(db, "lists", "import", str(listed), "--category", "evil").returncode == 0
+    searches: list[str] = []
+    search = Policy._search_regexes
+
+    def counted(self, name, allowed):
+        searches.append(name)
+        return search(self, name, allowed)
+
+    monkeypatch.setattr(Policy, "_search_regexes", counted)
+    s = make_server(upstream=(stub.address,), shipped_lists=False, workers=1)
+    assert sum(p.programsize for p, _, _ in s.server.policy._regexes) <= REGEX_BUDGET
+    names = [".".join(["abcdefghijklmnopqrstuvwxyzabc"] * 5) + f".n{i}.example.test" for i in range(10)]
+    sent = 0
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as a:
+        a.bind(("127.0.0.2", 0))
+        a.settimeout(10)
+        for round_ in range(10):  # 100 datagrams in all: within the socket buffer of the server
+            for i, name in enumerate(names):
+                a.sendto(dns.message.make_query(name, "A", id=round_ * 100 + i).to_wire(), (s.host, s.port))
+                sent += 1
+        for i in range(10):
+            b = dns.query.udp(dns.message.make_query(f"b{i}.example.test", "A"), s.host, port=s.port,
+                              source="127.0.0.1", timeout=10)
+            assert b.rcode() == dns.rcode.NOERROR and b.answer[0][0].to_text() == address_for(f"b{i}.example.test")
+        replies = [dns.message.from_wire(a.recv(4096)) for _ in range(sent)]
+    assert all(r.rcode() == dns.rcode.NOERROR for r in replies)
+    asked = set(names) | {f"b{i}.example.test" for i in range(10)}
+    assert len(searches) == len(set(searches)) and set(searches) <= asked, len(searches)
 
 
 @pytest.mark.parametrize("kind", [RuleKind.BLOCK, RuleKind.ALLOW])
