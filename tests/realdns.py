@@ -5,7 +5,8 @@
 - `agency.test.`, signed with NSEC3 by `ldns-signzone` (one ECDSA P-256 key; inception in the past so
   that no clock skew matters), holding what real zones hold: CNAME chains, a DNAME, a wildcard,
   SVCB and HTTPS records, a TXT RRset too big for 1232 bytes, MX, and `ai.agency.test.`, an unsigned
-  child delegated without DS;
+  child delegated without DS; and `bogus.agency.test. A`, whose RRSIG is broken after signing, so that a
+  validating resolver answers SERVFAIL for it, and the data only to a query with CD (checking disabled);
 - `ai.agency.test.`, that child, unsigned;
 - NSD serving both (as a plain process: no chroot, no user change, files in the directory);
 - Unbound as the agency's validating resolver ("agency"): stub zones to NSD (for `.` too, so that
@@ -70,6 +71,7 @@ mapped   AAAA  ::ffff:198.51.100.7
 chat     A     192.0.2.40
 bot      A     192.0.2.41
 cloak    CNAME chat.ai.agency.test.
+bogus    A     192.0.2.66
 ai       NS    ns.ai
 ns.ai    A     127.0.0.1
 """
@@ -86,6 +88,21 @@ chat     A     192.0.2.51
 
 def _big_txt() -> str:
     return "".join(f'big      TXT   "{i:02d} {"x" * 176}"\n' for i in range(BIG_TXT_RECORDS))
+
+
+def _break_signature(zone: Path, owner: str, covered: str) -> None:
+    """Change one byte of the signature of `owner`'s RRSIG over `covered` in a signed zone file: the RRset stays
+    as it was, its signature no longer verifies (a validating resolver calls it bogus)."""
+    lines = zone.read_text().splitlines()
+    for i, line in enumerate(lines):
+        fields = line.split()
+        if len(fields) > 5 and fields[0].lower() == owner and fields[3] == "RRSIG" and fields[4] == covered:
+            signature = fields[-1]
+            fields[-1] = ("B" if signature[0] == "A" else "A") + signature[1:]
+            lines[i] = "\t".join(fields[:4]) + "\t" + " ".join(fields[4:])
+            zone.write_text("\n".join(lines) + "\n")
+            return
+    raise RuntimeError(f"no RRSIG {covered} at {owner} in {zone}")
 
 
 def _run(cmd: list[str], cwd: Path) -> str:
@@ -211,6 +228,7 @@ class RealDns:
         key = _run([str(KEYGEN), "-a", "ECDSAP256SHA256", "-k", ZONE.rstrip(".")], self.work).strip()
         _run([str(SIGNZONE), "-n", "-t", "0", "-i", "20200101", "-e", "20400101", "-f", "parent.zone.signed",
               "parent.zone", key], self.work)
+        _break_signature(self.work / "parent.zone.signed", f"bogus.{ZONE}", "A")
         return " ".join((self.work / f"{key}.ds").read_text().split())
 
     def start(self) -> RealDns:

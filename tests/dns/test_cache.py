@@ -261,3 +261,19 @@ def test_without_serve_stale_an_outage_gives_servfail_for_expired_names(make_ser
     time.sleep(1.1)
     stub.silent = True
     assert ask(s, "lost.example.test").rcode() == dns.rcode.SERVFAIL
+
+
+def test_the_cache_key_holds_cd_do_edns_and_rd_and_not_the_case_or_id():
+    """CD decides whether the upstream validated (a bogus RRset is SERVFAIL without CD and data with it), DO
+    whether signatures come along: an answer to one must never be served to the other."""
+
+    def key(name: str = "www.example.test", *, cd: bool = False, do: bool = False, edns: bool = True,
+            rd: bool = True, qid: int = 1) -> bytes:
+        q = dns.message.make_query(name, "A", use_edns=0 if edns else False, want_dnssec=do, id=qid)
+        q.flags = (dns.flags.RD if rd else 0) | (dns.flags.CD if cd else 0)
+        return key_of(codec.decode_query(q.to_wire()))
+
+    plain = key()
+    variants = [key(cd=True), key(do=True), key(cd=True, do=True), key(edns=False), key(rd=False)]
+    assert len({plain, *variants}) == 1 + len(variants)
+    assert key("WWW.Example.TEST", qid=7) == plain

@@ -199,3 +199,29 @@ def test_a_blocked_name_inside_a_signed_zone_needs_the_validating_resolver_to_ca
     r = ask(site.port, "bot.agency.test", "A", do=True)
     assert r.rcode() == dns.rcode.NOERROR and [rr.to_text() for rrset in r.answer for rr in rrset] == ["0.0.0.0"]
 
+
+
+@pytest.mark.parametrize("first_cd", [pytest.param(True, id="cd-first"), pytest.param(False, id="plain-first")])
+def test_checking_disabled_is_part_of_the_cache_key(real, tmp_path, first_cd):
+    """bogus.agency.test's RRSIG is broken: the agency's validating Unbound answers SERVFAIL without CD and the
+    data with CD. Whichever sinkhole caches first, the other kind of client gets what the reference gets."""
+    for cd in (False, True):
+        reference = ask(real.reference_port, "bogus.agency.test", cd=cd)
+        assert (reference.rcode(), bool(reference.answer)) == ((dns.rcode.NOERROR, True) if cd else
+                                                               (dns.rcode.SERVFAIL, False)), reference
+    server = RunningServer(tmp_path / "sinkhole.db", upstream=(f"127.0.0.1:{real.agency_port}",),
+                           shipped_lists=False).start()
+    try:
+        first = ask(server.port, "bogus.agency.test", cd=first_cd)
+        again = ask(server.port, "bogus.agency.test", cd=first_cd)  # now from the cache, if it was cached
+        other = ask(server.port, "bogus.agency.test", cd=not first_cd)
+        for reply, cd in ((first, first_cd), (again, first_cd), (other, not first_cd)):
+            if cd:
+                assert reply.rcode() == dns.rcode.NOERROR and reply.flags & dns.flags.CD, reply
+                assert [r[0].to_text() for r in reply.answer] == ["192.0.2.66"], reply
+            else:
+                assert reply.rcode() == dns.rcode.SERVFAIL and not reply.answer, reply
+        if first_cd:
+            assert server.server.pipeline.cache.hits >= 1  # the CD=1 answer was in the cache and was not served to CD=0
+    finally:
+        server.stop()
