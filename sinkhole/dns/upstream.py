@@ -51,6 +51,10 @@ DOH_CONNECTIONS = 4  # HTTP connections per DoH upstream (HTTP/2 multiplexes man
 _LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9])?"
 _HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*$")
 _FAILURES = (TimeoutError, OSError, asyncio.IncompleteReadError, UpstreamError)
+# `. NS`, RD set, ID 0 (set per probe): what a probe asks an upstream that let a query time out. Any resolver
+# answers it (from its priming, or with an error rcode): only silence counts against the upstream.
+PROBE_QUESTION = b"\x00\x00\x02\x00\x01"
+PROBE_QUERY = b"\x00\x00\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00" + PROBE_QUESTION
 # upper bounds (seconds) of the latency histogram buckets kept per upstream (sinkhole.service.metrics exports them)
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -265,6 +269,7 @@ class Forwarder:
         self._connecting: dict[Upstream, asyncio.Task[_TcpConnection]] = {}
         self._doh: dict[Upstream, _DohClient] = {}
         self._down_until: dict[Upstream, float] = {}
+        self._probes: dict[Upstream, asyncio.Task[None]] = {}  # an upstream whose silence is being checked
         self._rtt: dict[Upstream, float] = {}  # smoothed round-trip time, seconds
         self._last_answer: dict[Upstream, float] = {}  # loop time of the upstream's latest good answer
         self._picks = 0
@@ -289,6 +294,14 @@ class Forwarder:
                 conn.close()
             self._down_until.pop(u, None)
         self.upstreams = list(upstreams)
+
+    def is_down(self, up: Upstream) -> bool:
+        """`up` failed (or let a query and then a probe time out) and is tried after the others for now."""
+        return self._down_until.get(up, 0.0) > time.monotonic()
+
+    def probing(self, up: Upstream) -> bool:
+        """A probe is checking whether `up`, which let a query time out, answers at all."""
+        return up in self._probes
 
     def upstreams_for(self, name: str) -> list[Upstream]:
         """The upstreams a (normalized) name goes to: those of the most specific zone holding it, or the default."""
@@ -429,9 +442,11 @@ class Forwarder:
             tries.errors.append(f"{up}: {reason}")
             if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS):
                 raise _Stop from exc  # out of sockets here: no upstream is to blame
-            if isinstance(exc, TimeoutError) and self._last_answer.get(up, -1.0) > started:
-                # it answered other queries while this one waited: the name is slow, the upstream is not down
+            if isinstance(exc, TimeoutError):
                 self.failures[up] = self.failures.get(up, 0) + 1
+                if self._last_answer.get(up, -1.0) <= started:
+                    self._suspect(up, reason, loop.time() - started)
+                # else it answered other queries while this one waited: the name is slow, the upstream is not down
                 raise
             self._failed(up, reason, loop.time() - started)
             raise
@@ -451,8 +466,32 @@ class Forwarder:
         old = self._rtt.get(up)
         self._rtt[up] = rtt if old is None else old + RTT_WEIGHT * (rtt - old)
 
-    def _failed(self, up: Upstream, reason: str, spent: float) -> None:
-        self.failures[up] = self.failures.get(up, 0) + 1
+    def _suspect(self, up: Upstream, reason: str, spent: float) -> None:
+        """A query timed out at `up` and nothing else came back from it meanwhile. On a quiet network that may
+        be one client's names alone (an authority that never answers them): `up` is marked down only if a
+        probe (`. NS`, which any resolver answers) gets no reply either."""
+        if up in self._probes or self._down_until.get(up, 0.0) > time.monotonic():
+            return
+        probe = self._probes[up] = asyncio.get_running_loop().create_task(self._probe(up, reason, spent))
+        probe.add_done_callback(lambda _: self._probes.pop(up, None))
+
+    async def _probe(self, up: Upstream, reason: str, spent: float) -> None:
+        try:
+            if up.proto == "udp":
+                qid = secrets.randbits(16)
+                await self._udp(up, codec.set_id(PROBE_QUERY, qid), qid, PROBE_QUESTION, self.timeout)
+            elif up.proto == "https":
+                await self._doh_client(up).ask(PROBE_QUERY, PROBE_QUESTION, self.timeout)
+            else:
+                await self._stream(up, PROBE_QUERY, PROBE_QUESTION, self.timeout)
+        except _FAILURES as exc:
+            self._failed(up, f"{reason}, and a probe: {_reason(exc)}", spent, counted=True)
+            return
+        log.debug("upstream %s answers a probe: a query that timed out there was slow on its own", up)
+
+    def _failed(self, up: Upstream, reason: str, spent: float, counted: bool = False) -> None:
+        if not counted:
+            self.failures[up] = self.failures.get(up, 0) + 1
         if self._down_until.get(up, 0.0) <= time.monotonic():
             log.warning("upstream %s failed: %s; tried after the others for %.0f s", up, reason, DOWN_FOR)
         self._down_until[up] = time.monotonic() + DOWN_FOR
@@ -539,8 +578,8 @@ class Forwarder:
         return client
 
     def close(self) -> None:
-        """Close the pooled TCP/TLS connections; DoH clients need `aclose`."""
-        for task in self._connecting.values():
+        """Close the pooled TCP/TLS connections and stop the probes; DoH clients need `aclose`."""
+        for task in (*self._connecting.values(), *self._probes.values()):
             task.cancel()
         for conn in self._tcp_pool.values():
             conn.close()

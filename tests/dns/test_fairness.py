@@ -86,3 +86,32 @@ def test_an_upstream_that_answers_others_is_not_judged_down_by_one_clients_slow_
         assert ask_from(s, "127.0.0.1", "after.example.test").rcode() == dns.rcode.NOERROR
         assert stub.queries("after.example.test") and not second.queries("after.example.test")
         assert s.server.forwarder.failures[s.server.forwarder.upstreams[0]] == 5  # still counted, for metrics
+
+
+def test_on_a_quiet_network_one_clients_unanswered_name_does_not_mark_the_upstream_down(make_server, stub):
+    """Nobody else asks anything: the only query the first upstream had timed out, for that one client's name
+    alone (the stub never answers slow.*). A probe (`. NS`) gets an answer, so the upstream stays first for
+    everyone; before, that one timeout sent the next client's names to the second upstream for 5 s."""
+    with StubResolver(misbehave=False) as second:
+        s = make_server(upstream=(stub.address, second.address), timeout=1.0)
+        r = ask_from(s, "127.0.0.2", "slow.q1.example.test")
+        assert r.rcode() == dns.rcode.NOERROR and second.queries("slow.q1.example.test")  # the second, in time
+        assert wait_for(lambda: stub.queries(""), timeout=10)  # the probe, at the root
+        forwarder = s.server.forwarder
+        assert wait_for(lambda: not forwarder.probing(forwarder.upstreams[0]), timeout=10)  # answered
+        assert not forwarder.is_down(forwarder.upstreams[0])
+        for i in range(3):
+            assert ask_from(s, "127.0.0.1", f"next{i}.example.test").rcode() == dns.rcode.NOERROR
+            assert stub.queries(f"next{i}.example.test") and not second.queries(f"next{i}.example.test")
+
+
+def test_a_silent_upstream_is_marked_down_when_its_probe_is_not_answered_either(make_server, stub):
+    with StubResolver(silent=True) as dead:
+        s = make_server(upstream=(dead.address, stub.address), timeout=1.0)
+        assert ask_from(s, "127.0.0.1", "first.example.test").rcode() == dns.rcode.NOERROR
+        assert dead.queries("first.example.test")
+        forwarder = s.server.forwarder
+        assert wait_for(lambda: forwarder.is_down(forwarder.upstreams[0]), timeout=10)
+        assert dead.queries("")  # the probe went unanswered
+        assert ask_from(s, "127.0.0.1", "later.example.test").rcode() == dns.rcode.NOERROR
+        assert stub.queries("later.example.test") and not dead.queries("later.example.test")
