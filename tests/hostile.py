@@ -16,6 +16,9 @@ every reply it sent in `sent`. The first label of the name asked chooses the ans
     svcbhint.* SVCB 1 . with ipv4hint 203.0.113.9
     svcbto.*   SVCB 1 chat.deepseek.com.
     cut.*      an answer whose one record is cut short (a message no client could read)
+    (type DS)  the DS RRset of the name and its RRSIG, and beside them records the name owns in the zone
+               below the cut (A, TXT, AAAA, and an RRSIG over its A) in every section, an NSEC owned by it
+               and the parent's SOA
     anything else: an A record (tests.dnsstub.address_for)
 
 A name with a label `slowly` (ad.slowly.example.test) is answered after 0.3 s, so that identical queries
@@ -124,7 +127,15 @@ class HostileStub(StubResolver):
         reply.flags |= dns.flags.RA
         name = question.name.to_text()
         out: bytes | None = None
-        if first == "rr":
+        if question.rdtype == dns.rdatatype.DS and first != "rr":
+            rrsig = "{} 13 2 300 20400101000000 20200101000000 2143 example.test. " + SAMPLES["RRSIG"].split()[-1]
+            reply.answer += [_rrset(name, 300, "DS", SAMPLES["DS"]), _rrset(name, 300, "RRSIG", rrsig.format("DS")),
+                             _rrset(name, 300, "A", "198.51.100.77"), _rrset(name, 300, "RRSIG", rrsig.format("A"))]
+            reply.authority += [_rrset(name, 300, "TXT", '"below the cut"'),
+                                _rrset(name, 300, "NSEC", "z.example.test. NS DS RRSIG NSEC"),
+                                _rrset("com.", 300, "SOA", SAMPLES["SOA"])]
+            reply.additional += [_rrset(name, 300, "AAAA", "2001:db8:bad::77")]
+        elif first == "rr":
             rdataset = dns.rrset.RRset(question.name, dns.rdataclass.IN, question.rdtype)
             rdataset.add(sample(dns.rdatatype.RdataType.make(question.rdtype)), 300)
             reply.answer.append(rdataset)

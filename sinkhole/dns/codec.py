@@ -609,11 +609,12 @@ def _read_svcb(wire: bytes, rdata: int, end: int, seen: dict[int, tuple[str, int
         pos += size
 
 
-def relayed(wire: bytes, facts: ReplyFacts, edns: Edns | None, drop: set[tuple[int, str]] | None = None) -> bytes:
+def relayed(wire: bytes, facts: ReplyFacts, edns: Edns | None, drop: set[tuple] | None = None) -> bytes:
     """The upstream's reply as sinkhole relays it: its records byte for byte, but EDNS hop by hop (RFC 6891
     §6.1.1): the upstream's OPT (its options, NSID, cookies, its buffer size) replaced by our own (when the
-    client sent one), with the upstream's extended rcode. `drop`: (section, owner) whose records go (not the
-    NSEC/NSEC3 proofs among them); the message is then rebuilt by dnspython, as when OPT is not last."""
+    client sent one), with the upstream's extended rcode. `drop`: (section, owner) whose records go, or
+    (section, owner, rtype, covered) for one RRset (never the NSEC/NSEC3 proofs); the message is then rebuilt
+    by dnspython, as when OPT is not last."""
     opt = facts.opt
     if drop or (opt is not None and opt is not facts.records[-1]):
         return _rebuilt(wire, facts, edns, drop or set())
@@ -628,7 +629,7 @@ def relayed(wire: bytes, facts: ReplyFacts, edns: Edns | None, drop: set[tuple[i
     return bytes(body)
 
 
-def _rebuilt(wire: bytes, facts: ReplyFacts, edns: Edns | None, drop: set[tuple[int, str]]) -> bytes:
+def _rebuilt(wire: bytes, facts: ReplyFacts, edns: Edns | None, drop: set[tuple]) -> bytes:
     import dns.message
     import dns.rdatatype
 
@@ -639,7 +640,8 @@ def _rebuilt(wire: bytes, facts: ReplyFacts, edns: Edns | None, drop: set[tuple[
     denial = (dns.rdatatype.NSEC, dns.rdatatype.NSEC3)
     for section, rrsets in enumerate((message.answer, message.authority, message.additional)):
         rrsets[:] = [r for r in rrsets if r.rdtype in denial or r.covers in denial
-                     or (section, _normal(r.name)) not in drop]
+                     or ((section, _normal(r.name)) not in drop
+                         and (section, _normal(r.name), r.rdtype, r.covers) not in drop)]
     message.use_edns(False)
     out = bytearray(message.to_wire())
     if edns is not None:

@@ -33,7 +33,7 @@ from sinkhole.dns.cache import Cache, key_of
 from sinkhole.dns.guard import Guard, Outcome, Shares
 from sinkhole.dns.upstream import Forwarder
 from sinkhole.errors import UpstreamError
-from sinkhole.model import Action, AuditEvent, Query, Verdict
+from sinkhole.model import Action, AuditEvent, Query, RuleKind, Verdict
 from sinkhole.policy.decide import CANARIES, Group, Policy
 from sinkhole.policy.names import client_address
 
@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 BLOCKED = Action.BLOCKED
 _BAD_QUERY_ACTIONS = {codec.NOTIMP: Action.NOTIMP, codec.NOTAUTH: Action.NOTAUTH}
 _SHAPE_FLAGS = codec.OPCODE_MASK | codec.RD | codec.CD
+_DS_PROOF = frozenset({codec.T_DS, codec.T_NSEC, codec.T_NSEC3, codec.T_SOA})  # what a blocked apex's DS reply keeps
 
 
 @dataclass(frozen=True, slots=True)
@@ -370,11 +371,20 @@ class Pipeline:
                 return reply, cloaked
         qname = query.name
         owners = {r.owner for r in facts.records if r.owner != qname and r.rtype != codec.T_OPT and not r.denial}
-        drop = None
+        drop: set[tuple] | None = None
         if owners:
             blocked = policy.blocked_owners(owners, qname, pending.group)
             if blocked:
                 drop = {(r.section, r.owner) for r in facts.records if r.owner in blocked}
+                self.counts["stripped"] = self.counts.get("stripped", 0) + 1
+        rule = pending.verdict.rule
+        if query.qtype == codec.T_DS and rule is not None and rule.kind is RuleKind.BLOCK:
+            # the DS of a blocked apex, forwarded on purpose (the parent's proof that the zone is unsigned): of
+            # what the blocked apex owns, only that proof (and its signatures) is relayed, never data below the cut
+            apex = {(r.section, r.owner, r.rtype, r.covered) for r in facts.records if r.owner == qname
+                    and (r.covered if r.rtype == codec.T_RRSIG else r.rtype) not in _DS_PROOF}
+            if apex:
+                drop = (drop or set()) | apex
                 self.counts["stripped"] = self.counts.get("stripped", 0) + 1
         return codec.relayed(reply, facts, query.edns, drop), None
 

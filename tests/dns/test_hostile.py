@@ -31,7 +31,7 @@ from sinkhole.policy.decide import Policy
 from sinkhole.store.db import Store
 from tests.conftest import RunningServer, audit_rows, wait_for
 from tests.dnsstub import address_for
-from tests.hostile import HostileStub, data_types, sample
+from tests.hostile import SAMPLES, HostileStub, data_types, sample
 
 TRANSPORTS = [pytest.param(False, id="udp"), pytest.param(True, id="tcp")]
 
@@ -384,3 +384,18 @@ def test_a_malformed_client_subnet_option_is_formerr(server, hostile):
     r = ask(server, "ecs.bad.example.test", use_edns=0, options=[bad])
     assert r.rcode() == dns.rcode.FORMERR and hostile.queries("ecs.bad.example.test") == []
 
+
+
+@pytest.mark.parametrize("tcp", TRANSPORTS)
+def test_the_ds_of_a_blocked_apex_relays_its_proof_and_nothing_else_the_apex_owns(server, hostile, tcp):
+    """DS deepseek.com is forwarded on purpose (the parent's proof that the blocked zone is unsigned); records
+    the blocked apex owns below the cut (A, TXT, AAAA, an RRSIG over its A), put beside it by a hostile
+    upstream, are not relayed; the DS, its RRSIG, the NSEC and the parent's SOA are."""
+    for attempt in ("forwarded", "cached"):
+        r = ask(server, "deepseek.com", "DS", tcp=tcp, use_edns=0, want_dnssec=True)
+        assert r.rcode() == dns.rcode.NOERROR, attempt
+        assert [(n, t) for n, t, _ in records(r.answer)] == [("deepseek.com.", "DS"), ("deepseek.com.", "RRSIG")]
+        assert r.answer[1][0].type_covered == dns.rdatatype.DS
+        assert records(r.authority) == [("com.", "SOA", [SAMPLES["SOA"]]),
+                                        ("deepseek.com.", "NSEC", ["z.example.test. NS DS RRSIG NSEC"])], attempt
+        assert records(r.additional) == [], attempt
