@@ -78,7 +78,9 @@ class ClientSettings:
     rate_limit_net_burst: float = 4000.0
     rate_limit_v4_prefix: int = 24
     rate_limit_v6_prefix: int = 56
-    rate_limit_action: str = "truncate"  # truncate: TC=1 over UDP (TCP is not limited); refuse: REFUSED
+    # over the limit: truncate = TC=1 over UDP, and TCP counted in buckets of its own at the same rates (REFUSED
+    # over them); refuse = REFUSED, UDP and TCP sharing one set of buckets (sinkhole.dns.guard.Guard.check)
+    rate_limit_action: str = "truncate"
     rate_limit_exempt: tuple[str, ...] = DEFAULT_EXEMPT
 
 
