@@ -881,8 +881,13 @@ def log_anchor(env: Env, fmt: str, export_key: Path | None, force: bool, key: Pa
 
     if export_key is not None:
         env.checked_path()
-        guard_output(export_key, force, _protected(env, key), "--export-key")
-        generation, secret, _ = chain.ensure_key(_key_path(env, key))
+        guard_output(export_key, force, _protected(env, key), "--export-key", new_dirs=True)
+        server_key = _key_path(env, key)
+        if export_key.exists() and not (server_key.exists()
+                                        and chain.is_key_of(export_key, *chain.read_key(server_key))):
+            raise ConfigError(f"--export-key {export_key}: not an export of this database's audit key, never "
+                              "written over (it may be another database's)")
+        generation, secret, _ = chain.ensure_key(server_key)
         chain.write_key(export_key, generation, secret)
         click.echo(f"exported audit key generation {generation} (fingerprint {chain.fingerprint(secret)}) to "
                    f"{export_key}: keep it off this host; it verifies every chain started from now on")

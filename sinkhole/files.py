@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import stat
+import tempfile
 from pathlib import Path
 
 from sinkhole.errors import ConfigError
@@ -49,13 +50,22 @@ def create_private(path: Path) -> bool:
     return True
 
 
-def write_private(path: Path, data: bytes) -> None:
+def write_private(path: Path, data: bytes, keep_owner: bool = False) -> None:
     """Write `data` to `path` through a new 0600 file renamed over it, so that a reader never sees half a file
-    and the result is 0600 whatever the file there had."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    and the result is 0600 whatever the file there had. The new file gets an unpredictable name, made with
+    O_EXCL in the target's directory (tempfile.mkstemp): a link planted there beforehand is never followed.
+    `keep_owner`: a file there owned by someone else (the service user, when root runs the CLI) stays theirs."""
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(name)
     try:
-        os.fchmod(fd, FILE_MODE)
+        os.fchmod(fd, FILE_MODE)  # mkstemp makes it 0600 already; explicit, whatever it does
+        if keep_owner:
+            try:
+                st = os.stat(path)
+                if (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
+                    os.fchown(fd, st.st_uid, st.st_gid)
+            except (FileNotFoundError, PermissionError):
+                pass
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
@@ -102,9 +112,10 @@ def _kind(mode: int) -> str:
     return "a special file"
 
 
-def guard_output(path: Path, force: bool, protected: list[Path], option: str) -> None:
+def guard_output(path: Path, force: bool, protected: list[Path], option: str, new_dirs: bool = False) -> None:
     """An output file may not be one of `protected` (the database, its side files, its audit key), even with
-    --force; an existing file is written over only with --force. ConfigError otherwise."""
+    --force; an existing file is written over only with --force; its directory must be there (`new_dirs`: or
+    it is made later, 0700). ConfigError otherwise."""
     text = os.fspath(path)
     mine = os.path.realpath(path)
     for p in protected:
@@ -112,6 +123,9 @@ def guard_output(path: Path, force: bool, protected: list[Path], option: str) ->
             if mine == os.path.realpath(candidate) or (candidate.exists() and path.exists()
                                                        and os.path.samefile(path, candidate)):
                 raise ConfigError(f"{option} {text}: that is {candidate}, never written over")
+    parent = Path(os.path.abspath(path)).parent
+    if not new_dirs and not parent.is_dir():  # a typo in the directory is an error, not a new tree
+        raise ConfigError(f"{option} {text}: no directory {parent}")
     if path.exists() and not path.is_file():  # /dev/null, a FIFO: a file is renamed over the path, never into it
         raise ConfigError(f"{option} {text}: not a regular file")
     if path.exists() and not force:

@@ -140,23 +140,24 @@ def parse_key(text: str, where: str = "the key") -> tuple[int, bytes]:
 
 
 def write_key(path: Path, generation: int, key: bytes) -> None:
-    """Write atomically (temporary file, fsync, rename), mode 0600."""
+    """Write atomically (a new file of an unpredictable name, fsync, rename), mode 0600; a key file of the
+    service user replaced by root (a CLI run with sudo) stays the service user's."""
     files.private_dirs(path.parent)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, files.FILE_MODE)
+    files.write_private(path, f"{_MAGIC} {generation} {key.hex()}\n".encode(), keep_owner=True)
+
+
+def is_key_of(path: Path, generation: int, key: bytes) -> bool:
+    """The key file at `path` holds `key` at `generation` or an earlier generation of it (an older export of
+    the same database's key): evolving it forward gives `key`. False for any other file."""
     try:
-        os.fchmod(fd, files.FILE_MODE)  # whatever the umask
-        try:  # root (a CLI run with sudo) replacing the server's key: the file stays the service user's
-            st = os.stat(path)
-            if (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
-                os.fchown(fd, st.st_uid, st.st_gid)
-        except (FileNotFoundError, PermissionError):
-            pass
-        os.write(fd, f"{_MAGIC} {generation} {key.hex()}\n".encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        have_generation, have = read_key(path)
+    except AuditKeyError:
+        return False
+    if have_generation > generation:
+        return False
+    for _ in range(generation - have_generation):
+        have = evolve(have)
+    return hmac.compare_digest(have, key)
 
 
 @contextlib.contextmanager

@@ -89,8 +89,11 @@ def test_export_key_never_writes_over_a_file_without_force_nor_ever_over_the_key
     r = sinkhole("--db", str(db), "log", "anchor", "--export-key", str(copy))
     assert r.returncode == 2 and "--force" in one_line(r)
     assert copy.read_text() == "something else\n"
-    assert sinkhole("--db", str(db), "log", "anchor", "--export-key", str(copy), "--force").returncode == 0
+    copy.unlink()
+    assert sinkhole("--db", str(db), "log", "anchor", "--export-key", str(copy)).returncode == 0
     assert copy.read_text().startswith("sinkhole-audit-key ")
+    # an earlier export of this database's key is written over with --force
+    assert sinkhole("--db", str(db), "log", "anchor", "--export-key", str(copy), "--force").returncode == 0
     key = db.with_name("s.db.key")
     held = key.read_bytes()
     for target in (key, db):
@@ -150,3 +153,53 @@ def test_commands_that_read_or_remove_never_make_a_database(tmp_path, args):
     r = sinkhole("--db", str(work / "typo.db"), *args, cwd=work)
     assert r.returncode == 1 and "no database at" in one_line(r)
     assert tree(work) == set()
+
+
+def test_export_key_with_force_writes_over_only_an_export_of_this_databases_key(db, tmp_path):
+    """--force is not enough to write over another database's exported key (or any file that is not an export
+    of this database's key): the operator would lose the only copy that verifies the other one's chains."""
+    other = tmp_path / "other" / "o.db"
+    other.parent.mkdir()
+    theirs = tmp_path / "theirs.key"
+    assert sinkhole("--db", str(other), "log", "anchor", "--export-key", str(theirs)).returncode == 0
+    held = theirs.read_bytes()
+    plain = tmp_path / "notes.txt"
+    plain.write_text("not a key\n")
+    for target in (theirs, plain):
+        r = sinkhole("--db", str(db), "log", "anchor", "--export-key", str(target), "--force")
+        assert r.returncode == 2 and "not an export of this database's audit key" in one_line(r), r.stderr
+    assert theirs.read_bytes() == held and plain.read_text() == "not a key\n"
+    mine = tmp_path / "mine.key"
+    assert sinkhole("--db", str(db), "log", "anchor", "--export-key", str(mine)).returncode == 0
+    # the server key moves on a generation (a new chain); the older export is still this database's
+    assert sinkhole("--db", str(db), "block", "add", "x.example").returncode == 0
+    assert sinkhole("--db", str(db), "log", "anchor", "--export-key", str(mine), "--force").returncode == 0
+
+
+def test_report_into_a_missing_directory_is_a_one_line_error_and_nothing_is_made(db, tmp_path):
+    assert sinkhole("--db", str(db), "block", "add", "x.example").returncode == 0
+    target = tmp_path / "missing" / "x.html"
+    r = sinkhole("--db", str(db), "report", "-o", str(target))
+    assert r.returncode == 2 and "no directory" in one_line(r), r.stderr
+    assert not target.parent.exists()
+
+
+def test_private_files_are_written_through_an_unpredictable_new_file(tmp_path, monkeypatch):
+    """A link planted at a temporary name the writer could predict (.NAME.PID.tmp) is never followed: the file
+    it points at keeps its content and mode."""
+    from sinkhole import files
+    from sinkhole.audit import chain
+
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    victim.chmod(0o644)
+    for name, write in (("report.html", lambda p: files.write_private(p, b"<html>")),
+                        ("audit.key", lambda p: chain.write_key(p, 3, b"k" * 32))):
+        target = tmp_path / name
+        (tmp_path / f".{name}.{os.getpid()}.tmp").symlink_to(victim)
+        write(target)
+        assert victim.read_text() == "precious\n" and stat.S_IMODE(victim.stat().st_mode) == 0o644
+        assert stat.S_IMODE(target.stat().st_mode) == 0o600 and not target.is_symlink()
+    assert chain.read_key(tmp_path / "audit.key") == (3, b"k" * 32)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == [
+        f".audit.key.{os.getpid()}.tmp", f".report.html.{os.getpid()}.tmp"]  # the planted links, and no more
