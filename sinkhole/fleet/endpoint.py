@@ -1,8 +1,8 @@
 """The RPZ listener (`rpz_listen`): SOA, AXFR and IXFR for the primary's secondaries, NOTIFY for the secondary.
 
 TCP only from the secondaries (rpz_secondaries) and, for NOTIFY, from the secondary's own primary: anyone else is
-closed as accepted; at most RPZ_MAX_CONNECTIONS at once, RPZ_MAX_PER_ADDRESS from one address, and a whole
-request and each reply within RPZ_IDLE_TIMEOUT.
+closed as accepted; at most `max_connections` at once, `max_per_address` from one address, and a whole request
+and each reply within `idle_timeout` (settings rpz_max_connections, rpz_max_per_address, rpz_idle_timeout).
 """
 
 from __future__ import annotations
@@ -35,16 +35,14 @@ from sinkhole.fleet.secondary import Secondary
 from sinkhole.fleet.zone import Tsig, _reply, allowed, same_host
 
 log = logging.getLogger(__name__)
-RPZ_MAX_CONNECTIONS = 64  # TCP connections to rpz_listen at once (the same process serves DNS) ...
-RPZ_MAX_PER_ADDRESS = 4  # ... and from one address
-RPZ_IDLE_TIMEOUT = 30.0  # seconds to send a whole request, and to read each reply message
 
 
 class Endpoint:
     """The RPZ listener (`rpz_listen`): the primary's SOA/AXFR/IXFR, and NOTIFY for a secondary."""
 
     def __init__(self, host: str, port: int, tsig: Tsig | None, primary: Primary | None,
-                 secondary: Secondary | None) -> None:
+                 secondary: Secondary | None, max_connections: int = 64, max_per_address: int = 4,
+                 idle_timeout: float = 30.0) -> None:
         self.host, self.port = host, port
         self.primary = primary
         self.secondary = secondary
@@ -53,7 +51,8 @@ class Endpoint:
         self.tcp_server: asyncio.AbstractServer | None = None
         self.udp: asyncio.DatagramTransport | None = None
         self.conns: set[asyncio.Task] = set()
-        self.slots = ConnectionSlots(RPZ_MAX_CONNECTIONS, RPZ_MAX_PER_ADDRESS)
+        self.slots = ConnectionSlots(max_connections, max_per_address)
+        self.idle_timeout = idle_timeout
 
     async def start(self, sockets: tuple[socket.socket, socket.socket]) -> None:
         """Serve on `sockets`: those of bind(), made before root was dropped."""
@@ -98,16 +97,16 @@ class Endpoint:
         loop = asyncio.get_running_loop()
         try:
             while True:
-                async with asyncio.timeout(RPZ_IDLE_TIMEOUT):  # the whole request within it
+                async with asyncio.timeout(self.idle_timeout):  # the whole request within it
                     wire = await reader.readexactly(codec.frame_length(await reader.readexactly(2)))
                 replies = await loop.run_in_executor(None, self.answer, wire, peer, True)
                 if not replies:
                     break
                 for reply in replies:
                     writer.write(codec.frame(reply))
-                    if not await drain_within(writer, RPZ_IDLE_TIMEOUT):  # a transfer must be read, too
+                    if not await drain_within(writer, self.idle_timeout):  # a transfer must be read, too
                         log.warning("RPZ: TCP connection from %s closed: its replies were not read within %.0f s",
-                                    peer, RPZ_IDLE_TIMEOUT)
+                                    peer, self.idle_timeout)
                         return
         except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
             pass

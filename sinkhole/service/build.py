@@ -223,7 +223,8 @@ def fleet(cfg: Settings, db: Path) -> Node | None:
         secondary = Secondary(host, port, f.policy_from, origin, tsig, f.rpz_refresh, db, cfg.policy.shipped_lists)
     if f.rpz_listen:
         primary = Primary(origin, f.rpz_group, secondaries, notify_to, tsig, f.rpz_refresh, answers(cfg))
-        endpoint = Endpoint(*rpz_address(cfg), tsig, primary, secondary)  # type: ignore[misc]
+        endpoint = Endpoint(*rpz_address(cfg), tsig, primary, secondary,  # type: ignore[misc]
+                            f.rpz_max_connections, f.rpz_max_per_address, f.rpz_idle_timeout)
     return Node(primary, secondary, endpoint) if primary or secondary else None
 
 

@@ -138,6 +138,9 @@ class FleetSettings:
     rpz_notify: tuple[str, ...] = ()  # HOST:PORT of secondaries to NOTIFY on every change
     rpz_tsig: str = ""  # NAME:ALGORITHM:BASE64SECRET: transfers and NOTIFY must be signed with it
     rpz_refresh: int = 60  # SOA refresh of the served zone; a secondary checks the serial this often
+    rpz_max_connections: int = 64  # TCP connections to rpz_listen at once (the same process serves DNS) ...
+    rpz_max_per_address: int = 4  # ... and from one address
+    rpz_idle_timeout: float = 30.0  # seconds to send a whole request, and to read each reply message
     policy_from: str = ""  # HOST:PORT of a primary: pull its zone into category rpz:<zone>
 
 
@@ -244,7 +247,8 @@ KEYS: dict[str, str] = {
     "log_repeat_interval": "process", "syslog": "shipping", "syslog_facility": "shipping", "json_log": "shipping",
     "anchor_interval": "shipping", "retention_days": "audit", "prune_interval": "audit", "metrics": "process",
     "rpz_listen": "fleet", "rpz_zone": "fleet", "rpz_group": "fleet", "rpz_secondaries": "fleet",
-    "rpz_notify": "fleet", "rpz_tsig": "fleet", "rpz_refresh": "fleet", "policy_from": "fleet",
+    "rpz_notify": "fleet", "rpz_tsig": "fleet", "rpz_refresh": "fleet", "rpz_max_connections": "fleet",
+    "rpz_max_per_address": "fleet", "rpz_idle_timeout": "fleet", "policy_from": "fleet",
     "blockpage_listen": "blockpage", "blockpage_ca": "blockpage", "blockpage_agency": "blockpage",
     "blockpage_contact": "blockpage", "blockpage_policy": "blockpage", "blockpage_logo": "blockpage",
     "blockpage_templates": "blockpage", "blockpage_language": "blockpage", "blockpage_requests": "blockpage",
@@ -344,6 +348,7 @@ LIMITS: dict[str, tuple[int, int]] = {
     "cache_max_ttl": (0, TTL_MAX), "cache_negative_max_ttl": (0, TTL_MAX), "cache_serve_stale": (0, 365 * 86400),
     "tcp_max_clients": (1, 1_000_000), "tcp_max_per_client": (1, 1_000_000), "max_inflight": (1, 1_000_000),
     "workers": (0, MAX_WORKERS), "retention_days": (0, MAX_RETENTION_DAYS),
+    "rpz_max_connections": (1, 100_000), "rpz_max_per_address": (1, 100_000),
 }
 
 
@@ -381,6 +386,11 @@ def check_values(cfg: Settings) -> Settings:
         raise ConfigError("anchor_interval must be above zero and at most a day (86400 seconds)")
     if not 1 <= cfg.fleet.rpz_refresh <= 86400:
         raise ConfigError("rpz_refresh must be from 1 to 86400 seconds")
+    if not 0 < cfg.fleet.rpz_idle_timeout <= 3600:  # NaN too
+        raise ConfigError("rpz_idle_timeout must be above zero and at most 3600 seconds")
+    if cfg.fleet.rpz_max_per_address > cfg.fleet.rpz_max_connections:
+        raise ConfigError(f"rpz_max_per_address ({cfg.fleet.rpz_max_per_address}) must not be above "
+                          f"rpz_max_connections ({cfg.fleet.rpz_max_connections})")
     if cfg.fleet.rpz_notify and not cfg.fleet.rpz_listen:
         raise ConfigError("rpz_notify needs rpz_listen: NOTIFY tells secondaries to transfer from it")
     if cfg.blockpage.blockpage_language not in ("en", "ko"):
