@@ -11,6 +11,7 @@ every reply it sent in `sent`. The first label of the name asked chooses the ans
     opts.*     an A record, and an OPT carrying NSID, COOKIE, Client Subnet, EDE, padding and an unknown option
     ad.*       an A record with AD set ("validated")
     mapped.*   AAAA ::ffff:203.0.113.7 (an IPv4-mapped address)
+    nat64.*    AAAA 64:ff9b::203.0.113.8 (RFC 6052: the well-known NAT64 prefix over an IPv4 address)
     dname.*    a DNAME of the name to chat.deepseek.com and the CNAME it synthesizes
     dnameok.*  a DNAME of the name to elsewhere.test and the CNAME it synthesizes
     svcbhint.* SVCB 1 . with ipv4hint 203.0.113.9
@@ -163,6 +164,8 @@ class HostileStub(StubResolver):
             reply.answer.append(_rrset(name, 300, "A", address_for(qname)))
         elif first == "mapped":
             reply.answer.append(_rrset(name, 300, "AAAA", "::ffff:203.0.113.7"))
+        elif first == "nat64":
+            reply.answer.append(_rrset(name, 300, "AAAA", "64:ff9b::203.0.113.8"))
         elif first in ("dname", "dnameok"):
             target = "chat.deepseek.com." if first == "dname" else "elsewhere.test."
             reply.answer += [_rrset(name, 300, "DNAME", target),

@@ -36,6 +36,7 @@ DEFAULT_GROUP = "default"
 GROUP_PREFIX = "group:"  # the category `group:NAME` holds the extra rules of group NAME, in force for it alone
 EVERYWHERE = "manual"  # rules added by `block add` / `allow add` without --category: in force for every group
 _CLIENT_MEMO_MAX = 65536
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052's well-known prefix: the last 32 bits are IPv4
 _REGEX_MEMO_MAX = 8192  # names whose regex outcome a policy remembers (Policy._match_regex)
 log = logging.getLogger(__name__)
 
@@ -368,9 +369,9 @@ class Policy:
     def inspect(self, targets: list[tuple[str, str]], addresses: list[str | bytes] = (),  # type: ignore[assignment]
                 group: Group | None = None) -> Verdict | None:
         """A forwarded answer that leads to a blocked name (a CNAME or DNAME chain, an HTTPS/SVCB target), or
-        holds an address in a blocked network (A, AAAA, ipv4hint, ipv6hint; an IPv4-mapped IPv6 address is
-        checked against the IPv4 networks), is blocked too: the verdict names what matched, e.g. rule
-        `cname:chat.deepseek.com` or `ip:203.0.113.7 in 203.0.113.0/24`."""
+        holds an address in a blocked network (A, AAAA, ipv4hint, ipv6hint; an IPv4-mapped IPv6 address, and one
+        in the NAT64 well-known prefix 64:ff9b::/96, is checked against the IPv4 networks), is blocked too: the
+        verdict names what matched, e.g. rule `cname:chat.deepseek.com` or `ip:203.0.113.7 in 203.0.113.0/24`."""
         for kind, name in targets:
             rule = self.match_name(name, group)
             if rule is not None and rule.kind is RuleKind.BLOCK:
@@ -380,8 +381,11 @@ class Policy:
             allowed = (group or self.default).allowed
             for given in addresses:  # text, or packed (4 or 16 bytes)
                 address = ipaddress.ip_address(given)
-                if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-                    address = address.ipv4_mapped  # ::ffff:a.b.c.d reaches a.b.c.d: IPv4 network rules apply
+                if isinstance(address, ipaddress.IPv6Address):
+                    if address.ipv4_mapped is not None:
+                        address = address.ipv4_mapped  # ::ffff:a.b.c.d reaches a.b.c.d: IPv4 network rules apply
+                    elif address in _NAT64:  # 64:ff9b::a.b.c.d (RFC 6052): a NAT64 gateway reaches a.b.c.d
+                        address = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
                 for network, category, source in self.ip_rules:
                     if category in allowed and address.version == network.version and address in network:
                         return Verdict(Action.IP_BLOCKED, Rule(f"ip:{address} in {network}", RuleKind.BLOCK,

@@ -217,6 +217,7 @@ def _concurrently(server: RunningServer, wires: list[bytes]) -> list[bytes]:
 @pytest.mark.parametrize("tcp", TRANSPORTS)
 @pytest.mark.parametrize("first,qtype,rule", [
     ("mapped", "AAAA", "ip:203.0.113.7 in 203.0.113.0/24"),
+    ("nat64", "AAAA", "ip:203.0.113.8 in 203.0.113.0/24"),
     ("svcbhint", "SVCB", "ip:203.0.113.9 in 203.0.113.0/24"),
     ("svcbto", "SVCB", "svcb:chat.deepseek.com"),
     ("dname", "A", "dname:chat.deepseek.com"),

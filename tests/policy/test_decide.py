@@ -82,3 +82,19 @@ def test_a_stored_empty_regex_or_bad_network_is_left_out_not_fatal(caplog):
     left_out = [r.getMessage() for r in caplog.records]
     assert any("// " in m and "empty pattern" in m for m in left_out)
     assert any("x/y" in m for m in left_out)
+
+
+def test_nat64_and_mapped_ipv6_addresses_are_checked_against_ipv4_networks():
+    from sinkhole.model import Action
+    from sinkhole.policy.decide import Policy
+
+    policy = Policy([("203.0.113.0/24", "block", "test")])
+    for address in ("::ffff:203.0.113.7", "64:ff9b::203.0.113.7", "64:ff9b::cb00:7107"):
+        verdict = policy.inspect([], [address])
+        assert verdict is not None and verdict.action is Action.IP_BLOCKED, address
+        assert verdict.rule.domain == "ip:203.0.113.7 in 203.0.113.0/24"
+    packed = bytes.fromhex("0064ff9b0000000000000000cb007107")  # as the codec hands them over
+    assert policy.inspect([], [packed]) is not None
+    # outside the /96 (the local-use 64:ff9b:1::/48 of RFC 8215 too), and other IPv4 networks: not blocked
+    for address in ("64:ff9b:1::cb00:7107", "64:ff9c::203.0.113.7", "64:ff9b::198.51.100.7", "2001:db8::cb00:7107"):
+        assert policy.inspect([], [address]) is None, address
