@@ -2,9 +2,10 @@
 
 RE2 matches in time linear in the name, but the factor is the size of the program it runs: every forwarded
 name that no suffix rule covers goes through one RE2 program made of all patterns in force (policy.decide),
-and once that program is large RE2's DFA runs out of memory and falls back to a much slower simulation.
+and the larger that program, the more states RE2's DFA builds per name (past its memory bound RE2 falls back
+to its slower NFA simulation).
 Bounded repeats multiply the program: `/^([a-z]{1,30}\\.){1,5}evil[0-9]{1,4}\\.example$/` is 326 RE2
-instructions, and 3,000 such patterns made one program of 982,892 that took 5 to 30 ms per name on this
+instructions, and 3,000 such patterns made one program of 982,892 that took 5 to 82 ms per name on this
 machine (and 468 ms on the reviewer's), holding up every other client's queries on the same event loop.
 
 So each pattern, and all stored patterns together, are held to a budget counted in RE2 instructions
