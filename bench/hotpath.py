@@ -12,6 +12,7 @@ server. Measures, asserts nothing.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import statistics
 import struct
@@ -78,7 +79,8 @@ def instructions(args: argparse.Namespace) -> None:
         for n in (args.n, 2 * args.n):
             run = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
                                   __file__, "--rounds", "1", "--n", str(n), "--only", name],
-                                 capture_output=True, text=True, check=True)
+                                 capture_output=True, text=True, check=True,
+                                 env={**os.environ, "PYTHONHASHSEED": "0"})  # the same dict layouts every run
             counts.append(int(re.search(r"Collected : (\d+)", run.stderr).group(1)))
         print(f"{name:24} {(counts[1] - counts[0]) / args.n:8.0f}")
 

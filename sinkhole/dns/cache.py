@@ -56,8 +56,7 @@ class Cache:
         # the background, so a popular name never expires for its clients; the hit is served as usual
         self.prefetch = prefetch
         self.prefetch_fraction = 0.1
-        self.due: list[bytes] = []  # keys whose refresh a hit has asked for (the pipeline takes them)
-        self.prefetches = 0
+        self.prefetches = 0  # refreshes asked for by hits
         self.min_ttl = min_ttl
         self.max_ttl = max_ttl
         self.negative_max_ttl = negative_max_ttl
@@ -71,7 +70,9 @@ class Cache:
     def clear(self) -> None:
         self._entries.clear()
 
-    def get(self, key: bytes, query: Query, now: float) -> bytes | None:
+    def lookup(self, key: bytes, query: Query, now: float) -> tuple[bytes, bool] | None:
+        """(the stored reply made this client's, due) for a live entry, None on a miss; `due`: this hit is the one
+        in the last tenth of the entry's TTL that asks for a refresh (prefetch; once per entry)."""
         entry = self._entries.get(key)
         if entry is None:
             self.misses += 1
@@ -85,9 +86,9 @@ class Cache:
         self.hits += 1
         if now >= entry.prefetch_at:
             entry.prefetch_at = float("inf")  # once: the refreshed entry replaces this one
-            self.due.append(key)
             self.prefetches += 1
-        return self.render(entry, query, now)
+            return self.render(entry, query, now), True
+        return self.render(entry, query, now), False
 
     @staticmethod
     def render(entry: Entry, query: Query, now: float) -> bytes:

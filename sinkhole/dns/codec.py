@@ -119,6 +119,11 @@ def asked_name(wire: bytes, normalized: str | None = None) -> str | None:
     return None
 
 
+def is_dropped(wire: bytes) -> bool:
+    """The packet gets no answer at all (decode_query raises Drop for it): shorter than a header, or a response."""
+    return len(wire) < 12 or wire[2] & 0x80 != 0
+
+
 def decode_query(wire: bytes) -> Query:
     """Validate a client's query and return its parts.
 

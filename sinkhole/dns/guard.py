@@ -6,7 +6,7 @@ import enum
 import ipaddress
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from sinkhole import logthrottle
 from sinkhole.errors import ConfigError
@@ -18,7 +18,9 @@ _CACHE_MAX = 65536
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-class Outcome(enum.Enum):
+class Admission(enum.Enum):
+    """What the guard says of one packet: answer it, refuse it, or limit it."""
+
     OK = "ok"
     REFUSED = "refused"  # not an allowed client, or over the limit with action "refuse"
     LIMITED = "limited"  # over the limit over UDP with action "truncate": answer TC=1 to push it to TCP
@@ -39,11 +41,11 @@ class _Buckets:
 
     __slots__ = ("burst", "last_sweep", "rate", "state")
 
-    def __init__(self, rate: float, burst: float) -> None:
+    def __init__(self, rate: float, burst: float, now: float) -> None:
         self.rate = rate
         self.burst = max(burst, 1.0)
         self.state: dict[object, list[float]] = {}
-        self.last_sweep = time.monotonic()
+        self.last_sweep = now
 
     def take(self, key: object, now: float) -> bool:
         st = self.state.get(key)
@@ -78,16 +80,18 @@ class Guard:
     def __init__(self, allow_clients: Iterable[str], rate_limit: float = 200.0,
                  rate_limit_burst: float = 400.0, net_rate_limit: float = 2000.0, net_rate_limit_burst: float = 4000.0,
                  v4_prefix: int = 24, v6_prefix: int = 56, action: str = "truncate",
-                 exempt: Iterable[str] = ()) -> None:
-        """`allow_clients` and `exempt`: networks (their defaults are the settings', service.config)."""
+                 exempt: Iterable[str] = (), clock: Callable[[], float] = time.monotonic) -> None:
+        """`allow_clients` and `exempt`: networks (their defaults are the settings', service.config); `clock`: the
+        seconds the token buckets fill by (a test's may be moved by hand)."""
+        self.clock = clock
         if action not in ("truncate", "refuse"):
             raise ConfigError(f"rate_limit_action must be truncate or refuse, not {action!r}")
         if not (0 <= v4_prefix <= 32 and 0 <= v6_prefix <= 128):
             raise ConfigError("rate_limit prefixes must be 0-32 (IPv4) and 0-128 (IPv6)")
         self.allow = parse_networks(allow_clients, "allow_clients")
         self.exempt = parse_networks(exempt, "rate_limit_exempt")
-        self.client = _Buckets(rate_limit, rate_limit_burst) if rate_limit > 0 else None
-        self.network = _Buckets(net_rate_limit, net_rate_limit_burst) if net_rate_limit > 0 else None
+        self.client = _Buckets(rate_limit, rate_limit_burst, clock()) if rate_limit > 0 else None
+        self.network = _Buckets(net_rate_limit, net_rate_limit_burst, clock()) if net_rate_limit > 0 else None
         self.v4_prefix = v4_prefix
         self.v6_prefix = v6_prefix
         self.action = action
@@ -116,7 +120,7 @@ class Guard:
         """`client` is in allow_clients (checked at TCP accept: a refused address never holds a connection)."""
         return self._classify(client)[0]
 
-    def check(self, client: str, proto: str) -> Outcome:
+    def check(self, client: str, proto: str) -> Admission:
         """OK, or REFUSED / LIMITED. Over UDP a client takes from its address's and its network's buckets; over
         TCP too, from buckets of its own at the same rates (TCP cannot be spoofed: with action truncate, a client
         over its UDP limit is still answered over TCP, at up to the same rate again); action refuse shares one
@@ -125,10 +129,10 @@ class Guard:
         if not allowed:
             self.refused += 1
             logthrottle.warning(log, "refused queries from %s: not in allow_clients", client)
-            return Outcome.REFUSED
+            return Admission.REFUSED
         if exempt:
-            return Outcome.OK
-        now = time.monotonic()
+            return Admission.OK
+        now = self.clock()
         ok = True
         separate = proto != "udp" and self.action == "truncate"
         if self.client is not None:
@@ -138,14 +142,14 @@ class Guard:
             ok = self.network.take(("tcp", net) if separate else net, now)
             self.network.sweep(now)
         if ok:
-            return Outcome.OK
+            return Admission.OK
         logthrottle.warning(log, "rate limit: %s (or its network %s) is over the limit over %s", client, net,
                             proto.upper())
         if self.action == "refuse" or proto != "udp":
             self.refused += 1
-            return Outcome.REFUSED
+            return Admission.REFUSED
         self.limited += 1
-        return Outcome.LIMITED
+        return Admission.LIMITED
 
     def tcp_wait(self, client: str) -> float:
         """Seconds until a TCP query of `client` would be within its rate limits again: the connection is not
@@ -154,7 +158,7 @@ class Guard:
         allowed, exempt, net = self._classify(client)
         if exempt or not allowed:
             return 0.0
-        now = time.monotonic()
+        now = self.clock()
         separate = self.action == "truncate"
         wait = self.client.wait(("tcp", client) if separate else client, now) if self.client is not None else 0.0
         if self.network is not None:

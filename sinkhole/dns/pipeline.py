@@ -1,9 +1,11 @@
 """The one place the order of a query's stages is written.
 
-    decode -> guard -> policy.decide -+- blocked --> answer.blocked ---------------------------+
-                                      +- forward --> cache.get -- miss --> upstream.forward ---+--> reply
-                                                        (hit) ----------------------------------+
-                                                     audit.submit (non-blocking) <--------------+
+    codec.is_dropped -> guard.check -> answer.BlockedAnswers.replay -> codec.decode_query -> policy.decide
+        -+- blocked -> answer (BlockedAnswers.answer) ----------------------------------------------------+
+         +- AXFR/IXFR -> answer.transfer_refused ---------------------------------------------------------+
+         +- forward -> cache.lookup -- hit ---------------------------------------------------------------+-> reply
+                                    -- miss -> Pending -> forward: upstream, policy.inspect, cache.put ----+
+    each reply's Outcome is recorded once (_done): counted for metrics, and audit.submit (non-blocking)
 
 `begin` runs every stage that needs no I/O and returns the reply bytes, None (drop), or
 a Pending forward; `forward` finishes those. Listeners call `begin` inline and only
@@ -25,23 +27,29 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from sinkhole import logthrottle
-from sinkhole.audit.writer import AuditLog
 from sinkhole.dns import answer, codec
 from sinkhole.dns.cache import Cache, key_of
-from sinkhole.dns.guard import Guard, Outcome, Shares
+from sinkhole.dns.guard import Admission, Guard, Shares
 from sinkhole.dns.upstream import Forwarder
 from sinkhole.errors import UpstreamError
-from sinkhole.model import Action, AuditEvent, Query, RuleKind, Verdict
-from sinkhole.policy.decide import CANARIES, Group, Policy
+from sinkhole.model import Action, AuditEvent, Outcome, Query, RuleKind, Verdict
+from sinkhole.policy.decide import Group, Policy
 from sinkhole.policy.names import client_address
 
 log = logging.getLogger(__name__)
-BLOCKED = Action.BLOCKED
-_BAD_QUERY_ACTIONS = {codec.NOTIMP: Action.NOTIMP, codec.NOTAUTH: Action.NOTAUTH}
-_SHAPE_FLAGS = codec.OPCODE_MASK | codec.RD | codec.CD
+OK = Admission.OK
 _DS_PROOF = frozenset({codec.T_DS, codec.T_NSEC, codec.T_NSEC3, codec.T_SOA})  # what a blocked apex's DS reply keeps
+
+
+class AuditSink(Protocol):
+    """Where outcomes are audited (sinkhole.audit.writer.AuditLog): the query path does not import the audit."""
+
+    def wants(self, action: Action) -> bool: ...
+
+    def submit(self, event: AuditEvent) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,164 +65,110 @@ class Pending:
 
 
 class Pipeline:
-    def __init__(self, get_policy: Callable[[], Policy], forwarder: Forwarder, audit: AuditLog,
+    def __init__(self, get_policy: Callable[[], Policy], forwarder: Forwarder, audit: AuditSink,
                  answers: answer.AnswerConfig, guard: Guard, cache: Cache,
-                 ecs: tuple[int, int] | None = None, shares: Shares | None = None) -> None:
+                 ecs: tuple[int, int] | None = None, shares: Shares | None = None,
+                 clock: Callable[[], float] = time.monotonic, wallclock: Callable[[], float] = time.time) -> None:
+        """`clock`: the seconds cache entries age by; `wallclock`: the time audit rows carry."""
+        self.get_policy = get_policy
+        self.forwarder = forwarder
+        self.audit = audit
         self.guard = guard
+        self.cache = cache
+        self.blocked = answer.BlockedAnswers(answers)
         self.shares = shares or Shares()  # forwards in flight per client and per network
         # Client Subnet (RFC 7871): None strips it (internal addresses never leave the agency); (V4, V6) sends
         # the client's network of those prefix lengths upstream, and keys the cache on it
         self.ecs = ecs
-        self._canary_answers = {
-            "nxdomain": answer.AnswerConfig(mode="nxdomain", ttl=answers.ttl),
-            "nodata": answer.AnswerConfig(mode="sinkhole", a=None, aaaa=None, ttl=answers.ttl),
-        }
-        self.cache = cache
+        self.clock = clock
+        self.wallclock = wallclock
+        self._in_force: tuple[int, int] | None = None  # the policy snapshot the memos and the cache are valid for
         self._inflight: dict[bytes, asyncio.Future[tuple[bytes, str, Verdict | None]]] = {}
-        # blocked answers by packet-without-ID, valid for one policy snapshot; one memo per client group
-        self._memo: dict[bytes, tuple[bytes, str, int, int, Verdict, str]] = {}
-        self._group_memos: dict[str, dict[bytes, tuple[bytes, str, int, int, Verdict, str]]] = {}
-        self._memo_policy: tuple[int, int] | None = None
-        # blocked answers by (rule, qtype, qclass, flags, DO): header and the sections after the question
-        self._shapes: dict[tuple, tuple[bytes, bytes, int, str]] = {}
-        self.get_policy = get_policy
-        self.forwarder = forwarder
-        self.audit = audit
-        self.answers = answers
-        self.counts: dict[str, int] = {}
         self._background: set[asyncio.Task[None]] = set()  # cache refreshes (prefetch) in flight
+        self.counts: dict[str, int] = {}  # action (or "dropped", "prefetched" ...) -> queries
         # (action, qtype, transport, group) -> queries: read by sinkhole.service.metrics at scrape time
         self.detail: dict[tuple[str, int, str, str | None], int] = {}
 
-    def _record(self, action: Action, client: str, proto: str, qname: str, qtype: int, rcode: int,
-                verdict: Verdict | None = None, summary: str | None = None, version: int = 0,
-                upstream: str | None = None, latency_ms: float | None = None, group: str | None = None,
-                wire: bytes | None = None) -> None:
-        name = action.value
-        counts = self.counts
-        counts[name] = counts.get(name, 0) + 1
-        key = (name, qtype, proto, group)
-        detail = self.detail
-        detail[key] = detail.get(key, 0) + 1
-        if self.audit.wants(action):
-            rule = verdict.rule if verdict is not None else None
-            self.audit.submit(AuditEvent(
-                time.time(), client, proto, qname, qtype, name,
-                rule.domain if rule else None, rule.category if rule else None, rcode, summary, version,
-                upstream, latency_ms, group, wire, rule.source if rule else None))
+    @property
+    def answers(self) -> answer.AnswerConfig:
+        return self.blocked.config
 
     def set_answers(self, answers: answer.AnswerConfig) -> None:
         """A reloaded configuration (SIGHUP): blocked answers are built anew from the next query on."""
-        self.answers = answers
-        self._canary_answers = {
-            "nxdomain": answer.AnswerConfig(mode="nxdomain", ttl=answers.ttl),
-            "nodata": answer.AnswerConfig(mode="sinkhole", a=None, aaaa=None, ttl=answers.ttl),
-        }
-        self._memo.clear()
-        self._group_memos.clear()
-        self._shapes.clear()
+        self.blocked.configure(answers)
 
     def begin(self, wire: bytes, client: str, proto: str) -> bytes | Pending | None:
-        policy = self.get_policy()
-        if (id(policy), policy.version) != self._memo_policy:  # not a reference: the old policy may go
-            self._memo.clear()
-            self._group_memos.clear()
-            self._shapes.clear()
-            self.cache.clear()  # a cached answer may lead to a name that is blocked now
-            self._memo_policy = (id(policy), policy.version)
-        outcome = None
-        group = policy.group_of(client)
-        if group is policy.default:
-            memo = self._memo
-        else:
-            memo = self._group_memos.get(group.name)
-            if memo is None:
-                memo = self._group_memos[group.name] = {}
-        gname = group.name
-        done = memo.get(wire[2:])
-        if done is not None:
-            outcome = self.guard.check(client, proto)
-            if outcome is Outcome.OK:
-                # the same packet but for its ID was blocked before under this policy: same answer
-                tail, qname, qtype, rcode, verdict, summary = done
-                self._record(verdict.action, client, proto, qname, qtype, rcode, verdict, summary, policy.version,
-                             group=gname, wire=wire)
-                return wire[:2] + tail
-        try:
-            query = codec.decode_query_memo(wire)
-        except codec.Drop:
+        """Every stage that needs no I/O, in order: the reply, None (no answer at all), or a Pending forward."""
+        if codec.is_dropped(wire):  # shorter than a header, or a response: no answer, no rate-limit token spent
             self.counts["dropped"] = self.counts.get("dropped", 0) + 1
             return None
-        except codec.BadQuery as bad:
-            if (outcome or self.guard.check(client, proto)) is not Outcome.OK:
-                self._record(Action.REFUSED, client, proto, "", 0, codec.REFUSED, summary=bad.reason, group=gname)
-                return codec.error_reply(bad.qid, bad.flags, codec.REFUSED, bad.question)
-            action = _BAD_QUERY_ACTIONS.get(bad.rcode, Action.FORMERR)
-            self._record(action, client, proto, "", 0, bad.rcode, summary=bad.reason, group=gname)
-            return bad.reply()
-        if outcome is None:
-            outcome = self.guard.check(client, proto)
-        if outcome is not Outcome.OK:
-            if outcome is Outcome.LIMITED:
-                self._record(Action.LIMITED, client, proto, query.qname, query.qtype, codec.NOERROR,
-                             summary="TC=1", group=gname, wire=wire)
-                return answer.truncated(query)
-            self._record(Action.REFUSED, client, proto, query.qname, query.qtype, codec.REFUSED,
-                         summary="client not allowed or over the limit", group=gname, wire=wire)
-            return answer.refused(query)
-        verdict = policy.decide_name(query.name, group)
-        if verdict.blocked and query.qtype == codec.T_DS and verdict.rule.domain == query.name:  # type: ignore[union-attr]
-            # the DS RRset of a rule's apex belongs to the parent zone: forwarded, so that a validating resolver
-            # behind us can prove an unsigned blocked zone insecure and accept the sinkhole answers below it
-            verdict = Verdict(Action.FORWARDED, verdict.rule)
+        policy = self.get_policy()
+        if (id(policy), policy.version) != self._in_force:  # a new snapshot: what was made under the old one goes
+            self._follow(policy)
+        group = policy.group_of(client)
+        admitted = self.guard.check(client, proto)  # client ACL and rate limits: once a packet
+        if admitted is OK:
+            memo = self.blocked.replay(wire, group)  # this packet but its ID was blocked before: the same reply
+            if memo is not None:
+                return self._done(memo[0], wire[:2] + memo[1], client, proto, wire)
+        try:
+            query = codec.decode_query_memo(wire)
+        except codec.BadQuery as bad:  # FORMERR, NOTIMP, NOTAUTH, BADVERS; REFUSED for a client not admitted
+            outcome, reply = answer.bad_query(bad, admitted, group.name)
+            return self._done(outcome, reply, client, proto, None)
+        if admitted is not OK:  # TC=1 over the limit (UDP), else REFUSED
+            outcome, reply = answer.not_admitted(query, admitted, group.name)
+            return self._done(outcome, reply, client, proto, wire)
+        verdict = policy.decide_name(query.name, group, query.qtype)  # Policy.decide, without a call in between
         if verdict.blocked:
-            rule = verdict.rule
-            assert rule is not None
-            edns = query.edns
-            # the answer differs between names of one rule only in the question: build it once
-            shape = (verdict.action, rule.domain, rule.category, query.qtype, query.qclass,
-                     query.flags & _SHAPE_FLAGS, -1 if edns is None else edns.do,
-                     query.qtype == codec.T_SOA and query.name == rule.domain)  # an apex's SOA is an answer
-            tpl = self._shapes.get(shape)
-            if tpl is None:
-                how = self.answers if verdict.action is BLOCKED else self._canary_answers[CANARIES[rule.domain]]
-                built = answer.blocked(query, rule, how, policy.version or 1)
-                tpl = (built.wire[2:12], built.wire[12 + len(query.question):], built.rcode, built.summary)
-                if len(self._shapes) >= codec.MEMO_MAX:
-                    self._shapes.clear()
-                self._shapes[shape] = tpl
-            head, tail, rcode, summary = tpl
-            reply = wire[:2] + head + query.question + tail
-            self._record(verdict.action, client, proto, query.name, query.qtype, rcode, verdict, summary,
-                         policy.version, group=gname, wire=wire)
-            if len(wire) <= codec.MEMO_MAX_PACKET:
-                if len(memo) >= codec.MEMO_MAX:
-                    memo.clear()
-                memo[wire[2:]] = (reply[2:], query.name, query.qtype, rcode, verdict, summary)
-            return reply
-        if query.qtype in (codec.T_AXFR, codec.T_IXFR):
-            self._record(Action.REFUSED, client, proto, query.qname, query.qtype, codec.REFUSED, verdict,
-                         "zone transfer", policy.version, group=gname, wire=wire)
-            return answer.refused(query)
+            outcome, reply = self.blocked.answer(query, verdict, group, policy.version)
+            return self._done(outcome, reply, client, proto, wire)
+        if query.qtype in answer.TRANSFERS:
+            outcome, reply = answer.transfer_refused(query, verdict, policy.version, group.name)
+            return self._done(outcome, reply, client, proto, wire)
+        key, ecs = self._cache_key(query, client, group, policy)
+        hit = self.cache.lookup(key, query, self.clock())
+        if hit is None:
+            return Pending(query, verdict, policy.version, key, group, ecs)
+        reply, due = hit
+        if due:  # a hit in the last tenth of its TTL: refreshed behind the client's back (prefetch)
+            self._prefetch(Pending(query, verdict, policy.version, key, group, ecs))
+        if ecs and query.edns is not None and query.edns.ecs:
+            reply = codec.with_ecs(reply, query.edns.ecs, ecs)
+        reply = answer.fit(query, reply, proto)
+        return self._done(Outcome(Action.CACHED, query.qname, query.qtype, codec.header_rcode(reply), verdict, None,
+                                  policy.version, group.name), reply, client, proto, wire)
+
+    def _done(self, outcome: Outcome, reply: bytes, client: str, proto: str, wire: bytes | None) -> bytes:
+        """The one place a query is counted (metrics) and audited; returns its reply."""
+        name = outcome.action._value_  # Action.value, without the enum property's two Python calls per query
+        counts = self.counts
+        counts[name] = counts.get(name, 0) + 1
+        key = (name, outcome.qtype, proto, outcome.group)
+        detail = self.detail
+        detail[key] = detail.get(key, 0) + 1
+        if self.audit.wants(outcome.action):
+            self.audit.submit(AuditEvent.of(outcome, self.wallclock(), client, proto, wire))
+        return reply
+
+    def _follow(self, policy: Policy) -> None:
+        """A new policy snapshot is in force: the blocked answers and the cache made under the old one go (a cached
+        answer may lead to a name that is blocked now)."""
+        self.blocked.clear()
+        self.cache.clear()
+        self._in_force = (id(policy), policy.version)  # not a reference: the old policy may go
+
+    def _cache_key(self, query: Query, client: str, group: Group, policy: Policy) -> tuple[bytes, bytes]:
+        """The cache key of a query (codec's key_of, per Client Subnet prefix and per client group: answers are
+        inspected under the group's policy), and the Client Subnet option to send upstream."""
         key = key_of(query)
         ecs = b""
         if self.ecs is not None:  # Client Subnet forwarded, cut to a prefix: answers are cached per prefix
             ecs = self._client_subnet(query, client)
             key += b"\1" + bytes([len(ecs)]) + ecs
-        if group is not policy.default:  # answers are inspected under the group's policy: cached per group
-            key += b"\0" + gname.encode()
-        hit = self.cache.get(key, query, time.monotonic())
-        if hit is not None:
-            if self.cache.due:
-                self._prefetch(Pending(query, verdict, policy.version, key, group, ecs))
-            if ecs and query.edns is not None and query.edns.ecs:
-                hit = codec.with_ecs(hit, query.edns.ecs, ecs)
-            if proto == "udp" and len(hit) > query.max_udp:
-                hit = answer.truncated(query, hit)
-            self._record(Action.CACHED, client, proto, query.qname, query.qtype, codec.header_rcode(hit), verdict,
-                         None, policy.version, group=gname, wire=wire)
-            return hit
-        return Pending(query, verdict, policy.version, key, group, ecs)
+        if group is not policy.default:
+            key += b"\0" + group.name.encode()
+        return key, ecs
 
     def _client_subnet(self, query: Query, client: str) -> bytes:
         """The Client Subnet option sent upstream with ecs = "V4/V6": the client's own option cut to at most
@@ -235,8 +189,7 @@ class Pipeline:
         return codec.ecs_option(address, min(source, self.ecs[0] if address.version == 4 else self.ecs[1]))
 
     def _prefetch(self, pending: Pending) -> None:
-        """Refresh cache entries whose hits asked for it, off the client's path (coalesced like any forward)."""
-        self.cache.due.clear()
+        """Refresh a cache entry whose hit asked for it, off the client's path (coalesced like any forward)."""
         try:
             task = asyncio.get_running_loop().create_task(self._refresh(pending))
         except RuntimeError:  # no loop (sinkhole check): nothing to refresh for
@@ -253,57 +206,59 @@ class Pipeline:
             self.counts["prefetched"] = self.counts.get("prefetched", 0) + 1
 
     async def forward(self, pending: Pending, client: str, proto: str) -> bytes:
+        """The upstream's reply (inspected; cached unless it leads to a blocked name or network), a stale answer
+        (RFC 8767) or SERVFAIL; recorded once, with the upstream and the latency."""
+        query = pending.query
         token = self.shares.take(client, self.guard.network_of(client), self.forwarder.max_inflight)
         if token is None:  # this client (or its network) holds its share of the forwards: it waits, not others
-            query = pending.query
             logthrottle.warning(log, "REFUSED %s %s for %s: over its share of the queries waiting for an upstream",
                                 query.qname, codec.qtype_name(query.qtype), client)
-            self._record(Action.REFUSED, client, proto, query.qname, query.qtype, codec.REFUSED, pending.verdict,
-                         "over its share of forwards in flight", pending.version, group=pending.group.name,
-                         wire=query.wire)
-            return answer.refused(query)
-        try:
-            return await self._forward(pending, client, proto)
-        finally:
-            self.shares.give_back(token)
-
-    async def _forward(self, pending: Pending, client: str, proto: str) -> bytes:
-        query, verdict, version = pending.query, pending.verdict, pending.version
+            return self._done(Outcome(Action.REFUSED, query.qname, query.qtype, codec.REFUSED, pending.verdict,
+                                      "over its share of forwards in flight", pending.version, pending.group.name),
+                              answer.refused(query), client, proto, query.wire)
         started = time.perf_counter()
         try:
             shared, upstream, cloaked = await self._coalesced(pending, proto == "tcp")
         except UpstreamError as exc:
-            stale = self.cache.stale(pending.key, query, time.monotonic())
-            if stale is not None:  # serve-stale (RFC 8767): the last answer we had, TTL 30 s, EDE 3
-                log.warning("stale answer for %s %s: %s", query.qname, codec.qtype_name(query.qtype), exc)
-                if proto == "udp" and len(stale) > query.max_udp:
-                    stale = answer.truncated(query, stale)
-                self._record(Action.STALE, client, proto, query.qname, query.qtype, codec.header_rcode(stale),
-                             verdict, None, version, None, (time.perf_counter() - started) * 1000,
-                             pending.group.name, query.wire)
-                return stale
-            log.warning("SERVFAIL for %s %s: %s", query.qname, codec.qtype_name(query.qtype), exc)
-            self._record(Action.SERVFAIL, client, proto, query.qname, query.qtype, codec.SERVFAIL, verdict,
-                         None, version, None, (time.perf_counter() - started) * 1000, pending.group.name, query.wire)
-            return answer.servfail(query, "no upstream answered")
+            outcome, reply = self._unanswered(pending, exc, proto, started)  # STALE or SERVFAIL
         except Exception as exc:  # a bug of ours, or input nobody foresaw: this client still gets an answer
             return self.failed(query.wire, client, proto, exc)
+        else:
+            outcome, reply = self._answered(pending, shared, upstream, cloaked, proto, started)
+        finally:
+            self.shares.give_back(token)
+        return self._done(outcome, reply, client, proto, query.wire)
+
+    def _answered(self, pending: Pending, shared: bytes, upstream: str, cloaked: Verdict | None, proto: str,
+                  started: float) -> tuple[Outcome, bytes]:
+        """The upstream's reply made this client's; the sinkhole answer instead when it leads to a blocked name or
+        network (cname-blocked, ip-blocked)."""
+        query, version, group = pending.query, pending.version, pending.group.name
+        latency = (time.perf_counter() - started) * 1000
         if cloaked is not None and cloaked.rule is not None:
-            # the answer leads to a blocked name or network: the client gets the sinkhole answer instead
             built = answer.blocked(query, cloaked.rule, self.answers, version or 1)
-            self._record(cloaked.action, client, proto, query.qname, query.qtype, built.rcode, cloaked,
-                         built.summary, version, upstream, (time.perf_counter() - started) * 1000,
-                         pending.group.name, query.wire)
-            return built.wire
+            return (Outcome(cloaked.action, query.qname, query.qtype, built.rcode, cloaked, built.summary, version,
+                            group, upstream, latency), built.wire)
         reply = bytes(codec.for_client(shared, len(query.question), query))
         if pending.ecs and query.edns is not None and query.edns.ecs:
             reply = codec.with_ecs(reply, query.edns.ecs, pending.ecs)
-        if proto == "udp" and len(reply) > query.max_udp:
-            reply = answer.truncated(query, reply)
-        self._record(Action.FORWARDED, client, proto, query.qname, query.qtype, codec.header_rcode(reply),
-                     verdict, None, version, upstream, (time.perf_counter() - started) * 1000, pending.group.name,
-                     query.wire)
-        return reply
+        reply = answer.fit(query, reply, proto)
+        return (Outcome(Action.FORWARDED, query.qname, query.qtype, codec.header_rcode(reply), pending.verdict, None,
+                        version, group, upstream, latency), reply)
+
+    def _unanswered(self, pending: Pending, exc: UpstreamError, proto: str, started: float) -> tuple[Outcome, bytes]:
+        """No upstream answered: the last answer we had (serve-stale, RFC 8767: TTL 30 s, EDE 3), else SERVFAIL."""
+        query, version, group = pending.query, pending.version, pending.group.name
+        latency = (time.perf_counter() - started) * 1000
+        stale = self.cache.stale(pending.key, query, self.clock())
+        if stale is not None:
+            log.warning("stale answer for %s %s: %s", query.qname, codec.qtype_name(query.qtype), exc)
+            stale = answer.fit(query, stale, proto)
+            return (Outcome(Action.STALE, query.qname, query.qtype, codec.header_rcode(stale), pending.verdict, None,
+                            version, group, None, latency), stale)
+        log.warning("SERVFAIL for %s %s: %s", query.qname, codec.qtype_name(query.qtype), exc)
+        return (Outcome(Action.SERVFAIL, query.qname, query.qtype, codec.SERVFAIL, pending.verdict, None, version,
+                        group, None, latency), answer.servfail(query, "no upstream answered"))
 
     def failed(self, wire: bytes, client: str, proto: str, exc: BaseException) -> bytes | None:
         """An unexpected exception while answering `wire`: SERVFAIL for the client (None only for a packet that
@@ -316,8 +271,8 @@ class Pipeline:
         if reply is not None:
             try:
                 query = codec.decode_query(wire)
-                self._record(Action.SERVFAIL, client, proto, query.qname, query.qtype, codec.SERVFAIL,
-                             summary=f"internal error: {type(exc).__name__}", wire=wire)
+                self._done(Outcome(Action.SERVFAIL, query.qname, query.qtype, codec.SERVFAIL,
+                                   summary=f"internal error: {type(exc).__name__}"), reply, client, proto, wire)
             except Exception:  # an unreadable query, or the audit log is what failed: the answer matters more
                 log.debug("the SERVFAIL for an internal error was not recorded", exc_info=True)
         return reply
@@ -356,7 +311,7 @@ class Pipeline:
         except codec.Malformed as exc:
             raise UpstreamError(f"a malformed reply from {up}: {exc}") from None
         if cloaked is None:
-            self.cache.put(pending.key, query, shared, time.monotonic())
+            self.cache.put(pending.key, query, shared, self.clock())
         return shared, str(up), cloaked
 
     def _inspect(self, pending: Pending, reply: bytes) -> tuple[bytes, Verdict | None]:

@@ -38,6 +38,7 @@ EVERYWHERE = "manual"  # rules added by `block add` / `allow add` without --cate
 _CLIENT_MEMO_MAX = 65536
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052's well-known prefix: the last 32 bits are IPv4
 _REGEX_MEMO_MAX = 8192  # names whose regex outcome a policy remembers (Policy._match_regex)
+DS = 43  # the qtype of a delegation signer RRset (RFC 4034)
 log = logging.getLogger(__name__)
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -353,18 +354,22 @@ class Policy:
     def decide_labels(self, labels: tuple[str, ...], group: Group | None = None) -> Verdict:
         return self.decide_name(".".join(labels), group)
 
-    def decide_name(self, name: str, group: Group | None = None) -> Verdict:
+    def decide_name(self, name: str, group: Group | None = None, qtype: int = 0) -> Verdict:
+        """The verdict for `name` asked by `group` (default: the default group). Asked for the DS RRset (`qtype`) of
+        a rule's own apex, it is forwarded: that RRset belongs to the parent zone, and a validating resolver behind
+        us needs it to prove an unsigned blocked zone insecure, and so to accept the sinkhole answers below it."""
         rule = self.match_name(name, group)
         if self.canaries and name in CANARIES and not (rule and rule.kind is RuleKind.ALLOW and rule.domain == name):
             return Verdict(Action.CANARY, Rule(name, RuleKind.BLOCK, CANARY_CATEGORY))
         if rule is None:
             return FORWARD
-        if rule.kind is RuleKind.ALLOW:
+        if rule.kind is RuleKind.ALLOW or (qtype == DS and rule.domain == name):
             return Verdict(Action.FORWARDED, rule)
         return Verdict(Action.BLOCKED, rule)
 
     def decide(self, query: Query, group: Group | None = None) -> Verdict:
-        return self.decide_name(query.name, group)
+        """The verdict for a query (decide_name's for its name and qtype)."""
+        return self.decide_name(query.name, group, query.qtype)
 
     def inspect(self, targets: list[tuple[str, str]], addresses: list[str | bytes] = (),  # type: ignore[assignment]
                 group: Group | None = None) -> Verdict | None:

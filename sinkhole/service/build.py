@@ -23,7 +23,7 @@ from sinkhole.audit.writer import AuditLog
 from sinkhole.dns.answer import AnswerConfig
 from sinkhole.dns.cache import Cache
 from sinkhole.dns.guard import Guard, Shares
-from sinkhole.dns.pipeline import Pipeline
+from sinkhole.dns.pipeline import AuditSink, Pipeline
 from sinkhole.dns.upstream import (
     Forwarder,
     Upstream,
@@ -201,8 +201,10 @@ def audit_log(cfg: Settings, db: Path) -> AuditLog:
                     synchronous=a.audit_synchronous, client_prefix=client_prefix(cfg), shipper=shipper(cfg))
 
 
-def pipeline(cfg: Settings, get_policy: Callable[[], Policy], forward: Forwarder, audit: AuditLog) -> Pipeline:
-    return Pipeline(get_policy, forward, audit, answers(cfg), guard(cfg), cache(cfg), ecs_prefix(cfg), shares(cfg))
+def pipeline(cfg: Settings, get_policy: Callable[[], Policy], forward: Forwarder, audit: AuditSink,
+             kind: type[Pipeline] = Pipeline) -> Pipeline:
+    """The query path with its stages' settings (`kind`: a Pipeline that keeps outcomes, for `sinkhole check`)."""
+    return kind(get_policy, forward, audit, answers(cfg), guard(cfg), cache(cfg), ecs_prefix(cfg), shares(cfg))
 
 
 def fleet(cfg: Settings, db: Path) -> Node | None:

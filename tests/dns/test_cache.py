@@ -112,10 +112,10 @@ def test_lru_eviction_and_clamps():
         c.put(key_of(query), query, wire, now)
     assert len(c) == 2
     qa, _ = reply_for("a.example.test")
-    assert c.get(key_of(qa), qa, now) is None  # evicted, least recently used
+    assert c.lookup(key_of(qa), qa, now) is None  # evicted, least recently used
     qc, _ = reply_for("c.example.test")
-    assert c.get(key_of(qc), qc, now + 99) is not None
-    assert c.get(key_of(qc), qc, now + 100) is None  # clamped to max_ttl
+    assert c.lookup(key_of(qc), qc, now + 99) is not None
+    assert c.lookup(key_of(qc), qc, now + 100) is None  # clamped to max_ttl
 
 
 @pytest.mark.parametrize("kwargs,cached", [
@@ -133,8 +133,8 @@ def test_negative_ttl_is_min_of_soa_ttl_and_minimum():
     c = Cache()
     query, wire = reply_for("x.example.test", rcode=3, soa=(300, 30))
     c.put(key_of(query), query, wire, 0.0)
-    assert c.get(key_of(query), query, 29.0) is not None
-    assert c.get(key_of(query), query, 30.0) is None
+    assert c.lookup(key_of(query), query, 29.0) is not None
+    assert c.lookup(key_of(query), query, 30.0) is None
 
 
 def test_aged_ttls_never_touch_opt():
@@ -146,10 +146,10 @@ def test_aged_ttls_never_touch_opt():
     wire = r.to_wire()
     c = Cache()
     c.put(key_of(query), query, wire, 0.0)
-    out = dns.message.from_wire(c.get(key_of(query), query, 10.5))
+    out = dns.message.from_wire(c.lookup(key_of(query), query, 10.5)[0])
     assert out.answer[0].ttl == 50 and out.edns == 0 and out.flags & dns.flags.QR
     assert out.ednsflags & dns.flags.DO
-    assert struct.unpack("!H", c.get(key_of(query), query, 11.0)[:2])[0] == q.id
+    assert struct.unpack("!H", c.lookup(key_of(query), query, 11.0)[0][:2])[0] == q.id
 
 
 def test_names_differing_only_in_case_share_a_key():
@@ -202,14 +202,14 @@ def test_stale_entry_answers_only_within_its_window_with_ttl_30_and_ede_3():
     c = Cache(serve_stale=100)
     key = key_of(query)
     c.put(key, query, r.to_wire(), 0.0)
-    assert c.get(key, query, 61.0) is None  # expired: a miss, so the upstream is asked first
+    assert c.lookup(key, query, 61.0) is None  # expired: a miss, so the upstream is asked first
     out = dns.message.from_wire(c.stale(key, query, 61.0))
     assert out.answer[0].ttl == 30 and out.answer[0][0].address == "192.0.2.7" and out.id == q.id
     assert [(o.code, o.text) for o in out.options if isinstance(o, dns.edns.EDEOption)] == [
         (3, "stale answer: no upstream answered")]
     assert len(out.additional) == 0 and out.edns == 0  # one OPT: ours replaced the upstream's
     assert c.stale(key, query, 160.0) is None  # past expiry + 100 s
-    assert c.get(key, query, 160.0) is None and len(c) == 0  # and gone
+    assert c.lookup(key, query, 160.0) is None and len(c) == 0  # and gone
     assert c.stale_served == 1
 
 
@@ -225,7 +225,7 @@ def test_without_serve_stale_an_expired_entry_is_dropped():
     query, wire = reply_for("gone.example.test", ttl=5)
     c = Cache()
     c.put(key_of(query), query, wire, 0.0)
-    assert c.get(key_of(query), query, 5.0) is None and len(c) == 0
+    assert c.lookup(key_of(query), query, 5.0) is None and len(c) == 0
     assert c.stale(key_of(query), query, 5.0) is None
     c.put(key_of(query), query, wire, 10.0)
     assert c.stale(key_of(query), query, 11.0) is None, "off: an upstream failure is a SERVFAIL, cache or not"

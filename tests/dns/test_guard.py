@@ -12,7 +12,7 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
-from sinkhole.dns.guard import Guard, Outcome
+from sinkhole.dns.guard import Admission, Guard
 from sinkhole.service.config import DEFAULT_ALLOW, DEFAULT_EXEMPT
 from tests.conftest import ask, wait_for
 from tests.dnsstub import StubResolver, address_for
@@ -33,7 +33,7 @@ def ask_from(server, source: str, name: str = "www.example.test", qtype: str = "
     ("not-an-ip", False),
 ])
 def test_default_allow_clients(addr, ok):
-    assert (Guard(DEFAULT_ALLOW, exempt=DEFAULT_EXEMPT).check(addr, "udp") is Outcome.OK) is ok
+    assert (Guard(DEFAULT_ALLOW, exempt=DEFAULT_EXEMPT).check(addr, "udp") is Admission.OK) is ok
 
 
 def test_client_outside_allow_list_is_refused_and_nothing_forwarded(make_server, stub, db):
@@ -100,8 +100,8 @@ def test_loopback_is_exempt_by_default(make_server, stub):
 
 def test_token_bucket_refills():
     g = Guard(allow_clients=("0.0.0.0/0",), rate_limit=50, rate_limit_burst=2, net_rate_limit=0, exempt=())
-    assert [g.check("192.0.2.1", "udp") for _ in range(3)] == [Outcome.OK, Outcome.OK, Outcome.LIMITED]
-    assert wait_for(lambda: g.check("192.0.2.1", "udp") is Outcome.OK, timeout=2)
+    assert [g.check("192.0.2.1", "udp") for _ in range(3)] == [Admission.OK, Admission.OK, Admission.LIMITED]
+    assert wait_for(lambda: g.check("192.0.2.1", "udp") is Admission.OK, timeout=2)
 
 
 # ---------------------------------------------------------------------------- answers
