@@ -47,6 +47,7 @@ from sinkhole.store.db import Store
 from sinkhole.store.schema import iso
 from sinkhole.web import certs, limits
 from sinkhole.web.limits import Gate, Limits
+from sinkhole.web.refs import make_ref, parse_ref
 
 log = logging.getLogger(__name__)
 
@@ -109,31 +110,6 @@ MESSAGES: dict[str, dict[str, str]] = {
         "footer": "이 페이지는 기관의 DNS 리졸버(sinkhole)가 표시합니다. 사이트의 데이터는 불러오지 않았습니다.",
     },
 }
-
-
-# ---------------------------------------------------------------------------- reference codes
-
-_B32 = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"  # Crockford's: no I, L, O, U (read over the phone)
-_RANDOM_BITS = 18
-
-
-def make_ref(now: float) -> str:
-    """A short code for one page view: its second (so that the row is found by time) and 18 random bits;
-    ten characters as 'XXXXX-XXXXX'."""
-    value = (int(now) << _RANDOM_BITS) | secrets.randbits(_RANDOM_BITS)
-    chars = "".join(_B32[(value >> (5 * i)) & 31] for i in range(9, -1, -1))
-    return f"{chars[:5]}-{chars[5:]}"
-
-
-def parse_ref(text: str) -> tuple[str, int]:
-    """(the code as written on the page, the second it names) or ValueError."""
-    raw = text.strip().upper().replace("-", "").replace(" ", "").translate(str.maketrans("ILO", "110"))
-    if len(raw) != 10 or any(c not in _B32 for c in raw):
-        raise ValueError(f"{text!r} is not a block page reference (ten letters and digits, like 0KQ2M-9XAB3)")
-    value = 0
-    for c in raw:
-        value = value * 32 + _B32.index(c)
-    return f"{raw[:5]}-{raw[5:]}", value >> _RANDOM_BITS
 
 
 # ---------------------------------------------------------------------------- the page

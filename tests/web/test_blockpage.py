@@ -23,7 +23,8 @@ import pytest
 from click.testing import CliRunner
 
 from sinkhole.cli import cli
-from sinkhole.web.blockpage import REQUEST_PATH, language, make_ref, parse_ref
+from sinkhole.web.blockpage import REQUEST_PATH, language
+from sinkhole.web.refs import make_ref, parse_ref
 from tests.conftest import ROOT, RunningServer, ask, audit_rows, query, wait_for
 from tests.dnsstub import address_for
 
