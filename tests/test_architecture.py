@@ -82,23 +82,12 @@ KNOWN_UPWARD: set[tuple[str, str]] = {
 # (module, imported module or top-level name) inside a function
 KNOWN_LAZY: set[tuple[str, str]] = {
     ("sinkhole.audit.report", "sinkhole.audit.chain"), ("sinkhole.audit.shipping", "sinkhole.store.schema"),
-    ("sinkhole.audit.writer", "sinkhole.policy.lists"), ("sinkhole.cli", "cryptography"), ("sinkhole.cli", "dns"),
-    ("sinkhole.cli", "ipaddress"), ("sinkhole.cli", "shutil"), ("sinkhole.cli", "signal"),
-    ("sinkhole.cli", "sinkhole.audit.chain"), ("sinkhole.cli", "sinkhole.audit.report"),
-    ("sinkhole.cli", "sinkhole.files"), ("sinkhole.cli", "sinkhole.fleet.zone"),
-    ("sinkhole.cli", "sinkhole.policy.decide"), ("sinkhole.cli", "sinkhole.policy.lists"),
-    ("sinkhole.cli", "sinkhole.service.build"), ("sinkhole.cli", "sinkhole.service.config"),
-    ("sinkhole.cli", "sinkhole.service.control"), ("sinkhole.cli", "sinkhole.service.explain"),
-    ("sinkhole.cli", "sinkhole.service.process"), ("sinkhole.cli", "sinkhole.service.systemd"),
-    ("sinkhole.cli", "sinkhole.store.accounts"), ("sinkhole.cli", "sinkhole.store.audit"),
-    ("sinkhole.cli", "sinkhole.store.db"), ("sinkhole.cli", "sinkhole.web.blockpage"),
-    ("sinkhole.cli", "sinkhole.web.certs"), ("sinkhole.cli", "sinkhole.web.front"),
-    ("sinkhole.cli", "sinkhole.web.sessions"), ("sinkhole.cli", "socket"), ("sinkhole.cli", "time"),
-    ("sinkhole.operations", "sinkhole.audit.chain"), ("sinkhole.operations", "sinkhole.policy.decide"),
-    ("sinkhole.operations", "sinkhole.policy.fetch"), ("sinkhole.operations", "sinkhole.policy.lists"),
-    ("sinkhole.operations", "urllib"), ("sinkhole.web.api", "dns"), ("sinkhole.web.api", "ipaddress"),
-    ("sinkhole.web.api", "sinkhole.policy.names"), ("sinkhole.web.api", "sinkhole.service.explain"),
-    ("sinkhole.web.console", "sinkhole.service.metrics"), ("sinkhole.web.console", "sinkhole.web.certs"),
+    ("sinkhole.audit.writer", "sinkhole.policy.lists"), ("sinkhole.operations", "sinkhole.audit.chain"),
+    ("sinkhole.operations", "sinkhole.policy.decide"), ("sinkhole.operations", "sinkhole.policy.fetch"),
+    ("sinkhole.operations", "sinkhole.policy.lists"), ("sinkhole.operations", "urllib"), ("sinkhole.web.api", "dns"),
+    ("sinkhole.web.api", "ipaddress"), ("sinkhole.web.api", "sinkhole.policy.names"),
+    ("sinkhole.web.api", "sinkhole.service.explain"), ("sinkhole.web.console", "sinkhole.service.metrics"),
+    ("sinkhole.web.console", "sinkhole.web.certs"),
 }
 # (module, library) outside the library's home
 KNOWN_LEAKS: set[tuple[str, str]] = {

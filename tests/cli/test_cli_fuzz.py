@@ -18,8 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sinkhole import cli as cli_mod
 from sinkhole.cli import cli, main
+from sinkhole.cli import log as cli_log
 from sinkhole.policy import fetch
 from sinkhole.service import config, process
 
@@ -40,7 +40,10 @@ token = st.one_of(st.sampled_from(WORDS), st.sampled_from(NUMBERS), st.sampled_f
 
 def commands(group: click.Group, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], click.Command]]:
     out: list[tuple[tuple[str, ...], click.Command]] = []
-    for name, sub in sorted(group.commands.items()):
+    ctx = click.Context(group)
+    for name in sorted(group.list_commands(ctx)):  # the top level loads each command's module by name
+        sub = group.get_command(ctx, name)
+        assert sub is not None
         if isinstance(sub, click.Group):
             out += commands(sub, (*path, name))
             if sub.invoke_without_command:
@@ -112,7 +115,7 @@ def scratch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     monkeypatch.setattr(config, "DEFAULT_PATH", tmp_path / "no-such.toml")
     monkeypatch.setattr(process, "run", lambda *a, **kw: 0)  # `serve` checks everything, then does not serve
-    monkeypatch.setattr(cli_mod, "_follow", lambda *a, **kw: None)
+    monkeypatch.setattr(cli_log, "_follow", lambda *a, **kw: None)
     monkeypatch.setattr(click, "prompt", lambda *a, **kw: (_ for _ in ()).throw(click.Abort()))  # no one types
 
     def no_network(*a: object, **kw: object) -> None:

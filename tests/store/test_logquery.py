@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from sinkhole.cli import cli, histogram
+from sinkhole.cli import cli
+from sinkhole.cli.stats import histogram
 from sinkhole.policy.names import reverse_name
 from sinkhole.store.audit import client_prefix
 from sinkhole.store.db import Store
