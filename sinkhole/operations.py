@@ -15,18 +15,34 @@ import io
 import ipaddress
 import json
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlsplit
 
+from sinkhole.audit import chain
 from sinkhole.errors import ConfigError, DomainError, ListFormatError
 from sinkhole.model import Action, RuleKind
+from sinkhole.policy import lists
+from sinkhole.policy.decide import EVERYWHERE, GROUP_PREFIX
+from sinkhole.policy.lists import check_regex_budget, regex_rule
 from sinkhole.policy.names import is_ip_address, is_regex, normalize
-from sinkhole.progress import Progress
 from sinkhole.store.db import Store
 from sinkhole.store.journal import Actor
 from sinkhole.store.schema import iso_dt
+
+
+class Stages(Protocol):
+    """Where a long operation reports its progress (the CLI's sinkhole.cli.progress.Progress: a bar on a
+    terminal): a stage per step it can count, and a callback for the items done, or None when nobody watches."""
+
+    enabled: bool
+
+    def stage(self, label: str, total: int, unit: str) -> Callable[[int], None] | None: ...
+
+    def done(self, finished: bool = True) -> None: ...
 
 
 class BadValue(ConfigError):
@@ -95,8 +111,6 @@ def check_category(value: str | None, field: str = "category") -> str | None:
 def rule_targets(names: Iterable[str], networks: bool = False) -> list[str]:
     """Normalized names, and `/pattern/` regular expressions; with `networks`, an IP network (CIDR) is
     taken too: a block rule on a network blocks forwarded answers that hold an address in it."""
-    from sinkhole.policy.lists import regex_rule
-
     out = []
     for n in names:
         if is_regex(n.strip()):  # `/pattern/`: a regular-expression rule, checked when compiled
@@ -115,8 +129,6 @@ def rule_targets(names: Iterable[str], networks: bool = False) -> list[str]:
 
 def rule_category(category: str | None, client_group: str | None) -> str:
     """The category a rule is filed under: the one given, or a group's own `group:NAME`, or `manual`."""
-    from sinkhole.policy.decide import EVERYWHERE, GROUP_PREFIX
-
     if client_group is not None and category is not None:
         raise ConfigError("--group and --category exclude each other: a group's extra rules have their own category")
     if client_group is not None:
@@ -136,8 +148,6 @@ def add_rules(store: Store, kind: RuleKind, names: Iterable[str], category: str 
     if client_group is not None and client_group not in {g["name"] for g in store.groups()}:
         raise ConfigError(f"no group {client_group!r}: see `sinkhole group list`")
     if any(is_regex(t) for t in targets):
-        from sinkhole.policy.lists import check_regex_budget
-
         stored = store.regex_rules()
         have = set(stored)
         check_regex_budget([r[0] for r in stored],
@@ -157,8 +167,6 @@ def remove_rules(store: Store, kind: RuleKind, names: Iterable[str], category: s
 
 def group_rows(store: Store, categories: list[dict] | None = None) -> list[dict]:
     """store.groups() with, for each, the categories in force (`categories`: store.categories(), read once)."""
-    from sinkhole.policy.decide import EVERYWHERE, GROUP_PREFIX
-
     categories = store.categories() if categories is None else categories
     rows = store.groups()
     inherited = [r["category"] for r in categories if r["enabled"] and not r["category"].startswith(GROUP_PREFIX)]
@@ -200,8 +208,6 @@ def group_categories(value: str | None) -> list[str] | None:
 def enable_list(store: Store, category: str, actor: Actor | None = None) -> tuple[bool, int | None, str | None]:
     """Put a category in force; a shipped list not loaded yet (e.g. deepseek-telemetry) is loaded first.
     Returns (changed, rules loaded or None, the shipped file loaded or None)."""
-    from sinkhole.policy import lists
-
     loaded = source = None
     if not any(r["category"] == category for r in store.categories()):
         shipped = {bl.headers.get("category", bl.name): (src, bl) for src, bl in lists.shipped_lists(False)}
@@ -222,8 +228,6 @@ def disable_list(store: Store, category: str, actor: Actor | None = None) -> boo
 
 def list_rows(store: Store) -> list[dict]:
     """Every category (rules, regexes, source, in force) and the shipped lists not loaded."""
-    from sinkhole.policy import lists
-
     rows = store.categories()
     shapes = store.rule_shapes()
     for r in rows:
@@ -273,12 +277,10 @@ class ListRead:
 
 
 def read_list(source: str, category: str | None = None, fmt: str = "auto", files: bool = True,
-              progress: Progress | None = None) -> ListRead:
+              progress: Stages | None = None) -> ListRead:
     """Fetch a list file or http(s) URL and check it whole (ListFormatError names the bad line). `files`: a
     path is taken too (the CLI; the console takes URLs only). `progress`: the CLI's bar. Nothing is written."""
-    from urllib.parse import urlsplit
-
-    from sinkhole.policy import fetch, lists
+    from sinkhole.policy import fetch  # urllib.request, http.client and ssl: only to fetch a list
 
     if fetch.is_url(source):
         location = source
@@ -307,7 +309,7 @@ def read_list(source: str, category: str | None = None, fmt: str = "auto", files
 
 
 def store_list(store: Store, read: ListRead, fmt: str = "auto", actor: Actor | None = None,
-               progress: Progress | None = None) -> int:
+               progress: Stages | None = None) -> int:
     """Make the category hold exactly the list's rules, in one transaction, and record its source for
     `update_lists`; returns the number of rules."""
     parsed, got = read.parsed, read.got
@@ -323,8 +325,6 @@ def store_list(store: Store, read: ListRead, fmt: str = "auto", actor: Actor | N
 def _check_regex_budget(store: Store, category: str, parsed, source: str) -> None:
     """ListFormatError (with the line) when the list's regex rules, with those of the other categories, go over
     the regex budget (policy.regexcost): nothing is written and the category's rules stay in force."""
-    from sinkhole.policy.lists import check_regex_budget
-
     if parsed.regex_lines:
         check_regex_budget([r[0] for r in store.regex_rules(but=category)],
                            [d for d, _ in (*parsed.entries, *parsed.allows) if is_regex(d)], parsed, source)
@@ -339,10 +339,10 @@ class SourceResult:
 
 
 def update_lists(store: Store, categories: Iterable[str] | None = None, actor: Actor | None = None,
-                 progress: Progress | None = None) -> Iterator[SourceResult]:
+                 progress: Stages | None = None) -> Iterator[SourceResult]:
     """Fetch every recorded source again (or those of `categories`) and replace the lists that changed, one
     result per source as it is done. A source that fails keeps its rules in force; the others go on."""
-    from sinkhole.policy import fetch, lists
+    from sinkhole.policy import fetch
 
     wanted = list(categories or [])
     sources = store.sources(wanted or None)
@@ -514,11 +514,9 @@ class Verification:
 
 
 def verify(store: Store, generation: int, secret: bytes, anchor: dict | None = None,
-           current: tuple[int, bytes] | None = None, progress: Progress | None = None) -> Verification:
+           current: tuple[int, bytes] | None = None, progress: Stages | None = None) -> Verification:
     """Walk every chain of the audit log and the change journal with the operator's key (generation, secret);
     `current`: the server's key file now, when it can be read (see sinkhole.audit.chain.verify)."""
-    from sinkhole.audit import chain
-
     out = Verification()
     say = out.lines.append
     advance = None

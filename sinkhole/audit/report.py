@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from sinkhole import __version__
+from sinkhole.audit import chain
 from sinkhole.store.db import Store
 
 
@@ -31,8 +32,6 @@ def chain_status(store: Store, key_file: Path | None, server_key: Path | None,
     the CLI's Progress.stage, for a bar over the rows verified."""
     if key_file is None:
         return ChainStatus("not verified", "not verified: no operator key given (--key-file)")
-    from sinkhole.audit import chain
-
     generation, secret = chain.read_key(key_file)  # AuditKeyError (a usage error) when unreadable
     current: tuple[int, bytes] | None = None
     if server_key is not None:

@@ -36,7 +36,7 @@ from typing import Any
 
 from sinkhole.errors import ConfigError
 from sinkhole.policy.names import is_ip_address
-from sinkhole.store.schema import AUDIT_INSERT
+from sinkhole.store.schema import AUDIT_INSERT, iso
 
 log = logging.getLogger(__name__)
 
@@ -205,8 +205,6 @@ def _text(value: object) -> str:
 
 
 def _now_iso() -> str:
-    from sinkhole.store.schema import iso
-
     return iso(time.time())
 
 

@@ -36,6 +36,7 @@ from sinkhole.audit.chain import Chain, default_key_path
 from sinkhole.audit.shipping import Shipper
 from sinkhole.dns import codec
 from sinkhole.model import Action, AuditEvent
+from sinkhole.policy import lists
 from sinkhole.policy.names import client_address, reverse_name
 from sinkhole.store.db import Store
 from sinkhole.store.schema import AUDIT_INSERT, DatabaseError, Seed, iso
@@ -112,8 +113,6 @@ _NO_MAC = (None, None, None)
 
 
 def _shipped_seed() -> Iterable[Seed]:
-    from sinkhole.policy import lists
-
     return lists.seed()
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 
 from sinkhole.cli.common import Env, category_name, complain, pass_env
+from sinkhole.cli.progress import Progress, quiet_option
 from sinkhole.fleet import zone as rpz
-from sinkhole.progress import Progress, quiet_option
 from sinkhole.service import build, systemd
 
 

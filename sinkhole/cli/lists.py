@@ -8,9 +8,9 @@ import click
 
 from sinkhole import operations
 from sinkhole.cli.common import Env, category_name, complain, emit, output_options, pass_env
+from sinkhole.cli.progress import Progress, quiet_option
 from sinkhole.errors import ConfigError
 from sinkhole.policy import lists
-from sinkhole.progress import Progress, quiet_option
 
 
 @click.group("lists")

@@ -27,10 +27,10 @@ from sinkhole.cli.common import (
     pass_env,
     server_key_option,
 )
+from sinkhole.cli.progress import Progress, quiet_option
 from sinkhole.errors import ConfigError, SinkholeError
 from sinkhole.files import guard_output
 from sinkhole.model import Action
-from sinkhole.progress import Progress, quiet_option
 from sinkhole.store.audit import MAX_RETENTION_DAYS
 from sinkhole.store.db import Store
 from sinkhole.store.journal import Actor

@@ -8,8 +8,8 @@ import click
 
 from sinkhole.audit import report as report_mod
 from sinkhole.cli.common import MAX_TOP, Env, parse_when, pass_env, server_key_option
+from sinkhole.cli.progress import Progress, quiet_option
 from sinkhole.files import guard_output, write_private
-from sinkhole.progress import Progress, quiet_option
 from sinkhole.store.audit import STATS_QUERIES
 
 

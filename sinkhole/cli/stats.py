@@ -8,7 +8,7 @@ import shutil
 import click
 
 from sinkhole.cli.common import MAX_TOP, Env, emit, output_options, parse_when, pass_env
-from sinkhole.progress import Progress, quiet_option
+from sinkhole.cli.progress import Progress, quiet_option
 from sinkhole.store.audit import STATS_QUERIES
 
 
