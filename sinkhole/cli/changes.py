@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from sinkhole import operations
 from sinkhole.cli.common import Env, emit, output_options, parse_when, pass_env
+from sinkhole.service import operations
 
 CHANGES_TABLE_COLUMNS = ["time", "id", "user", "sudo_user", "host", "action", "category", "what", "command"]
 CHANGES_COLUMNS = ["id", "time", "user", "sudo_user", "host", "command", "action", "kind", "category", "count",

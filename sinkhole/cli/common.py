@@ -12,11 +12,10 @@ from typing import Any, TypeVar
 
 import click
 
-from sinkhole import operations
 from sinkhole.audit.chain import default_key_path
 from sinkhole.errors import ConfigError, DomainError, ListFormatError, SinkholeError
 from sinkhole.files import check_db_path
-from sinkhole.service import systemd
+from sinkhole.service import operations, systemd
 from sinkhole.store.db import Store, open_store
 from sinkhole.store.schema import DatabaseError, default_db_path
 

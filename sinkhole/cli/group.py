@@ -6,10 +6,10 @@ import json
 
 import click
 
-from sinkhole import operations
 from sinkhole.cli.common import Env, category_name, emit, output_options, pass_env
 from sinkhole.errors import ConfigError
 from sinkhole.policy.decide import GROUP_PREFIX
+from sinkhole.service import operations
 
 
 @click.group("group")

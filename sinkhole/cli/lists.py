@@ -6,11 +6,11 @@ import sys
 
 import click
 
-from sinkhole import operations
 from sinkhole.cli.common import Env, category_name, complain, emit, output_options, pass_env
 from sinkhole.cli.progress import Progress, quiet_option
 from sinkhole.errors import ConfigError
 from sinkhole.policy import lists
+from sinkhole.service import operations
 
 
 @click.group("lists")

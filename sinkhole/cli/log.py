@@ -14,7 +14,6 @@ from typing import ClassVar
 
 import click
 
-from sinkhole import operations
 from sinkhole.audit import chain
 from sinkhole.audit.chain import default_key_path
 from sinkhole.cli.common import (
@@ -31,6 +30,7 @@ from sinkhole.cli.progress import Progress, quiet_option
 from sinkhole.errors import ConfigError, SinkholeError
 from sinkhole.files import guard_output
 from sinkhole.model import Action
+from sinkhole.service import operations
 from sinkhole.store.audit import MAX_RETENTION_DAYS
 from sinkhole.store.db import Store
 from sinkhole.store.journal import Actor

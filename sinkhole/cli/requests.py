@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from sinkhole import operations
 from sinkhole.cli.common import MAX_ID, Env, category_name, emit, output_options, parse_expiry, pass_env
+from sinkhole.service import operations
 
 
 @click.group("requests")

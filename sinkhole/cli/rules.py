@@ -6,10 +6,10 @@ import sys
 
 import click
 
-from sinkhole import operations
 from sinkhole.cli.common import Env, category_name, emit, output_options, parse_expiry, pass_env
 from sinkhole.errors import ConfigError
 from sinkhole.model import RuleKind
+from sinkhole.service import operations
 
 
 def _rule_group(kind: RuleKind, verb: str) -> click.Group:

@@ -1,7 +1,7 @@
 """Paged reads for the web console: a page of the audit log, one row and where it sits, pages of rules and of
 the change journal. SQL over Store's tables (it moves into the store package with them).
 
-A page of the log is the newest `size` rows matching a filter (operations.LogFilter), older than a cursor (the
+A page of the log is the newest `size` rows matching a filter (service.operations.LogFilter), older than a cursor (the
 (time, seq) of the last row shown): keyset paging on the indexes the log has, `time` and `(client, time)`,
 never OFFSET. How the rows are found depends on the filter, so that a page costs well under a second on a log of
 ten million rows whatever it asks:
@@ -21,9 +21,9 @@ from __future__ import annotations
 import sqlite3
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from sinkhole.audit import chain as chains
-from sinkhole.operations import LogFilter
 from sinkhole.policy.names import reverse_name
 from sinkhole.store.audit import client_prefix
 from sinkhole.store.db import Store
@@ -32,6 +32,18 @@ NARROW = 20_000  # rows a name or network may match to be fetched through its ow
 WINDOW = 20_000  # rows of the ordered index per window of a scan, to start with
 WINDOW_MAX = 80_000
 PAGE_MAX = 500
+
+
+class LogFilter(Protocol):
+    """The checked filters of a log query (sinkhole.service.operations.LogFilter parses what a person typed):
+    the fields read here, and all of them as Store.query_log takes them."""
+
+    since: str | None
+    until: str | None
+    client: str | None
+    domain: str | None
+
+    def kwargs(self) -> dict: ...
 
 
 @dataclass

@@ -14,9 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sinkhole import operations
 from sinkhole.model import RuleKind
-from sinkhole.operations import BadValue
+from sinkhole.service import operations
+from sinkhole.service.operations import BadValue
 from sinkhole.store import accounts as acc
 from sinkhole.store import browse
 from sinkhole.store.db import Store

@@ -40,10 +40,10 @@ from urllib.parse import unquote, urlencode, urlsplit
 import jinja2
 from aiohttp import web
 
-from sinkhole import __version__, operations
+from sinkhole import __version__
 from sinkhole.audit import chain, report
 from sinkhole.errors import ConfigError, DomainError, ListFormatError
-from sinkhole.service import build
+from sinkhole.service import build, operations
 from sinkhole.store import browse
 from sinkhole.store.accounts import LOCK_AFTER, LOCK_SECONDS, Accounts, Session, may
 from sinkhole.store.db import Store

@@ -160,7 +160,7 @@ def test_another_clients_answers_wait_for_at_most_one_search_per_distinct_name(d
 def test_the_console_path_shares_the_budget(db, kind):
     """The web console and API add rules through operations.add_rules, as `block add` does."""
     from sinkhole.errors import DomainError
-    from sinkhole.operations import add_rules
+    from sinkhole.service.operations import add_rules
 
     store = Store(db)
     with pytest.raises(DomainError, match="budget"):

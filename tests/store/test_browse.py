@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sinkhole.operations import LogFilter
+from sinkhole.service.operations import LogFilter
 from sinkhole.store import browse
 from sinkhole.store.db import Store
 from sinkhole.store.schema import AUDIT_INSERT, iso
