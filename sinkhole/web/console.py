@@ -50,7 +50,8 @@ from sinkhole.store.db import Store
 from sinkhole.store.schema import iso
 from sinkhole.web import api, sessions
 from sinkhole.web.blockpage import host_of, plain_address
-from sinkhole.web.limits import Gate, Limits, lower_priority
+from sinkhole.web.limits import Gate, Limits
+from sinkhole.web.priority import lower_priority
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import os
 import socket
 import ssl
 import threading
@@ -78,18 +77,6 @@ class Limits:
         return {"keepalive_timeout": self.keepalive, "max_line_size": self.max_line,
                 "max_field_size": self.max_line, "max_headers": self.max_headers, "access_log": None,
                 "logger": http_log}
-
-
-NICE = 10  # the console's threads: a nice value above the process's, so that they yield the CPU to DNS
-
-
-def lower_priority() -> None:
-    """Make the calling thread nicer (Linux schedules each thread by its own nice value), so that the console's
-    rendering, queries and password hashing give way to the DNS event loop on a busy machine."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE)
-    except (OSError, AttributeError):
-        pass
 
 
 def where(sock: socket.socket) -> str:

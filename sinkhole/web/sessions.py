@@ -26,7 +26,7 @@ from collections import OrderedDict
 import argon2
 
 from sinkhole.errors import ConfigError
-from sinkhole.web.limits import lower_priority
+from sinkhole.web.priority import lower_priority
 
 COOKIE = "sinkhole_session"
 LOGIN_COOKIE = "sinkhole_login"  # the login form's double-submit token
