@@ -78,11 +78,7 @@ KNOWN_CYCLES: list[set[str]] = []  # import circles not broken yet
 # (module, imported module) against the layers
 KNOWN_UPWARD: set[tuple[str, str]] = set()
 # (module, imported module or top-level name) inside a function
-KNOWN_LAZY: set[tuple[str, str]] = {
-    ("sinkhole.web.api", "dns"), ("sinkhole.web.api", "ipaddress"), ("sinkhole.web.api", "sinkhole.policy.names"),
-    ("sinkhole.web.api", "sinkhole.service.explain"), ("sinkhole.web.console", "sinkhole.service.metrics"),
-    ("sinkhole.web.console", "sinkhole.web.certs"),
-}
+KNOWN_LAZY: set[tuple[str, str]] = set()
 # (module, library) outside the library's home
 KNOWN_LEAKS: set[tuple[str, str]] = set()
 

@@ -11,11 +11,16 @@ Errors: operations.BadValue, ConfigError, DomainError, ListFormatError -> 400 wi
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from typing import Any
 
+import dns.rdatatype
+
 from sinkhole.model import RuleKind
+from sinkhole.policy.names import normalize
 from sinkhole.service import operations
+from sinkhole.service.explain import explain
 from sinkhole.service.operations import BadValue
 from sinkhole.store import accounts as acc
 from sinkhole.store import browse
@@ -259,13 +264,6 @@ def changes(call: Call, p: Params) -> dict:
 
 
 def check(call: Call, p: Params) -> dict:
-    import ipaddress
-
-    import dns.rdatatype
-
-    from sinkhole.policy.names import normalize
-    from sinkhole.service.explain import explain
-
     name = text(p, "name")
     if not name:
         raise BadValue("name", "give a name")

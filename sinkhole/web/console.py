@@ -43,12 +43,12 @@ from aiohttp import web
 from sinkhole import __version__
 from sinkhole.audit import chain, report
 from sinkhole.errors import ConfigError, DomainError, ListFormatError
-from sinkhole.service import build, operations
+from sinkhole.service import build, metrics, operations
 from sinkhole.store import browse
 from sinkhole.store.accounts import LOCK_AFTER, LOCK_SECONDS, Accounts, Session, may
 from sinkhole.store.db import Store
 from sinkhole.store.schema import iso
-from sinkhole.web import api, sessions
+from sinkhole.web import api, certs, sessions
 from sinkhole.web.blockpage import host_of, plain_address
 from sinkhole.web.limits import Gate, Limits
 from sinkhole.web.priority import lower_priority
@@ -662,8 +662,6 @@ class Console:
             await asyncio.sleep(SAMPLE_EVERY)
 
     async def dashboard(self, request: web.Request, sess: Session, params: dict, as_api: bool) -> Any:
-        from sinkhole.service import metrics
-
         period = api.text(params, "period", "24h") or "24h"
         if period not in PERIODS:
             raise Refused(400, f"period: one of {', '.join(PERIODS)}")
@@ -958,8 +956,6 @@ def describe(path: str, result: dict) -> str:
 def tls_from_config(cfg: Any, db: Path) -> Callable[[str], ssl.SSLContext] | None:
     """The console's TLS: web_cert/web_key when given, else a leaf from the block page's CA for the listen
     address (or web_name), else None: plain HTTP, which only loopback addresses may serve (ConfigError)."""
-    from sinkhole.web import certs
-
     hosts = [h for h, _ in build.web_addresses(cfg)]
     mode = cfg.web.web_tls
     ctx: ssl.SSLContext | None = None
