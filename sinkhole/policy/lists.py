@@ -130,27 +130,38 @@ def _looks_like_record(line: str) -> bool:
     return bool(m) and (m.group(4) is not None or is_ip_address(m.group(6) or ""))
 
 
-def detect_format(text: str) -> str:
+def detect_format(text: str, progress: Advance = None) -> str:
     """What `--format auto` reads a text as: rpz, adblock, hosts or domains.
 
     An RPZ zone has `$ORIGIN`/`$TTL` directives or resource records (`name CNAME .`, an SOA);
     an adblock list has `||name^`, `@@` exceptions, `/regex/` rules, `!` comments or an
-    `[Adblock Plus]` header; a hosts file has lines that start with an address.
+    `[Adblock Plus]` header; a hosts file has lines that start with an address. `progress` is
+    called as lines are looked at, line_count(text) in all (the rest at once when an RPZ line ends
+    the look early).
     """
+    total = line_count(text)
+    reported = 0
+    found = ""
     hosts = adblock = False
-    for raw in text.splitlines():
+    for number, raw in enumerate(text.splitlines(), 1):
+        if progress is not None and number - reported >= PROGRESS_LINES:
+            progress(min(number, total) - reported)
+            reported = min(number, total)
         line = raw.strip()
         if not line or line[0] in "#;":
             continue
         first = line.split()[0]
         address = is_ip_address(first.split("%")[0])
         if _RPZ_DIRECTIVE.match(line) or (not address and _looks_like_record(line)):
-            return "rpz"
+            found = "rpz"
+            break
         if line[0] in "![" or line.startswith(("||", "@@")) or is_regex(first):
             adblock = True
         elif address:
             hosts = True
-    return "adblock" if adblock else "hosts" if hosts else "domains"
+    if progress is not None and total > reported:
+        progress(total - reported)
+    return found or ("adblock" if adblock else "hosts" if hosts else "domains")
 
 
 # ---------------------------------------------------------------------------- hosts, domains, adblock
@@ -522,7 +533,8 @@ def line_count(text: str) -> int:
     return text.count("\n") + (1 if text and not text.endswith("\n") else 0)
 
 
-def parse(text: str, source: str, fmt: str = "auto", progress: Advance = None) -> BlockList:
+def parse(text: str, source: str, fmt: str = "auto", progress: Advance = None,
+          detected: str | None = None) -> BlockList:
     """Parse a list; raise ListFormatError (source, line number, reason) on the first bad line.
 
     Formats: `domains` (one name a line), `hosts` (`0.0.0.0 name ...`), `adblock` (`||name^`,
@@ -530,13 +542,13 @@ def parse(text: str, source: str, fmt: str = "auto", progress: Advance = None) -
     reads an RPZ zone as `rpz` and anything else a line at a time in whichever of the other three
     forms each line has. A `# comment` after an entry is kept as the rule's note (the shipped lists
     cite sources there); `# key: value` lines before the first entry are headers. `progress` is
-    called with the number of lines read since its last call (line_count(text) in all).
+    called with the number of lines read since its last call (line_count(text) in all). `detected`: what
+    detect_format said of this text, when the caller asked it already (to show its own progress).
     """
     if fmt not in FORMATS:
         raise ListFormatError(source, 0, f"unknown list format {fmt!r} (one of {', '.join(FORMATS)})")
     result = BlockList(name=Path(source.rstrip("/")).stem or "list")
-    detected = detect_format(text)
-    result.format = detected if fmt == "auto" else fmt
+    result.format = (detected or detect_format(text)) if fmt == "auto" else fmt
     if result.format == "rpz":
         _parse_rpz(text, source, result, progress)
     else:

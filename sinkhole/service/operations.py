@@ -276,6 +276,16 @@ class ListRead:
         return self.parsed.format  # type: ignore[attr-defined]
 
 
+def _parse(text: str, source: str, fmt: str, progress: Stages | None, prefix: str = "") -> lists.BlockList:
+    """lists.parse with a bar for each pass over the text: the look for its format (`auto` only), then the check
+    of every line."""
+    if progress is None:
+        return lists.parse(text, source, fmt)
+    lines = lists.line_count(text)
+    detected = lists.detect_format(text, progress.stage(f"{prefix}format", lines, "lines")) if fmt == "auto" else None
+    return lists.parse(text, source, fmt, progress.stage(f"{prefix}checking", lines, "lines"), detected)
+
+
 def read_list(source: str, category: str | None = None, fmt: str = "auto", files: bool = True,
               progress: Stages | None = None) -> ListRead:
     """Fetch a list file or http(s) URL and check it whole (ListFormatError names the bad line). `files`: a
@@ -298,8 +308,7 @@ def read_list(source: str, category: str | None = None, fmt: str = "auto", files
     got = read_source(location)
     assert got.body is not None
     text = lists.decode(got.body, source)
-    checking = progress.stage("checking", lists.line_count(text), "lines") if progress is not None else None
-    parsed = lists.parse(text, source, fmt, checking)  # errors name what the user typed
+    parsed = _parse(text, source, fmt, progress)  # errors name what the user typed
     if progress is not None:
         progress.done()
     name = category or parsed.headers.get("category") or default_name
@@ -364,10 +373,8 @@ def update_lists(store: Store, categories: Iterable[str] | None = None, actor: A
                 yield SourceResult(name, location, True, f"unchanged (same content) {location}")
                 continue
             text = lists.decode(got.body, location)
-            checking = storing = None
-            if progress is not None:
-                checking = progress.stage(f"{name}: checking", lists.line_count(text), "lines")
-            parsed = lists.parse(text, location, src["format"] or "auto", checking)
+            storing = None
+            parsed = _parse(text, location, src["format"] or "auto", progress, f"{name}: ")
             _check_regex_budget(store, name, parsed, location)
             if progress is not None:
                 storing = progress.stage(f"{name}: storing", len(parsed.entries) + len(parsed.allows), "rules")

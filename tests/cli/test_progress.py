@@ -84,12 +84,22 @@ def big_list(tmp_path: Path) -> Path:
 def test_lists_import_on_a_terminal_shows_lines_checked_and_rules_stored(db, operator_key, big_list):  # noqa: F811
     frames, out, code = on_terminal(db, "lists", "import", str(big_list), "--category", "extra")
     assert code == 0
+    check_stage(frames, "format", 30_000, "lines")  # --format auto looks at every line first
     check_stage(frames, "checking", 30_000, "lines")
     check_stage(frames, "storing", 30_000, "rules")
+    assert [f["label"].strip() for f in frames] == sorted((f["label"].strip() for f in frames),
+                                                         key=["format", "checking", "storing"].index)
     expected = f"imported 30000 rules (domains) into category extra from {big_list}\n"
     assert out == expected
     plain = piped(db, "lists", "import", str(big_list), "--category", "extra")
     assert (plain.returncode, plain.stdout, plain.stderr) == (0, expected, "")  # piped: nothing extra
+
+
+def test_a_named_format_skips_the_look_for_one(db, operator_key, big_list):  # noqa: F811
+    frames, out, code = on_terminal(db, "lists", "import", str(big_list), "--category", "extra", "--format", "domains")
+    assert code == 0 and out.startswith("imported 30000 rules (domains)")
+    assert {f["label"].strip() for f in frames} == {"checking", "storing"}
+    check_stage(frames, "checking", 30_000, "lines")
 
 
 def test_quiet_draws_nothing_on_a_terminal(db, operator_key, big_list):  # noqa: F811
@@ -103,8 +113,8 @@ def test_a_rejected_list_ends_its_bar_where_it_stopped(tmp_path):
     bad.write_text("".join(f"n{i}.progress-ai.test\n" for i in range(25_000)) + "not a domain!\n")
     frames, out, code = on_terminal(tmp_path / "a.db", "lists", "import", str(bad))
     assert code == 2 and out == ""
-    assert frames and all(f["label"].strip() == "checking" for f in frames)
-    assert frames[-1]["pct"] != "100"  # not drawn as done
+    assert frames and {f["label"].strip() for f in frames} == {"format", "checking"}
+    assert frames[-1]["label"].strip() == "checking" and frames[-1]["pct"] != "100"  # not drawn as done
 
 
 def test_lists_update_on_a_terminal_names_the_category(db, operator_key, big_list):  # noqa: F811
@@ -112,6 +122,7 @@ def test_lists_update_on_a_terminal_names_the_category(db, operator_key, big_lis
     big_list.write_text("".join(f"m{i}.progress-ai.test\n" for i in range(20_000)))
     frames, out, code = on_terminal(db, "lists", "update")
     assert code == 0
+    check_stage(frames, "extra: format", 20_000, "lines")
     check_stage(frames, "extra: checking", 20_000, "lines")
     check_stage(frames, "extra: storing", 20_000, "rules")
     assert out == f"extra: updated, 20000 rules (domains), was 30000 {big_list}\n"

@@ -147,6 +147,28 @@ def closed_port() -> int:
 # ---------------------------------------------------------------------------- formats
 
 
+def test_detect_format_reports_its_progress_as_it_looks_and_every_line_in_all():
+    text = "".join(f"n{i}.example\n" for i in range(3 * lists.PROGRESS_LINES + 5))
+    steps: list[int] = []
+    assert lists.detect_format(text, steps.append) == "domains"
+    assert sum(steps) == lists.line_count(text) and len(steps) >= 3  # it moved while it looked
+    steps.clear()
+    rpz = "$TTL 60\n" + text  # an RPZ directive ends the look at once: the rest is reported whole
+    assert lists.detect_format(rpz, steps.append) == "rpz"
+    assert steps == [lists.line_count(rpz)]
+
+
+def test_parse_looks_for_the_format_only_when_asked_to(monkeypatch):
+    text = "a.example\nb.example\n"
+
+    def looked(*_args, **_kw):
+        raise AssertionError("detect_format called")
+
+    monkeypatch.setattr(lists, "detect_format", looked)
+    assert lists.parse(text, "t.txt", "domains").format == "domains"
+    assert lists.parse(text, "t.txt", "auto", detected="hosts").format == "hosts"  # the caller's look is taken
+
+
 def test_hosts_format_takes_every_name_on_a_sink_line_and_skips_the_preamble():
     text = ("127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\nff02::1 ip6-allnodes\n"
             "0.0.0.0 0.0.0.0\n0.0.0.0 A.ai.example b.ai.example  # two names\n:: c.ai.example\n")
