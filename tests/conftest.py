@@ -188,6 +188,17 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+class Clock:
+    """A clock moved by hand (`clock.now += seconds`), for code that takes one: Pipeline(clock=), Guard(clock=),
+    or a running server's `server.pipeline.clock` set before its first query. Time passes without a sleep."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def wait_for(predicate, timeout: float = 5.0, interval: float = 0.02):
     """Poll `predicate` until it returns something true; return it, or the last value on timeout."""
     deadline = time.monotonic() + timeout
@@ -264,7 +275,7 @@ def server_process(db: Path) -> Iterator:
         p.kill()
 
 
-__all__ = ["RunningServer", "ServerProcess", "ask", "dns", "ede_of", "wait_for"]
+__all__ = ["Clock", "RunningServer", "ServerProcess", "ask", "dns", "ede_of", "wait_for"]
 
 
 def query(db: Path, sql: str, args: tuple = ()) -> list[dict]:

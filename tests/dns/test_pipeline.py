@@ -19,6 +19,7 @@ from sinkhole.dns.pipeline import Pending, Pipeline
 from sinkhole.errors import UpstreamError
 from sinkhole.model import Action, AuditEvent
 from sinkhole.policy.decide import Policy
+from tests.conftest import Clock
 
 CLIENT = "192.0.2.10"
 
@@ -68,14 +69,6 @@ class CountingGuard(Guard):
     def check(self, client: str, proto: str) -> Admission:
         self.checks += 1
         return super().check(client, proto)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def make(rate_limit: float = 0, allow: tuple[str, ...] = ("0.0.0.0/0",), serve_stale: float = 0):
