@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import struct
-import time
 
 import dns.edns
 import dns.flags
@@ -17,7 +16,7 @@ import pytest
 
 from sinkhole.dns import codec
 from sinkhole.dns.cache import Cache, key_of
-from tests.conftest import ask, audit_rows, ede_of
+from tests.conftest import Clock, ask, audit_rows, ede_of, wait_for
 from tests.dnsstub import address_for
 
 
@@ -43,10 +42,12 @@ def test_hit_over_tcp_and_keys_separate_types_and_edns(server, stub):
 
 
 def test_ttl_decreases_while_cached(server, stub):
+    clock = server.server.pipeline.clock = Clock()  # the seconds the cache ages by, moved by hand
     assert ask(server, "ttl.example.test").answer[0].ttl == 300
-    time.sleep(1.1)
-    ttl = ask(server, "ttl.example.test").answer[0].ttl
-    assert 298 <= ttl <= 299
+    clock.now += 1.1
+    assert ask(server, "ttl.example.test").answer[0].ttl == 299
+    clock.now += 150
+    assert ask(server, "ttl.example.test").answer[0].ttl == 149
     assert len(stub.queries("ttl.example.test")) == 1
 
 
@@ -161,18 +162,18 @@ def test_names_differing_only_in_case_share_a_key():
 
 def test_prefetch_refreshes_a_popular_name_before_it_expires(make_server, stub):
     s = make_server(upstream=(stub.address,), cache_max_ttl=2, cache_prefetch=True)
+    clock = s.server.pipeline.clock = Clock()
     s.server.pipeline.cache.prefetch_fraction = 0.5  # refresh in the second half of the 2 s TTL
     assert ask(s, "popular.example.test").answer
     assert len(stub.queries("popular.example.test")) == 1
     assert ask(s, "popular.example.test").answer  # early hit: no refresh
-    time.sleep(1.2)
+    clock.now += 1.2
     s.server.pipeline.cache.prefetch_fraction = 0.01  # the refreshed entry is not due again within this test
     assert ask(s, "popular.example.test").answer  # a hit in the last half: served, and refreshed behind it
-    deadline = time.monotonic() + 3
-    while len(stub.queries("popular.example.test")) < 2 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    # the refresh is counted once its reply is in the cache (the stub seeing its query is before that)
+    assert wait_for(lambda: s.server.pipeline.counts.get("prefetched"), timeout=10)
     assert len(stub.queries("popular.example.test")) == 2
-    time.sleep(1.0)  # past the first entry's expiry: the refreshed entry answers
+    clock.now += 1.0  # past the first entry's expiry: the refreshed entry answers
     assert ask(s, "popular.example.test").answer
     assert len(stub.queries("popular.example.test")) == 2
     counts = s.server.pipeline.counts
@@ -181,10 +182,11 @@ def test_prefetch_refreshes_a_popular_name_before_it_expires(make_server, stub):
 
 def test_without_prefetch_an_expired_entry_is_fetched_again(make_server, stub):
     s = make_server(upstream=(stub.address,), cache_max_ttl=1)
+    clock = s.server.pipeline.clock = Clock()
     assert ask(s, "plain.example.test").answer
-    time.sleep(0.7)
+    clock.now += 0.7
     assert ask(s, "plain.example.test").answer
-    time.sleep(0.5)
+    clock.now += 0.5
     assert ask(s, "plain.example.test").answer
     assert len(stub.queries("plain.example.test")) == 2
     assert "prefetched" not in s.server.pipeline.counts
@@ -234,9 +236,10 @@ def test_without_serve_stale_an_expired_entry_is_dropped():
 def test_serve_stale_keeps_a_name_resolving_while_the_upstream_is_down(make_server, stub, db):
     s = make_server(upstream=(stub.address,), cache_max_ttl=1, cache_serve_stale=60, timeout=0.5,
                     log_queries="all")
+    clock = s.server.pipeline.clock = Clock()
     first = ask(s, "kept.example.test")
     assert first.answer[0][0].to_text() == address_for("kept.example.test")
-    time.sleep(1.1)  # expired
+    clock.now += 1.1  # expired
     stub.silent = True
     r = ask(s, "kept.example.test")
     assert r.rcode() == dns.rcode.NOERROR and r.answer[0][0].to_text() == address_for("kept.example.test")
@@ -257,8 +260,9 @@ def test_serve_stale_keeps_a_name_resolving_while_the_upstream_is_down(make_serv
 
 def test_without_serve_stale_an_outage_gives_servfail_for_expired_names(make_server, stub):
     s = make_server(upstream=(stub.address,), cache_max_ttl=1, timeout=0.5)
+    clock = s.server.pipeline.clock = Clock()
     assert ask(s, "lost.example.test").answer
-    time.sleep(1.1)
+    clock.now += 1.1
     stub.silent = True
     assert ask(s, "lost.example.test").rcode() == dns.rcode.SERVFAIL
 
