@@ -14,7 +14,7 @@ import pytest
 
 from sinkhole.dns.guard import Admission, Guard
 from sinkhole.service.config import DEFAULT_ALLOW, DEFAULT_EXEMPT
-from tests.conftest import ask, wait_for
+from tests.conftest import Clock, ask, wait_for
 from tests.dnsstub import StubResolver, address_for
 
 
@@ -99,9 +99,14 @@ def test_loopback_is_exempt_by_default(make_server, stub):
 
 
 def test_token_bucket_refills():
-    g = Guard(allow_clients=("0.0.0.0/0",), rate_limit=50, rate_limit_burst=2, net_rate_limit=0, exempt=())
+    clock = Clock()
+    g = Guard(allow_clients=("0.0.0.0/0",), rate_limit=50, rate_limit_burst=2, net_rate_limit=0, exempt=(),
+              clock=clock)
     assert [g.check("192.0.2.1", "udp") for _ in range(3)] == [Admission.OK, Admission.OK, Admission.LIMITED]
-    assert wait_for(lambda: g.check("192.0.2.1", "udp") is Admission.OK, timeout=2)
+    clock.now += 0.01  # half a token at 50 a second
+    assert g.check("192.0.2.1", "udp") is Admission.LIMITED
+    clock.now += 0.02  # a whole one more
+    assert [g.check("192.0.2.1", "udp") for _ in range(2)] == [Admission.OK, Admission.LIMITED]
 
 
 # ---------------------------------------------------------------------------- answers
