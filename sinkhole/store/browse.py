@@ -27,6 +27,7 @@ from sinkhole.audit import chain as chains
 from sinkhole.policy.names import reverse_name
 from sinkhole.store.audit import client_prefix
 from sinkhole.store.db import Store
+from sinkhole.store.journal import journal_filter
 
 NARROW = 20_000  # rows a name or network may match to be fetched through its own index and sorted
 WINDOW = 20_000  # rows of the ordered index per window of a scan, to start with
@@ -225,16 +226,7 @@ def journal_page(store: Store, since: str | None = None, until: str | None = Non
                  size: int = 100) -> tuple[list[dict], int | None]:
     """Journal entries newest first, `size` at a time below id `before`; `user` matches the user or sudo user
     (`web:NAME` for the console's accounts), `action` the start of the action (`web`, `block add`)."""
-    where, args = [], []
-    if since:
-        where.append("time >= ?")
-        args.append(since)
-    if until:
-        where.append("time < ?")
-        args.append(until)
-    if user:
-        where.append("(user = ? OR sudo_user = ?)")
-        args += [user, user]
+    where, args = journal_filter(since, until, user)
     if action:
         where.append("(action = ? OR action LIKE ? ESCAPE '\\')")
         args += [action, action.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + " %"]

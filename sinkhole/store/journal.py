@@ -31,6 +31,23 @@ JOURNAL_FIELDS = ["id", "time", "user", "sudo_user", "host", "command", "action"
 log = logging.getLogger(__name__)
 
 
+def journal_filter(since: str | None, until: str | None, user: str | None) -> tuple[list[str], list[object]]:
+    """The WHERE terms (and their arguments) of a journal query: `since` <= time < `until`; `user` matches the
+    OS user or the sudo user (`web:NAME` for the console's accounts)."""
+    where: list[str] = []
+    args: list[object] = []
+    if since:
+        where.append("time >= ?")
+        args.append(since)
+    if until:
+        where.append("time < ?")
+        args.append(until)
+    if user:
+        where.append("(user = ? OR sudo_user = ?)")
+        args += [user, user]
+    return where, args
+
+
 @dataclass(frozen=True)
 class Actor:
     """Who made a change, for the journal."""
@@ -112,16 +129,7 @@ class JournalQueries(Database):
 
     def journal(self, since: str | None = None, until: str | None = None, user: str | None = None) -> list[dict]:
         """Journal entries in id order; `user` matches the OS user or the sudo user."""
-        where, args = [], []
-        if since:
-            where.append("time >= ?")
-            args.append(since)
-        if until:
-            where.append("time < ?")
-            args.append(until)
-        if user:
-            where.append("(user = ? OR sudo_user = ?)")
-            args += [user, user]
+        where, args = journal_filter(since, until, user)
         return list(self.db["journal"].rows_where(" AND ".join(where) or None, args, order_by="id"))
 
     def journal_rows(self) -> Iterator[dict]:
