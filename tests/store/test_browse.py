@@ -93,3 +93,29 @@ def test_a_row_with_its_rule_journal_entry_and_chain_position(tmp_path: Path) ->
     assert one["rule"]["note"] == "ticket 7" and one["rule"]["kind"] == "block"
     assert one["journal"]["id"] == version and one["journal"]["action"] == "block add"
     assert one["chain"] == {"chain": "n#4#abcd", "link": 1234, "epoch": 1, "generation": 4, "mac": "00" * 32}
+
+
+def test_journal_page_filters_by_time_user_sudo_user_and_action_and_pages_below_an_id(tmp_path: Path) -> None:
+    from sinkhole.model import RuleKind
+    from sinkhole.store.journal import Actor
+
+    alice, bob = Actor(user="alice", sudo_user=None), Actor(user="root", sudo_user="bob")
+    with Store(tmp_path / "j.db") as s:
+        s.add_rules(RuleKind.BLOCK, ["a.example"], actor=alice)
+        s.add_rules(RuleKind.ALLOW, ["b.example"], actor=bob)
+        s.add_rules(RuleKind.BLOCK, ["c.example"], actor=bob)
+        every, _ = browse.journal_page(s)
+        assert [e["action"] for e in every] == ["block add", "allow add", "block add"]  # newest first
+
+        def actions(**kw: object) -> list[str]:
+            return [e["action"] for e in browse.journal_page(s, **kw)[0]]
+
+        assert actions(user="alice") == ["block add"]
+        assert actions(user="bob") == ["block add", "allow add"]  # the sudo user counts
+        assert actions(user="root", action="allow") == ["allow add"]
+        assert actions(since="2999-01-01") == [] and actions(until="2000-01-01") == []
+        assert len(actions(since="2000-01-01", until="2999-01-01")) == 3
+        page, more = browse.journal_page(s, size=2)
+        assert len(page) == 2 and more == page[-1]["id"]
+        assert actions(before=more) == ["block add"]
+        assert s.journal(user="bob") == sorted(browse.journal_page(s, user="bob")[0], key=lambda e: e["id"])
