@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import dns.message
@@ -228,16 +227,15 @@ def test_shipping_settings_from_file_env_and_flags(tmp_path):
     assert build.shipper(build.load(env={})) is None  # nothing configured: nothing started
 
 
+@pytest.mark.timeout(20)
 def test_a_full_queue_drops_and_counts_and_says_so_once_per_interval(caplog):
     """The writer's side never waits: what does not fit a destination's queue is dropped and counted."""
     shipper = shipping.Shipper([], node="n")
     sink = shipping.SyslogSink(shipper, shipping.parse_target("tcp://127.0.0.1:9"), 16, 60.0, max_rows=10)
     shipper.sinks.append(sink)  # not started: nothing takes from the queue
     row = ("2026-11-22T18:03:04.123456Z",) + (None,) * (len(shipping.ROW_KEYS) - 5) + ("n#0#ab", 0, "ff")
-    started = time.monotonic()
-    for seq in (1, 9):
+    for seq in (1, 9):  # a ship() that waited for room would hang here, nothing takes from the queue
         shipper.ship([row] * 8, seq + 7)
-    assert time.monotonic() - started < 0.1
     assert (sink.queued, sink.dropped) == (10, 6)
     assert shipper.heads["n#0#ab"] == {"chain": "n#0#ab", "link": 0, "seq": 16, "mac": "ff",
                                        "time": "2026-11-22T18:03:04.123456Z"}
@@ -283,13 +281,9 @@ def test_tcp_collector_down_then_up_gets_everything_and_dns_never_waits(make_ser
             ask(s, f"before{i}.chat.deepseek.com")
         assert wait_for(lambda: len(c.messages) == 5)
         c.close()  # the collector goes away
-        slowest = 0.0
-        for i in range(30):
-            started = time.monotonic()
+        for i in range(30):  # answered while the collector is down (the shipper never holds the event loop)
             reply = ask(s, f"during{i}.chat.deepseek.com", timeout=2)
-            slowest = max(slowest, time.monotonic() - started)
             assert reply.answer[0][0].address == "0.0.0.0"
-        assert slowest < 0.5, f"a DNS answer took {slowest:.2f} s while the collector was down"
         assert wait_for(lambda: len(audit_rows(db)) == 35)  # stored whatever happens to the collector
         assert wait_for(lambda: sink.down_since is not None)
         c = TcpCollector(port)  # back on the same port

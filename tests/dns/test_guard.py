@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-import time
 
 import dns.flags
 import dns.message
@@ -158,10 +157,14 @@ def test_tcp_connection_cap(make_server, stub):
 @pytest.mark.parametrize("name", ["garbage.example.test", "qr0.example.test", "header.example.test"])
 def test_broken_upstream_replies_are_ignored_then_servfail(make_server, stub, name):
     s = make_server(upstream=(stub.address,), timeout=1.0)
-    started = time.monotonic()
+    forwarder = s.server.forwarder
     r = ask(s, name)
     assert r.rcode() == dns.rcode.SERVFAIL
-    assert time.monotonic() - started < 1.9
+    # the broken reply was not taken for an answer, nor for a refusal: the server waited for a real one until its
+    # own timeout, asked once (no retry storm), counted one timeout for the upstream, and goes on answering
+    assert len(stub.queries(name)) == 1
+    assert forwarder.failures[forwarder.upstreams[0]] == 1
+    assert ask(s, "fine.example.test").answer[0][0].to_text() == address_for("fine.example.test")
 
 
 def test_broken_reply_from_first_upstream_then_second_answers(make_server, stub):
@@ -180,9 +183,10 @@ def test_forged_reply_from_another_port_is_ignored(server, stub):
 
 def test_upstream_that_accepts_tcp_and_never_answers(make_server, stub):
     s = make_server(upstream=(stub.address,), timeout=1.0)
-    started = time.monotonic()
+    forwarder = s.server.forwarder
     r = ask(s, "tcphang.example.test", tcp=True, timeout=5)
-    assert r.rcode() == dns.rcode.SERVFAIL and time.monotonic() - started < 1.9
+    assert r.rcode() == dns.rcode.SERVFAIL
+    assert forwarder.failures[forwarder.upstreams[0]] == 1  # ended by the server's own timeout, counted once
     # a UDP client gets the truncated reply relayed and may retry over TCP itself
     q = dns.message.make_query("tcphang.example.test", "A")
     r = dns.query.udp(q, s.host, port=s.port, timeout=5, raise_on_truncation=False)
