@@ -35,10 +35,9 @@ import dns.query
 import dns.rcode
 
 from tests.conftest import free_ports
-from tests.resolvers import ResolverProcess
+from tests.resolvers import UNBOUND, ResolverProcess, unbound_server
 
 NSD = shutil.which("nsd") or shutil.which("nsd", path="/usr/sbin:/sbin")
-UNBOUND = shutil.which("unbound") or shutil.which("unbound", path="/usr/sbin:/sbin")
 KEYGEN = shutil.which("ldns-keygen")
 SIGNZONE = shutil.which("ldns-signzone")
 P = TypeVar("P", bound=ResolverProcess)
@@ -187,29 +186,12 @@ class Unbound(ResolverProcess):
         else:
             zones = f'forward-zone:\n    name: "."\n    forward-addr: {upstream}\n'
         insecure_lines = "".join(f'    domain-insecure: "{z}"\n' for z in insecure)
-        self.conf.write_text(f"""server:
-    interface: 127.0.0.1
-    port: {port}
-    do-ip6: no
-    do-not-query-localhost: no
-    username: ""
-    chroot: ""
-    directory: "{directory}"
-    pidfile: "{directory}/unbound.pid"
-    use-syslog: no
-    logfile: ""
-    verbosity: 1
-    val-log-level: 2
-    num-threads: 1
-    so-reuseport: no
-    access-control: 127.0.0.0/8 allow
-    module-config: "validator iterator"
+        validating = f"""    val-log-level: 2
     trust-anchor: "{anchor}"
-{insecure_lines}    qname-minimisation: no
-    minimal-responses: yes
-    local-zone: "test." nodefault
+{insecure_lines}    minimal-responses: yes
     prefetch: no
-{extra}{zones}""")
+{extra}"""
+        self.conf.write_text(unbound_server(directory, port, modules="validator iterator", extra=validating) + zones)
         super().__init__([str(UNBOUND), "-d", "-c", str(self.conf)], port, directory / "unbound.log")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -9,6 +10,34 @@ import dns.exception
 import dns.message
 import dns.query
 import dns.rcode
+
+UNBOUND = shutil.which("unbound") or shutil.which("unbound", path="/usr/sbin:/sbin")
+
+
+def unbound_server(directory: Path, port: int, *, interfaces: tuple[str, ...] = ("127.0.0.1",),
+                   modules: str = "iterator", extra: str = "") -> str:
+    """The `server:` clause every test's Unbound starts with, then `extra` (more indented `server:` lines): a plain
+    process (no chroot, no user change, files in `directory`) on loopback, one thread, loopback clients only, that
+    queries loopback servers and lets the "test." names through to them (a default local zone, RFC 6761)."""
+    listen = "".join(f"    interface: {i}\n" for i in interfaces)
+    return f"""server:
+{listen}    port: {port}
+    do-ip6: no
+    do-not-query-localhost: no
+    username: ""
+    chroot: ""
+    directory: "{directory}"
+    pidfile: "{directory}/unbound.pid"
+    use-syslog: no
+    logfile: ""
+    verbosity: 1
+    num-threads: 1
+    so-reuseport: no
+    access-control: 127.0.0.0/8 allow
+    module-config: "{modules}"
+    qname-minimisation: no
+    local-zone: "test." nodefault
+{extra}"""
 
 
 class ResolverProcess:

@@ -28,10 +28,10 @@ from sinkhole.dns import codec
 from sinkhole.dns.upstream import Forwarder, parse_upstream
 from tests.conftest import ask, free_ports
 from tests.dnsstub import StubResolver, address_for
+from tests.resolvers import UNBOUND, unbound_server
 
-UNBOUND = shutil.which("unbound") or "/usr/sbin/unbound"
 OPENSSL = shutil.which("openssl")
-pytestmark = pytest.mark.skipif(not (Path(UNBOUND).exists() and OPENSSL),
+pytestmark = pytest.mark.skipif(not (UNBOUND and OPENSSL),
                                 reason="needs unbound and openssl (apt-get install unbound openssl)")
 
 
@@ -110,33 +110,14 @@ class Unbound:
     def _start(self, d: Path, stub: StubResolver, key: Path, pem: Path) -> None:
         self.plain, self.tls, self.https = free_ports(3)
         conf = d / "unbound.conf"
-        conf.write_text(f"""
-server:
-    interface: 127.0.0.1@{self.plain}
-    interface: 127.0.0.1@{self.tls}
-    interface: 127.0.0.1@{self.https}
-    tls-port: {self.tls}
+        tls = f"""    tls-port: {self.tls}
     https-port: {self.https}
     http-endpoint: "/dns-query"
     tls-service-key: "{key}"
     tls-service-pem: "{pem}"
-    port: {self.plain}
-    do-ip6: no
-    username: ""
-    chroot: ""
-    directory: "{d}"
-    pidfile: "{d}/unbound.pid"
-    use-syslog: no
-    logfile: ""
-    verbosity: 1
-    num-threads: 1
-    so-reuseport: no
-    do-not-query-localhost: no
-    module-config: "iterator"
-    qname-minimisation: no
-    access-control: 127.0.0.0/8 allow
-    local-zone: "test." nodefault  # a default local zone (RFC 6761): let it through to the stub
-forward-zone:
+"""
+        listen = tuple(f"127.0.0.1@{p}" for p in (self.plain, self.tls, self.https))
+        conf.write_text(unbound_server(d, self.plain, interfaces=listen, extra=tls) + f"""forward-zone:
     name: "."
     forward-addr: 127.0.0.1@{stub.port}
 """)

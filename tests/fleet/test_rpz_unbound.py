@@ -7,7 +7,6 @@ test stub. A `sinkhole block add` must reach Unbound's answers within seconds, a
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -17,9 +16,8 @@ from sinkhole.store.db import Store
 from tests.conftest import free_ports, wait_for
 from tests.dnsstub import address_for
 from tests.fleet.test_rpz import run
-from tests.resolvers import ResolverProcess
+from tests.resolvers import UNBOUND, ResolverProcess, unbound_server
 
-UNBOUND = shutil.which("unbound") or shutil.which("unbound", path="/usr/sbin:/sbin")
 ZONE = "rpz.sinkhole."
 
 pytestmark = pytest.mark.skipif(UNBOUND is None, reason="unbound not installed (apt-get install unbound; .ci/run does)")
@@ -28,25 +26,7 @@ pytestmark = pytest.mark.skipif(UNBOUND is None, reason="unbound not installed (
 class Unbound(ResolverProcess):
     def __init__(self, work: Path, port: int, rpz_port: int, stub_port: int) -> None:
         self.conf = work / "unbound.conf"
-        self.conf.write_text(f"""server:
-    interface: 127.0.0.1
-    port: {port}
-    do-ip6: no
-    do-not-query-localhost: no
-    username: ""
-    chroot: ""
-    directory: "{work}"
-    pidfile: "{work}/unbound.pid"
-    use-syslog: no
-    logfile: ""
-    verbosity: 1
-    num-threads: 1
-    so-reuseport: no
-    access-control: 127.0.0.0/8 allow
-    module-config: "respip iterator"
-    qname-minimisation: no
-    local-zone: "test." nodefault
-rpz:
+        self.conf.write_text(unbound_server(work, port, modules="respip iterator") + f"""rpz:
     name: "{ZONE}"
     primary: 127.0.0.1@{rpz_port}
     zonefile: "{work}/rpz.sinkhole.zone"
