@@ -7,6 +7,8 @@ divided by N: start-up cancels out), which does not depend on the load. `make be
 server. Measures, asserts nothing.
     .venv/bin/python bench/hotpath.py [--rounds 7] [--n 200000] [--only SHAPE]
     .venv/bin/python bench/hotpath.py --instructions [--n 5000] [--only SHAPE]
+With --audit the audit log is on (mode "blocked", as `serve` runs by default): blocked shapes then also pay for
+their audit event and its queueing; the writer thread is not started and the queue is emptied between rounds.
 """
 
 from __future__ import annotations
@@ -51,11 +53,14 @@ SHAPES = {
 }
 
 
-def pipeline(tmp: str):
-    """A pipeline as `serve` builds it (rate limits off: the bench is one client), over 1,000 block rules."""
+def pipeline(tmp: str, audited: int = 0):
+    """A pipeline as `serve` builds it (rate limits off: the bench is one client), over 1,000 block rules; with
+    `audited`, the audit log on and room in its queue for that many rows (below a tenth of it: no slow-down)."""
     cfg = build.load(env={}, flags={"upstream": ("127.0.0.1:9",), "rate_limit": 0, "rate_limit_net": 0})
     policy = Policy([(f"r{i}.example", RuleKind.BLOCK.value, "bench") for i in range(1000)], version=1)
-    audit = AuditLog(Path(tmp) / "a.db", "bench", "none", seed=None)  # not started: nothing is written
+    # not started: nothing is written
+    audit = AuditLog(Path(tmp) / "a.db", "bench", "blocked" if audited else "none", queue_size=11 * audited or 100,
+                     seed=None)
     return build.pipeline(cfg, lambda: policy, Forwarder([Upstream("127.0.0.1", 9)]), audit)
 
 
@@ -78,7 +83,8 @@ def instructions(args: argparse.Namespace) -> None:
         counts = []
         for n in (args.n, 2 * args.n):
             run = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
-                                  __file__, "--rounds", "1", "--n", str(n), "--only", name],
+                                  __file__, "--rounds", "1", "--n", str(n), "--only", name,
+                                  *(["--audit"] if args.audit else [])],
                                  capture_output=True, text=True, check=True,
                                  env={**os.environ, "PYTHONHASHSEED": "0"})  # the same dict layouts every run
             counts.append(int(re.search(r"Collected : (\d+)", run.stderr).group(1)))
@@ -91,6 +97,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=None, help="calls per round [200000; 5000 with --instructions]")
     ap.add_argument("--only", default=None, help="one shape (a prefix of its name)")
     ap.add_argument("--instructions", action="store_true", help="count instructions with valgrind's callgrind")
+    ap.add_argument("--audit", action="store_true", help="with the audit log on (mode blocked)")
     args = ap.parse_args()
     if args.instructions:
         args.n = args.n or 5000
@@ -98,9 +105,10 @@ def main() -> None:
         return
     args.n = args.n or 200_000
     with tempfile.TemporaryDirectory() as tmp:
-        p = pipeline(tmp)
+        p = pipeline(tmp, args.n if args.audit else 0)
         hit_q = cache_hit(p)
-        print(f"{'shape':24} median ns/begin over {args.rounds} rounds of {args.n}")
+        print(f"{'shape':24} median ns/begin over {args.rounds} rounds of {args.n}, audit log "
+              f"{'on' if args.audit else 'off'}")
         for name, make in SHAPES.items():
             if args.only and not name.startswith(args.only):
                 continue
@@ -114,6 +122,7 @@ def main() -> None:
                 for i in range(args.n):
                     begin(packets[i % k], "127.0.0.1", "udp")
                 results.append((time.perf_counter_ns() - t) / args.n)
+                p.audit._queue._items.clear()  # what the writer would take, outside the timing (no writer here)
             print(f"{name:24} {statistics.median(results):8.0f}  (min {min(results):.0f})")
 
 

@@ -23,13 +23,14 @@ from pathlib import Path
 
 from common import Sinkhole, Unbound, dnsperf, need
 
-LABELS = ["chat", "api", "www", "cdn", "static", "app", "m"]
+from bench import blocked_domains, blocked_name, qtype
 
 
 def names(load: str, n: int = 100_000) -> list[str]:
     rnd = random.Random(5)
-    if load == "blocked":
-        return [f"{rnd.choice(LABELS)}.deepseek.com A" for _ in range(n)]
+    if load == "blocked":  # make bench's load (a): the shipped lists' names, most of them new to the answer memos
+        domains = blocked_domains()
+        return [f"{blocked_name(rnd, domains)} {qtype(rnd)}" for _ in range(n)]
     if load == "hot":
         return [f"h{rnd.randrange(200)}.example.test A" for _ in range(n)]
     return [f"u{i}.example.test A" for i in range(n)]
@@ -45,7 +46,7 @@ def summarize(raw: str, top: int) -> str:
         if not stack or not count.isdigit():
             continue
         frames = stack.split(";")
-        thread = "audit writer" if any("audit.py" in f and "_run" in f for f in frames) else (
+        thread = "audit writer" if any("audit/writer.py" in f and "_run" in f for f in frames) else (
             "shipping" if any("shipping.py" in f for f in frames) else "event loop / other")
         n = int(count)
         total[thread] += n
