@@ -126,6 +126,11 @@ class Pipeline:
         if query.qtype in answer.TRANSFERS:
             outcome, reply = answer.transfer_refused(query, verdict, policy.version, group.name)
             return self._done(outcome, reply, client, proto, wire)
+        return self._cached(query, verdict, policy, group, client, proto, wire)
+
+    def _cached(self, query: Query, verdict: Verdict, policy: Policy, group: Group, client: str, proto: str,
+                wire: bytes) -> bytes | Pending:
+        """The cache's answer for an allowed query, or a Pending forward when it has none."""
         key, ecs = self._cache_key(query, client, group, policy)
         hit = self.cache.lookup(key, query, self.clock())
         if hit is None:
