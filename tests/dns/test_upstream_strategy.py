@@ -120,10 +120,9 @@ def test_failover_keeps_the_configured_order(make_server):
 
 def test_parallel_answers_from_the_live_upstream_without_waiting_for_the_silent_one(make_server):
     with StubResolver(silent=True) as dead, StubResolver() as live:
-        s = make_server(upstream=(dead.address, live.address), upstream_strategy="parallel", timeout=2.0)
-        started = time.monotonic()
-        r = ask(s, "p.example.test")
-        assert time.monotonic() - started < 0.5, "failover would have waited 1 s for the silent one"
+        # failover would give the silent one half of 20 s, past the client's patience of 3 s
+        s = make_server(upstream=(dead.address, live.address), upstream_strategy="parallel", timeout=20.0)
+        r = ask(s, "p.example.test", timeout=3)
         assert r.answer[0][0].to_text() == address_for("p.example.test")
         assert live.queries("p.example.test")
         # the silent stub's thread records the query on its own schedule: give it a moment

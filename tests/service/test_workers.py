@@ -9,7 +9,6 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import dns.message
@@ -54,13 +53,12 @@ def test_a_policy_change_reaches_every_worker(server_process, stub, db):
     assert answer(p.port, "www.new-rule.test") == address_for("www.new-rule.test")
     subprocess.run([sys.executable, "-m", "sinkhole", "--db", str(db), "block", "add", "new-rule.test"],
                    check=True, capture_output=True)
-    deadline = time.monotonic() + 1.0
 
     def all_blocked() -> bool:
         # 20 queries from 20 source ports: both workers get some
         return all(answer(p.port, f"h{i}.new-rule.test") == "0.0.0.0" for i in range(20))
 
-    assert wait_for(all_blocked, timeout=max(0.0, deadline - time.monotonic()))
+    assert wait_for(all_blocked)  # how soon: make bench's reload runs, not a clock here
 
 
 def test_a_dead_worker_is_replaced(server_process, stub):
