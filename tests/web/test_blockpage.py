@@ -279,8 +279,8 @@ def test_one_address_cannot_take_every_connection(page, ca) -> None:
     def served() -> bool:
         try:
             return fetch(page, "chat.deepseek.com", ca=ca)[0].status == 403
-        except (ConnectionError, ssl.SSLError):  # still over the cap: the server has not seen them close yet
-            return False
+        except (OSError, http.client.HTTPException):  # still over the cap: the server has not seen them close yet
+            return False  # (reset, TLS cut short, or the reply cut off: whichever the machine's timing gives)
 
     assert wait_for(served, timeout=10.0)
 
