@@ -214,6 +214,7 @@ def enable_list(store: Store, category: str, actor: Actor | None = None) -> tupl
         if category not in shipped:
             raise ConfigError(f"no category {category!r}: see `sinkhole lists show`")
         source, bl = shipped[category]
+        _check_regex_budget(store, category, bl, source)  # a shipped list is held to the budget as an import is
         loaded = store.replace_category(category, bl.entries, source, actor=actor)
     changed = store.set_enabled(category, True, actor=actor)
     return changed or loaded is not None, loaded, source

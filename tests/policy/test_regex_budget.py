@@ -5,8 +5,11 @@ list in force); a policy remembers each name's regex outcome, so a name asked ag
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import socket
+import subprocess
 
 import dns.message
 import dns.query
@@ -19,7 +22,7 @@ from sinkhole.policy.decide import Policy
 from sinkhole.policy.regexcost import REGEX_BUDGET, REGEX_PROGRAM_MAX, REGEX_RULES_MAX
 from sinkhole.store.db import Store
 from tests.dnsstub import address_for
-from tests.policy.test_regex_rules import sinkhole
+from tests.policy.test_regex_rules import SINKHOLE, sinkhole
 
 
 def heavy(i: int) -> str:
@@ -171,3 +174,23 @@ def test_the_console_path_shares_the_budget(db, kind):
 
 def test_measure_helper_matches_policy():
     assert lists.regex_size(heavy(1)) == decide.compile_regex(heavy(1)[1:-1]).programsize
+
+
+def test_a_shipped_list_past_the_budget_with_the_stored_rules_is_refused_at_enable(db, tmp_path):
+    half = fitting() // 2 + 1  # each half fits alone, the two together do not
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    (shipped / "base.txt").write_text("# sinkhole blocklist\n# category: base\nbase.example\n")
+    (shipped / "heavy.txt").write_text("# sinkhole blocklist\n# category: heavy\n# default: off\n"
+                                       + "\n".join(heavy(i) for i in range(half)) + "\n")
+    env = {**os.environ, "SINKHOLE_BLOCKLISTS": str(shipped)}
+    run = functools.partial(subprocess.run, capture_output=True, text=True, timeout=60, env=env)
+    added = run([SINKHOLE, "--db", str(db), "block", "add", *(heavy(5000 + i) for i in range(half))])
+    assert added.returncode == 0, added.stderr
+    result = run([SINKHOLE, "--db", str(db), "lists", "enable", "heavy"])
+    assert result.returncode == 2, result.stderr
+    over = fitting() - half + 1  # the first of the list's patterns that does not fit, after three header lines
+    assert len(result.stderr.splitlines()) == 1 and f"heavy.txt:{over + 3}:" in result.stderr, result.stderr
+    assert len(Store(db).regex_rules()) == half  # nothing of the list loaded
+    shown = run([SINKHOLE, "--db", str(db), "lists", "show", "--format", "json"]).stdout
+    assert '"enabled": "no"' in next(line for line in shown.splitlines() if '"heavy"' in line)
