@@ -84,6 +84,9 @@ SINKHOLE_ENV = {"SINKHOLE_RATE_LIMIT": "0", "SINKHOLE_RATE_LIMIT_NET": "0"}
 MILLION = 1_000_000
 THOUSAND = 1_000
 NO_LOG = "sinkhole log none"
+PURE = "sinkhole pure"  # SINKHOLE_PURE=1: the pure-Python twin of the compiled fast path (sinkhole.dns.fast)
+NO_AGGREGATION = "sinkhole window 0"  # audit_window 0: one audit row per answer (load (a) only)
+A_ONLY = (NO_LOG, NO_AGGREGATION)
 PROBE = "reload-probe.test"
 
 
@@ -181,13 +184,17 @@ class Servers:
                 print(f"bench: stopping: {exc}", file=sys.stderr)
 
 
-def sinkhole_workers_option() -> bool:
+def serve_help() -> str:
     exe = Path(sys.executable).parent / "sinkhole"
-    out = subprocess.run([str(exe), "serve", "--help"], capture_output=True, text=True, timeout=30).stdout
-    return "--workers" in out
+    return subprocess.run([str(exe), "serve", "--help"], capture_output=True, text=True, timeout=30).stdout
 
 
-def start_sinkhole(work: Path, name: str, upstream: int, extra: list[str], servers: Servers) -> None:
+def sinkhole_workers_option() -> bool:
+    return "--workers" in serve_help()
+
+
+def start_sinkhole(work: Path, name: str, upstream: int, extra: list[str], servers: Servers,
+                   env: dict[str, str] | None = None) -> None:
     """A fresh database (it seeds the shipped lists), audit log on; ready once the port answers DNS.
 
     --log-level info, not warning: the audit check reads the 'stopped: ... blocked N; audit rows
@@ -195,7 +202,7 @@ def start_sinkhole(work: Path, name: str, upstream: int, extra: list[str], serve
     """
     sink = Sinkhole(work / f"{name.replace(' ', '')}.db",
                     ["--upstream", f"127.0.0.1:{upstream}", "--log-level", "info", *extra],
-                    env=SINKHOLE_ENV, ready_line=None)
+                    env={**SINKHOLE_ENV, **(env or {})}, ready_line=None)
 
     def make() -> Sinkhole:
         try:
@@ -304,12 +311,17 @@ def audit_check(name: str, sink: Sinkhole) -> dict:
     counts = sink.counts()
     conn = sqlite3.connect(sink.db)
     try:
-        rows = conn.execute("SELECT count(*) FROM audit WHERE action = 'blocked'").fetchone()[0]
+        columns = {r[1] for r in conn.execute("PRAGMA table_info(audit)")}
+        # a row with a count stands for that many identical answers (audit_window): completeness is the sum
+        what = "coalesce(sum(coalesce(count, 1)), 0)" if "count" in columns else "count(*)"
+        rows = conn.execute(f"SELECT {what} FROM audit WHERE action = 'blocked'").fetchone()[0]
+        stored = conn.execute("SELECT count(*) FROM audit WHERE action = 'blocked'").fetchone()[0]
     finally:
         conn.close()
     stopped_lines = sum("stopped:" in line for line in sink.lines)
     blocked = counts.get("blocked")
     return {"server": name, "exit_code": code, "blocked_answers": blocked, "audit_rows_blocked": rows,
+            "audit_rows_stored": stored,
             "audit_written": counts.get("audit_written"), "audit_dropped": counts.get("audit_dropped"),
             "equal": blocked == rows, "stopped_lines": stopped_lines, "server_counts": counts}
 
@@ -505,18 +517,23 @@ def fmt(value: float | None, spec: str) -> str:
 
 
 def table(summary: dict[str, dict[str, dict]]) -> str:
-    head = (f"{'load':<16}{'server':<20}{'qps':>9}{'q/CPU-s':>9}{'avg ms':>8}{'p50 ms':>8}{'p99 ms':>8}"
-            f"{'RSS MiB':>9}{'lost':>7}{'not OK':>8}{'/dnsmasq':>10}{'/unbound-2t':>12}")
+    head = (f"{'load':<16}{'server':<22}{'qps':>9}{'q/CPU-s':>9}{'avg ms':>8}{'p50 ms':>8}{'p99 ms':>8}"
+            f"{'RSS MiB':>9}{'lost':>7}{'not OK':>8}{'/dnsmasq':>10}{'/unbound-2t':>12}{'CPU /dnsmasq':>14}"
+            f"{'CPU /unb-2t':>13}")
     lines = [head, "-" * len(head)]
     for load, label in LOADS.items():
         rows = summary.get(load, {})
         base = {k: (rows.get(k) or {}).get("qps") for k in ("dnsmasq", "unbound-2t")}
+        cpu = {k: (rows.get(k) or {}).get("q_per_cpu_s") for k in ("dnsmasq", "unbound-2t")}
         for name, s in rows.items():
             ratios = ""
             if name.startswith("sinkhole"):
                 ratios = "".join(f"{s['qps'] / b:>{w}.2f}x" if b and s["qps"] else f"{'-':>{w + 1}}"
                                  for b, w in ((base["dnsmasq"], 9), (base["unbound-2t"], 11)))
-            lines.append(f"{f'({load}) {label}':<16}{name:<20}"
+                # the same ratios in queries per CPU-second of the server's processes (its audit writer included)
+                ratios += "".join(f"{s['q_per_cpu_s'] / b:>{w}.2f}x" if b and s["q_per_cpu_s"] else f"{'-':>{w + 1}}"
+                                  for b, w in ((cpu["dnsmasq"], 13), (cpu["unbound-2t"], 12)))
+            lines.append(f"{f'({load}) {label}':<16}{name:<22}"
                          f"{fmt(s['qps'], ',.0f'):>9}{fmt(s['q_per_cpu_s'], ',.0f'):>9}"
                          f"{fmt(s['avg_ms'], '.2f'):>8}{fmt(s['p50_ms'], '.2f'):>8}{fmt(s['p99_ms'], '.2f'):>8}"
                          f"{s['peak_rss_mib']:>9.1f}{s['lost']:>7}{s['not_ok']:>8}{ratios}")
@@ -646,6 +663,9 @@ def run(args: argparse.Namespace, work: Path, servers: Servers) -> dict:
     start_sinkhole(work, NO_LOG, up, ["--log-queries", "none"], servers)
     if workers:
         start_sinkhole(work, "sinkhole --workers 1", up, ["--workers", "1"], servers)
+    start_sinkhole(work, PURE, up, [], servers, env={"SINKHOLE_PURE": "1"})
+    if "--audit-window" in serve_help():  # aggregation off: one row per answer, measured on load (a) only
+        start_sinkhole(work, NO_AGGREGATION, up, ["--audit-window", "0"], servers)
     servers.add("dnsmasq", lambda: Dnsmasq(work, up, domains).start())
     for threads in (1, 2):
         body = unbound_forwarder_body(up, domains)
@@ -678,7 +698,7 @@ def run(args: argparse.Namespace, work: Path, servers: Servers) -> dict:
         for load in LOADS:
             for name in names:
                 server = servers.by_name[name]
-                if name == NO_LOG and load != "a":
+                if name in A_ONLY and load != "a":
                     continue
                 if not alive(name):
                     continue
@@ -696,7 +716,7 @@ def run(args: argparse.Namespace, work: Path, servers: Servers) -> dict:
     for load in "ab":
         for name in names:
             server = servers.by_name[name]
-            if name == NO_LOG or not alive(name):
+            if name in A_ONLY or not alive(name):
                 continue
             if load == "b":
                 warm(server.port, hot)
@@ -746,13 +766,16 @@ def run(args: argparse.Namespace, work: Path, servers: Servers) -> dict:
     for name, why in servers.failed.items():
         print(f"NOT MEASURED {name}: {why}")
     for a in audits:
-        print(f"audit check {a['server']}: blocked answers {a['blocked_answers']}, audit rows {a['audit_rows_blocked']}"
-              f" (written {a['audit_written']}, dropped {a['audit_dropped']}): "
+        print(f"audit check {a['server']}: blocked answers {a['blocked_answers']}, answers in the audit log (sum of "
+              f"counts) {a['audit_rows_blocked']} in {a['audit_rows_stored']} rows (written {a['audit_written']}, "
+              f"dropped {a['audit_dropped']}): "
               f"{'EQUAL' if a['equal'] else 'NOT EQUAL'}; exit code {a['exit_code']}")
-    on, off = (summary.get("a", {}).get(n, {}).get("qps") for n in ("sinkhole", NO_LOG))
-    if on and off:
-        print(f"audit log cost, load (a): {on:,.0f} q/s with the audit log, {off:,.0f} q/s without "
-              f"({100 * (1 - on / off):.0f}% fewer with it)")
+    for key, unit in (("qps", "q/s"), ("q_per_cpu_s", "q/CPU-s")):
+        on, off, zero = (summary.get("a", {}).get(n, {}).get(key) for n in ("sinkhole", NO_LOG, NO_AGGREGATION))
+        if on and off:
+            print(f"audit log cost, load (a): {on:,.0f} {unit} with the audit log, {off:,.0f} without "
+                  f"({100 * (1 - on / off):.0f}% fewer with it)"
+                  + (f"; {zero:,.0f} with one row per answer (audit_window 0)" if zero else ""))
     if million is not None:
         print(million_text(million))
     return {
