@@ -12,7 +12,8 @@ chain keys live only in the writer's memory and are forgotten as they evolve.
 
 canonical(row) is JSON of every stored column but `seq` and `mac` (including `chain` and `link`). `seq` is
 left out because SQLite assigns it at insert and several chains share it; the order within a chain is
-`link`, which is covered.
+`link`, which is covered. Columns added later are appended only when they hold something else than what
+older rows hold (EXTRA_COLUMNS when set, `count` when not 1), so rows sealed before them still verify.
 
 An auditor holding an earlier key (the operator's copy, `sinkhole log anchor --export-key`) evolves it to
 each chain's generation and walks every chain: `verify`.
@@ -66,6 +67,10 @@ MAC_COLUMNS: list[tuple[str, type]] = [
 # columns added in schema version 4: appended to the MAC input when any is set, so that rows written
 # before them still verify, and a value set or cleared later still breaks the MAC
 EXTRA_COLUMNS: list[tuple[str, type]] = [("grp", str), ("asked", str), ("list", str)]
+# schema version 6: how many answers a row stands for. A row of count 1 (every row written before it) is sealed as
+# before; any other count is appended after the EXTRA_COLUMNS (all three, set or not), so the MAC input of a row
+# with a count is one value longer than any without, and a count changed either way breaks the MAC
+COUNT = "count"
 
 
 class AuditKeyError(ConfigError):
@@ -228,8 +233,12 @@ def normalized(row: dict) -> list[object]:
         v = row.get(name)
         out.append(None if v is None else kind(v))
     extras = [row.get(name) for name, _ in EXTRA_COLUMNS]
-    if any(v is not None for v in extras):
+    count = row.get(COUNT)
+    counted = count is not None and count != 1
+    if counted or any(v is not None for v in extras):
         out.extend(None if v is None else kind(v) for v, (_, kind) in zip(extras, EXTRA_COLUMNS, strict=True))
+    if counted:
+        out.append(count)  # an int as SQLite gives it back; anything else an edit put there is sealed as it is
     return out
 
 
@@ -254,7 +263,9 @@ class Chain:
         to `commit` once they are stored (a failed write is retried with the same links).
 
         A row is the 14 MAC_COLUMNS before `chain`, then the EXTRA_COLUMNS, then `rname` (derived from
-        qname, not covered: verify checks it against qname instead)."""
+        qname, not covered: verify checks it against qname instead), then `count` (see COUNT); a row of 18
+        values, or a count of None, stands for one answer. The sealed row is in AUDIT_INSERT order: ..., rname, count,
+        chain, link, mac."""
         link, prev, key, name = self.link, self.prev, self.key, self.name
         out = []
         encode, mac = _ENCODE, _Mac(key)
@@ -266,10 +277,14 @@ class Chain:
             if values[12] is not None and type(values[12]) is not float:  # latency_ms comes back as REAL
                 values[12] = float(values[12])
             extras = r[14:17]
-            if extras[0] is not None or extras[1] is not None or extras[2] is not None:
+            count = (r[18] if len(r) > 18 else None) or 1
+            if count != 1:
+                values.extend(extras)
+                values.append(count)
+            elif extras[0] is not None or extras[1] is not None or extras[2] is not None:
                 values.extend(extras)
             prev = mac(prev + encode(values).encode())
-            out.append((*values[:14], *extras, r[17], name, link, prev.hex()))
+            out.append((*values[:14], *extras, r[17], count, name, link, prev.hex()))
             link += 1
         return out, (link, prev, key)
 
@@ -299,7 +314,7 @@ def checkpoint_rows(summary: dict, entries: list[dict], when: str, node: str, po
     per chain entry; the data is JSON in `answer`. Every row has the same time, so they are pruned together."""
     data = [{**summary, "of": len(entries) + 1}, *entries]
     return [(when, "", "", "", "", CHECKPOINT, None, None, "", _ENCODE(d), policy_version, None, None, node,
-             None, None, None, None) for d in data]
+             None, None, None, None, 1) for d in data]
 
 
 @dataclass
@@ -311,7 +326,7 @@ class Checkpoints:
 
 
 # the audit columns a verifier reads, besides seq and mac
-ROW_COLUMNS = [name for name, _ in MAC_COLUMNS + EXTRA_COLUMNS] + ["rname"]
+ROW_COLUMNS = [name for name, _ in MAC_COLUMNS + EXTRA_COLUMNS] + ["rname", COUNT]
 
 
 class Rows(Protocol):

@@ -13,6 +13,12 @@ The writer survives an unwritable database (locked for long, read-only, disk ful
 - `close()` flushes what can be flushed, but gives up after `final_retry` seconds of failed writes (or the
   close timeout) and counts the rest as dropped.
 
+Identical answers (the same client, name, type, action, rule, group, transport, answer and policy version)
+within `window` seconds of the first are one row with a `count` (Aggregator, in the writer thread: the hot path
+only queues events, as before); the row's time is its first answer's, and it is written when its window ends
+(at most `window` seconds after that answer, plus the wait for the next batch) or when the log closes. With
+window 0 every answer is a row of count 1. `written` and `dropped` count answers, `rows_written` rows.
+
 Every row the writer stores, gap rows included, is sealed into the writer's chain (sinkhole.audit.chain): one chain
 per writer and database file, started at the first write, so that several worker processes each keep their
 own verifiable chain. If the audit key cannot be taken, rows are still written, without a MAC (verify reports
@@ -108,12 +114,74 @@ GAP_MIN_INTERVAL = 1.0  # seconds between gap rows while the database is fine bu
 WAL_LIMIT = 64 * 2**20
 WAL_CHECK_INTERVAL = 1.0  # seconds between two looks at the WAL's size
 CHAIN_RETRY = 10.0  # seconds between two tries to start a chain while the audit key cannot be taken
-_UNSEALED = [c for c in AUDIT_INSERT if c not in ("chain", "link", "mac")]  # what _row gives
+_UNSEALED = [c for c in AUDIT_INSERT if c not in ("chain", "link", "mac")]  # what _row gives (count last)
+assert _UNSEALED[-1] == "count" and AUDIT_INSERT[-3:] == ["chain", "link", "mac"]
 _NO_MAC = (None, None, None)
+MAX_WINDOW = 30.0  # seconds: a row is dated at its first answer, and verify allows 60 s back within a chain
+MAX_OPEN = 20_000  # rows being counted at once; past it the oldest is closed early (many distinct names at once)
+_NOT_COUNTED = frozenset({Action.PAGE.value})  # each block page view has its own reference code
 
 
 def _shipped_seed() -> Iterable[Seed]:
     return lists.seed()
+
+
+class Aggregator:
+    """Identical answers within `window` seconds of the first, as one row with a count.
+
+    `add` takes each event (with the writer's monotonic time); a row that is done goes to `emit(event, count)`: when
+    its window has passed (`close_due`, by the monotonic clock, so that a row is written at most `window` seconds
+    late whatever the events' own clock says), when an identical answer comes `window` seconds or more after its
+    first (by the events' times, which the row shows), when MAX_OPEN rows are open (the oldest), or at `close_all`.
+    Two answers are identical when every column but the time is the same (the name as asked is the first's). With
+    window 0, or for a block page view, every event is emitted at once with count 1. Used by the writer thread only.
+    """
+
+    def __init__(self, window: float, emit: Callable[[AuditEvent, int], None], max_open: int = MAX_OPEN) -> None:
+        self.window = window
+        self.emit = emit
+        self.max_open = max_open
+        self._open: dict[tuple, list] = {}  # key -> [first event, count, monotonic time its window ends]
+
+    def __len__(self) -> int:
+        """Rows open."""
+        return len(self._open)
+
+    def add(self, e: AuditEvent, now: float) -> None:
+        window = self.window
+        if window <= 0 or e.action in _NOT_COUNTED:
+            self.emit(e, 1)
+            return
+        key = (e.client, e.transport, e.qname, e.qtype, e.action, e.rule, e.category, e.rcode, e.answer,
+               e.policy_version, e.upstream, e.latency_ms, e.group, e.source)
+        entry = self._open.get(key)
+        if entry is not None:
+            if e.time < entry[0].time + window:
+                entry[1] += 1
+                return
+            del self._open[key]
+            self.emit(entry[0], entry[1])
+        elif len(self._open) >= self.max_open:
+            oldest = next(iter(self._open))
+            first, count, _ = self._open.pop(oldest)
+            self.emit(first, count)
+        self._open[key] = [e, 1, now + window]
+
+    def close_due(self, now: float) -> None:
+        """Emit the rows whose window ended by `now` (they are in the order they were opened)."""
+        done = []
+        for key, entry in self._open.items():
+            if entry[2] > now:
+                break
+            done.append(key)
+        for key in done:
+            first, count, _ = self._open.pop(key)
+            self.emit(first, count)
+
+    def close_all(self) -> None:
+        opened, self._open = self._open, {}
+        for first, count, _ in opened.values():
+            self.emit(first, count)
 
 
 class AuditLog:
@@ -123,8 +191,13 @@ class AuditLog:
                  batch_size: int = 5000, flush_interval: float = 0.2,
                  seed: Callable[[], Iterable[Seed]] | None = _shipped_seed,
                  key_path: str | Path | None = None, synchronous: str = "NORMAL",
-                 client_prefix: tuple[int, int] | None = None, shipper: Shipper | None = None) -> None:
+                 client_prefix: tuple[int, int] | None = None, shipper: Shipper | None = None,
+                 window: float = 0.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.db_path = Path(db_path)
+        if not 0 <= window <= MAX_WINDOW:  # NaN too
+            raise ValueError(f"audit window must be from 0 to {MAX_WINDOW:g} seconds, not {window!r}")
+        self.window = window  # seconds within which identical answers are one row (Aggregator); 0: a row each
+        self.clock = clock  # the writer's clock for the windows' ends
         self.shipper = shipper  # gets every batch right after it is committed (sinkhole.audit.shipping)
         self.synchronous = synchronous.upper()
         # privacy: store each client as its network (e.g. /24 and /56), never its address
@@ -149,23 +222,24 @@ class AuditLog:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._deadline = float("inf")
-        self.written = 0  # rows stored, gap rows not included
+        self.written = 0  # answers stored (the sum of the rows' counts), gap rows not included
+        self.rows_written = 0  # rows stored, gap rows not included
         self.queue_dropped = 0  # rows the hot path could not queue (only the hot path writes this)
-        self.write_dropped = 0  # rows the writer could not store (only the writer writes this)
+        self.write_dropped = 0  # answers the writer could not store (only the writer writes this)
         self.failed_batches = 0  # failed write attempts
         self.gaps = 0  # gap rows written
         self.lost_logged = 0  # lost rows that a log line has reported
         self.reopened = 0  # times the database was reopened
         self.wal_limit = WAL_LIMIT
         self.wal_checkpoints = 0  # RESTART checkpoints run because the WAL had grown past wal_limit
-        self.pending = 0  # rows held by the writer
+        self.pending = 0  # rows held by the writer (being counted, or waiting to be written)
         # the times of the rows the hot path dropped since the last gap row (approximate under races)
         self._drop_first: float | None = None
         self._drop_last: float | None = None
 
     @property
     def dropped(self) -> int:
-        """Rows that will never be stored: queue full, or the database could not be written in time."""
+        """Answers that will never be stored: queue full, or the database could not be written in time."""
         return self.queue_dropped + self.write_dropped
 
     @property
@@ -226,8 +300,8 @@ class AuditLog:
 
     # ------------------------------------------------------------------ writer thread
 
-    def _row(self, e: AuditEvent) -> tuple:
-        """The row in store.AUDIT_INSERT order, without chain, link and mac (Chain.seal adds them)."""
+    def _row(self, e: AuditEvent, count: int = 1) -> tuple:
+        """The row in store.AUDIT_INSERT order, without chain, link and mac (Chain.seal adds them): count last."""
         qtype = _QTYPES.get(e.qtype)
         if qtype is None:  # a str (an HTTP method) stands for itself
             qtype = _QTYPES.setdefault(e.qtype, e.qtype if isinstance(e.qtype, str) else codec.qtype_name(e.qtype))
@@ -243,7 +317,7 @@ class AuditLog:
         return (iso(e.time), client, e.transport, e.qname, qtype, e.action, e.rule, e.category,
                 e.rcode if isinstance(e.rcode, str) else codec.rcode_name(e.rcode), e.answer, e.policy_version,
                 e.upstream, e.latency_ms, self.node,
-                e.group, asked, e.source, rname)
+                e.group, asked, e.source, rname, count)
 
     def stored_client(self, client: str) -> str:
         """The client as its rows store it (its network, with log_client_prefix)."""
@@ -285,7 +359,8 @@ class _Writer:
         self.suspect = False  # the last write failed: reopen before the next try
         self.reopen_pending = False  # the file was replaced and the new one is not open yet
         self.busy_ms = 0
-        self.pending: deque[AuditEvent] = deque()
+        self.pending: deque[tuple[AuditEvent, int]] = deque()  # (first answer, count) of the rows to write
+        self.counting = Aggregator(audit.window, self.hold)
         self.failing_since: float | None = None
         self.error = ""  # the last write error, for log lines and gap rows
         self.delay = 0.05
@@ -307,6 +382,11 @@ class _Writer:
         while True:
             stopping = a._stop.is_set()
             self.fill(block=not self.pending and not stopping)
+            if stopping:
+                self.counting.close_all()
+            else:
+                self.counting.close_due(a.clock())
+            a.pending = len(self.pending) + len(self.counting)
             now = time.monotonic()
             if not self.pending:
                 self.log_loss(now)
@@ -330,7 +410,7 @@ class _Writer:
                 continue
             for _ in batch:
                 self.pending.popleft()
-            a.pending = len(self.pending)
+            a.pending = len(self.pending) + len(self.counting)
             now = time.monotonic()
             if now - self.wal_checked >= WAL_CHECK_INTERVAL:
                 self.wal_checked = now
@@ -348,10 +428,12 @@ class _Writer:
             self.log_loss(now)
 
     def fill(self, block: bool) -> None:
-        """Move queued events into the pending buffer: a batch when healthy, all that fits when failing."""
+        """Move queued events into the rows being counted and the pending buffer (a batch when healthy, all
+        that fits when failing)."""
         a = self.a
         failing = self.failing_since is not None
         timeout: float | None = a.flush_interval if block else None
+        add, clock = self.counting.add, a.clock
         for _ in range(a._queue.maxsize or 1_000_000):  # bounded even while the hot path keeps adding
             if not failing and len(self.pending) >= a.batch_size:
                 break
@@ -362,11 +444,15 @@ class _Writer:
             timeout = None
             if not isinstance(item, AuditEvent):
                 continue  # _WAKE
-            if failing and len(self.pending) >= a.max_pending:
-                self.lose(item.time)
-            else:
-                self.pending.append(item)
-        a.pending = len(self.pending)
+            add(item, clock())
+        a.pending = len(self.pending) + len(self.counting)
+
+    def hold(self, first: AuditEvent, count: int) -> None:
+        """A row is done counting: to the pending buffer, or lost when the database is failing and it is full."""
+        if self.failing_since is not None and len(self.pending) >= self.a.max_pending:
+            self.lose(first.time, count)
+        else:
+            self.pending.append((first, count))
 
     def backoff(self, stopping: bool) -> None:
         a = self.a
@@ -378,7 +464,7 @@ class _Writer:
 
     # ---------------------------------------------------------------- writing
 
-    def write(self, batch: list[AuditEvent], stopping: bool) -> int:
+    def write(self, batch: list[tuple[AuditEvent, int]], stopping: bool) -> int:
         """Store the batch in one transaction in the file at db_path, after a gap row if rows were lost since
         the last one; returns how many lost rows that gap row counts (0: none written).
 
@@ -392,7 +478,7 @@ class _Writer:
             due = (self.failing_since is not None or stopping
                    or time.monotonic() - self.last_gap >= GAP_MIN_INTERVAL)
             gap = self.gap_row(lost) if lost > 0 and due else None
-            rows = [a._row(e) for e in batch]
+            rows = [a._row(e, n) for e, n in batch]
             if gap is not None:
                 rows.insert(0, tuple(gap.get(c) for c in _UNSEALED))
             chain = self.chain_for_file()
@@ -406,7 +492,8 @@ class _Writer:
                 continue
             if chain is not None:
                 chain.commit(state)
-            a.written += len(batch)
+            a.written += sum(n for _, n in batch)
+            a.rows_written += len(batch)
             if a.shipper is not None:
                 a.shipper.ship(rows, last_seq)  # queues and returns: never waits for a collector
             if gap is None:
@@ -470,7 +557,7 @@ class _Writer:
             "time": iso(first), "client": "", "transport": "", "qname": "", "qtype": "", "action": GAP,
             "rule": None, "category": None, "rcode": "",
             "answer": f"lost {lost} rows from {iso(first)} to {iso(last)}: {reason}",
-            "policy_version": 0, "upstream": None, "latency_ms": None, "node": a.node,
+            "policy_version": 0, "upstream": None, "latency_ms": None, "node": a.node, "count": 1,
         }
 
     def open(self) -> Store:
@@ -545,9 +632,9 @@ class _Writer:
         if stopping and self.final_give_up is None:
             self.final_give_up = min(now + a.final_retry, a._deadline)
 
-    def lose(self, when: float) -> None:
+    def lose(self, when: float, count: int = 1) -> None:
         a = self.a
-        a.write_dropped += 1
+        a.write_dropped += count
         if self.lost_first is None or when < self.lost_first:
             self.lost_first = when
         if self.lost_last is None or when > self.lost_last:
@@ -568,8 +655,9 @@ class _Writer:
     def give_up(self, reason: str) -> None:
         """Closing and the database still cannot be written: count what is left as dropped, say so once."""
         a = self.a
-        for e in self.pending:
-            self.lose(e.time)
+        self.counting.close_all()
+        for e, n in self.pending:
+            self.lose(e.time, n)
         self.pending.clear()
         while True:
             try:

@@ -47,6 +47,9 @@ from sinkhole.web.front import Front
                    "not its address [whole addresses].")
 @click.option("--audit-synchronous", type=click.Choice(["off", "normal", "full", "extra"]), default=None,
               help="SQLite synchronous level of the audit log: full loses no committed row on a power cut [normal].")
+@click.option("--audit-window", type=FiniteFloat(min=0, max=config.MAX_AUDIT_WINDOW), default=None, metavar="SECONDS",
+              help="Identical answers (client, name, type, action, rule, group, transport) within this long of the "
+                   "first are one audit row with a count [1; 0: a row per answer].")
 @click.option("--node", default=None, help="Node name written in every audit row [host name].")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="Processes serving the same sockets [0: one per core].")

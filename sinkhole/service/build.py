@@ -198,7 +198,8 @@ def audit_log(cfg: Settings, db: Path) -> AuditLog:
     if a.log_queries not in LOG_MODES:
         raise ConfigError(f"log_queries must be one of {', '.join(LOG_MODES)}, not {a.log_queries!r}")
     return AuditLog(db, a.node, a.log_queries, seed=lists.seed if cfg.policy.shipped_lists else None,
-                    synchronous=a.audit_synchronous, client_prefix=client_prefix(cfg), shipper=shipper(cfg))
+                    synchronous=a.audit_synchronous, client_prefix=client_prefix(cfg), shipper=shipper(cfg),
+                    window=a.audit_window)
 
 
 def pipeline(cfg: Settings, get_policy: Callable[[], Policy], forward: Forwarder, audit: AuditSink,

@@ -112,6 +112,8 @@ class AuditSettings:
     log_queries: str = "blocked"  # blocked | all | none
     log_client_prefix: str = ""  # "V4/V6", e.g. "24/56": audit rows keep the client's network, not its address
     audit_synchronous: str = "normal"  # SQLite synchronous level of the audit log: off | normal | full | extra
+    # seconds: identical answers within this long of the first are one audit row with a count (0: a row each)
+    audit_window: float = 1.0
     node: str = field(default_factory=socket.gethostname)
     retention_days: int = 365  # audit rows older than this are pruned, leaving checkpoints (0: kept forever)
     prune_interval: float = 3600.0  # seconds between two prunes (and one at start)
@@ -235,7 +237,8 @@ KEYS: dict[str, str] = {
     "listen": "serving", "upstream": "upstreams", "upstream_strategy": "upstreams", "upstream_ca": "upstreams",
     "forward_zones": "upstreams", "timeout": "upstreams", "ecs": "upstreams", "mode": "answers",
     "block_a": "answers", "block_aaaa": "answers", "block_ttl": "answers", "log_queries": "audit",
-    "log_client_prefix": "audit", "audit_synchronous": "audit", "allow_clients": "clients", "rate_limit": "clients",
+    "log_client_prefix": "audit", "audit_synchronous": "audit", "audit_window": "audit", "allow_clients": "clients",
+    "rate_limit": "clients",
     "rate_limit_burst": "clients", "rate_limit_net": "clients", "rate_limit_net_burst": "clients",
     "rate_limit_v4_prefix": "clients", "rate_limit_v6_prefix": "clients", "rate_limit_action": "clients",
     "rate_limit_exempt": "clients", "cache_size": "cache", "cache_min_ttl": "cache", "cache_max_ttl": "cache",
@@ -354,6 +357,9 @@ LIMITS: dict[str, tuple[int, int]] = {
 
 SYNCHRONOUS = ("off", "normal", "full", "extra")  # SQLite's levels (audit_synchronous)
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# a row is dated at its first answer and written when its window ends; `log verify` allows a chain's times to run
+# back 60 s (sinkhole.audit.chain.TIME_SLACK), so a window stays well below that (sinkhole.audit.writer.MAX_WINDOW)
+MAX_AUDIT_WINDOW = 30.0
 
 
 def check_values(cfg: Settings) -> Settings:
@@ -363,6 +369,9 @@ def check_values(cfg: Settings) -> Settings:
         raise ConfigError("timeouts and intervals must be above zero and below an hour")
     if cfg.audit.audit_synchronous.lower() not in SYNCHRONOUS:
         raise ConfigError(f"audit_synchronous must be off, normal, full or extra, not {cfg.audit.audit_synchronous!r}")
+    if not 0 <= cfg.audit.audit_window <= MAX_AUDIT_WINDOW:  # NaN too
+        raise ConfigError(f"audit_window must be from 0 (a row per answer) to {MAX_AUDIT_WINDOW:g} seconds, "
+                          f"not {cfg.audit.audit_window!r}")
     if cfg.process.log_level.lower() not in LOG_LEVELS:
         raise ConfigError(f"log_level must be debug, info, warning or error, not {cfg.process.log_level!r}")
     if not 0 <= cfg.process.log_repeat_interval <= 3600:

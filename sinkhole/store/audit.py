@@ -112,8 +112,9 @@ class AuditQueries(JournalQueries):
         """Rows as dicts with the columns of AUDIT_INSERT, or as tuples in that order (faster), in one
         transaction; returns the seq of the last row (one transaction holds the write lock, so the rows got
         consecutive seqs ending there), None for no rows."""
-        if rows and isinstance(rows[0], dict):
-            rows = [tuple(r.get(c) for c in AUDIT_INSERT) for r in rows]  # type: ignore[union-attr]
+        if rows and isinstance(rows[0], dict):  # a dict without a count stands for one answer
+            rows = [tuple((r.get(c) or 1) if c == "count" else r.get(c) for c in AUDIT_INSERT)  # type: ignore
+                    for r in rows]
         last = None
         with self.db.atomic():
             # many rows per statement: one sqlite3_step (one release of the GIL) for each chunk, where

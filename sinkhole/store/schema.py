@@ -22,10 +22,11 @@ from sinkhole import files
 from sinkhole.audit import chain
 
 DatabaseError = sqlite3.Error  # what any store method raises when SQLite fails (locked, read-only, full, corrupt)
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 # 2: audit rows carry chain, link and mac (sinkhole.audit.chain); 3: disabled categories;
 # 4: audit grp/asked/list, client groups, list sources, journal link/mac;
-# 5: rules.expires_at (rules in force until then), access_requests (from the block page)
+# 5: rules.expires_at (rules in force until then), access_requests (from the block page);
+# 6: audit.count (identical answers within the audit window are one row; rows before it stand for one answer)
 Seed = tuple[str, list[tuple[str, str]], str]  # (category, [(domain, note)], source)
 BUSY_TIMEOUT_S = 10.0
 log = logging.getLogger(__name__)
@@ -53,10 +54,15 @@ AUDIT_COLUMNS = {
     "chain": str,  # the writer's chain (sinkhole.audit.chain); NULL on rows written before version 2
     "link": int,  # the row's place in its chain: 0, 1, 2, ...
     "mac": str,  # hex HMAC-SHA256 over the previous row's mac and this row
+    # how many identical answers the row stands for, the first at `time`, the others within the audit window
+    # after it (version 6; NOT NULL DEFAULT 1: older rows stand for one). Last, as ALTER TABLE adds it.
+    "count": int,
 }
 
 
-AUDIT_INSERT = [c for c in AUDIT_COLUMNS if c != "seq"]
+# the order rows are given to Store.insert_audit in: what the writer formats, then what Chain.seal adds
+_SEALS = ("chain", "link", "mac")
+AUDIT_INSERT = [c for c in AUDIT_COLUMNS if c != "seq" and c not in _SEALS] + list(_SEALS)
 
 
 _iso_second: list = [None, ""]  # the last whole second formatted, and its text
@@ -199,6 +205,8 @@ class Database:
                 self._create_v4_tables()
             if version in (1, 2, 3, 4):  # 4 -> 5
                 self._create_v5_tables()
+            if version in (1, 2, 3, 4, 5):  # 5 -> 6: every row there stands for one answer (its MAC is unchanged)
+                self._add_audit_count()
                 self.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
                 return
             db = self.db
@@ -213,7 +221,8 @@ class Database:
                  "action": str, "kind": str, "category": str, "domains": str, "detail": str,
                  "link": int, "mac": str},
                 pk="id", if_not_exists=True)
-            db["audit"].create(AUDIT_COLUMNS, pk="seq", if_not_exists=True)
+            db["audit"].create(AUDIT_COLUMNS, pk="seq", not_null={"count"}, defaults={"count": 1},
+                               if_not_exists=True)
             # every index costs each insert a B-tree write: two keep the writer near 100k rows/s
             for cols in (["time"], ["client", "time"]):
                 db["audit"].create_index(cols, if_not_exists=True)
@@ -239,6 +248,10 @@ class Database:
         # where each imported category came from, for `lists update` (conditional requests)
         db["sources"].create({"category": str, "location": str, "format": str, "etag": str, "last_modified": str,
                               "sha256": str, "fetched_at": str, "rules": int}, pk="category", if_not_exists=True)
+
+    def _add_audit_count(self) -> None:
+        if "count" not in {r[1] for r in self.conn.execute("PRAGMA table_info(audit)")}:  # another process may
+            self.conn.execute("ALTER TABLE audit ADD COLUMN [count] INTEGER NOT NULL DEFAULT 1")  # have added it
 
     def _create_v5_tables(self) -> None:
         if "expires_at" not in {r[1] for r in self.conn.execute("PRAGMA table_info(rules)")}:

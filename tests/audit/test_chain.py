@@ -299,11 +299,11 @@ def test_a_chain_past_several_key_epochs_verifies_and_an_edit_there_is_found(tmp
 def test_the_mac_covers_every_stored_column_but_seq_and_mac():
     from sinkhole.store.schema import AUDIT_INSERT
 
-    covered = [c for c, _ in chain.MAC_COLUMNS + chain.EXTRA_COLUMNS]
+    covered = [c for c, _ in chain.MAC_COLUMNS + chain.EXTRA_COLUMNS] + [chain.COUNT]
     assert sorted(covered) == sorted(c for c in AUDIT_INSERT if c not in ("mac", "rname"))
-    # Chain.seal's layout: the 14 base columns, the extras, rname (derived from qname), then chain, link, mac
-    assert AUDIT_INSERT == [c for c, _ in chain.MAC_COLUMNS[:14] + chain.EXTRA_COLUMNS] + ["rname", "chain", "link",
-                                                                                           "mac"]
+    # Chain.seal's layout: the 14 base columns, the extras, rname (derived from qname), count, then chain, link, mac
+    assert AUDIT_INSERT == [c for c, _ in chain.MAC_COLUMNS[:14] + chain.EXTRA_COLUMNS] + ["rname", "count", "chain",
+                                                                                           "link", "mac"]
     assert AUDIT_INSERT.index("latency_ms") == 12  # Chain.seal turns it into a float, as SQLite gives it back
 
 
@@ -388,3 +388,82 @@ def test_the_mac_input_is_the_compact_json_of_the_values(values):
     """The writer's encoder (CPython's C encoder, made once) gives exactly json's compact text: rows sealed
     by one Python verify under another."""
     assert chain.canonical(values) == json.dumps(values, separators=(",", ":")).encode()
+
+
+# ---------------------------------------------------------------------------- counts (schema 6)
+
+_GOLDEN_BASE = ("2026-12-07T04:00:00.000000Z", "10.0.0.1", "udp", "chat.deepseek.com", "A", "blocked", "deepseek.com",
+                "deepseek", "NOERROR", "0.0.0.0", 1, None, None, "n1")
+# the MACs Chain.seal gave these two rows before audit rows had a count (commit 760529c), under key bytes(range(32))
+_GOLDEN = [((*_GOLDEN_BASE, None, None, None, "com.deepseek.chat"),
+            "97bb36ac4b4ade12792f0d703708fffa4b1a40fd075e93cd568ec6db3fa906bd"),
+           ((*_GOLDEN_BASE, "default", "Chat.DeepSeek.com", "cli", "com.deepseek.chat"),
+            "440f33c56f452f022614002a8b8b2c079a2ec1f8631bc2b0dea67a677b5130f6")]
+
+
+def test_a_row_of_count_one_is_sealed_exactly_as_before_counts_and_any_other_count_is_not():
+    rows = [r for r, _ in _GOLDEN]
+    old_macs = [m for _, m in _GOLDEN]
+
+    def macs(sealed: list[tuple]) -> list[str]:
+        return [r[-1] for r in sealed]
+
+    def chain_() -> chain.Chain:
+        return chain.Chain("n1#0#00000000", 0, bytes(range(32)))
+
+    assert macs(chain_().seal([(*r, 1) for r in rows])[0]) == old_macs
+    assert macs(chain_().seal(rows)[0]) == old_macs  # an 18-value row (no count) stands for one answer
+    sealed, _ = chain_().seal([(*r, 7) for r in rows])
+    assert [r[-4] for r in sealed] == [7, 7]
+    first = macs(sealed)[0]
+    assert first != old_macs[0]
+    assert macs(chain_().seal([(*rows[0], 8)])[0]) != [first]
+
+
+def _counted_log(db: Path, window: float = 30.0) -> None:
+    """A writer with a 30 s window: three names asked 3, 2 and 1 times, then closed (the rows are written at close)."""
+    from sinkhole.audit.writer import AuditLog
+    from sinkhole.model import AuditEvent
+
+    log = AuditLog(db, "n1", seed=None, window=window)
+    log.start()
+    t0 = time.time()
+    for i, name in enumerate(["a.chatgpt.com"] * 3 + ["b.chatgpt.com"] * 2 + ["c.chatgpt.com"]):
+        log.submit(AuditEvent(t0 + i * 0.01, "10.0.0.7", "udp", name, 1, "blocked", "chatgpt.com", "genai", 0,
+                              "0.0.0.0", 1, group="default", source="s"))
+    log.close()
+    assert log.written == 6 and log.rows_written == (3 if window else 6)
+
+
+def test_a_changed_count_is_found_and_named(db, operator_key):
+    _counted_log(db)
+    stored = rows(db)
+    assert [(r["qname"], r["count"]) for r in stored] == [("a.chatgpt.com", 3), ("b.chatgpt.com", 2),
+                                                          ("c.chatgpt.com", 1)]
+    assert verify(db, operator_key).exit_code == 0
+    for victim, forged in ((stored[0], 2), (stored[0], 1), (stored[2], 5)):
+        sql(db, "UPDATE audit SET count = ? WHERE seq = ?", (forged, victim["seq"]))
+        result = verify(db, operator_key)
+        assert result.exit_code == 1 and f"seq {victim['seq']}: edited or forged" in result.output, result.output
+        sql(db, "UPDATE audit SET count = ? WHERE seq = ?", (victim["count"], victim["seq"]))
+    assert verify(db, operator_key).exit_code == 0
+
+
+def test_a_database_from_before_counts_migrates_and_its_rows_still_verify(db, operator_key):
+    """Rows written before schema 6 (built here by writing with window 0 and dropping the column, which leaves
+    exactly schema 5's table) verify after the migration, with count 1; rows written after it, with counts, too."""
+    _counted_log(db, window=0)
+    conn = sqlite3.connect(db)
+    conn.execute("ALTER TABLE audit DROP COLUMN count")
+    conn.execute("PRAGMA user_version=5")
+    conn.commit()
+    before = conn.execute("SELECT seq, mac FROM audit ORDER BY seq").fetchall()
+    conn.close()
+    result = verify(db, operator_key)  # opening the store migrates it
+    assert result.exit_code == 0, result.output
+    assert sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
+    assert [(r["seq"], r["mac"], r["count"]) for r in rows(db)] == [(seq, mac, 1) for seq, mac in before]
+    _counted_log(db)
+    assert [r["count"] for r in rows(db)] == [1] * 6 + [3, 2, 1]
+    result = verify(db, operator_key)
+    assert result.exit_code == 0, result.output

@@ -129,7 +129,7 @@ def test_set_enabled_rules_in_force_and_rule_note(store: Store) -> None:
 def audit_row(i: int, when: str) -> tuple:
     values = {c: None for c in AUDIT_INSERT}
     values.update(time=when, client=f"10.0.{i // 256}.{i % 256}", transport="udp", qname=f"n{i}.example",
-                  qtype="A", action="blocked", rcode="NOERROR", policy_version=0, node="n1")
+                  qtype="A", action="blocked", rcode="NOERROR", policy_version=0, node="n1", count=1)
     return tuple(values[c] for c in AUDIT_INSERT)
 
 
