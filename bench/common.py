@@ -225,7 +225,8 @@ class Sinkhole:
     def counts(self) -> dict[str, int]:
         """The per-action counts of the server's 'stopped:' line."""
         for line in reversed(self.lines):
-            m = re.search(r"stopped: (.*?); audit rows written (\d+), dropped (\d+)", line)
+            # "audit answers written N in R rows" (rows with counts), "audit rows written N" before them
+            m = re.search(r"stopped: (.*?); audit (?:rows|answers) written (\d+)(?: in \d+ rows)?, dropped (\d+)", line)
             if m:
                 out = {k: int(v) for k, v in (p.rsplit(" ", 1) for p in m.group(1).split(", ") if " " in p)}
                 out["audit_written"], out["audit_dropped"] = int(m.group(2)), int(m.group(3))

@@ -82,8 +82,8 @@ def snapshot(server: Any) -> Snapshot:
                                "failures": failures.get(u, 0)} for u in set(latency) | set(failures)},
         "inflight": fw.inflight,
         "cache": {"hits": p.cache.hits, "misses": p.cache.misses, "entries": len(p.cache)},
-        "audit": {"queue": a.queue_depth, "written": a.written, "queue_dropped": a.queue_dropped,
-                  "write_dropped": a.write_dropped, "gaps": a.gaps},
+        "audit": {"queue": a.queue_depth, "written": a.written, "rows": a.rows_written,
+                  "queue_dropped": a.queue_dropped, "write_dropped": a.write_dropped, "gaps": a.gaps},
         "policy": {"version": policy.version, "blocks": policy.blocks, "allows": policy.allows,
                    "groups": len(policy.groups)},
         "process": {"rss": _rss_bytes(), "cpu": usage.ru_utime + usage.ru_stime},
@@ -105,8 +105,8 @@ def merge(snaps: Iterable[Snapshot]) -> Snapshot:
     queries: dict[tuple, int] = {}
     upstreams: dict[str, dict[str, Any]] = {}
     total: Snapshot = {"dropped_packets": 0, "inflight": 0, "cache": {"hits": 0, "misses": 0, "entries": 0},
-                       "audit": {"queue": 0, "written": 0, "queue_dropped": 0, "write_dropped": 0, "gaps": 0,
-                                 "writers_up": 0},
+                       "audit": {"queue": 0, "written": 0, "rows": 0, "queue_dropped": 0, "write_dropped": 0,
+                                 "gaps": 0, "writers_up": 0},
                        "policy": {"version": 0, "blocks": 0, "allows": 0, "groups": 0},
                        "process": {"rss": 0, "cpu": 0.0}, "processes": 0, "problems": []}
     for s in snaps:
@@ -179,10 +179,12 @@ class Collector:
         yield GaugeMetricFamily("sinkhole_cache_entries", "Replies in the cache.", value=c["entries"])
         a = m["audit"]
         yield GaugeMetricFamily("sinkhole_audit_queue_depth", "Audit rows waiting for the writer.", value=a["queue"])
-        yield CounterMetricFamily("sinkhole_audit_rows_written", "Audit rows stored (gap rows not included).",
-                                  value=a["written"])
-        lost = CounterMetricFamily("sinkhole_audit_rows_dropped", "Audit rows lost: the queue was full, or the "
-                                   "database could not be written in time.", labels=["reason"])
+        yield CounterMetricFamily("sinkhole_audit_rows_written", "Audit rows stored (gap rows not included); a row "
+                                  "stands for its count of identical answers (audit_window).", value=a.get("rows", 0))
+        yield CounterMetricFamily("sinkhole_audit_answers_written", "Answers the audit log stored: the sum of the "
+                                  "stored rows' counts.", value=a["written"])
+        lost = CounterMetricFamily("sinkhole_audit_rows_dropped", "Answers the audit log lost: the queue was full, "
+                                   "or the database could not be written in time.", labels=["reason"])
         lost.add_metric(["queue_full"], a["queue_dropped"])
         lost.add_metric(["unwritable"], a["write_dropped"])
         yield lost

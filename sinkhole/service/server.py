@@ -407,10 +407,12 @@ class Server:
         if self.exporter is not None:
             self.exporter.close()
         a = self.audit
-        log.info("%sstopped: %s; audit rows written %d, dropped %d (queue full %d, unwritable %d; %d gap rows, "
-                 "%d failed batches, %d reopened)", "" if self.worker is None else f"worker {self.worker} ",
+        log.info("%sstopped: %s; audit answers written %d in %d rows, dropped %d (queue full %d, unwritable %d; "
+                 "%d gap rows, %d failed batches, %d reopened)",
+                 "" if self.worker is None else f"worker {self.worker} ",
                  ", ".join(f"{k} {v}" for k, v in sorted(self.pipeline.counts.items())) or "no queries",
-                 a.written, a.dropped, a.queue_dropped, a.write_dropped, a.gaps, a.failed_batches, a.reopened)
+                 a.written, a.rows_written, a.dropped, a.queue_dropped, a.write_dropped, a.gaps, a.failed_batches,
+                 a.reopened)
         logthrottle.flush(final=True)  # what the log held back is said before the process ends
 
 

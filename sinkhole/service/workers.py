@@ -373,14 +373,15 @@ class Supervisor:
 
     def _log_totals(self) -> None:
         counts: dict[str, int] = {}
-        written = dropped = 0
+        written = rows = dropped = 0
         for r in self.reports:
             for k, v in r.get("counts", {}).items():
                 counts[k] = counts.get(k, 0) + v
             written += r.get("written", 0)
+            rows += r.get("rows", 0)
             dropped += r.get("dropped", 0)
-        log.info("stopped: %s; audit rows written %d, dropped %d (%d workers, %d restarts)",
-                 ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "no queries", written, dropped,
+        log.info("stopped: %s; audit answers written %d in %d rows, dropped %d (%d workers, %d restarts)",
+                 ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "no queries", written, rows, dropped,
                  self.count, self.restarts)
 
 
@@ -496,4 +497,4 @@ class _SupervisorLink:
         if self.metrics_on:
             self.say("metrics " + json.dumps(metrics.snapshot(server)))  # the last counters, after the drain
         self.say(json.dumps({"counts": server.pipeline.counts, "written": server.audit.written,
-                             "dropped": server.audit.dropped}))
+                             "rows": server.audit.rows_written, "dropped": server.audit.dropped}))
