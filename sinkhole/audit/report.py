@@ -175,7 +175,7 @@ def render(stats: dict, since: str, until: str | None, status: ChainStatus, db: 
     cards = "".join(f'<div><b>{_fmt(v)}</b>{esc(k)}</div>' for k, v in (
         ("blocked queries", t["blocked"]), ("clients blocked", t["clients"]), ("names blocked", t["domains"]),
         ("bypass attempts", t["bypass_attempts"]), ("block page views", t.get("page_views", 0)),
-        ("rows in the log", t["queries_logged"])))
+        ("answers in the log", t["queries_logged"]), ("rows in the log", t.get("rows", t["queries_logged"]))))
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>

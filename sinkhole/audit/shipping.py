@@ -137,6 +137,9 @@ def summary(rec: dict[str, object]) -> str:
     if action == "gap":
         return f"audit gap: {rec.get('answer')}"
     text = f"{action} {rec.get('qname')} {rec.get('qtype')} from {rec.get('client')}"
+    count = rec.get("count")
+    if count is not None and count != 1:  # identical answers within the audit window, the first at `time`
+        text += f" ({count} times)"
     if rec.get("rule"):
         text += f" by rule {rec['rule']}" + (f" ({rec['category']})" if rec.get("category") else "")
     return text

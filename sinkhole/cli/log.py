@@ -168,7 +168,7 @@ class _Stream:
     """Rows printed as they come: CSV with one header, a table with fixed widths, JSON Lines as usual."""
 
     WIDTHS: ClassVar[dict[str, int]] = {"time": 27, "client": 15, "transport": 9, "qname": 30, "qtype": 5,
-                                        "action": 13, "rule": 20}
+                                        "action": 13, "count": 5, "rule": 20}
 
     def __init__(self, columns: list[str], fmt: str) -> None:
         self.columns, self.fmt, self.started = columns, fmt, False

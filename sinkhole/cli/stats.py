@@ -29,7 +29,7 @@ def stats(env: Env, since: str, until: str | None, top: int, fmt: str, quiet: bo
         return
     t = result["totals"]
     click.echo(f"since {since_iso}: {t['blocked']} blocked queries from {t['clients']} clients "
-               f"for {t['domains']} names ({t['queries_logged']} rows in the log)")
+               f"for {t['domains']} names ({t['queries_logged']} answers in the log, in {t['rows']} rows)")
     click.echo(f"block page views: {t.get('page_views', 0)} from {t.get('page_clients', 0)} clients")
     for title, rows, cols in (("top blocked rules", result["top_rules"], ["rule", "category", "queries", "clients"]),
                               ("top blocked names", result["top_names"], ["qname", "queries"]),

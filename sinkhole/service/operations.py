@@ -407,9 +407,10 @@ def approve_request(store: Store, ident: int, expires: str, client_group: str | 
 
 # ---------------------------------------------------------------------------- the audit log
 
-LOG_TABLE_COLUMNS = ["time", "client", "transport", "qname", "qtype", "action", "rule", "answer"]
+# count: how many identical answers the row stands for (audit_window), the first at `time`
+LOG_TABLE_COLUMNS = ["time", "client", "transport", "qname", "qtype", "action", "count", "rule", "answer"]
 LOG_COLUMNS = ["seq", "time", "client", "transport", "qname", "qtype", "action", "rule", "category", "rcode",
-               "answer", "policy_version", "upstream", "latency_ms", "node", "grp", "asked", "list"]
+               "answer", "policy_version", "upstream", "latency_ms", "node", "grp", "asked", "list", "count"]
 ACTIONS = tuple(a.value for a in Action)
 
 

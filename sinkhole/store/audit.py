@@ -18,6 +18,7 @@ from sinkhole.policy.names import reverse_name
 from sinkhole.store.journal import Actor, JournalQueries
 from sinkhole.store.schema import AUDIT_INSERT, iso
 
+_N = "coalesce(sum(count), 0)"  # the answers some audit rows stand for (each row is `count` identical ones)
 MAX_RETENTION_DAYS = 36500  # a hundred years: beyond, the cut-off date is out of datetime's range
 PRUNE_BATCH = 2000  # rows deleted in one write transaction by a prune
 PRUNE_PAUSE = 0.02  # seconds between two of them, so that the audit writer gets the lock in between
@@ -384,7 +385,8 @@ class AuditQueries(JournalQueries):
 
     def stats(self, since: str | None = None, until: str | None = None, top: int = 10,
               progress: Callable[[int], None] | None = None) -> dict:
-        """What `sinkhole stats` shows; `progress` is called with 1 after each of its STATS_QUERIES queries."""
+        """What `sinkhole stats` shows; `progress` is called with 1 after each of its STATS_QUERIES queries.
+        Every number of queries, attempts or views is a number of answers: the sum of the rows' counts."""
         where, args = self._log_where(since, until, None, None, None)
         blocked = where + (" AND " if where else " WHERE ") + "action = 'blocked'"
 
@@ -400,37 +402,39 @@ class AuditQueries(JournalQueries):
                 progress(1)
             return out
 
+        logged, stored = rows(f"SELECT {_N}, count(*) FROM audit{where}")[0]
         totals = {
-            "queries_logged": rows(f"SELECT count(*) FROM audit{where}")[0][0],
-            "blocked": rows(f"SELECT count(*) FROM audit{blocked}")[0][0],
+            "queries_logged": logged,
+            "rows": stored,  # fewer than queries_logged where rows have a count above 1 (audit_window)
+            "blocked": rows(f"SELECT {_N} FROM audit{blocked}")[0][0],
             "clients": rows(f"SELECT count(DISTINCT client) FROM audit{blocked}")[0][0],
             "domains": rows(f"SELECT count(DISTINCT qname) FROM audit{blocked}")[0][0],
         }
         top_domains = dicts(
-            f"SELECT rule, category, count(*) AS queries, count(DISTINCT client) AS clients FROM audit{blocked}"
+            f"SELECT rule, category, {_N} AS queries, count(DISTINCT client) AS clients FROM audit{blocked}"
             f" GROUP BY rule, category ORDER BY queries DESC, rule LIMIT {int(top)}")
         top_names = dicts(
-            f"SELECT qname, count(*) AS queries FROM audit{blocked}"
+            f"SELECT qname, {_N} AS queries FROM audit{blocked}"
             f" GROUP BY qname ORDER BY queries DESC, qname LIMIT {int(top)}")
         top_clients = dicts(
-            f"SELECT client, count(*) AS queries, count(DISTINCT qname) AS names FROM audit{blocked}"
+            f"SELECT client, {_N} AS queries, count(DISTINCT qname) AS names FROM audit{blocked}"
             f" GROUP BY client ORDER BY queries DESC, client LIMIT {int(top)}")
         # a bypass attempt: a canary, or a lookup of a public encrypted-DNS resolver (the doh-bypass list)
         bypass = where + (" AND " if where else " WHERE ") + "(action = 'canary' OR category = 'doh-bypass')"
-        totals["bypass_attempts"] = rows(f"SELECT count(*) FROM audit{bypass}")[0][0]
+        totals["bypass_attempts"] = rows(f"SELECT {_N} FROM audit{bypass}")[0][0]
         page = where + (" AND " if where else " WHERE ") + "action = 'page'"
         totals["page_views"], totals["page_clients"] = rows(
-            f"SELECT count(*), count(DISTINCT client) FROM audit{page}")[0]
+            f"SELECT {_N}, count(DISTINCT client) FROM audit{page}")[0]
         bypass_clients = dicts(
-            f"SELECT client, count(*) AS attempts, group_concat(DISTINCT qname) AS canaries FROM audit{bypass}"
+            f"SELECT client, {_N} AS attempts, group_concat(DISTINCT qname) AS canaries FROM audit{bypass}"
             f" GROUP BY client ORDER BY attempts DESC, client LIMIT {int(top)}")
         by_group = dicts(
-            f"SELECT grp AS [group], count(*) AS blocked, count(DISTINCT client) AS clients FROM audit{blocked}"
+            f"SELECT grp AS [group], {_N} AS blocked, count(DISTINCT client) AS clients FROM audit{blocked}"
             f" GROUP BY grp ORDER BY blocked DESC, grp")
         by_category = dicts(
-            f"SELECT category, count(*) AS blocked, count(DISTINCT client) AS clients FROM audit{blocked}"
+            f"SELECT category, {_N} AS blocked, count(DISTINCT client) AS clients FROM audit{blocked}"
             f" GROUP BY category ORDER BY blocked DESC, category")
-        per_hour = dict(rows(f"SELECT substr(time, 1, 13) AS hour, count(*) FROM audit{blocked} GROUP BY hour"))
+        per_hour = dict(rows(f"SELECT substr(time, 1, 13) AS hour, {_N} FROM audit{blocked} GROUP BY hour"))
         return {"totals": totals, "top_rules": top_domains, "top_names": top_names, "top_clients": top_clients,
                 "bypass_clients": bypass_clients, "by_group": by_group, "by_category": by_category,
                 "hourly": hourly(per_hour, since, until)}

@@ -159,7 +159,9 @@ def assert_every_row_shipped_once(messages: list[bytes], stored: list[dict]) -> 
         assert p["params"] == expected_params(r)  # client, qname, rule, mac ... and seq, as stored
         assert p["msgid"] == r["action"] and p["app"] == "sinkhole" and p["time"] == r["time"]
         assert p["facility"] == 16 and p["severity"] == 5  # local0.notice: a blocked query
-        assert p["msg"] == f"blocked {r['qname']} {r['qtype']} from {r['client']} by rule {r['rule']} ({r['category']})"
+        times = f" ({r['count']} times)" if r["count"] != 1 else ""
+        assert p["msg"] == (f"blocked {r['qname']} {r['qtype']} from {r['client']}{times} by rule {r['rule']}"
+                            f" ({r['category']})")
 
 
 def cli_anchor(db: Path) -> list[str]:
@@ -266,6 +268,29 @@ def test_every_blocked_row_reaches_a_udp_collector_once_as_stored(make_server, s
         by_qname = {p["params"]["qname"]: p for v in rows_by_link(c.messages).values() for p in v}
         assert by_qname["claude.ai"]["params"]["rule"] == "claude.ai"
         assert by_qname["u3.chat.deepseek.com"]["params"]["client"] == "127.0.0.1"
+    finally:
+        c.close()
+
+
+def test_a_row_that_stands_for_several_answers_is_shipped_with_its_count(make_server, stub, db):
+    """audit_window: five identical answers are one row of count 5; the collector gets count="5" and a summary that
+    says so, as `log --format json` would show it."""
+    c = UdpCollector()
+    try:
+        s = make_server(upstream=(stub.address,), syslog=f"127.0.0.1:{c.port}", audit_window=30.0)
+        for _ in range(5):
+            assert ask(s, "chatgpt.com").answer
+        assert ask(s, "claude.ai").answer
+        s.stop()  # the rows being counted are written (and shipped) at stop
+        assert wait_for(lambda: len([m for m in c.messages if b" anchor " not in m]) >= 2)
+        stored = audit_rows(db)
+        assert [(r["qname"], r["count"]) for r in stored] == [("chatgpt.com", 5), ("claude.ai", 1)]
+        shipped = {p["params"]["qname"]: p for p in map(parse, c.messages) if p["msgid"] != "anchor"}
+        assert shipped["chatgpt.com"]["params"]["count"] == "5" and shipped["claude.ai"]["params"]["count"] == "1"
+        assert shipped["chatgpt.com"]["msg"] == ("blocked chatgpt.com A from 127.0.0.1 (5 times) by rule chatgpt.com"
+                                                 " (genai)")
+        assert "times" not in shipped["claude.ai"]["msg"]
+        assert_every_row_shipped_once(c.messages, stored)
     finally:
         c.close()
 

@@ -656,9 +656,9 @@ def test_log_table(db, audit):
     result = run(db, "log", "--since", "2h", "--action", "blocked")
     assert result.exit_code == 0, result.output
     header, *lines = result.stdout.splitlines()
-    assert header.split()[:7] == ["time", "client", "transport", "qname", "qtype", "action", "rule"]
+    assert header.split()[:8] == ["time", "client", "transport", "qname", "qtype", "action", "count", "rule"]
     assert len(lines) == 4
-    assert lines[0].split()[:7] == [audit["r3"], "10.1.7.7", "udp", "deepseek.com", "AAAA", "blocked",
+    assert lines[0].split()[:8] == [audit["r3"], "10.1.7.7", "udp", "deepseek.com", "AAAA", "blocked", "1",
                                     "deepseek.com"]
     assert [line.split()[3] for line in lines] == ["deepseek.com", "chatgpt.com", "api.deepseek.com", "claude.ai"]
 
@@ -726,8 +726,8 @@ def test_stats_json(db, audit):
     result = run(db, "stats", "--since", "24h", "--format", "json")
     assert result.exit_code == 0, result.output
     s = json.loads(result.stdout)
-    assert s["totals"] == {"queries_logged": 7, "blocked": 5, "clients": 4, "domains": 5, "bypass_attempts": 0,
-                           "page_views": 0, "page_clients": 0}
+    assert s["totals"] == {"queries_logged": 7, "rows": 7, "blocked": 5, "clients": 4, "domains": 5,
+                           "bypass_attempts": 0, "page_views": 0, "page_clients": 0}
     assert s["top_rules"] == [
         {"rule": "deepseek.com", "category": "deepseek", "queries": 3, "clients": 2},
         {"rule": "chatgpt.com", "category": "genai", "queries": 1, "clients": 1},
@@ -751,13 +751,40 @@ def test_stats_default_is_last_24_hours(db, audit):
 
 def test_stats_window_and_top(db, audit):
     s = json.loads(run(db, "stats", "--since", "1w", "--top", "1", "--format", "json").stdout)
-    assert s["totals"] == {"queries_logged": 8, "blocked": 6, "clients": 4, "domains": 5, "bypass_attempts": 0,
-                           "page_views": 0, "page_clients": 0}
+    assert s["totals"] == {"queries_logged": 8, "rows": 8, "blocked": 6, "clients": 4, "domains": 5,
+                           "bypass_attempts": 0, "page_views": 0, "page_clients": 0}
     assert s["top_rules"] == [{"rule": "deepseek.com", "category": "deepseek", "queries": 4, "clients": 2}]
     assert s["top_clients"] == [{"client": "10.1.2.3", "queries": 3, "names": 2}]
     s = json.loads(run(db, "stats", "--since", "2h", "--until", "20m", "--format", "json").stdout)
-    assert s["totals"] == {"queries_logged": 3, "blocked": 2, "clients": 2, "domains": 2, "bypass_attempts": 0,
-                           "page_views": 0, "page_clients": 0}
+    assert s["totals"] == {"queries_logged": 3, "rows": 3, "blocked": 2, "clients": 2, "domains": 2,
+                           "bypass_attempts": 0, "page_views": 0, "page_clients": 0}
+
+
+def test_log_and_stats_count_answers_not_rows(db):
+    """Rows with a count (audit_window): `log` shows it in every format, `stats` adds counts up."""
+    now = datetime.now(UTC)
+    base = {"transport": "udp", "qtype": "A", "action": "blocked", "category": "genai", "rcode": "NOERROR",
+            "answer": "0.0.0.0", "policy_version": 3, "node": "ns1"}
+    rows = [{**base, "time": iso((now - timedelta(minutes=30)).timestamp()), "client": "10.9.0.1",
+             "qname": "chatgpt.com", "rule": "chatgpt.com", "count": 40}]
+    rows += [{**base, "time": iso((now - timedelta(minutes=20 - i)).timestamp()), "client": f"10.9.0.{2 + i}",
+              "qname": "claude.ai", "rule": "claude.ai"} for i in range(3)]  # no count: one answer each
+    with Store(db) as store:
+        store.insert_audit(rows)
+    s = json.loads(run(db, "stats", "--since", "1h", "--format", "json").stdout)
+    assert s["totals"] == {"queries_logged": 43, "rows": 4, "blocked": 43, "clients": 4, "domains": 2,
+                           "bypass_attempts": 0, "page_views": 0, "page_clients": 0}
+    assert s["top_rules"][0] == {"rule": "chatgpt.com", "category": "genai", "queries": 40, "clients": 1}
+    assert s["top_clients"][0] == {"client": "10.9.0.1", "queries": 40, "names": 1}
+    assert s["top_names"] == [{"qname": "chatgpt.com", "queries": 40}, {"qname": "claude.ai", "queries": 3}]
+    assert sum(h["blocked"] for h in s["hourly"]) == 43
+    assert s["by_category"] == [{"category": "genai", "blocked": 43, "clients": 4}]
+    assert [(r["qname"], r["count"]) for r in json_lines(run(db, "log", "--format", "json").stdout)] == [
+        ("chatgpt.com", 40), ("claude.ai", 1), ("claude.ai", 1), ("claude.ai", 1)]
+    csv_rows = list(csv.DictReader(io.StringIO(run(db, "log", "--format", "csv").stdout)))
+    assert [r["count"] for r in csv_rows] == ["40", "1", "1", "1"]
+    header, first, *_ = run(db, "log").stdout.splitlines()
+    assert header.split()[6] == "count" and first.split()[3:8] == ["chatgpt.com", "A", "blocked", "40", "chatgpt.com"]
 
 
 def test_stats_table(db, audit):
@@ -765,7 +792,7 @@ def test_stats_table(db, audit):
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert lines[0].startswith("since ")
-    assert lines[0].endswith(": 5 blocked queries from 4 clients for 5 names (7 rows in the log)")
+    assert lines[0].endswith(": 5 blocked queries from 4 clients for 5 names (7 answers in the log, in 7 rows)")
     text = result.stdout
     rules_part = text[text.index("top blocked rules:"):text.index("top blocked names:")]
     assert rules_part.splitlines()[2].split() == ["deepseek.com", "deepseek", "3", "2"]

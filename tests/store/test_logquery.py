@@ -289,9 +289,9 @@ def test_stats_json_has_groups_categories_and_every_hour(db, logdb):
     assert s["by_category"] == [{"category": "deepseek", "blocked": 2, "clients": 2},
                                 {"category": "genai", "blocked": 2, "clients": 2},
                                 {"category": "doh-bypass", "blocked": 1, "clients": 1}]
-    # the keys stats had before stay as they were
-    assert s["totals"] == {"queries_logged": 7, "blocked": 5, "clients": 5, "domains": 5, "bypass_attempts": 2,
-                           "page_views": 0, "page_clients": 0}
+    # the keys stats had before stay as they were (and "rows": as many as the answers, each row counting one)
+    assert s["totals"] == {"queries_logged": 7, "rows": 7, "blocked": 5, "clients": 5, "domains": 5,
+                           "bypass_attempts": 2, "page_views": 0, "page_clients": 0}
     assert {"top_rules", "top_names", "top_clients", "bypass_clients", "since"} <= set(s)
 
 
