@@ -99,6 +99,20 @@ def test_report_counts_are_the_databases_and_the_chain_verifies(served, db, tmp_
     assert "verified: 1 chains" in result.stdout
 
 
+def test_report_counts_answers_of_rows_with_a_count(make_server, stub, db, tmp_path, operator_key):
+    """audit_window: four identical answers are one row of count 4; the report counts answers, and says rows too."""
+    s = make_server(upstream=(stub.address,), audit_window=30.0)
+    for _ in range(4):
+        ask(s, "chatgpt.com")
+    ask(s, "claude.ai")
+    s.stop()
+    assert sorted(r["count"] for r in audit_rows(db)) == [1, 4]
+    page, _, _ = report(db, tmp_path, "--key-file", str(operator_key))
+    totals = page.by_id["totals"]
+    assert "5blocked queries" in totals and "5answers in the log" in totals and "2rows in the log" in totals
+    assert page.by_id["chain"].startswith("verified: 1 chains, 2 rows"), page.by_id["chain"]
+
+
 def test_report_shows_failure_after_tampering(served, db, tmp_path, operator_key):
     conn = sqlite3.connect(db)
     with conn:
