@@ -125,7 +125,7 @@ def generate(rows: int, days: int, n_clients: int, n_names: int, end: datetime,
                    None if forwarded else rule, None if forwarded else category,
                    "SERVFAIL" if action == "servfail" else "NOERROR",
                    "192.0.2.7" if forwarded else "0.0.0.0", 42, "127.0.0.1:53" if forwarded else None,
-                   0.2 + (i % 50) / 10, "ns1", grp, qname, None if forwarded else lst, rname,
+                   0.2 + (i % 50) / 10, "ns1", grp, qname, None if forwarded else lst, rname, 1,  # count
                    chains[i % 4], i // 4, macs[i & 4095])
 
 
