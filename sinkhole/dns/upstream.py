@@ -12,10 +12,11 @@ Upstreams are written as URLs (`parse_upstream`):
 address, as Unbound's `addr@port#name`; without it the host itself is checked.
 
 Over UDP the query the pipeline made (codec.upstream_query: the client's question, EDNS hop by
-hop) goes upstream with a fresh random ID, from a fresh socket (a random source port chosen by
-the kernel); a reply counts only when it comes from the upstream's address and port (connected
-socket), has QR set, our ID and the same question. Anything else is ignored while we keep
-waiting for the real reply.
+hop) goes upstream with a fresh random ID, on one of the upstream's pool of connected sockets
+(sinkhole.dns.pool: ports the kernel picks at random, replaced after 100 queries or 10 seconds);
+a reply counts only when it comes from the upstream's address and port (connected socket), has
+QR set, our ID and the same question. Anything else is ignored while we keep waiting for the
+real reply.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from sinkhole.dns import codec
+from sinkhole.dns.pool import UdpPool
 from sinkhole.errors import ConfigError, UpstreamError
 from sinkhole.model import Query
 from sinkhole.policy.names import DomainError, SuffixTable, normalize
@@ -265,6 +267,7 @@ class Forwarder:
         everyone = self.upstreams + [u for ups in (zones or {}).values() for u in ups]
         self._tls = tls_context(ca) if any(u.proto == "tls" for u in everyone) else None
         self._https_ctx = tls_context(ca) if any(u.proto == "https" for u in everyone) else None
+        self._udp_pools: dict[Upstream, UdpPool] = {}
         self._tcp_pool: dict[Upstream, _TcpConnection] = {}
         self._connecting: dict[Upstream, asyncio.Task[_TcpConnection]] = {}
         self._doh: dict[Upstream, _DohClient] = {}
@@ -292,6 +295,9 @@ class Forwarder:
             conn = self._tcp_pool.pop(u, None)
             if conn is not None and not conn.waiting:
                 conn.close()
+            pool = self._udp_pools.pop(u, None)
+            if pool is not None:  # its sockets close once their queries in flight are done (a zone that
+                pool.retire()  # forwards to it too gets a new pool at its next query)
             self._down_until.pop(u, None)
         self.upstreams = list(upstreams)
 
@@ -422,8 +428,7 @@ class Forwarder:
         question = query.question
         try:
             if up.proto == "udp":
-                qid = secrets.randbits(16)
-                reply = await self._udp(up, codec.set_id(out, qid), qid, question, budget)
+                reply = await self._udp(up, out, question, budget)
                 if codec.is_truncated(reply):
                     tries.fallback = (reply, up)
                     if deadline - loop.time() <= 0:
@@ -478,8 +483,7 @@ class Forwarder:
     async def _probe(self, up: Upstream, reason: str, spent: float) -> None:
         try:
             if up.proto == "udp":
-                qid = secrets.randbits(16)
-                await self._udp(up, codec.set_id(PROBE_QUERY, qid), qid, PROBE_QUESTION, self.timeout)
+                await self._udp(up, PROBE_QUERY, PROBE_QUESTION, self.timeout)
             elif up.proto == "https":
                 await self._doh_client(up).ask(PROBE_QUERY, PROBE_QUESTION, self.timeout)
             else:
@@ -499,21 +503,15 @@ class Forwarder:
         penalty = max(spent, self.timeout)  # a quick refusal must not look fast
         self._rtt[up] = penalty if old is None else old + RTT_WEIGHT * (penalty - old)
 
-    async def _udp(self, up: Upstream, out: bytes, qid: int, question: bytes, timeout: float) -> bytes:
-        loop = asyncio.get_running_loop()
-        sock = socket.socket(up.family, socket.SOCK_DGRAM)
-        try:
-            sock.setblocking(False)
-            async with asyncio.timeout(timeout):
-                await loop.sock_connect(sock, (up.host, up.port))
-                await loop.sock_sendall(sock, out)
-                while True:
-                    reply = await loop.sock_recv(sock, 65535)
-                    if codec.matches(reply, qid, question):
-                        return reply
-                    log.debug("ignored a reply from %s that does not match the query", up)
-        finally:
-            sock.close()
+    async def _udp(self, up: Upstream, out: bytes, question: bytes, timeout: float) -> bytes:
+        """`out` on one of the upstream's pooled sockets with an ID drawn there; the reply that matches it."""
+        pool = self._udp_pools.get(up)
+        if pool is None:
+            pool = self._udp_pools[up] = UdpPool(up.host, up.port)
+        future = pool.send(out, question, timeout)
+        if future is None:  # the slot picked has no open socket yet (or a used-up one): opened first
+            future = await pool.ask(out, question, timeout)
+        return await future
 
     async def _stream(self, up: Upstream, wire: bytes, question: bytes, timeout: float) -> bytes:
         """Over the upstream's pooled TCP or TLS connection (opened when there is none), pipelined by ID."""
@@ -584,6 +582,9 @@ class Forwarder:
         for conn in self._tcp_pool.values():
             conn.close()
         self._tcp_pool.clear()
+        for pool in self._udp_pools.values():
+            pool.close()
+        self._udp_pools.clear()
 
     async def aclose(self) -> None:
         self.close()

@@ -49,15 +49,20 @@ def test_flags_and_all_sections_relayed_byte_for_byte(server, stub):
     assert r.flags & dns.flags.AA and r.authority and r.additional
 
 
-def test_upstream_query_uses_fresh_random_id_and_source_port(server, stub):
-    for i in range(8):
+def test_upstream_query_uses_fresh_random_id_and_a_random_source_port_of_the_pool(server, stub):
+    for i in range(40):
         q = dns.message.make_query(f"n{i}.example.test", "A")  # different names: no cache hit
         q.id = 4242
         dns.query.udp(q, server.host, port=server.port, timeout=5)
     seen = stub.queries()
-    assert len(seen) == 8
-    assert len({s.qid for s in seen}) >= 7, "upstream IDs must be random, not the client's"
-    assert len({s.src[1] for s in seen}) >= 7, "each upstream query must come from a fresh source port"
+    assert len(seen) == 40
+    assert len({s.qid for s in seen}) >= 38, "upstream IDs must be random, not the client's"
+    # each query on one of the pool's sockets (64 ports the kernel picked), chosen at random: 40 queries land on
+    # about 30 ports (fewer than 16 has a probability below 1e-11)
+    ports = [s.src[1] for s in seen]
+    assert len(set(ports)) >= 16, "upstream queries must spread over the pool's random source ports"
+    pool = server.server.forwarder._udp_pools[server.server.forwarder.upstreams[0]]
+    assert set(pool.ports()) <= set(ports) and len(set(ports)) <= pool.opened, "each port a socket of the pool"
 
 
 def test_spoofed_replies_with_wrong_id_or_question_are_ignored(server, stub):
