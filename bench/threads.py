@@ -1,10 +1,11 @@
-"""CPU per blocked query, split by thread (event loop / audit writer) and by user / kernel time.
+"""CPU per answered query, split by thread (event loop / audit writer) and by user / kernel time.
 
-    .venv/bin/python bench/threads.py [--rounds 3] [--seconds 8] [--log-queries blocked|none]
+    .venv/bin/python bench/threads.py [--rounds 3] [--seconds 8] [--log-queries blocked|none] [--load a|b|c|d]
 
 Starts a local Unbound upstream and one `sinkhole serve` (2 workers unless --workers) on
-127.0.0.1, then runs dnsperf with load (a) of bench.py (blocked names) --rounds times in a row
-against the same server, so that its audit database grows from run to run. After each run it
+127.0.0.1, then runs dnsperf with a load of bench.py (default (a), blocked names; (c) is a cache
+miss per query, on names new in every round) --rounds times in a row against the same server,
+so that its audit database grows from run to run. After each run it
 prints the throughput, the database and WAL sizes, and the CPU time per answered query of the
 workers' main threads (the event loop) and of their other threads (the audit writer), as user
 and kernel time, read from /proc/PID/task/TID/stat. Not a test: nothing is asserted.
@@ -50,12 +51,13 @@ def main() -> None:
     ap.add_argument("--seconds", type=int, default=8)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--log-queries", default="blocked", choices=["blocked", "none"])
+    ap.add_argument("--load", default="a", choices=["a", "b", "c", "d"])
     args = ap.parse_args()
     need("dnsperf", "unbound")
     work = Path(tempfile.mkdtemp(prefix="sinkhole-threads-"))
     servers = bench.Servers()
     try:
-        files = bench.write_inputs(work, bench.blocked_domains(), args.seconds, 1)
+        files = bench.write_inputs(work, bench.blocked_domains(), args.seconds, args.rounds)
         upstream = bench.Unbound(work, threads=1, extra='  local-data: "example.test. 300 IN AAAA 2001:db8::1"')
         servers.stoppers.append(upstream.stop)
         upstream.start()
@@ -64,18 +66,20 @@ def main() -> None:
                                                         args.log_queries], servers)
         server = servers.by_name["s"]
         assert server.proc is not None
-        print(f"sinkhole --workers {args.workers} --log-queries {args.log_queries}; load (a), "
+        print(f"sinkhole --workers {args.workers} --log-queries {args.log_queries}; load ({args.load}), "
               f"{args.seconds} s per round; microseconds of CPU per answered query")
         for r in range(args.rounds):
             before = thread_cpu(server.proc.pid)
-            res = bench.measure(server, upstream.proc.pid, files["a"][0], args.seconds)
+            res = bench.measure(server, upstream.proc.pid, files[args.load][r], args.seconds)
             after = thread_cpu(server.proc.pid)
             n = max(1, res["completed"])
             sizes = {p.name.removeprefix("s.db").lstrip("-") or "db": p.stat().st_size / 2**20
                      for p in work.glob("s.db*") if p.name in ("s.db", "s.db-wal")}
             per = "  ".join(f"{k} {(after[k] - before[k]) * 1e6 / n:5.1f}" for k in after)
+            total = sum(after[k] - before[k] for k in after) * 1e6 / n
             print(f"round {r + 1}: {res['qps']:>8,.0f} q/s  db {sizes.get('db', 0):4.0f} MiB, "
-                  f"wal {sizes.get('wal', 0):4.0f} MiB  |  {per}", flush=True)
+                  f"wal {sizes.get('wal', 0):4.0f} MiB  |  {per}  |  total {total:5.1f}  "
+                  f"(lost {res['lost']}, other CPU {res['other_cpu_s']} s)", flush=True)
     finally:
         servers.stop_all()
         shutil.rmtree(work, ignore_errors=True)
