@@ -37,6 +37,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from sinkhole.dns import codec
+from sinkhole.dns.pool import SIZE as pool_size
 from sinkhole.dns.pool import UdpPool
 from sinkhole.errors import ConfigError, UpstreamError
 from sinkhole.model import Query
@@ -268,6 +269,7 @@ class Forwarder:
         self._tls = tls_context(ca) if any(u.proto == "tls" for u in everyone) else None
         self._https_ctx = tls_context(ca) if any(u.proto == "https" for u in everyone) else None
         self._udp_pools: dict[Upstream, UdpPool] = {}
+        self.udp_sockets = pool_size  # sockets per UDP upstream (sinkhole.dns.pool), for the pools made from now on
         self._tcp_pool: dict[Upstream, _TcpConnection] = {}
         self._connecting: dict[Upstream, asyncio.Task[_TcpConnection]] = {}
         self._doh: dict[Upstream, _DohClient] = {}
@@ -507,7 +509,7 @@ class Forwarder:
         """`out` on one of the upstream's pooled sockets with an ID drawn there; the reply that matches it."""
         pool = self._udp_pools.get(up)
         if pool is None:
-            pool = self._udp_pools[up] = UdpPool(up.host, up.port)
+            pool = self._udp_pools[up] = UdpPool(up.host, up.port, self.udp_sockets)
         future = pool.send(out, question, timeout)
         if future is None:  # the slot picked has no open socket yet (or a used-up one): opened first
             future = await pool.ask(out, question, timeout)

@@ -70,6 +70,29 @@ def test_spoofed_replies_with_wrong_id_or_question_are_ignored(server, stub):
     assert [rr.to_text() for rrset in r.answer for rr in rrset] == [address_for("spoof.example.test")]
 
 
+def test_forged_replies_on_a_shared_pool_socket_answer_no_query_in_flight(server, stub):
+    """Every query on one pooled socket at once: the stub sends, before each real reply, one with the query's ID
+    + 1 (likely another query's in flight there, for another question) and one with its ID for another name. None
+    is taken, not even by the query whose ID it carries: each client gets its own name's address."""
+    forwarder = server.server.forwarder
+    forwarder.udp_sockets = 1
+    names = [f"spoof.n{i}.example.test" for i in range(30)]
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in names]
+    try:
+        for sock, name in zip(socks, names, strict=True):
+            sock.settimeout(5)
+            sock.sendto(dns.message.make_query(name, "A").to_wire(), (server.host, server.port))
+        replies = [dns.message.from_wire(sock.recv(65535)) for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+    assert [[rr.to_text() for rrset in r.answer for rr in rrset] for r in replies] == [[address_for(n)] for n in
+                                                                                       names]
+    pool = forwarder._udp_pools[forwarder.upstreams[0]]
+    assert len({s.src[1] for s in stub.queries()}) == pool.opened == 1
+    assert pool.ignored >= 2 * len(names)
+
+
 def test_truncated_udp_reply_is_retried_over_tcp(server, stub):
     r = ask(server, "big.example.test", "TXT", tcp=True)
     assert len(r.answer[0]) == 40
