@@ -25,6 +25,10 @@ SAD DNS side channel, CVE-2020-25705, fixed in the kernel since 5.10). `max_uses
 A forged ICMP "port unreachable" fails the queries in flight on that socket at once (they fail over to the next
 upstream), where it failed one query before.
 
+File descriptors: up to `size` per UDP upstream and worker, opened as random picks reach empty slots (so
+about `size` once an upstream has had a few hundred queries), kept until picked again when too old. The
+systemd unit allows 65,536; under a default soft limit of 1,024, a dozen UDP upstreams (zones included) fit.
+
 `send` returns a future (no coroutine of its own, one timer per query) when the slot it picks has an open socket,
 else None, and `ask` (a coroutine) opens one first. The future's result is the reply's bytes; it fails with
 TimeoutError when none came within the timeout, ConnectionRefusedError when the upstream's host said nothing
