@@ -109,7 +109,9 @@ class Guard:
             info: tuple[bool, bool, object] = (False, False, client)
         else:
             prefix = self.v4_prefix if addr.version == 4 else self.v6_prefix
-            net = ipaddress.ip_network(f"{addr}/{prefix}", strict=False)
+            # the network as text ("10.20.3.0/24"): a key whose hash Python keeps, where an IPv4Network's is
+            # computed in Python at every dict lookup (the rate limits' buckets and the forwards' shares)
+            net = str(ipaddress.ip_network(f"{addr}/{prefix}", strict=False))
             info = (any(addr in n for n in self.allow), any(addr in n for n in self.exempt), net)
         if len(self._known) >= _CACHE_MAX:
             self._known.clear()
