@@ -538,13 +538,17 @@ def read_name(wire: bytes, pos: int, seen: dict[int, tuple[str, int]]) -> tuple[
     return name, after
 
 
-def read_reply(wire: bytes, qlen: int) -> ReplyFacts:
-    """Every record of an upstream reply whose header and question were checked (upstream._matches), and the
-    facts the policy inspects (see ReplyFacts). Raises Malformed for anything a client could not read."""
+def read_reply(wire: bytes, qlen: int, qname: str = "") -> ReplyFacts:
+    """Every record of an upstream reply whose header and question were checked (codec.matches), and the
+    facts the policy inspects (see ReplyFacts). Raises Malformed for anything a client could not read.
+
+    `qname`: the question's name as Query.name has it (what matches compared the reply's question with), so that
+    the records pointing to it (most owners: a compression pointer to offset 12) do not read it again."""
     _, _, _, ancount, nscount, arcount = _HEADER.unpack_from(wire)
     pos = 12 + qlen
     end = len(wire)
-    seen: dict[int, tuple[str, int]] = {}
+    # the root ("") is not seeded: a name ending in a pointer to it would get a trailing dot
+    seen: dict[int, tuple[str, int]] = {12: (qname, qlen - 4)} if qname else {}
     records: list[Record] = []
     targets: list[tuple[str, str]] = []
     addresses: list[bytes] = []

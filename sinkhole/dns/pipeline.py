@@ -321,7 +321,7 @@ class Pipeline:
 
     def _inspect(self, pending: Pending, reply: bytes) -> tuple[bytes, Verdict | None]:
         query = pending.query
-        facts = codec.read_reply(reply, len(query.question))
+        facts = codec.read_reply(reply, len(query.question), query.name)
         if query.qtype == codec.T_ANY and codec.header_rcode(reply) == codec.NOERROR:
             return answer.minimal_any(query), None  # RFC 8482: the name exists; one HINFO, not everything it has
         policy = self.get_policy()

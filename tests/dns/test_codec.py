@@ -123,6 +123,21 @@ def test_read_reply_reads_every_section_targets_and_addresses():
     assert facts.opt is facts.records[-1] and facts.end == len(wire)
 
 
+@pytest.mark.parametrize("qname", ["www.example.test", "WWW.Example.TEST", "a\\255b.Example.test",
+                                   "x\\032y.example.test"])
+def test_read_reply_given_the_question_s_name_reads_the_same_records(qname):
+    """The question's name handed in (as Query.name has it) reads every record as reading it off the wire does:
+    owners that point to it, names that point into it (example.test), through the question in any case."""
+    wire = _reply(f"{qname}. 300 CNAME x.{qname}.", f"x.{qname}. 300 A 192.0.2.1",
+                  f"x.{qname}. 300 HTTPS 1 svc.example.test. ipv4hint=192.0.2.2",
+                  authority=("example.test. 300 NS ns.example.test.",),
+                  additional=(f"ns.{qname}. 300 AAAA 2001:db8::1",), qname=qname)
+    query = codec.decode_query(dns.message.make_query(qname, "A").to_wire())
+    facts = codec.read_reply(wire, len(query.question), query.name)
+    assert facts == codec.read_reply(wire, len(query.question))
+    assert facts.records[0].owner == query.name and facts.targets[0] == ("cname", "x." + query.name)
+
+
 @pytest.mark.parametrize("mutate,reason", [
     (lambda w: w[:-3], "runs past the end"),
     (lambda w: w[:12 + QLEN] + b"\xc0\x30" + w[12 + QLEN + 2:], "does not point backwards"),
