@@ -42,6 +42,7 @@ import logging
 import os
 import socket
 import time
+import weakref
 
 from sinkhole.dns import codec
 
@@ -53,13 +54,18 @@ MAX_AGE = 10.0  # seconds a socket is used for at most, however few queries it c
 
 
 class _Random:
-    """16-bit numbers from os.urandom, read 2 KiB at a time (one system call per 1024 numbers, not one each)."""
+    """16-bit numbers from os.urandom, read 2 KiB at a time (one system call per 1024 numbers, not one each).
+    A forked child drops what its parent had read (os.register_at_fork below): two workers never share IDs."""
 
-    __slots__ = ("_buf", "_pos")
+    __slots__ = ("__weakref__", "_buf", "_pos")
 
     def __init__(self) -> None:
         self._buf = b""
         self._pos = 0
+        _RANDOMS.add(self)
+
+    def forget(self) -> None:
+        self._buf, self._pos = b"", 0
 
     def below(self, n: int) -> int:
         """A number from 0 to n - 1 (n at most 65536; unbiased when n is a power of two)."""
@@ -68,6 +74,10 @@ class _Random:
             self._buf, pos = os.urandom(2048), 0
         self._pos = pos + 2
         return (self._buf[pos] << 8 | self._buf[pos + 1]) % n
+
+
+_RANDOMS: weakref.WeakSet[_Random] = weakref.WeakSet()
+os.register_at_fork(after_in_child=lambda: [r.forget() for r in list(_RANDOMS)])
 
 
 class _Socket(asyncio.DatagramProtocol):

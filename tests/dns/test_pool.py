@@ -5,6 +5,7 @@ asyncio's event loop (the tests' servers) and on uvloop's (`sinkhole serve`)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -296,3 +297,22 @@ async def wait(check: Callable[[], bool], timeout: float = 10.0) -> None:
     async with asyncio.timeout(timeout):
         while not check():
             await asyncio.sleep(0.005)
+
+
+def test_a_forked_child_draws_other_ids_than_its_parent() -> None:
+    """Workers are forked: the random numbers the parent had read ahead are not the child's too."""
+    pool = UdpPool("127.0.0.1", 53)
+    pool._random.below(65536)  # the parent has read ahead
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child: its next 64 numbers to the parent, and out
+        try:
+            os.write(write, bytes(str([pool._random.below(65536) for _ in range(64)]), "ascii"))
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        theirs = pipe.read()
+    os.waitpid(child, 0)
+    ours = str([pool._random.below(65536) for _ in range(64)])
+    assert theirs.startswith("[") and theirs != ours
