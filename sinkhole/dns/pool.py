@@ -226,6 +226,8 @@ class UdpPool:
         return self._send(s, out, question, timeout)
 
     def _send(self, s: _Socket, out: bytes, question: bytes, timeout: float) -> asyncio.Future[bytes]:
+        if s.transport is None:  # closed while this query waited for it to open (the pool closed)
+            raise ConnectionError("upstream socket closed")
         loop = asyncio.get_running_loop()
         qid = self._random.below(65536)
         while qid in s.waiting:
@@ -234,7 +236,6 @@ class UdpPool:
         timer = loop.call_later(timeout, s.expire, qid, future)
         s.waiting[qid] = (future, question, timer)
         s.uses += 1
-        assert s.transport is not None
         s.transport.sendto(codec.set_id(out, qid))  # an error sending comes back through error_received
         return future
 
