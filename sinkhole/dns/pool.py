@@ -76,6 +76,12 @@ class _Random:
         return (self._buf[pos] << 8 | self._buf[pos + 1]) % n
 
 
+def _retrieved(task: asyncio.Task[_Socket]) -> None:
+    """An opening that failed with nobody left waiting for it is not an 'exception never retrieved'."""
+    if not task.cancelled():
+        task.exception()
+
+
 _RANDOMS: weakref.WeakSet[_Random] = weakref.WeakSet()
 os.register_at_fork(after_in_child=lambda: [r.forget() for r in list(_RANDOMS)])
 
@@ -176,17 +182,23 @@ class UdpPool:
         self.ignored = 0  # datagrams that answered no query in flight (late, spoofed, mismatched)
         self.opened = 0  # sockets opened since start
 
-    async def _open(self) -> _Socket:
-        sock = socket.socket(self.family, socket.SOCK_DGRAM)
+    async def _open(self, slot: int) -> _Socket:
+        """A new socket in `slot` (a task of its own: a query that gives up waiting does not stop it)."""
         try:
-            sock.setblocking(False)
-            sock.connect((self.host, self.port))  # UDP: no packet sent; the kernel binds a random local port
-            _, made = await asyncio.get_running_loop().create_datagram_endpoint(lambda: _Socket(self), sock=sock)
-        except BaseException:
-            sock.close()
-            raise
-        self.opened += 1
-        return made
+            sock = socket.socket(self.family, socket.SOCK_DGRAM)
+            try:
+                sock.setblocking(False)
+                sock.connect((self.host, self.port))  # UDP: no packet sent; the kernel binds a random local port
+                loop = asyncio.get_running_loop()
+                _, made = await loop.create_datagram_endpoint(lambda: _Socket(self), sock=sock)
+            except BaseException:
+                sock.close()
+                raise
+            self._slots[slot] = made
+            self.opened += 1
+            return made
+        finally:
+            self._opening.pop(slot, None)
 
     def send(self, out: bytes, question: bytes, timeout: float) -> asyncio.Future[bytes] | None:
         """Send `out` (our query; its ID is set here) on an open socket of a slot chosen at random, and return the
@@ -210,19 +222,10 @@ class UdpPool:
             if s is not None and not s.closing:
                 s.retire()
             opening = self._opening.get(slot)
-            if opening is None:  # queries that pick this slot while it opens wait for the same socket
-                opening = self._opening[slot] = asyncio.get_running_loop().create_future()
-                try:
-                    s = self._slots[slot] = await self._open()
-                    opening.set_result(s)
-                except BaseException as exc:
-                    opening.set_exception(exc)
-                    opening.exception()  # retrieved: nobody else may be waiting
-                    raise
-                finally:
-                    del self._opening[slot]
-            else:
-                s = await asyncio.shield(opening)
+            if opening is None:  # the queries that pick this slot while it opens wait for the same socket
+                opening = self._opening[slot] = asyncio.get_running_loop().create_task(self._open(slot))
+                opening.add_done_callback(_retrieved)
+            s = await asyncio.shield(opening)
         return self._send(s, out, question, timeout)
 
     def _send(self, s: _Socket, out: bytes, question: bytes, timeout: float) -> asyncio.Future[bytes]:
@@ -249,6 +252,9 @@ class UdpPool:
 
     def close(self) -> None:
         """Close every socket now; queries in flight fail with ConnectionError."""
+        for opening in self._opening.values():
+            opening.cancel()
+        self._opening.clear()
         for s in [*self._slots, *self._draining]:
             if s is not None:
                 s.fail(ConnectionError("upstream pool closed"))

@@ -239,6 +239,30 @@ def test_a_retired_socket_still_takes_the_replies_of_its_queries_in_flight(run: 
 
 
 @pytest.mark.parametrize("run", LOOPS)
+def test_a_query_that_gives_up_while_its_socket_opens_does_not_stop_the_others(run: Run) -> None:
+    """Two queries wait for the same slot's socket to open; the first is cancelled (the other upstream of a
+    parallel pair answered): the socket still opens, and the second query is sent and answered."""
+
+    async def main() -> None:
+        _, transport, port = await responder()
+        pool = UdpPool("127.0.0.1", port, size=1)
+        try:
+            first, second = query("first.example."), query("second.example.")
+            a = asyncio.ensure_future(start(pool, first))
+            b = asyncio.ensure_future(start(pool, second))
+            await asyncio.sleep(0)  # both wait for the one slot's socket now
+            assert not a.done() and not b.done()
+            a.cancel()
+            assert name_and_address(await (await b)) == ("second.example.", "192.0.2.7")
+            assert a.cancelled() and pool.opened == 1
+        finally:
+            pool.close()
+            transport.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("run", LOOPS)
 def test_no_reply_times_out_and_leaves_nothing_waiting(run: Run) -> None:
     async def main() -> None:
         _, transport, port = await responder(silent=True)
