@@ -3,6 +3,7 @@ completeness is "the sum of counts = the blocked answers"."""
 
 from __future__ import annotations
 
+import collections
 import json
 import subprocess
 import sys
@@ -212,7 +213,10 @@ def test_sigterm_writes_the_rows_being_counted(server_process, stub, db):
     rows = audit_rows(db)
     per_name = {q: sum(r["count"] for r in rows if r["qname"] == q) for q in NAMES}
     assert per_name == {q: n // 3 for q in NAMES}
-    assert sorted(r["qname"] for r in rows) in ([q for q in sorted(NAMES) for _ in range(k)] for k in (1, 2))
+    # one row per name from each worker that answered it (the kernel may move the client to the other worker
+    # while both start up), never more
+    rows_per_name = collections.Counter(r["qname"] for r in rows)
+    assert set(rows_per_name) == set(NAMES) and max(rows_per_name.values()) <= 2, rows_per_name
     assert any(f"blocked {n};" in line for line in p.lines), "".join(p.lines[-3:])
     out = subprocess.run([sys.executable, "-m", "sinkhole", "--db", str(db), "log", "--format", "json"],
                          capture_output=True, text=True, check=True).stdout

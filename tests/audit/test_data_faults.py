@@ -152,6 +152,9 @@ def test_deleted_database_is_recreated_and_new_rows_go_there(make_server, stub, 
     s = make_server(upstream=(stub.address,))
     blocked(s, "before.chat.deepseek.com")
     assert wait_for(lambda: qnames(db) == ["before.chat.deepseek.com"])
+    # and the writer is done with it: a file deleted between its commit and its check that the file is still
+    # there is taken as deleted while it wrote, and the row is written again into the new file (nothing lost)
+    assert wait_for(lambda: s.server.audit.written == 1)
     for path in (db, *sidecars(db)):
         path.unlink(missing_ok=True)
     after = [f"after{i}.chat.deepseek.com" for i in range(5)]
