@@ -126,7 +126,7 @@ FOLLOW_BATCH = 5000
 
 
 class _Stop(Exception):
-    """SIGTERM during `log --follow`: stop as Ctrl-C does."""
+    """SIGTERM or SIGINT during `log --follow`: stop, exit 0."""
 
 
 def _follow(env: Env, store: Store, filters: dict, limit: int | None, fmt: str, interval: float) -> None:
@@ -139,7 +139,9 @@ def _follow(env: Env, store: Store, filters: dict, limit: int | None, fmt: str, 
     def stop(signum: int, frame: object) -> None:
         raise _Stop
 
-    previous = signal.signal(signal.SIGTERM, stop)
+    # SIGINT too, by a handler of our own: Python raises KeyboardInterrupt only when it found SIGINT at its default,
+    # and a shell starts background jobs with SIGINT ignored (the server likewise sets both)
+    previous = signal.signal(signal.SIGTERM, stop), signal.signal(signal.SIGINT, stop)
     columns = LOG_TABLE_COLUMNS if fmt == "table" else LOG_COLUMNS
     out = _Stream(columns, fmt)
     try:
@@ -160,7 +162,8 @@ def _follow(env: Env, store: Store, filters: dict, limit: int | None, fmt: str, 
     except (KeyboardInterrupt, _Stop):
         return
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
         store.close()
 
 
