@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 MODES = ("blocked", "all", "none")
 _QTYPES: dict[int, str] = {}
 _BLOCKED_MODE = frozenset({Action.BLOCKED, Action.CNAME_BLOCKED, Action.IP_BLOCKED, Action.CANARY, Action.PAGE})
+# log_queries -> the actions audited: blocked names, answers that led to them, bypass attempts; or all; or none
+WANTED = {"blocked": _BLOCKED_MODE, "all": frozenset(Action), "none": frozenset()}
 GAP = "gap"  # the action of a row that records lost rows
 _WAKE = object()  # put by close() to wake a writer waiting on an empty queue
 
@@ -257,12 +259,17 @@ class AuditLog:
         """The store the writer thread writes through (None before its first write, or between two files)."""
         return self._writer.store if self._writer is not None else None
 
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, mode: str) -> None:
+        self._mode = mode
+        self.wanted = WANTED[mode]  # what the query path reads for every query (a set, not a call)
+
     def wants(self, action: Action) -> bool:
-        if self.mode == "all":
-            return True
-        if self.mode == "none":
-            return False
-        return action in _BLOCKED_MODE  # blocked names, answers that led to them, bypass attempts
+        return action in self.wanted
 
     def start(self) -> None:
         if self.shipper is not None:

@@ -46,7 +46,7 @@ _DS_PROOF = frozenset({codec.T_DS, codec.T_NSEC, codec.T_NSEC3, codec.T_SOA})  #
 class AuditSink(Protocol):
     """Where outcomes are audited (sinkhole.audit.writer.AuditLog): the query path does not import the audit."""
 
-    def wants(self, action: Action) -> bool: ...
+    wanted: frozenset[Action]  # the actions it audits (a set the query path reads, not a call per query)
 
     def submit(self, event: AuditEvent) -> None: ...
 
@@ -151,7 +151,7 @@ class Pipeline:
         key = (name, outcome.qtype, proto, outcome.group)
         detail = self.detail
         detail[key] = detail.get(key, 0) + 1
-        if self.audit.wants(outcome.action):
+        if outcome.action in self.audit.wanted:
             self.audit.submit(AuditEvent.of(outcome, self.wallclock(), client, proto, wire))
         return reply
 

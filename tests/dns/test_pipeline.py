@@ -29,9 +29,7 @@ class Sink:
 
     def __init__(self) -> None:
         self.events: list[AuditEvent] = []
-
-    def wants(self, action: Action) -> bool:
-        return True
+        self.wanted = frozenset(Action)
 
     def submit(self, event: AuditEvent) -> None:
         self.events.append(event)
