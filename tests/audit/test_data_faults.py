@@ -140,7 +140,8 @@ def test_read_only_database_dns_keeps_answering_and_rows_are_written_when_writab
     assert wait_for(lambda: len(qnames(db)) == len(sent) + 1, timeout=10)
     assert qnames(db) == ["before.chat.deepseek.com", *sent]
     assert s.server.audit.dropped == 0
-    assert len(lines(caplog, "cannot write")) == 1 and lines(caplog, "again after")
+    # the writer commits the rows, then says so: wait for its line rather than race it
+    assert wait_for(lambda: lines(caplog, "again after")) and len(lines(caplog, "cannot write")) == 1
     assert integrity(db) == "ok"
 
 
