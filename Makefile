@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test systemd-test lint bench bench-deps bench-log bench-console profile soak clean install install-venv install-files
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py sinkhole/dns/_fast.pyx
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
