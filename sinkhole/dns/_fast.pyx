@@ -5,6 +5,7 @@ every name and behaviour is the same, tests/dns/test_fast.py runs against both).
 (sendmmsg), the reply's ID and tail as two pieces of one message, without copying the tail; a client is
 looked up by its raw address (text is made once per address, not per packet)."""
 
+cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.dict cimport PyDict_GetItem
 from cpython.ref cimport PyObject
@@ -88,6 +89,7 @@ cdef extern from "<arpa/inet.h>" nogil:
 # ---------------------------------------------------------------------------- the table
 
 
+@cython.no_gc  # many, and never in a cycle (bytes, a tuple, a tag): the cyclic GC need not walk them
 cdef class Entry:
     cdef public bytes tail
     cdef public object kind
@@ -158,9 +160,21 @@ cdef class Table:
         if n > MAX_PACKET or n < 12 or self.max_entries <= 0:
             return False
         if len(self._entries) >= self.max_entries:
-            self._entries.clear()
+            self._evict()
         self._entries[packet[2:]] = entry
         return True
+
+    cdef void _evict(self):
+        """The oldest eighth goes (dicts keep insertion order): a flood of new names costs a table's worth of
+        memory, and the names asked again and again stay (a full clear sent all of them the slow way)."""
+        cdef Py_ssize_t n = len(self._entries) // 8 + 1
+        cdef list old = []
+        for key in self._entries:
+            old.append(key)
+            if len(old) >= n:
+                break
+        for key in old:
+            del self._entries[key]
 
     def put_blocked(self, bytes packet, bytes reply, object kind=None, object tag=None):
         return self._put(packet, Entry(reply[2:], kind, tag))
@@ -359,6 +373,7 @@ cdef class Blocker:
 # ---------------------------------------------------------------------------- clients and rate limits
 
 
+@cython.no_gc
 cdef class Bucket:
     cdef public double tokens
     cdef public double last
@@ -457,6 +472,7 @@ cdef class Clients:
 # ---------------------------------------------------------------------------- the audit tally
 
 
+@cython.no_gc
 cdef class _Cell:
     cdef long count
     cdef double first, last

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable
+from itertools import islice
 
 COMPILED = False
-MAX_ENTRIES = 100_000  # per table; a full table is emptied (the next queries refill it the slow way)
+MAX_ENTRIES = 100_000  # per table; a full one drops its oldest eighth
 MAX_PACKET = 512  # bytes: bigger queries (padded or hostile) are never put
 MAX_CLIENTS = 65_536
 INF = float("inf")
@@ -71,9 +72,16 @@ class Table:
         if len(packet) > MAX_PACKET or len(packet) < 12 or self.max_entries <= 0:
             return False
         if len(self._entries) >= self.max_entries:
-            self._entries.clear()
+            self._evict()
         self._entries[packet[2:]] = entry
         return True
+
+    def _evict(self) -> None:
+        """The oldest eighth goes (dicts keep insertion order): a flood of new names costs a table's worth of
+        memory, and the names asked again and again stay (a full clear sent all of them the slow way)."""
+        entries = self._entries
+        for key in list(islice(entries, len(entries) // 8 + 1)):
+            del entries[key]
 
     def put_blocked(self, packet: bytes, reply: bytes, kind: object = None, tag: object = None) -> bool:
         """`reply` answers `packet` (and the same packet with any other ID) for as long as the table lives."""

@@ -97,13 +97,13 @@ def test_packets_too_big_or_too_small_are_never_put(impl: ModuleType) -> None:
     assert len(table) == 0
 
 
-def test_a_full_table_starts_over(impl: ModuleType) -> None:
-    table = impl.Table(max_entries=3)
-    packets = [query(f"n{i}.example") for i in range(4)]
+def test_a_full_table_drops_its_oldest_eighth(impl: ModuleType) -> None:
+    table = impl.Table(max_entries=16)
+    packets = [query(f"n{i}.example") for i in range(17)]
     for p in packets:
         table.put_blocked(p, reply_for(p))
-    assert len(table) == 1  # the fourth found it full: emptied, then put
-    assert table.answer(packets[3], 0.0) is not None and table.answer(packets[0], 0.0) is None
+    assert len(table) == 14  # the seventeenth found it full: the oldest three (16 // 8 + 1) went first
+    assert [table.answer(p, 0.0) is not None for p in packets] == [False] * 3 + [True] * 14
 
 
 def test_a_cached_reply_ages_its_ttls_by_whole_seconds_and_expires(impl: ModuleType) -> None:
