@@ -413,6 +413,14 @@ cdef class Client:
         self.net = None
 
 
+cdef object _packed(str text):
+    """An address as UdpFast keys it (4 or 16 bytes); the text itself when it is not an address."""
+    try:
+        return _socket.inet_pton(_socket.AF_INET6 if ":" in text else _socket.AF_INET, text)
+    except (OSError, ValueError):
+        return text
+
+
 cdef class Clients:
     cdef public object classify
     cdef public double rate, burst, net_rate, net_burst
@@ -466,7 +474,9 @@ cdef class Clients:
         return True
 
     def lookup(self, str text):
-        return self.get(text, text)
+        """The client for an address given as text (TCP, the slow path): the same one UdpFast finds by the
+        packed address, so that both share its buckets."""
+        return self.get(_packed(text), text)
 
 
 # ---------------------------------------------------------------------------- the audit tally

@@ -242,6 +242,9 @@ def test_udp_answers_what_the_table_knows_and_returns_the_rest(impl: ModuleType,
     assert (fastpath.received, fastpath.answered, fastpath.send_failed) == (11, 10, 0)
     assert fastpath.counts == {("blocked", 1, "udp", None): 10}
     assert tally.take() == [(9, "127.0.0.1", "udp", 10, 5.0, 5.0)]
+    known = len(fastpath.clients)
+    fastpath.clients.lookup("127.0.0.1")  # as TCP asks: the client UDP found, with the same buckets
+    assert len(fastpath.clients) == known == 1
 
 
 def drain_until(fastpath: object, count: int, deadline: float = 10.0) -> list:
