@@ -5,7 +5,6 @@ every name and behaviour is the same, tests/dns/test_fast.py runs against both).
 (sendmmsg), the reply's ID and tail as two pieces of one message, without copying the tail; a client is
 looked up by its raw address (text is made once per address, not per packet)."""
 
-cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.dict cimport PyDict_GetItem
 from cpython.ref cimport PyObject
@@ -89,7 +88,6 @@ cdef extern from "<arpa/inet.h>" nogil:
 # ---------------------------------------------------------------------------- the table
 
 
-@cython.no_gc  # many, and never in a cycle (bytes, a tuple, a tag): the cyclic GC need not walk them
 cdef class Entry:
     cdef public bytes tail
     cdef public object kind
@@ -373,7 +371,6 @@ cdef class Blocker:
 # ---------------------------------------------------------------------------- clients and rate limits
 
 
-@cython.no_gc
 cdef class Bucket:
     cdef public double tokens
     cdef public double last
@@ -482,7 +479,6 @@ cdef class Clients:
 # ---------------------------------------------------------------------------- the audit tally
 
 
-@cython.no_gc
 cdef class _Cell:
     cdef long count
     cdef double first, last
