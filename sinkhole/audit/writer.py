@@ -149,17 +149,18 @@ class Aggregator:
         """Rows open."""
         return len(self._open)
 
-    def add(self, e: AuditEvent, now: float) -> None:
+    def add(self, e: AuditEvent, now: float, count: int = 1) -> None:
+        """`count`: identical answers this event stands for (the fast path hands them over counted already)."""
         window = self.window
         if window <= 0 or e.action in _NOT_COUNTED:
-            self.emit(e, 1)
+            self.emit(e, count)
             return
         key = (e.client, e.transport, e.qname, e.qtype, e.action, e.rule, e.category, e.rcode, e.answer,
                e.policy_version, e.upstream, e.latency_ms, e.group, e.source)
         entry = self._open.get(key)
         if entry is not None:
             if e.time < entry[0].time + window:
-                entry[1] += 1
+                entry[1] += count
                 return
             del self._open[key]
             self.emit(entry[0], entry[1])
@@ -167,7 +168,7 @@ class Aggregator:
             oldest = next(iter(self._open))
             first, count, _ = self._open.pop(oldest)
             self.emit(first, count)
-        self._open[key] = [e, 1, now + window]
+        self._open[key] = [e, count, now + window]
 
     def close_due(self, now: float) -> None:
         """Emit the rows whose window ended by `now` (they are in the order they were opened)."""
@@ -277,11 +278,12 @@ class AuditLog:
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, event: AuditEvent) -> None:
+    def submit(self, event: AuditEvent, count: int = 1) -> None:
+        """`count`: identical answers `event` stands for (sinkhole.dns.shortcut tallies the fast path's)."""
         try:
-            self._queue.put_nowait(event)
+            self._queue.put_nowait(event if count == 1 else (event, count))
         except queue.Full:
-            self.queue_dropped += 1
+            self.queue_dropped += count
             if self._drop_first is None:
                 self._drop_first = event.time
             self._drop_last = event.time
@@ -449,9 +451,11 @@ class _Writer:
             except queue.Empty:
                 break
             timeout = None
-            if not isinstance(item, AuditEvent):
-                continue  # _WAKE
-            add(item, clock())
+            if isinstance(item, AuditEvent):
+                add(item, clock())
+            elif isinstance(item, tuple):  # (event, count): answers the fast path tallied
+                add(item[0], clock(), item[1])
+            # else _WAKE
         a.pending = len(self.pending) + len(self.counting)
 
     def hold(self, first: AuditEvent, count: int) -> None:
