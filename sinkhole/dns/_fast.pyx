@@ -546,6 +546,7 @@ cdef class UdpFast:
     cdef public Tally tally
     cdef public long received, answered, send_failed
     cdef public dict counts
+    cdef public dict actions
     cdef int fd
     cdef char *bufs
     cdef mmsghdr rmsgs[BATCH]
@@ -566,6 +567,7 @@ cdef class UdpFast:
         self.answered = 0
         self.send_failed = 0
         self.counts = {}
+        self.actions = {}
         self.bufs = <char *> malloc(BATCH * BUFSIZE)
         if self.bufs == NULL:
             raise MemoryError()
@@ -608,6 +610,8 @@ cdef class UdpFast:
         cdef Clients clients = self.clients
         cdef Tally tally = self.tally
         cdef dict counts = self.counts
+        cdef dict actions = self.actions
+        cdef object action
         cdef bytes data
         while total < budget:
             for i in range(BATCH):
@@ -660,6 +664,9 @@ cdef class UdpFast:
                 if kind is not None:
                     have = PyDict_GetItem(counts, kind)
                     counts[kind] = (<object> have) + 1 if have != NULL else 1
+                    action = kind[0]
+                    have = PyDict_GetItem(actions, action)
+                    actions[action] = (<object> have) + 1 if have != NULL else 1
                 tag = entry.tag
                 if tag is not None:
                     tally.add(client.text, tag, "udp", wall)

@@ -386,12 +386,15 @@ class UdpFast:
         self.received = 0
         self.answered = 0
         self.send_failed = 0
-        self.counts: dict[object, int] = {}  # answers given here, by Entry.kind
+        # answers given here, by Entry.kind, and by its first item (kind[0]), counted before each is sent: a server
+        # makes them its pipeline's own counters (Pipeline.detail, Pipeline.counts)
+        self.counts: dict[object, int] = {}
+        self.actions: dict[object, int] = {}
 
     def drain(self, mono: float, wall: float, budget: int = 256) -> list[tuple[bytes, tuple, bool | None]]:
         slow: list[tuple[bytes, tuple, bool | None]] = []
         recv, send = self.sock.recvfrom, self.sock.sendto
-        clients, tally, counts = self.clients, self.tally, self.counts
+        clients, tally, counts, actions = self.clients, self.tally, self.counts, self.actions
         for _ in range(budget):
             try:
                 data, addr = recv(65535)
@@ -418,6 +421,8 @@ class UdpFast:
             kind = entry.kind
             if kind is not None:
                 counts[kind] = counts.get(kind, 0) + 1
+                action = kind[0]  # type: ignore[index]
+                actions[action] = actions.get(action, 0) + 1
             if entry.tag is not None:
                 tally.add(client.text, entry.tag, "udp", wall)
             try:

@@ -70,6 +70,11 @@ class Cache:
     def clear(self) -> None:
         self._entries.clear()
 
+    def entry(self, key: bytes) -> Entry | None:
+        """The entry stored for `key`, live or not, without counting a hit or a miss (the fast path learns
+        its TTLs and expiry from it)."""
+        return self._entries.get(key)
+
     def lookup(self, key: bytes, query: Query, now: float) -> tuple[bytes, bool] | None:
         """(the stored reply made this client's, due) for a live entry, None on a miss; `due`: this hit is the one
         in the last tenth of the entry's TTL that asks for a refresh (prefetch; once per entry)."""

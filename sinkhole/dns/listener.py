@@ -11,10 +11,14 @@ import struct
 import termios
 
 from sinkhole import logthrottle
-from sinkhole.dns import codec
+from sinkhole.dns import codec, fast
+from sinkhole.dns.guard import Admission
 from sinkhole.dns.pipeline import Pending, Pipeline
+from sinkhole.model import Action
 
 log = logging.getLogger(__name__)
+OK = Admission.OK
+CACHED = Action.CACHED.value
 
 UDP_RCVBUF = 4 * 1024 * 1024
 Bound = tuple[str, int, socket.socket | None, socket.socket | None]  # host, port, udp, tcp
@@ -110,6 +114,100 @@ class UdpProtocol(asyncio.DatagramProtocol):
 
     def error_received(self, exc: Exception) -> None:
         log.debug("UDP socket error: %s", exc)
+
+
+class FastUdp:
+    """The UDP side of a Listener when the pipeline has a fast path (`Pipeline.shortcuts`, sinkhole.dns.shortcut):
+    it owns the socket (read on the event loop's reader callback), and each time it is readable sinkhole.dns.fast's
+    UdpFast reads what is waiting (recvmmsg when compiled) and answers what the tables know (the blocked answers of
+    the policy in force, fresh cache hits) with sendmmsg, without Pipeline.begin; it hands back the rest, which
+    goes to Pipeline.begin as UdpProtocol's datagrams do (what begin answers there is learnt for the next time)."""
+
+    BUDGET = 256  # datagrams read per readable event, at most: the event loop turns to the rest in between
+
+    def __init__(self, sock: socket.socket, pipeline: Pipeline, tasks: _Tasks) -> None:
+        assert pipeline.shortcuts is not None
+        self.sock = sock
+        self.pipeline = pipeline
+        self.shortcuts = pipeline.shortcuts
+        self.tasks = tasks
+        self.fast = fast.UdpFast(sock, self.shortcuts.clients, self.shortcuts.tally)
+        self.accepting = False
+        self.closed = False
+        self.send_failed = 0  # replies of the slow path the socket did not take (its buffer full)
+
+    def start(self) -> None:
+        try:  # grow the buffer for bursts, never shrink one systemd already set larger
+            if self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) < UDP_RCVBUF:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RCVBUF)
+        except OSError:
+            pass
+        self.sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        self.shortcuts.start(loop)
+        loop.add_reader(self.sock.fileno(), self._readable)
+        self.accepting = True
+
+    def _readable(self) -> None:
+        pipeline, shortcuts, fp = self.pipeline, self.shortcuts, self.fast
+        shortcuts.check()  # a new policy snapshot, guard or answers: the tables start empty
+        if fp.clients is not shortcuts.clients:
+            fp.clients = shortcuts.clients
+        if fp.counts is not pipeline.detail:  # its answers are counted where the pipeline counts its own
+            fp.counts, fp.actions = pipeline.detail, pipeline.counts
+        cached = pipeline.counts.get(CACHED, 0)
+        slow = fp.drain(pipeline.clock(), pipeline.wallclock(), self.BUDGET)
+        hits = pipeline.counts.get(CACHED, 0) - cached
+        if hits:
+            pipeline.cache.hits += hits
+        refusals = shortcuts.not_admitted
+        for data, addr, admitted in slow:
+            # admitted: None (the guard was not asked), True (it said OK), False (it refused: what it said is next
+            # in refusals); begin asks it only in the first case, so that a packet takes one token, as today
+            said = None if admitted is None else OK if admitted else refusals.popleft()
+            try:
+                result = pipeline.begin(data, addr[0], "udp", said)
+            except Exception as exc:  # never silence: the client gets SERVFAIL
+                result = pipeline.failed(data, addr[0], "udp", exc)
+            if result is None:
+                continue
+            if isinstance(result, Pending):
+                self.tasks.spawn(self._forward(result, addr))
+            else:
+                self._send(result, addr)
+
+    def _send(self, reply: bytes, addr: tuple) -> None:
+        if self.closed:
+            return
+        try:
+            self.sock.sendto(reply, addr)
+        except (BlockingIOError, InterruptedError):
+            self.send_failed += 1
+        except OSError as exc:
+            log.debug("UDP send to %s failed: %s", addr[0], exc)
+
+    async def _forward(self, pending: Pending, addr: tuple) -> None:
+        try:
+            reply: bytes | None = await self.pipeline.forward(pending, addr[0], "udp")
+        except Exception as exc:  # forward() answers its own failures; this is the last line of defence
+            reply = self.pipeline.failed(pending.query.wire, addr[0], "udp", exc)
+        if reply is not None:
+            self._send(reply, addr)
+
+    def stop(self) -> None:
+        """Read no more datagrams (the socket stays open for forwards in flight); the fast path's answers so far go
+        to the audit log."""
+        if self.accepting:
+            self.accepting = False
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+        self.shortcuts.flush()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.stop()
+            self.shortcuts.stop()
+            self.closed = True
+            self.sock.close()
 
 
 class ConnectionSlots:
@@ -331,6 +429,7 @@ class Listener:
         self.given = (udp_sock, tcp_sock)
         self.udp: asyncio.DatagramTransport | None = None
         self.udp_protocol: UdpProtocol | None = None
+        self.udp_fast: FastUdp | None = None  # instead of udp and udp_protocol when the pipeline has a fast path
         self.tcp: asyncio.Server | None = None
         self.tcp_handler: TcpHandler | None = None
 
@@ -339,7 +438,10 @@ class Listener:
         """Serve the bound sockets: from here on, queries are answered."""
         loop = asyncio.get_running_loop()
         udp_sock, tcp_sock = self.given
-        if udp_sock is not None:
+        if udp_sock is not None and pipeline.shortcuts is not None:
+            self.udp_fast = FastUdp(udp_sock, pipeline, tasks)
+            self.udp_fast.start()
+        elif udp_sock is not None:
             self.udp, self.udp_protocol = await loop.create_datagram_endpoint(  # type: ignore[assignment]
                 lambda: UdpProtocol(pipeline, tasks), sock=udp_sock)
         if tcp_sock is not None:
@@ -355,16 +457,21 @@ class Listener:
         """Ignore datagrams from now on; the socket stays open so that forwards in flight can reply."""
         if self.udp_protocol is not None:
             self.udp_protocol.accepting = False
+        if self.udp_fast is not None:
+            self.udp_fast.stop()
 
     def close(self) -> None:
         if self.tcp_handler is not None:
             self.tcp_handler.close_all()
         if self.udp is not None:
             self.udp.close()
+        if self.udp_fast is not None:
+            self.udp_fast.close()
 
     @property
     def transports(self) -> str:
-        return "+".join(t for t, present in (("udp", self.udp), ("tcp", self.tcp)) if present is not None)
+        udp = self.udp if self.udp_fast is None else self.udp_fast
+        return "+".join(t for t, present in (("udp", udp), ("tcp", self.tcp)) if present is not None)
 
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"

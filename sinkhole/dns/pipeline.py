@@ -32,6 +32,7 @@ from sinkhole import logthrottle
 from sinkhole.dns import answer, codec
 from sinkhole.dns.cache import Cache, key_of
 from sinkhole.dns.guard import Admission, Guard, Shares
+from sinkhole.dns.shortcut import Shortcuts
 from sinkhole.dns.upstream import Forwarder
 from sinkhole.errors import UpstreamError
 from sinkhole.model import Action, AuditEvent, Outcome, Query, RuleKind, Verdict
@@ -48,7 +49,7 @@ class AuditSink(Protocol):
 
     wanted: frozenset[Action]  # the actions it audits (a set the query path reads, not a call per query)
 
-    def submit(self, event: AuditEvent) -> None: ...
+    def submit(self, event: AuditEvent, count: int = 1) -> None: ...
 
 
 class Pending(NamedTuple):
@@ -87,6 +88,9 @@ class Pipeline:
         self.counts: dict[str, int] = {}  # action (or "dropped", "prefetched" ...) -> queries
         # (action, qtype, transport, group) -> queries: read by sinkhole.service.metrics at scrape time
         self.detail: dict[tuple[str, int, str, str | None], int] = {}
+        # the fast path's tables (sinkhole.dns.shortcut): UDP blocked answers and cache hits made here are put
+        # there, and a listener answers the same packets again without begin; None: no fast path
+        self.shortcuts: Shortcuts | None = None
 
     @property
     def answers(self) -> answer.AnswerConfig:
@@ -96,8 +100,9 @@ class Pipeline:
         """A reloaded configuration (SIGHUP): blocked answers are built anew from the next query on."""
         self.blocked.configure(answers)
 
-    def begin(self, wire: bytes, client: str, proto: str) -> bytes | Pending | None:
-        """Every stage that needs no I/O, in order: the reply, None (no answer at all), or a Pending forward."""
+    def begin(self, wire: bytes, client: str, proto: str, admitted: Admission | None = None) -> bytes | Pending | None:
+        """Every stage that needs no I/O, in order: the reply, None (no answer at all), or a Pending forward.
+        `admitted`: what the guard said of this packet already (the fast path asked it), else it is asked here."""
         if codec.is_dropped(wire):  # shorter than a header, or a response: no answer, no rate-limit token spent
             self.counts["dropped"] = self.counts.get("dropped", 0) + 1
             return None
@@ -105,11 +110,15 @@ class Pipeline:
         if (id(policy), policy.version) != self._in_force:  # a new snapshot: what was made under the old one goes
             self._follow(policy)
         group = policy.group_of(client)
-        admitted = self.guard.check(client, proto)  # client ACL and rate limits: once a packet
+        if admitted is None:
+            admitted = self.guard.check(client, proto)  # client ACL and rate limits: once a packet
         if admitted is OK:
             memo = self.blocked.replay(wire, group)  # this packet but its ID was blocked before: the same reply
             if memo is not None:
-                return self._done(memo[0], wire[:2] + memo[1], client, proto, wire)
+                reply = wire[:2] + memo[1]
+                if proto == "udp" and self.shortcuts is not None:
+                    self.shortcuts.learn(wire, reply, memo[0])
+                return self._done(memo[0], reply, client, proto, wire)
         try:
             query = codec.decode_query_memo(wire)
         except codec.BadQuery as bad:  # FORMERR, NOTIMP, NOTAUTH, BADVERS; REFUSED for a client not admitted
@@ -121,6 +130,8 @@ class Pipeline:
         verdict = policy.decide_name(query.name, group, query.qtype)  # Policy.decide, without a call in between
         if verdict.blocked:
             outcome, reply = self.blocked.answer(query, verdict, group, policy.version)
+            if proto == "udp" and self.shortcuts is not None:  # the fast path answers this packet from now on
+                self.shortcuts.learn(wire, reply, outcome)
             return self._done(outcome, reply, client, proto, wire)
         if query.qtype in answer.TRANSFERS:
             outcome, reply = answer.transfer_refused(query, verdict, policy.version, group.name)
@@ -139,9 +150,13 @@ class Pipeline:
             self._prefetch(Pending(query, verdict, policy.version, key, group, ecs))
         if ecs and query.edns is not None and query.edns.ecs:
             reply = codec.with_ecs(reply, query.edns.ecs, ecs)
+        rendered = reply
         reply = answer.fit(query, reply, proto)
-        return self._done(Outcome(Action.CACHED, query.qname, query.qtype, codec.header_rcode(reply), verdict, None,
-                                  policy.version, group.name), reply, client, proto, wire)
+        outcome = Outcome(Action.CACHED, query.qname, query.qtype, codec.header_rcode(reply), verdict, None,
+                          policy.version, group.name)
+        if proto == "udp" and self.shortcuts is not None and self.ecs is None and not due and reply is rendered:
+            self.shortcuts.learn_cached(wire, query, self.cache.entry(key), outcome, self.cache.prefetch)
+        return self._done(outcome, reply, client, proto, wire)
 
     def _done(self, outcome: Outcome, reply: bytes, client: str, proto: str, wire: bytes | None) -> bytes:
         """The one place a query is counted (metrics) and audited; returns its reply."""

@@ -9,30 +9,37 @@ asked, list): the fast path's rows carry the number, and the audit writer learns
 
 from __future__ import annotations
 
+import asyncio
 import sys
+from collections import deque
 
 from sinkhole.dns import answer, codec, fast
-from sinkhole.model import Action, Rule, RuleKind
+from sinkhole.dns.cache import Cache, Entry
+from sinkhole.dns.guard import Admission
+from sinkhole.model import Action, AuditEvent, Outcome, Query, Rule, RuleKind
 from sinkhole.policy.decide import CANARIES, Group, Policy
 
 # what a tag stands for, in this order
 DESCRIPTION = ("qname", "qtype", "action", "rule", "category", "rcode", "answer", "policy_version", "group", "asked",
                "source")
+INF = float("inf")
 MAX_TAGS = 1_000_000  # then numbering goes on, and the writer forgets the oldest half
 
 
 class Tags:
-    """Audit row descriptions by number; new ones are handed to the writer before the rows that use them."""
+    """Audit row descriptions by number; new ones are handed to the writer before the rows that use them, each
+    with the first packet that had it (the audit takes the name as asked from it)."""
 
     def __init__(self) -> None:
         self._ids: dict[tuple, int] = {}
         self._new: list[tuple[int, tuple]] = []
+        self.wires: dict[int, bytes] = {}  # tag -> a query packet with that description
         self.next = 0
 
     def __len__(self) -> int:
         return len(self._ids)
 
-    def tag(self, description: tuple) -> int:
+    def tag(self, description: tuple, wire: bytes | None = None) -> int:
         found = self._ids.get(description)
         if found is None:
             if len(self._ids) >= MAX_TAGS:
@@ -40,6 +47,8 @@ class Tags:
             found = self._ids[description] = self.next
             self.next += 1
             self._new.append((found, description))
+            if wire is not None:
+                self.wires[found] = wire
         return found
 
     def take_new(self) -> list[tuple[int, tuple]]:
@@ -49,9 +58,9 @@ class Tags:
 
 def blocker(table: fast.Table, policy: Policy, group: Group, answers: answer.AnswerConfig, audited: bool,
             tags: Tags) -> fast.Blocker:
-    """The Blocker answering `group`'s clients under `policy` as Pipeline.begin does (put into `table`)."""
+    """The Blocker answering `group`'s clients under `policy` as Pipeline.begin does (put into `table`); what it
+    answers is counted as Pipeline.detail counts it, (action, qtype, "udp", group name)."""
     version = policy.version
-    gname = None if group is policy.default else group.name  # the metrics key: None for the default group
     row_group = group.name
 
     def template(packet: bytes, domain: str, entry: tuple) -> tuple[bytes, bytes, int, str]:
@@ -61,16 +70,165 @@ def blocker(table: fast.Table, policy: Policy, group: Group, answers: answer.Ans
 
     def describe(packet: bytes, qname: str, qtype: int, domain: str, entry: tuple, rcode: int,
                  summary: str) -> tuple[tuple, int | None]:
-        kind = (Action.BLOCKED.value, qtype, gname)
+        kind = (Action.BLOCKED.value, qtype, "udp", row_group)
         if not audited:
             return kind, None
         question = packet[12:]
         asked = qname if question.lower() == question else codec.asked_name(packet)
         return kind, tags.tag((qname, qtype, Action.BLOCKED.value, domain, entry[1], rcode, summary, version,
-                               row_group, asked, entry[2]))
+                               row_group, asked, entry[2]), packet)
 
     twin = sys.modules[type(table).__module__]  # the Blocker of the table's own module (compiled or pure)
     made = twin.Blocker(table, policy._map, group.allowed, RuleKind.ALLOW,
                         CANARIES if policy.canaries else (), bool(policy._regexes), template, describe)
     table.blocker = made
     return made
+
+
+class Shortcuts:
+    """The fast path's state in one worker, shared by its UDP listeners (sinkhole.dns.listener.FastUdp).
+
+    - a `Table` per client group of whole replies by query packet without its ID: the blocked (and canary)
+      answers the pipeline made under the policy snapshot in force (`learn`), and its cache hits, whose TTLs
+      the table ages and which it drops at the cache entry's expiry or prefetch time (`learn_cached`); each
+      table's `Blocker` answers blocked names it has not seen yet from answer.blocked's templates;
+    - `clients`: per client address its group's table (none for a client allow_clients refuses: the pipeline
+      answers it, as today) and whether the guard must be asked per packet (`admit`: the guard's own buckets,
+      so a client over its rate limit gets what it gets today, and the refusals it was given are handed to the
+      pipeline with the packet, `not_admitted`);
+    - `tally`: the audit rows of the answers given on the fast path, handed to the audit log as counted events
+      (`flush`, a few times a second and at the end), so that every answer is in the log as a row or a count;
+    - every answer is counted (Entry.kind: Pipeline.detail's key) by UdpFast in the pipeline's own counters,
+      before it is sent, so that /metrics and the stop line count every answer once, as the pipeline does.
+
+    `check` (before each batch) follows the pipeline: a new policy snapshot, a new guard (reload) or new answer
+    settings empty the tables and forget the clients, as Pipeline._follow empties its memos and cache."""
+
+    FLUSH_INTERVAL = 0.2  # seconds between two hand-overs of the tally to the audit log
+
+    def __init__(self, pipeline: object, window: float) -> None:
+        self.pipeline = pipeline  # the Pipeline (not imported: it imports this module)
+        self.tally = fast.Tally(window)
+        self.tags = Tags()
+        self.described: dict[int, tuple] = {}
+        self.tables: dict[str, fast.Table] = {}
+        self.not_admitted: deque[Admission] = deque()  # the guard's answers to packets it refused, oldest first
+        self.clients = self._clients()
+        self._following: tuple = ()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Hand the tally to the audit log every FLUSH_INTERVAL seconds from now on (once for all listeners)."""
+        if self._timer is None:
+            self._timer = loop.call_later(self.FLUSH_INTERVAL, self._tick, loop)
+
+    def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.flush()
+        self._timer = loop.call_later(self.FLUSH_INTERVAL, self._tick, loop)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.flush()
+
+    def _clients(self) -> fast.Clients:
+        guard = self.pipeline.guard  # type: ignore[attr-defined]
+        refusals = self.not_admitted
+        ok = Admission.OK
+
+        class Guarded(fast.Clients):  # type: ignore[misc, valid-type]
+            def admit(self, client: object, now: float) -> bool:
+                admitted = guard.check(client.text, "udp")  # type: ignore[attr-defined]
+                if admitted is ok:
+                    return True
+                refusals.append(admitted)
+                return False
+
+        limited = guard.client is not None or guard.network is not None
+        # rate 1.0: a marker that the client is limited (UdpFast asks `admit`); the buckets are the guard's
+        return Guarded(self._classify, rate=1.0 if limited else 0.0, net_rate=0.0)
+
+    def _classify(self, client: str) -> tuple[fast.Table | None, bool, object]:
+        """(the table of the client's group, or None when the guard refuses it; not limited; network key)."""
+        pipeline = self.pipeline
+        if not pipeline.guard.allows(client):  # type: ignore[attr-defined]
+            return None, True, client
+        group = pipeline.get_policy().group_of(client)  # type: ignore[attr-defined]
+        return self.table(group), False, client
+
+    def table(self, group: Group) -> fast.Table:
+        table = self.tables.get(group.name)
+        if table is None:
+            pipeline = self.pipeline
+            table = self.tables[group.name] = fast.Table()
+            policy = pipeline.get_policy()  # type: ignore[attr-defined]
+            audit = pipeline.audit  # type: ignore[attr-defined]
+            blocker(table, policy, group, pipeline.answers, Action.BLOCKED in audit.wanted, self.tags)  # type: ignore
+        return table
+
+    def check(self) -> None:
+        """Before a batch: empty everything made under an older policy snapshot, guard or answer settings."""
+        pipeline = self.pipeline
+        policy = pipeline.get_policy()  # type: ignore[attr-defined]
+        now = (id(policy), policy.version, pipeline.guard, pipeline.answers, pipeline.audit.wanted)  # type: ignore
+        if now != self._following or len(self.described) >= MAX_TAGS:
+            self.reset()
+            self._following = now
+
+    def reset(self) -> None:
+        self.flush()
+        for table in self.tables.values():
+            table.clear()
+            table.blocker = None
+        self.tables.clear()
+        self.tags = Tags()
+        self.described.clear()
+        self.not_admitted.clear()
+        self.clients = self._clients()
+
+    def learn(self, wire: bytes, reply: bytes, outcome: Outcome) -> None:
+        """`reply` (a blocked or canary answer of the pipeline) answers `wire` with any ID until the next reset."""
+        table = self.tables.get(outcome.group or "")
+        if table is None:
+            return  # no client of that group came the fast way since the last reset
+        table.put_blocked(wire, reply, (outcome.action._value_, outcome.qtype, "udp", outcome.group),
+                          self._tag(wire, outcome))
+
+    def learn_cached(self, wire: bytes, query: Query, entry: Entry | None, outcome: Outcome, prefetch: bool) -> None:
+        """The cache's answer to `wire` from `entry`, its TTLs aged by the table, until it expires or is due for
+        a refresh (with prefetch on, the entry a refresh was asked for already is not learnt: its successor is)."""
+        table = self.tables.get(outcome.group or "")
+        if table is None or entry is None:
+            return
+        if prefetch and entry.prefetch_at == INF:
+            return
+        table.put_cached(wire, Cache.render(entry, query, entry.stored), entry.ttl_offsets, entry.ttls,
+                         entry.stored, entry.expires, entry.prefetch_at,
+                         (outcome.action._value_, outcome.qtype, "udp", outcome.group), self._tag(wire, outcome))
+
+    def _tag(self, wire: bytes, outcome: Outcome) -> int | None:
+        if outcome.action not in self.pipeline.audit.wanted:  # type: ignore[attr-defined]
+            return None
+        e = AuditEvent.of(outcome, 0.0, "", "udp", wire)
+        return self.tags.tag((e.qname, e.qtype, e.action, e.rule, e.category, e.rcode, e.answer, e.policy_version,
+                              e.group, codec.asked_name(wire, e.qname), e.source), wire)
+
+    def flush(self) -> None:
+        """Hand the tallied answers to the audit log: one event per (client, answer) with its count."""
+        rows = self.tally.take()
+        new = self.tags.take_new()
+        if new:
+            self.described.update(new)
+        if not rows:
+            return
+        audit = self.pipeline.audit  # type: ignore[attr-defined]
+        described, wires = self.described, self.tags.wires
+        for tag, client, transport, count, first, _last in rows:
+            d = described[tag]
+            event = AuditEvent(first, client, transport, d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7], None, None,
+                               d[8], wires.get(tag), d[10])
+            if count == 1:
+                audit.submit(event)
+            else:
+                audit.submit(event, count)

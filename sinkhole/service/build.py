@@ -24,6 +24,7 @@ from sinkhole.dns.answer import AnswerConfig
 from sinkhole.dns.cache import Cache
 from sinkhole.dns.guard import Guard, Shares
 from sinkhole.dns.pipeline import AuditSink, Pipeline
+from sinkhole.dns.shortcut import Shortcuts
 from sinkhole.dns.upstream import (
     Forwarder,
     Upstream,
@@ -274,7 +275,11 @@ class Parts:
 def parts(cfg: Settings, db: Path, get_policy: Callable[[], Policy], worker: int | None = None) -> Parts:
     audit = audit_log(cfg, db)
     forward = forwarder(cfg)
-    return Parts(audit, forward, pipeline(cfg, get_policy, forward, audit), fleet(cfg, db) if not worker else None)
+    path = pipeline(cfg, get_policy, forward, audit)
+    # the fast path (sinkhole.dns.shortcut, sinkhole.dns.fast): the listeners answer the UDP packets the pipeline
+    # answered before (blocked answers, cache hits) without it, and tally their audit rows within audit_window
+    path.shortcuts = Shortcuts(path, cfg.audit.audit_window)
+    return Parts(audit, forward, path, fleet(cfg, db) if not worker else None)
 
 
 def check(cfg: Settings) -> None:
