@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import fnmatch
 import functools
+import re
 import sys
 import tomllib
 from collections.abc import Iterator
@@ -256,6 +257,34 @@ def test_libraries_stay_home(library: str) -> None:
     known = {m for m, lib in KNOWN_LEAKS if lib == library}
     assert sorted(users - known) == [], f"{library} belongs to {', '.join(homes)}"
     assert sorted(known - users) == [], "fixed already: remove from KNOWN_LEAKS"
+
+
+# Wire parsing (reading a DNS message's fields from its bytes by hand) is the codec's, but for these modules:
+# module -> why. Found by the shape of such code: a 16-bit field read as `b[i] << 8 | b[i + 1]`, or int.from_bytes.
+WIRE_OUTSIDE_CODEC: dict[str, str] = {
+    "sinkhole.dns._fast": "compiled per-packet code (Cython, _fast.pyx): the header and question of a query read in "
+    "C to answer a blocked name without a Python call per field; anything unusual is left to the codec, and "
+    "tests/dns/test_fast_blocker.py checks every answer byte for byte against Pipeline.begin's",
+    "sinkhole.dns._fastpure": "the pure-Python twin of sinkhole.dns._fast (a host without a C compiler runs it): the "
+    "same reads, the same tests (SINKHOLE_PURE=1)",
+}
+# modules whose code has that shape but reads no DNS message: module -> what it reads
+NOT_WIRE: dict[str, str] = {
+    "sinkhole.dns.pool": "two random bytes as a number (query IDs and socket slots), from os.urandom",
+}
+_WIRE_READ = re.compile(r"<<\s*8\b|int\.from_bytes\(")
+
+
+def test_wire_is_parsed_only_in_the_codec() -> None:
+    home = "sinkhole.dns.codec"
+    found = set()
+    for path in sorted(SOURCE.rglob("*.py")) + sorted(SOURCE.rglob("*.pyx")):
+        name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        if name != home and _WIRE_READ.search(path.read_text()):
+            found.add(name)
+    named = set(WIRE_OUTSIDE_CODEC) | set(NOT_WIRE)
+    assert sorted(found - named) == [], f"DNS wire is read in {home}: add a codec function"
+    assert sorted(named - found) == [], "no such code there any more: remove from WIRE_OUTSIDE_CODEC or NOT_WIRE"
 
 
 SQL_CALLS = frozenset({"execute", "executemany", "executescript", "set_progress_handler", "conn"})
