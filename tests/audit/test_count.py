@@ -123,6 +123,27 @@ def test_the_writer_writes_a_row_once_its_window_ends_and_the_rest_at_close(db):
     assert log.written == 8 and log.rows_written == 3 and log.dropped == 0
 
 
+def test_an_event_submitted_with_a_count_stands_for_that_many_answers(db):
+    """What the fast path hands over (sinkhole.dns.shortcut): one event per client and answer with its count, added
+    to the row being counted like as many events; with window 0 it is a row of that count."""
+    out = Emitted()
+    agg = Aggregator(1.0, out)
+    agg.add(event(100.0), now=5.0, count=7)
+    agg.add(event(100.5), now=5.5)
+    agg.add(event(100.9), now=5.9, count=3)
+    agg.close_all()
+    assert out == [("chat.deepseek.com", 100.0, 11)]
+    log = AuditLog(db, "n1", seed=None, window=0, flush_interval=0.02)
+    log.start()
+    try:
+        log.submit(event(1000.0, "a.deepseek.com"), 40)
+        log.submit(event(1000.1, "b.deepseek.com"))
+    finally:
+        log.close()
+    assert [(r["qname"], r["count"]) for r in audit_rows(db)] == [("a.deepseek.com", 40), ("b.deepseek.com", 1)]
+    assert log.written == 41 and log.rows_written == 2
+
+
 def test_rows_being_counted_when_the_database_cannot_be_written_are_counted_as_lost_at_close(tmp_path):
     (tmp_path / "a-file").write_text("")
     log = AuditLog(tmp_path / "a-file" / "a.db", "n1", seed=None, window=10.0)  # its directory is a file
