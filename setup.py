@@ -6,6 +6,10 @@ that the twin is meant."""
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-setup(ext_modules=cythonize(
-    [Extension("sinkhole.dns._fast", ["sinkhole/dns/_fast.pyx"], optional=True, extra_compile_args=["-O2"])],
-    compiler_directives={"language_level": "3"}, quiet=True))
+extensions = cythonize(
+    [Extension("sinkhole.dns._fast", ["sinkhole/dns/_fast.pyx"], extra_compile_args=["-O2"])],
+    compiler_directives={"language_level": "3"}, quiet=True)
+for extension in extensions:  # cythonize's copies do not keep `optional`: a failed compile must not fail the install
+    extension.optional = True
+
+setup(ext_modules=extensions)
