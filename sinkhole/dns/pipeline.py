@@ -167,6 +167,9 @@ class Pipeline:
         detail = self.detail
         detail[key] = detail.get(key, 0) + 1
         if outcome.action in self.audit.wanted:
+            shortcuts = self.shortcuts
+            if shortcuts is not None and len(shortcuts.tally):  # the fast path's answers given before this one are
+                shortcuts.flush()  # queued before it: the audit's rows stay in the order of the answers
             self.audit.submit(AuditEvent.of(outcome, self.wallclock(), client, proto, wire))
         return reply
 

@@ -97,7 +97,8 @@ class Shortcuts:
       so a client over its rate limit gets what it gets today, and the refusals it was given are handed to the
       pipeline with the packet, `not_admitted`);
     - `tally`: the audit rows of the answers given on the fast path, handed to the audit log as counted events
-      (`flush`, a few times a second and at the end), so that every answer is in the log as a row or a count;
+      (`flush`: every flush_interval, at the end, and before the pipeline submits an event of its own, so that
+      the rows are in the order of the answers), so that every answer is in the log as a row or a count;
     - every answer is counted (Entry.kind: Pipeline.detail's key) by UdpFast in the pipeline's own counters,
       before it is sent, so that /metrics and the stop line count every answer once, as the pipeline does.
 
@@ -109,6 +110,8 @@ class Shortcuts:
     def __init__(self, pipeline: object, window: float) -> None:
         self.pipeline = pipeline  # the Pipeline (not imported: it imports this module)
         self.tally = fast.Tally(window)
+        # a tally row stands for answers within one hand-over: no longer apart than the audit window
+        self.flush_interval = min(self.FLUSH_INTERVAL, window) if window > 0 else self.FLUSH_INTERVAL
         self.tags = Tags()
         self.described: dict[int, tuple] = {}
         self.tables: dict[str, fast.Table] = {}
@@ -120,11 +123,11 @@ class Shortcuts:
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Hand the tally to the audit log every FLUSH_INTERVAL seconds from now on (once for all listeners)."""
         if self._timer is None:
-            self._timer = loop.call_later(self.FLUSH_INTERVAL, self._tick, loop)
+            self._timer = loop.call_later(self.flush_interval, self._tick, loop)
 
     def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
         self.flush()
-        self._timer = loop.call_later(self.FLUSH_INTERVAL, self._tick, loop)
+        self._timer = loop.call_later(self.flush_interval, self._tick, loop)
 
     def stop(self) -> None:
         if self._timer is not None:
