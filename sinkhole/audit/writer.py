@@ -166,8 +166,8 @@ class Aggregator:
             self.emit(entry[0], entry[1])
         elif len(self._open) >= self.max_open:
             oldest = next(iter(self._open))
-            first, count, _ = self._open.pop(oldest)
-            self.emit(first, count)
+            first, counted, _ = self._open.pop(oldest)
+            self.emit(first, counted)
         self._open[key] = [e, count, now + window]
 
     def close_due(self, now: float) -> None:

@@ -91,6 +91,18 @@ def test_past_max_open_rows_the_oldest_is_closed_early():
     assert out == [("n0.deepseek.com", 100.0, 1), ("n1.deepseek.com", 101.0, 1)] and len(agg) == 3
 
 
+def test_past_max_open_a_counted_event_keeps_its_own_count():
+    """The row closed early keeps its count, and the new one opens with the count it came with (it took the
+    closed row's: a load of many names over MAX_OPEN wrote 137,177 answers for 108,665 handed over)."""
+    out = Emitted()
+    agg = Aggregator(10.0, out, max_open=2)
+    agg.add(event(100.0, "a.deepseek.com"), now=1.0, count=5)
+    agg.add(event(100.1, "b.deepseek.com"), now=1.0, count=7)
+    agg.add(event(100.2, "c.deepseek.com"), now=1.0, count=2)
+    agg.close_all()
+    assert sorted(out) == [("a.deepseek.com", 100.0, 5), ("b.deepseek.com", 100.1, 7), ("c.deepseek.com", 100.2, 2)]
+
+
 @pytest.mark.parametrize("window", [float("nan"), -1.0, 30.5])
 def test_a_window_out_of_range_is_refused(tmp_path, window):
     with pytest.raises(ValueError, match="audit window"):
