@@ -95,6 +95,9 @@ def main() -> None:
                 check = bench.audit_check(name, s)
                 print(f"{name}: blocked answers {check['blocked_answers']}, audit sum of counts "
                       f"{check['audit_rows_blocked']} in {check['audit_rows_stored']} rows, equal {check['equal']}")
+                for line in s.lines:
+                    if "stopped:" in line:
+                        print(f"  {name}: {line.strip()}")
         upstream.stop()
 
 
