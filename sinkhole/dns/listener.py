@@ -123,7 +123,10 @@ class FastUdp:
     the policy in force, fresh cache hits) with sendmmsg, without Pipeline.begin; it hands back the rest, which
     goes to Pipeline.begin as UdpProtocol's datagrams do (what begin answers there is learnt for the next time)."""
 
-    BUDGET = 256  # datagrams read per readable event, at most: the event loop turns to the rest in between
+    # datagrams read per readable event, at most (one recvmmsg when compiled): then the event loop turns to the rest,
+    # and the other workers reading the same socket get their share, as with uvloop's UDP transport (libuv reads up
+    # to 32 a poll event); with 256 one worker can take a whole burst before the others wake
+    BUDGET = 32
 
     def __init__(self, sock: socket.socket, pipeline: Pipeline, tasks: _Tasks) -> None:
         assert pipeline.shortcuts is not None
