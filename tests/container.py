@@ -120,11 +120,15 @@ def base_image(log=print) -> Path:
 
 
 def runtime_requirements() -> list[str]:
-    """sinkhole's runtime requirements (pyproject's, as installed here) and what `pip install .` builds with."""
+    """sinkhole's runtime requirements (pyproject's, as installed here) and what `pip install .` builds with
+    (pyproject's build-system requires: setuptools, and Cython for the fast path; the container has no compiler,
+    so the build there goes on without the compiled module and sinkhole runs on its pure-Python twin)."""
+    import tomllib
     from importlib.metadata import requires
 
     reqs = [r for r in requires("sinkhole") or [] if "extra ==" not in r]
-    return [*reqs, "pip", "setuptools>=68", "wheel"]
+    build = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
+    return [*reqs, "pip", *build, "wheel"]
 
 
 def wheelhouse(log=print) -> Path:
