@@ -93,7 +93,9 @@ def test_a_cache_hit_is_answered_the_fast_way_with_its_ttl_aged_until_it_expires
     clock.now += 5
     hits = server.server.pipeline.cache.hits
     later = ask(server, "aged.example.org")
-    assert fast_answered(server) == 1 and server.server.pipeline.cache.hits == hits + 1
+    assert fast_answered(server) == 1
+    # the cache's hit counter is moved after the batch is sent (FastUdp._readable): the reply may come first
+    assert wait_for(lambda: server.server.pipeline.cache.hits == hits + 1)
     assert later.answer[0].ttl == ttl - 5 and later.answer[0][0] == first.answer[0][0]
     clock.now += ttl  # expired: the fast path lets it go, the upstream is asked again
     ask(server, "aged.example.org")
