@@ -5,9 +5,10 @@ asyncio's event loop (the tests' servers) and on uvloop's (`sinkhole serve`)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import dns.message
@@ -86,12 +87,23 @@ async def responder(**kw: bool) -> tuple[Responder, asyncio.DatagramTransport, i
     return proto, transport, transport.get_extra_info("sockname")[1]  # type: ignore[return-value]
 
 
+@contextlib.asynccontextmanager
+async def upstream(hostile: bool = False, silent: bool = False,
+                   **pool_kw: Any) -> AsyncIterator[tuple[Responder, asyncio.DatagramTransport, UdpPool]]:
+    """A Responder on 127.0.0.1 (`hostile`, `silent` as it takes them) and a UdpPool to it (`pool_kw`), closed after."""
+    resp, transport, port = await responder(hostile=hostile, silent=silent)
+    pool = UdpPool("127.0.0.1", port, **pool_kw)
+    try:
+        yield resp, transport, pool
+    finally:
+        pool.close()
+        transport.close()
+
+
 @pytest.mark.parametrize("run", LOOPS)
 def test_concurrent_queries_share_the_pool_and_each_gets_its_own_reply(run: Run) -> None:
     async def main() -> None:
-        resp, transport, port = await responder()
-        pool = UdpPool("127.0.0.1", port, size=8, max_uses=1000)
-        try:
+        async with upstream(size=8, max_uses=1000) as (resp, _, pool):
             names = [f"n{i}.example." for i in range(200)]
             replies = await asyncio.gather(*(ask(pool, query(n)) for n in names))
             assert [name_and_address(r) for r in replies] == [(n, "192.0.2.7") for n in names]
@@ -99,9 +111,6 @@ def test_concurrent_queries_share_the_pool_and_each_gets_its_own_reply(run: Run)
             ids = [w[0] << 8 | w[1] for w in resp.received]
             assert len(set(ids)) >= 190, "IDs drawn at random, not the caller's (all 0 here)"
             assert pool.in_flight() == 0
-        finally:
-            pool.close()
-            transport.close()
 
     run(main())
 
@@ -109,18 +118,14 @@ def test_concurrent_queries_share_the_pool_and_each_gets_its_own_reply(run: Run)
 @pytest.mark.parametrize("run", LOOPS)
 def test_replies_with_a_wrong_id_or_question_or_no_qr_are_ignored_and_the_real_one_taken(run: Run) -> None:
     async def main() -> None:
-        _, transport, port = await responder(hostile=True)
-        pool = UdpPool("127.0.0.1", port, size=1)  # one socket: every query in flight shares it
-        try:
+        # one socket: every query in flight shares it
+        async with upstream(hostile=True, size=1) as (_, _, pool):
             names = [f"n{i}.example." for i in range(50)]
             replies = await asyncio.gather(*(ask(pool, query(n)) for n in names))
             assert [name_and_address(r) for r in replies] == [(n, "192.0.2.7") for n in names]
             # three forged datagrams per query; one with ID ^ 1 may land on another query in flight on the same
             # socket, and is ignored there too (its question is not that query's)
             assert pool.ignored == 3 * len(names)
-        finally:
-            pool.close()
-            transport.close()
 
     run(main())
 
@@ -131,9 +136,7 @@ def test_a_reply_carrying_another_query_s_id_on_the_same_socket_is_ignored(run: 
     forgery that guessed an ID in flight) answers neither; each still gets its own."""
 
     async def main() -> None:
-        resp, transport, port = await responder(silent=True)
-        pool = UdpPool("127.0.0.1", port, size=1)
-        try:
+        async with upstream(silent=True, size=1) as (resp, transport, pool):
             first, second = query("first.example."), query("second.example.")
             a, b = await start(pool, first), await start(pool, second)
             await wait(lambda: len(resp.received) == 2)
@@ -148,9 +151,6 @@ def test_a_reply_carrying_another_query_s_id_on_the_same_socket_is_ignored(run: 
             transport.sendto(answer(sent_a), ("127.0.0.1", here))
             assert name_and_address(await a) == ("first.example.", "192.0.2.7")
             assert name_and_address(await b) == ("second.example.", "192.0.2.7")
-        finally:
-            pool.close()
-            transport.close()
 
     run(main())
 
@@ -182,18 +182,13 @@ def test_a_reply_from_another_port_is_dropped_by_the_connected_socket(run: Run) 
 @pytest.mark.parametrize("run", LOOPS)
 def test_used_up_sockets_are_replaced_by_new_random_ports(run: Run) -> None:
     async def main() -> None:
-        resp, transport, port = await responder()
-        pool = UdpPool("127.0.0.1", port, size=2, max_uses=5)
-        try:
+        async with upstream(size=2, max_uses=5) as (resp, _, pool):
             for i in range(40):
                 wire = query(f"n{i}.example.")
                 await ask(pool, wire)
             assert pool.opened >= 8  # 40 queries, 5 per socket at most
             assert len(resp.sources) == pool.opened  # each socket its own port
             assert len(pool.ports()) <= 2  # the used-up ones are closed
-        finally:
-            pool.close()
-            transport.close()
 
     run(main())
 
@@ -201,16 +196,11 @@ def test_used_up_sockets_are_replaced_by_new_random_ports(run: Run) -> None:
 @pytest.mark.parametrize("run", LOOPS)
 def test_old_sockets_are_replaced_however_few_queries_they_carried(run: Run) -> None:
     async def main() -> None:
-        resp, transport, port = await responder()
-        pool = UdpPool("127.0.0.1", port, size=1, max_uses=1000, max_age=0.0)
-        try:
+        async with upstream(size=1, max_uses=1000, max_age=0.0) as (resp, _, pool):
             for i in range(5):
                 wire = query(f"n{i}.example.")
                 await ask(pool, wire)
             assert pool.opened == 5 and len(resp.sources) == 5
-        finally:
-            pool.close()
-            transport.close()
 
     run(main())
 
@@ -218,9 +208,7 @@ def test_old_sockets_are_replaced_however_few_queries_they_carried(run: Run) -> 
 @pytest.mark.parametrize("run", LOOPS)
 def test_a_retired_socket_still_takes_the_replies_of_its_queries_in_flight(run: Run) -> None:
     async def main() -> None:
-        resp, transport, port = await responder(silent=True)
-        pool = UdpPool("127.0.0.1", port, size=1, max_uses=1)
-        try:
+        async with upstream(silent=True, size=1, max_uses=1) as (resp, transport, pool):
             first, second = query("first.example."), query("second.example.")
             a = await start(pool, first)
             b = await start(pool, second)  # the first socket is used up: a second one
@@ -231,9 +219,6 @@ def test_a_retired_socket_still_takes_the_replies_of_its_queries_in_flight(run: 
             assert name_and_address(await a) == ("first.example.", "192.0.2.7")
             assert name_and_address(await b) == ("second.example.", "192.0.2.7")
             await wait(lambda: not pool._draining)  # the retired socket closed once its query was answered
-        finally:
-            pool.close()
-            transport.close()
 
     run(main())
 
@@ -244,9 +229,7 @@ def test_a_query_that_gives_up_while_its_socket_opens_does_not_stop_the_others(r
     parallel pair answered): the socket still opens, and the second query is sent and answered."""
 
     async def main() -> None:
-        _, transport, port = await responder()
-        pool = UdpPool("127.0.0.1", port, size=1)
-        try:
+        async with upstream(size=1) as (_, _, pool):
             first, second = query("first.example."), query("second.example.")
             a = asyncio.ensure_future(start(pool, first))
             b = asyncio.ensure_future(start(pool, second))
@@ -255,9 +238,6 @@ def test_a_query_that_gives_up_while_its_socket_opens_does_not_stop_the_others(r
             a.cancel()
             assert name_and_address(await (await b)) == ("second.example.", "192.0.2.7")
             assert a.cancelled() and pool.opened == 1
-        finally:
-            pool.close()
-            transport.close()
 
     run(main())
 
@@ -265,16 +245,11 @@ def test_a_query_that_gives_up_while_its_socket_opens_does_not_stop_the_others(r
 @pytest.mark.parametrize("run", LOOPS)
 def test_no_reply_times_out_and_leaves_nothing_waiting(run: Run) -> None:
     async def main() -> None:
-        _, transport, port = await responder(silent=True)
-        pool = UdpPool("127.0.0.1", port, size=1)
-        try:
+        async with upstream(silent=True, size=1) as (_, _, pool):
             wire = query("www.example.org")
             with pytest.raises(TimeoutError):
                 await ask(pool, wire, 0.2)
             assert pool.in_flight() == 0
-        finally:
-            pool.close()
-            transport.close()
 
     run(main())
 
