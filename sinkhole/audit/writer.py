@@ -33,7 +33,7 @@ import os
 import queue
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from itertools import islice
 from pathlib import Path
@@ -143,7 +143,11 @@ class Aggregator:
         self.window = window
         self.emit = emit
         self.max_open = max_open
-        self._open: dict[tuple, list] = {}  # key -> [first event, count, monotonic time its window ends]
+        # key -> [first event, count, monotonic time its window ends], oldest first. An OrderedDict, not a dict: a
+        # dict whose oldest entries are popped keeps their empty slots at the front until it resizes, and every
+        # look at its first entry (close_due, the eviction at max_open) walks past them: 6.4 us a row at 20,000
+        # open rows of distinct names (bench/writer.py), against O(1) here
+        self._open: OrderedDict[tuple, list] = OrderedDict()
 
     def __len__(self) -> int:
         """Rows open."""
@@ -165,24 +169,19 @@ class Aggregator:
             del self._open[key]
             self.emit(entry[0], entry[1])
         elif len(self._open) >= self.max_open:
-            oldest = next(iter(self._open))
-            first, counted, _ = self._open.pop(oldest)
+            _, (first, counted, _) = self._open.popitem(last=False)
             self.emit(first, counted)
         self._open[key] = [e, count, now + window]
 
     def close_due(self, now: float) -> None:
         """Emit the rows whose window ended by `now` (they are in the order they were opened)."""
-        done = []
-        for key, entry in self._open.items():
-            if entry[2] > now:
-                break
-            done.append(key)
-        for key in done:
-            first, count, _ = self._open.pop(key)
+        opened = self._open
+        while opened and next(iter(opened.values()))[2] <= now:
+            _, (first, count, _) = opened.popitem(last=False)
             self.emit(first, count)
 
     def close_all(self) -> None:
-        opened, self._open = self._open, {}
+        opened, self._open = self._open, OrderedDict()
         for first, count, _ in opened.values():
             self.emit(first, count)
 
