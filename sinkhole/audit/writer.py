@@ -206,6 +206,7 @@ class AuditLog:
         self.client_prefix = client_prefix
         self._clients: dict[str, str] = {}
         self._rnames: dict[str, str] = {}  # qname -> reversed name (the indexed rname column)
+        self._described: dict[int, tuple] = {}  # the fast path's audit tags: tag -> (description, query packet)
         self._writer: _Writer | None = None
         self.key_path = Path(key_path) if key_path is not None else default_key_path(self.db_path)
         self.chains: list[str] = []  # the chains this log started, oldest first
@@ -282,10 +283,31 @@ class AuditLog:
         try:
             self._queue.put_nowait(event if count == 1 else (event, count))
         except queue.Full:
-            self.queue_dropped += count
-            if self._drop_first is None:
-                self._drop_first = event.time
-            self._drop_last = event.time
+            self.note_dropped(count, event.time, event.time)
+
+    def submit_tally(self, rows: list[tuple], new: list[tuple]) -> None:
+        """The answers the fast path tallied (sinkhole.dns.shortcut): `new` says what the tags first handed over
+        now stand for, as (tag, description in shortcut.DESCRIPTION's order, a query packet), then each of `rows`,
+        (tag, client, transport, count, first, last), is submitted as `count` answers dated at the first."""
+        described = self._described
+        for tag, d, wire in new:
+            described[tag] = (d, wire)
+        submit = self.submit
+        for tag, client, transport, count, first, last in rows:
+            got = described.get(tag)
+            if got is None:  # never described (lost on its way from another process): counted as lost
+                self.note_dropped(count, first, last)
+                continue
+            d, wire = got
+            submit(AuditEvent(first, client, transport, d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7], None, None,
+                              d[8], wire, d[10]), count)
+
+    def note_dropped(self, count: int, first: float, last: float) -> None:
+        """`count` answers from `first` to `last` (their times) that were never queued: the next gap row counts them."""
+        self.queue_dropped += count
+        if self._drop_first is None:
+            self._drop_first = first
+        self._drop_last = last
 
     def close(self, timeout: float = 30.0) -> None:
         """Write every pending row that can be written within `timeout` seconds, then stop the writer."""

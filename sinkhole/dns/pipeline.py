@@ -51,6 +51,8 @@ class AuditSink(Protocol):
 
     def submit(self, event: AuditEvent, count: int = 1) -> None: ...
 
+    def submit_tally(self, rows: list[tuple], new: list[tuple]) -> None: ...  # the fast path's (dns.shortcut)
+
 
 class Pending(NamedTuple):
     """A query that passed the policy and must go upstream. A tuple, as Outcome is: one is made per cache miss,

@@ -156,6 +156,28 @@ def test_an_event_submitted_with_a_count_stands_for_that_many_answers(db):
     assert log.written == 41 and log.rows_written == 2
 
 
+def test_the_fast_paths_tally_rows_are_counted_events_and_an_undescribed_tag_is_counted_as_lost(db):
+    """submit_tally (sinkhole.dns.shortcut's hand-over, also through a writer process): a tag described once
+    stands for its answer in every later row; a row whose tag was never described (its description lost on the
+    way) is not guessed at but counted as lost, and its gap row says so."""
+    d = ("a.deepseek.com", 1, "blocked", "deepseek.com", "deepseek", 0, "0.0.0.0", 3, "default", "A.DeepSeek.com",
+         "shipped.txt")
+    wire = dns.message.make_query("A.DeepSeek.com", "A").to_wire()
+    log = AuditLog(db, "n1", seed=None, window=0, flush_interval=0.02)
+    log.start()
+    try:
+        log.submit_tally([(1, "10.0.0.7", "udp", 4, 1000.0, 1000.5)], [(1, d, wire)])
+        log.submit_tally([(1, "10.0.0.8", "udp", 2, 1001.0, 1001.1), (2, "10.0.0.9", "udp", 3, 1001.0, 1001.2)], [])
+    finally:
+        log.close()
+    rows = audit_rows(db)
+    stored = [(r["client"], r["qname"], r["asked"], r["count"], r["list"]) for r in rows if r["action"] == "blocked"]
+    assert stored == [("10.0.0.7", "a.deepseek.com", "A.DeepSeek.com", 4, "shipped.txt"),
+                      ("10.0.0.8", "a.deepseek.com", "A.DeepSeek.com", 2, "shipped.txt")]
+    assert [r["answer"][:12] for r in rows if r["action"] == "gap"] == ["lost 3 rows "]
+    assert log.written == 6 and log.dropped == 3
+
+
 def test_rows_being_counted_when_the_database_cannot_be_written_are_counted_as_lost_at_close(tmp_path):
     (tmp_path / "a-file").write_text("")
     log = AuditLog(tmp_path / "a-file" / "a.db", "n1", seed=None, window=10.0)  # its directory is a file
