@@ -7,8 +7,9 @@ Starts a local Unbound upstream and one `sinkhole serve` (2 workers unless --wor
 miss per query, on names new in every round) --rounds times in a row against the same server,
 so that its audit database grows from run to run. After each run it
 prints the throughput, the database and WAL sizes, and the CPU time per answered query of the
-workers' main threads (the event loop) and of their other threads (the audit writer), as user
-and kernel time, read from /proc/PID/task/TID/stat. Not a test: nothing is asserted.
+workers' main threads (the event loop) and of the rest (the audit writer: the workers' other
+threads, and their writer processes under audit_writer = process), as user and kernel time,
+read from /proc/PID/task/TID/stat. Not a test: nothing is asserted.
 """
 
 from __future__ import annotations
@@ -29,17 +30,22 @@ TICK = os.sysconf("SC_CLK_TCK")
 
 
 def thread_cpu(server_pid: int) -> dict[str, float]:
-    """Seconds of CPU of the server's processes, by (main thread | other threads) x (user | kernel)."""
+    """Seconds of CPU of the server's processes, by (workers' main threads | the rest: the audit writer threads
+    or processes) x (user | kernel)."""
     out = {"loop user": 0.0, "loop kernel": 0.0, "writer user": 0.0, "writer kernel": 0.0}
     for pid in process_tree(server_pid):
         if pid == server_pid and len(process_tree(server_pid)) > 1:
             continue  # the supervisor: it answers nothing
+        try:  # a worker's audit writer process (audit_writer): all its threads are the writer's
+            writer_process = b"sinkhole.service.audit_child" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
         for task in Path(f"/proc/{pid}/task").glob("*"):
             try:
                 fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            role = "loop" if int(task.name) == pid else "writer"
+            role = "loop" if int(task.name) == pid and not writer_process else "writer"
             out[f"{role} user"] += int(fields[11]) / TICK
             out[f"{role} kernel"] += int(fields[12]) / TICK
     return out

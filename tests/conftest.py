@@ -249,6 +249,12 @@ class ServerProcess:
         for line in self.proc.stderr:
             self.lines.append(line)
 
+    def serving(self) -> ServerProcess:
+        """Wait for the line that says every worker serves (a worker starts its audit writer process after its
+        sockets are open; till then the other workers answer what it would)."""
+        assert wait_for(lambda: any("forwarding to" in line for line in self.lines)), "".join(self.lines)
+        return self
+
     def terminate(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
         self.proc.send_signal(sig)
         code = self.proc.wait(timeout)

@@ -43,6 +43,7 @@ from sinkhole.fleet.zone import parse_tsig, zone_name
 from sinkhole.policy import lists
 from sinkhole.policy.decide import Policy
 from sinkhole.service import config
+from sinkhole.service.audit_process import AuditProcess
 from sinkhole.service.config import Settings
 
 CHECK_DB = Path(os.devnull)  # the database `check` builds the parts for: never opened
@@ -194,10 +195,16 @@ def shipper(cfg: Settings) -> shipping.Shipper | None:
     return out if sinks else None
 
 
-def audit_log(cfg: Settings, db: Path) -> AuditLog:
+def audit_log(cfg: Settings, db: Path, own_process: bool = False) -> AuditLog:
+    """The audit log of a serving process; `own_process`: its writer in a process of its own (AuditProcess),
+    which builds its log here with the same settings."""
     a = cfg.audit
     if a.log_queries not in LOG_MODES:
         raise ConfigError(f"log_queries must be one of {', '.join(LOG_MODES)}, not {a.log_queries!r}")
+    if own_process:
+        shipper(cfg)  # its settings checked here, as `config check` does; the child builds its own
+        return AuditProcess((cfg, db), audit_log, db, a.node, a.log_queries, client_prefix=client_prefix(cfg),
+                            window=a.audit_window)
     return AuditLog(db, a.node, a.log_queries, seed=lists.seed if cfg.policy.shipped_lists else None,
                     synchronous=a.audit_synchronous, client_prefix=client_prefix(cfg), shipper=shipper(cfg),
                     window=a.audit_window)
@@ -273,7 +280,8 @@ class Parts:
 
 
 def parts(cfg: Settings, db: Path, get_policy: Callable[[], Policy], worker: int | None = None) -> Parts:
-    audit = audit_log(cfg, db)
+    writer = cfg.audit.audit_writer
+    audit = audit_log(cfg, db, own_process=writer == "process" or (writer == "auto" and worker is not None))
     forward = forwarder(cfg)
     path = pipeline(cfg, get_policy, forward, audit)
     # the fast path (sinkhole.dns.shortcut, sinkhole.dns.fast): the listeners answer the UDP packets the pipeline

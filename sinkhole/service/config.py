@@ -114,6 +114,9 @@ class AuditSettings:
     audit_synchronous: str = "normal"  # SQLite synchronous level of the audit log: off | normal | full | extra
     # seconds: identical answers within this long of the first are one audit row with a count (0: a row each)
     audit_window: float = 1.0
+    # where a worker's audit writer runs: "process" (a child of its own, sinkhole.service.audit_process),
+    # "thread" (in the worker), "auto": a process for each worker of a server with workers, else a thread
+    audit_writer: str = "auto"
     node: str = field(default_factory=socket.gethostname)
     retention_days: int = 365  # audit rows older than this are pruned, leaving checkpoints (0: kept forever)
     prune_interval: float = 3600.0  # seconds between two prunes (and one at start)
@@ -237,7 +240,8 @@ KEYS: dict[str, str] = {
     "listen": "serving", "upstream": "upstreams", "upstream_strategy": "upstreams", "upstream_ca": "upstreams",
     "forward_zones": "upstreams", "timeout": "upstreams", "ecs": "upstreams", "mode": "answers",
     "block_a": "answers", "block_aaaa": "answers", "block_ttl": "answers", "log_queries": "audit",
-    "log_client_prefix": "audit", "audit_synchronous": "audit", "audit_window": "audit", "allow_clients": "clients",
+    "log_client_prefix": "audit", "audit_synchronous": "audit", "audit_window": "audit", "audit_writer": "audit",
+    "allow_clients": "clients",
     "rate_limit": "clients",
     "rate_limit_burst": "clients", "rate_limit_net": "clients", "rate_limit_net_burst": "clients",
     "rate_limit_v4_prefix": "clients", "rate_limit_v6_prefix": "clients", "rate_limit_action": "clients",
@@ -356,6 +360,7 @@ LIMITS: dict[str, tuple[int, int]] = {
 
 
 SYNCHRONOUS = ("off", "normal", "full", "extra")  # SQLite's levels (audit_synchronous)
+AUDIT_WRITERS = ("auto", "process", "thread")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # a row is dated at its first answer and written when its window ends; `log verify` allows a chain's times to run
 # back 60 s (sinkhole.audit.chain.TIME_SLACK), so a window stays well below that (sinkhole.audit.writer.MAX_WINDOW)
@@ -369,6 +374,8 @@ def check_values(cfg: Settings) -> Settings:
         raise ConfigError("timeouts and intervals must be above zero and below an hour")
     if cfg.audit.audit_synchronous.lower() not in SYNCHRONOUS:
         raise ConfigError(f"audit_synchronous must be off, normal, full or extra, not {cfg.audit.audit_synchronous!r}")
+    if cfg.audit.audit_writer not in AUDIT_WRITERS:
+        raise ConfigError(f"audit_writer must be auto, process or thread, not {cfg.audit.audit_writer!r}")
     if not 0 <= cfg.audit.audit_window <= MAX_AUDIT_WINDOW:  # NaN too
         raise ConfigError(f"audit_window must be from 0 (a row per answer) to {MAX_AUDIT_WINDOW:g} seconds, "
                           f"not {cfg.audit.audit_window!r}")

@@ -190,7 +190,8 @@ class Collector:
         yield lost
         yield CounterMetricFamily("sinkhole_audit_gap_rows", "Gap rows written (each records rows lost).",
                                   value=a["gaps"])
-        yield GaugeMetricFamily("sinkhole_audit_writers_up", "Audit writer threads running (one per process).",
+        yield GaugeMetricFamily("sinkhole_audit_writers_up",
+                                "Audit writers running (one per worker: a thread, or a process of its own).",
                                 value=a["writers_up"])
         p = m["policy"]
         yield GaugeMetricFamily("sinkhole_policy_version", "Change-journal version of the policy in force.",

@@ -201,6 +201,8 @@ class Server:
         Nothing is answered before the policy is in force: a query that arrives early waits
         in the socket's queue rather than being forwarded under an empty policy.
         """
+        # first: a worker's audit writer process (audit_writer) is forked while the worker has one thread
+        self.audit.start()
         store = open_store(self.db, self.cfg.policy.shipped_lists)
         try:
             self.load_policy(store)
@@ -217,7 +219,6 @@ class Server:
                          " (from systemd)" if self.bound.from_systemd else "")
         if self.rpz is not None:
             await self.rpz.start(self.bound.rpz)
-        self.audit.start()
         if self.bound.blockpage and self.front is not None:
             self.blockpage = self.front.blockpage(self.cfg, self.db, lambda: self.policy, self.audit,
                                                   self.bound.blockpage)

@@ -51,6 +51,7 @@ def test_synchronous_level_is_the_writers(make_server, stub, db, level, expected
     ({"log_client_prefix": "33/56"}, "IPv4 prefix 0..32"),
     ({"log_client_prefix": "x"}, "not V4/V6 prefix lengths"),
     ({"audit_synchronous": "sometimes"}, "audit_synchronous must be"),
+    ({"audit_writer": "fork"}, "audit_writer must be auto, process or thread, not 'fork'"),
 ])
 def test_bad_settings_are_refused(settings, message):
     with pytest.raises(ConfigError, match=message):

@@ -116,9 +116,10 @@ def test_signal_flushes_every_row_and_exits_zero(server_process, stub, db, sig):
     assert any("stopped" in line for line in p.lines)
 
 
-def test_signal_during_a_burst_loses_no_answered_row(server_process, stub, db):
+@pytest.mark.parametrize("workers", ["1", "2"])  # 2: each worker's writer is a process of its own (audit_writer)
+def test_signal_during_a_burst_loses_no_answered_row(server_process, stub, db, workers):
     """SIGTERM while datagrams are still queued: every query that got an answer has its row."""
-    p = server_process("--upstream", stub.address)
+    p = server_process("--upstream", stub.address, "--workers", workers).serving()
     sock = client_socket()
     sock.settimeout(2)
     n = 2000

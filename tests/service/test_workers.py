@@ -31,7 +31,7 @@ def answer(port: int, name: str, tcp: bool = False) -> str:
 
 
 def test_workers_serve_one_port_and_add_up_their_counts(server_process, stub, db):
-    p = server_process("--upstream", stub.address, "--workers", "2")
+    p = server_process("--upstream", stub.address, "--workers", "2").serving()
     assert any("(2 workers)" in line for line in p.lines)
     workers = wait_for(lambda: len(children(p.proc.pid)) == 2 and children(p.proc.pid))
     assert len(workers) == 2
