@@ -1,7 +1,7 @@
 """This checkout's `sinkhole serve` against another checkout's, interleaved, on make bench's loads (a) and (b).
 
     .venv/bin/python bench/versus.py --other /path/to/other/.venv/bin/sinkhole [--rounds 3] [--seconds 6]
-        [--loads a,b] [--workers 1] [--log-queries blocked|none] [--env-this K=V ...]
+        [--loads a,b] [--workers 1] [--log-queries blocked|none] [--env-this K=V ...] [--fixed]
 
 One local Unbound upstream; each server with a fresh database (the shipped lists), audit log on (blocked),
 rate limits off, `--workers N` (1 unless told); dnsperf as bench.py runs it (loopback only, bounded by -l). For
@@ -52,6 +52,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--log-queries", default="blocked", choices=["blocked", "none"])
     ap.add_argument("--env-this", action="append", default=[], help="K=V for this checkout's server (SINKHOLE_PURE=1)")
+    ap.add_argument("--fixed", action="store_true",
+                    help=f"then one run per load and server at {bench.FIXED_QPS} q/s: p50 and p99 latency")
     args = ap.parse_args()
     need("dnsperf", "unbound")
     work = Path(tempfile.mkdtemp(prefix="sinkhole-versus-"))
@@ -81,6 +83,14 @@ def main() -> None:
                     results.setdefault((load, name), []).append(res)
                     print(f"  ({load}) {name:6} {res['qps']:>9,.0f} q/s {res['q_per_cpu_s'] or 0:>9,} q/CPU-s "
                           f"lost {res['lost']} load {res['loadavg']:.2f}", file=sys.stderr, flush=True)
+        fixed = {}
+        for load in args.loads.split(",") if args.fixed else []:
+            for name, s in servers.items():
+                res = bench.measure(s, upstream.proc.pid, files[load][0], args.seconds, qps=bench.FIXED_QPS)
+                fixed[(load, name)] = res
+                print(f"  fixed {bench.FIXED_QPS} q/s ({load}) {name:6} p50 {res['p50_ms']} ms, "
+                      f"p99 {res['p99_ms']} ms, lost {res['lost']} load {bench.os.getloadavg()[0]:.2f}",
+                      file=sys.stderr, flush=True)
         print(f"\n{'load':6}{'server':8}{'q/s':>10}{'q/CPU-s':>10}{'us CPU/q':>10}{'lost':>8}   "
               f"(median of {args.rounds} rounds of {args.seconds} s, --workers {args.workers}; 1-min load at each run)")
         for (load, name), runs in sorted(results.items()):
@@ -89,6 +99,9 @@ def main() -> None:
             loads = ", ".join(f"{r['loadavg']:.2f}" for r in runs)
             print(f"({load})   {name:8}{qps:>10,.0f}{qcpu:>10,.0f}{1e6 / qcpu if qcpu else 0:>10.1f}"
                   f"{sum(r['lost'] or 0 for r in runs):>8}   load {loads}")
+        for (load, name), res in sorted(fixed.items()):
+            print(f"({load})   {name:8}at {bench.FIXED_QPS} q/s: p50 {res['p50_ms']} ms, p99 {res['p99_ms']} ms, "
+                  f"p99.9 {res['p999_ms']} ms, lost {res['lost']}")
     finally:
         for name, s in servers.items():
             if s.proc is not None:
