@@ -217,6 +217,7 @@ class AuditLog:
         # what a database recreated at db_path (after the file was deleted) is seeded with: without the
         # shipped lists, the next start would find a database with no rules and block nothing
         self.seed = seed
+        self.queue_size = queue_size  # events queued for the writer, at most
         self.max_pending = queue_size  # rows held while the database cannot be written
         self.retry_cap = 1.0  # seconds between retries, at most
         self.loss_log_interval = 10.0  # seconds between two log lines about lost rows

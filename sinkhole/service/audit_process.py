@@ -10,8 +10,10 @@ worker keeps appends only:
   as they come (a tag, the client, the transport, the count and two times; the child makes their events);
 - every FLUSH_INTERVAL seconds while events come (a timer on the event loop), or when BATCH events wait, the
   list is pickled into one frame and written to a pipe without blocking. Frames the pipe cannot take wait in an
-  outbox; past MAX_OUTBOX bytes new answers are dropped and counted, and the child is told, so that its gap row
-  counts them.
+  outbox. Past SOFT_OUTBOX bytes waiting, a hand-over waits up to MAX_WAIT for the writer process to read
+  (backpressure: the answers slow to the pace the writer keeps, as a writer thread's queue makes them); past
+  MAX_OUTBOX bytes (a writer stuck, not slow) new answers are dropped and counted, and the child is told, so
+  that its gap row counts them.
 
 The writer process is forked when its worker has one thread (a worker at its start: Server.start starts the
 audit log first), else started from the interpreter's file (sinkhole.service.audit_child). It runs the same
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import gc
 import logging
 import os
 import pickle
@@ -50,6 +53,11 @@ FLUSH_INTERVAL = 0.02  # seconds between two frames, at most, while events come
 IDLE_INTERVAL = 0.2  # the same when none came since the last look
 BATCH = 512  # events that make a frame at once
 MAX_OUTBOX = 64 * 2**20  # bytes of frames waiting for room in the pipe; past it events are dropped and counted
+# backpressure: past SOFT_OUTBOX bytes waiting, a hand-over waits (and the answers with it) while the writer process
+# reads, at most MAX_WAIT seconds, and not once it has read nothing for STALL seconds (stuck: waiting is useless)
+SOFT_OUTBOX = 2**20
+MAX_WAIT = 1.0
+STALL = 0.5
 STATS_INTERVAL = 0.5  # seconds between two reports of the child's counters
 CLOSE_TIMEOUT = 30.0  # seconds the child has to write what it holds when its pipe ends without a "close"
 START_TIMEOUT = 30.0  # seconds the child has to report that its writer runs
@@ -140,6 +148,9 @@ def _fork(events_fd: int, reports_fd: int, make_log: Callable[[Any, Path], Audit
         return _Forked(pid)
     code = 1
     try:
+        # what the worker had made stays as it is: not traversed by this process's collections (nor copied by
+        # their reference counting)
+        gc.freeze()
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as _BOOT: the worker says when to stop
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
@@ -180,6 +191,8 @@ class AuditProcess(AuditLog):
         self._closing = False
         self._broken = False  # the pipe to the child broke: what is submitted from now on is lost, and counted
         self.lost_here = 0  # answers dropped in this process (the outbox was full, or the child was gone)
+        self.waited = 0.0  # seconds hand-overs waited for the writer process (backpressure, SOFT_OUTBOX)
+        self._stalled = False  # the writer process read nothing during the last wait
         self.child_queue_dropped = 0
         self.child_queue = 0
 
@@ -253,6 +266,27 @@ class AuditProcess(AuditLog):
                 self._outbox.append([data, items])
                 self._outbox_bytes += len(data)
         self._drain()
+        if self._outbox_bytes > SOFT_OUTBOX and not self._closing and not self._stalled:
+            self._wait_for_writer()
+
+    def _wait_for_writer(self) -> None:
+        """Backpressure, as the writer thread's queue gives it (AuditLog): answers slow down to the pace the
+        writer process keeps, rather than answers be handed over faster than it can ever write them (then
+        dropped, past MAX_OUTBOX). The wait is on the event loop's thread: every answer of this worker waits."""
+        started = time.monotonic()
+        deadline = started + MAX_WAIT
+        while self._outbox_bytes > SOFT_OUTBOX and not self._broken:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            if not select.select([], [self._to_child], [], min(left, STALL))[1]:
+                self._stalled = True  # read nothing for STALL seconds: stuck, not slow; no more waits till it reads
+                break
+            self._drain()
+        waited = time.monotonic() - started
+        self.waited += waited
+        log.warning("audit: the writer process is behind (%d KiB waiting): answers waited %.1f ms for it",
+                    self._outbox_bytes // 1024, waited * 1000)
 
     def _drain(self) -> None:
         box = self._outbox
@@ -269,6 +303,7 @@ class AuditProcess(AuditLog):
                 self._outbox, self._outbox_bytes = [], 0
                 return
             self._outbox_bytes -= n
+            self._stalled = False
             if n == len(box[0][0]):
                 box.pop(0)
             else:
@@ -402,7 +437,10 @@ def serve(events_fd: int, reports_fd: int, make_log: Callable[[Any, Path], Audit
     threading.Thread(target=report_every_interval, name="audit-reports", daemon=True).start()
     submit, submit_tally, event = audit.submit, audit.submit_tally, AuditEvent
     timeout = CLOSE_TIMEOUT
+    high = max(1, audit.queue_size // 5)  # events queued here past which the pipe is left to fill (backpressure)
     while True:
+        while audit.queue_depth > high and audit.writer_alive:
+            time.sleep(0.002)
         msg = read_frame(events_fd)
         if msg is None:  # the worker is gone: write what is held, as a stop would
             break

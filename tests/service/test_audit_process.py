@@ -142,3 +142,22 @@ def test_the_stop_line_counts_what_the_writer_wrote(server_process, stub, writer
     assert burst(p.host, p.port, 100) == 100
     assert p.terminate() == 0
     assert any("stopped: blocked 100; audit answers written 100 in " in line for line in p.lines), p.lines[-3:]
+
+
+def test_a_writer_process_behind_slows_the_hand_over_and_loses_nothing(make_server, stub, db, monkeypatch,
+                                                                        caplog):
+    """Backpressure: past SOFT_OUTBOX bytes waiting (here: anything), a hand-over waits while the writer process
+    reads, as a writer thread's full queue makes the hot path yield: the answers slow down, no row is lost."""
+    monkeypatch.setattr(audit_process, "PIPE_SIZE", 4096)
+    monkeypatch.setattr(audit_process, "SOFT_OUTBOX", 0)
+    s = make_server(upstream=(stub.address,), audit_writer="process", audit_window=0)
+    audit = s.server.audit
+    n = 3000
+    for round_ in range(3):
+        assert burst(s.host, s.port, n // 3) == n // 3
+        for i in range(4):
+            assert ask(s, f"w{round_}-{i}.chat.deepseek.com", tcp=True).answer
+    s.stop()
+    assert audit.waited > 0 and audit.dropped == 0 and audit.lost_here == 0
+    assert blocked_sum(db) == n + 12
+    assert "audit: the writer process is behind" in caplog.text
