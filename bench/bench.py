@@ -252,9 +252,30 @@ def cpu_now(server_pid: int, upstream_pid: int) -> tuple[float, ...]:
             me.ru_utime + me.ru_stime, machine_busy_seconds())
 
 
+SETTLE_IDLE = 0.1  # a server is idle when its processes use less than this share of one core ...
+SETTLE_STEP = 0.25  # ... over this many seconds
+SETTLE_MAX = 60.0  # seconds settle waits at most
+
+
+def settle(pid: int) -> float:
+    """Wait until the server's processes are idle after a run (bounded: SETTLE_MAX), and return how long that
+    took. The CPU a server spends after dnsperf ends (an audit writer catching up with what it was handed)
+    is spent on the run's queries: it is counted in their q/CPU-s, and not left to slow the next server."""
+    started = time.monotonic()
+    last = cpu_seconds(pid)
+    while time.monotonic() - started < SETTLE_MAX:
+        time.sleep(SETTLE_STEP)
+        now = cpu_seconds(pid)
+        if now - last < SETTLE_IDLE * SETTLE_STEP:
+            break
+        last = now
+    return time.monotonic() - started - SETTLE_STEP
+
+
 def measure(server: Sinkhole | Dnsmasq | Unbound, upstream_pid: int, datafile: Path, seconds: int, *,
             qps: int | None = None, once: bool = False) -> dict:
-    """One dnsperf run against one server: throughput, CPU of the server's process tree, peak RSS, latency.
+    """One dnsperf run against one server: throughput, CPU of the server's process tree (until it is idle after
+    the run: `settle`), peak RSS, latency.
 
     Also the CPU time of everything else on the machine during the run (`other_cpu_s`): other
     people's processes compete with the server and dnsperf for the same cores.
@@ -270,6 +291,7 @@ def measure(server: Sinkhole | Dnsmasq | Unbound, upstream_pid: int, datafile: P
     t0 = time.monotonic()
     r = run_dnsperf(cmd, seconds)
     wall = time.monotonic() - t0
+    settled = settle(pid)
     drops = udp_rcvbuf_errors() - drops
     cpu, upstream_cpu, dnsperf_cpu, own_cpu, busy = (b - a for a, b in zip(before, cpu_now(pid, upstream_pid),
                                                                           strict=True))
@@ -278,7 +300,8 @@ def measure(server: Sinkhole | Dnsmasq | Unbound, upstream_pid: int, datafile: P
                q_per_cpu_s=round(r["completed"] / cpu) if cpu > 0 else None,
                peak_rss_kib=status_kb(pid, "VmHWM"), wall_s=round(wall, 2), upstream_cpu_s=round(upstream_cpu, 2),
                dnsperf_cpu_s=round(dnsperf_cpu, 2), udp_rcvbuf_drops=drops,
-               other_cpu_s=round(max(0.0, busy - cpu - upstream_cpu - dnsperf_cpu - own_cpu), 2))
+               other_cpu_s=round(max(0.0, busy - cpu - upstream_cpu - dnsperf_cpu - own_cpu), 2),
+               settle_s=round(settled, 2))
     if qps:
         lat = latencies_ms(r["raw"])
         out.update(latencies=len(lat), p50_ms=percentile(lat, 50), p99_ms=percentile(lat, 99),
@@ -713,7 +736,7 @@ def run(args: argparse.Namespace, work: Path, servers: Servers) -> dict:
                 print(f"  round {r + 1} ({load}) {name:<20} {res['qps'] or 0:>9,.0f} q/s  "
                       f"{res['q_per_cpu_s'] or 0:>8,} q/CPU-s  lost {res['lost']}  (CPU-s: server {res['cpu_s']}, "
                       f"dnsperf {res['dnsperf_cpu_s']}, upstream {res['upstream_cpu_s']}, other processes "
-                      f"{res['other_cpu_s']})", file=sys.stderr)
+                      f"{res['other_cpu_s']}; busy {res['settle_s']} s after the run)", file=sys.stderr)
     fixed: list[dict] = []
     for load in "ab":
         for name in names:

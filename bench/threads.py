@@ -85,7 +85,7 @@ def main() -> None:
             total = sum(after[k] - before[k] for k in after) * 1e6 / n
             print(f"round {r + 1}: {res['qps']:>8,.0f} q/s  db {sizes.get('db', 0):4.0f} MiB, "
                   f"wal {sizes.get('wal', 0):4.0f} MiB  |  {per}  |  total {total:5.1f}  "
-                  f"(lost {res['lost']}, other CPU {res['other_cpu_s']} s)", flush=True)
+                  f"(lost {res['lost']}, other CPU {res['other_cpu_s']} s, busy {res['settle_s']} s after)", flush=True)
     finally:
         servers.stop_all()
         shutil.rmtree(work, ignore_errors=True)
