@@ -87,7 +87,8 @@ THOUSAND = 1_000
 NO_LOG = "sinkhole log none"
 PURE = "sinkhole pure"  # SINKHOLE_PURE=1: the pure-Python twin of the compiled fast path (sinkhole.dns.fast)
 NO_AGGREGATION = "sinkhole window 0"  # audit_window 0: one audit row per answer (load (a) only)
-A_ONLY = (NO_LOG, NO_AGGREGATION)
+THREAD_WRITER = "sinkhole thread writer"  # audit_writer thread: each worker's writer a thread (load (a) only)
+A_ONLY = (NO_LOG, NO_AGGREGATION, THREAD_WRITER)
 PROBE = "reload-probe.test"
 
 
@@ -691,6 +692,8 @@ def run(args: argparse.Namespace, work: Path, servers: Servers) -> dict:
         start_sinkhole(work, PURE, up, [], servers, env={"SINKHOLE_PURE": "1"})
     if "--audit-window" in serve_help():  # aggregation off: one row per answer, measured on load (a) only
         start_sinkhole(work, NO_AGGREGATION, up, ["--audit-window", "0"], servers)
+    if workers and "--audit-writer" in serve_help():  # the writer a thread in each worker, as before issue 16
+        start_sinkhole(work, THREAD_WRITER, up, ["--audit-writer", "thread"], servers)
     servers.add("dnsmasq", lambda: Dnsmasq(work, up, domains).start())
     for threads in (1, 2):
         body = unbound_forwarder_body(up, domains)
@@ -741,7 +744,7 @@ def run(args: argparse.Namespace, work: Path, servers: Servers) -> dict:
     for load in "ab":
         for name in names:
             server = servers.by_name[name]
-            if name in A_ONLY or not alive(name):
+            if (name in A_ONLY and not (name == THREAD_WRITER and load == "a")) or not alive(name):
                 continue
             if load == "b":
                 warm(server.port, hot)
