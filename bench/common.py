@@ -228,7 +228,8 @@ class Sinkhole:
             # "audit answers written N in R rows" (rows with counts), "audit rows written N" before them
             m = re.search(r"stopped: (.*?); audit (?:rows|answers) written (\d+)(?: in \d+ rows)?, dropped (\d+)", line)
             if m:
-                out = {k: int(v) for k, v in (p.rsplit(" ", 1) for p in m.group(1).split(", ") if " " in p)}
+                pairs = (p.rsplit(" ", 1) for p in m.group(1).split(", ") if " " in p)
+                out = {k: int(v) for k, v in pairs if v.isdigit()}  # "no queries": none
                 out["audit_written"], out["audit_dropped"] = int(m.group(2)), int(m.group(3))
                 return out
         return {}
