@@ -267,9 +267,7 @@ class AuditProcess(AuditLog):
             if self._outbox_bytes >= MAX_OUTBOX or self._broken:
                 self._lose(items)
             else:
-                data = frame(("events", items))
-                self._outbox.append([data, items])
-                self._outbox_bytes += len(data)
+                self._enqueue(frame(("events", items)), items)
         self._drain()
         if self._outbox_bytes > SOFT_OUTBOX and not self._closing and not self._stalled:
             self._wait_for_writer()
@@ -279,19 +277,30 @@ class AuditProcess(AuditLog):
         writer process keeps, rather than answers be handed over faster than it can ever write them (then
         dropped, past MAX_OUTBOX). The wait is on the event loop's thread: every answer of this worker waits."""
         started = time.monotonic()
-        deadline = started + MAX_WAIT
-        while self._outbox_bytes > SOFT_OUTBOX and not self._broken:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            if not select.select([], [self._to_child], [], min(left, STALL))[1]:
-                self._stalled = True  # read nothing for STALL seconds: stuck, not slow; no more waits till it reads
-                break
-            self._drain()
+        self._drain_until(SOFT_OUTBOX, MAX_WAIT, STALL)
         waited = time.monotonic() - started
         self.waited += waited
         log.warning("audit: the writer process is behind (%d KiB waiting): answers waited %.1f ms for it",
                     self._outbox_bytes // 1024, waited * 1000)
+
+    def _enqueue(self, data: bytes, items: list[tuple] | None = None) -> None:
+        """A frame into the outbox, counted in its bytes; `items`: the submitted items in it, None for a message."""
+        self._outbox.append([data, items])
+        self._outbox_bytes += len(data)
+
+    def _drain_until(self, at_most: int, seconds: float, stall: float) -> bool:
+        """Write to the child as it reads, until at most `at_most` bytes wait (True), `seconds` have passed, or
+        it has read nothing for `stall` seconds (then `_stalled`: stuck, not slow; no more waits till it reads)."""
+        deadline = time.monotonic() + seconds
+        while self._outbox_bytes > at_most and not self._broken:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if not select.select([], [self._to_child], [], min(left, stall))[1]:
+                self._stalled = True
+                return False
+            self._drain()
+        return True
 
     def _drain(self) -> None:
         box = self._outbox
@@ -322,10 +331,7 @@ class AuditProcess(AuditLog):
         self._count_lost(answers, first, last)
         if not self._broken:
             tags = [([], t[1]) for t in items if len(t) == 2 and t[1]]
-            data = frame(("events", tags)) if tags else b""
-            data += frame(("lost", answers, first, last))
-            self._outbox.append([data, None])
-            self._outbox_bytes += len(data)
+            self._enqueue((frame(("events", tags)) if tags else b"") + frame(("lost", answers, first, last)))
 
     def _count_lost(self, answers: int, first: float, last: float) -> None:
         self.lost_here += answers
@@ -350,7 +356,7 @@ class AuditProcess(AuditLog):
         AuditLog.mode.fset(self, mode)  # type: ignore[attr-defined]
         if getattr(self, "_proc", None) is not None:
             with self._lock:
-                self._outbox.append([frame(("mode", mode)), None])
+                self._enqueue(frame(("mode", mode)))
                 self._drain()
 
     def close(self, timeout: float = 30.0) -> None:
@@ -365,12 +371,8 @@ class AuditProcess(AuditLog):
                 self._timer.cancel()  # a timer already running finds _closing set
             self._flush_locked()
             if not self._broken:
-                self._outbox.append([frame(("close", max(0.5, timeout - 1.0))), None])
-                deadline = started + timeout / 2
-                while self._outbox and not self._broken and time.monotonic() < deadline:
-                    select.select([], [self._to_child], [], max(0.0, deadline - time.monotonic()))
-                    self._drain()
-                if self._outbox and not self._broken:
+                self._enqueue(frame(("close", max(0.5, timeout - 1.0))))
+                if not self._drain_until(0, timeout / 2, timeout / 2) and not self._broken:
                     log.error("the audit writer process did not read what was left within %.0f s", timeout / 2)
         if not self._final.wait(max(0.5, timeout - (time.monotonic() - started))):
             log.error("the audit writer process did not finish within %.0f s; %d rows may be lost", timeout,

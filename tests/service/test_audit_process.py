@@ -48,6 +48,11 @@ def test_every_blocked_answer_is_a_row_the_child_writes(make_server, stub, db):
     assert blocked_sum(db) == n + 5
     assert {r["transport"] for r in audit_rows(db)} == {"udp", "tcp"}
     assert {r["chain"] for r in audit_rows(db)} == set(audit.chains) and len(audit.chains) == 1
+    # a mode change is a message to the child; what waits for the pipe is counted to the byte (the backpressure's
+    # measure): nothing once it is all written
+    s.loop.call_soon_threadsafe(setattr, audit, "mode", "all")
+    assert wait_for(lambda: audit.wanted is not None and audit.mode == "all" and not audit._outbox)
+    assert audit._outbox_bytes == 0
     child = audit._proc.pid
     s.stop()
     assert not alive(child) and audit.dropped == 0
