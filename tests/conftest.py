@@ -250,8 +250,8 @@ class ServerProcess:
             self.lines.append(line)
 
     def serving(self) -> ServerProcess:
-        """Wait for the line that says every worker serves (a worker starts its audit writer process after its
-        sockets are open; till then the other workers answer what it would)."""
+        """Wait for the line that says every worker serves (a worker starts its audit writer process before it
+        reads the shared sockets; till then the other workers answer what it would)."""
         assert wait_for(lambda: any("forwarding to" in line for line in self.lines)), "".join(self.lines)
         return self
 

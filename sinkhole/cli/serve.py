@@ -50,7 +50,7 @@ from sinkhole.web.front import Front
 @click.option("--audit-window", type=FiniteFloat(min=0, max=config.MAX_AUDIT_WINDOW), default=None, metavar="SECONDS",
               help="Identical answers (client, name, type, action, rule, group, transport) within this long of the "
                    "first are one audit row with a count [1; 0: a row per answer].")
-@click.option("--audit-writer", type=click.Choice(["auto", "process", "thread"]), default=None,
+@click.option("--audit-writer", type=click.Choice(config.AUDIT_WRITERS), default=None,
               help="Where each worker's audit writer runs: a process of its own, or a thread in the worker; auto: "
                    "a process when there are workers, a thread in a server on its own [auto].")
 @click.option("--node", default=None, help="Node name written in every audit row [host name].")
