@@ -699,6 +699,8 @@ class _Writer:
                 break
             if isinstance(item, AuditEvent):
                 self.lose(item.time)
+            elif isinstance(item, tuple):  # (event, count): answers the fast path tallied
+                self.lose(item[0].time, item[1])
         a.pending = 0
         unlogged = a.dropped - a.lost_logged
         log.error("audit: gave up writing to %s at shutdown (%s); %d rows lost (%d since start)", a.db_path,

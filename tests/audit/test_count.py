@@ -12,7 +12,7 @@ import dns.message
 import dns.query
 import pytest
 
-from sinkhole.audit.writer import Aggregator, AuditLog
+from sinkhole.audit.writer import Aggregator, AuditLog, _Writer
 from sinkhole.model import AuditEvent
 from tests.audit.test_writer import client_socket
 from tests.conftest import Clock, ask, audit_rows, wait_for
@@ -187,6 +187,17 @@ def test_rows_being_counted_when_the_database_cannot_be_written_are_counted_as_l
         log.submit(event(1000.0 + i * 0.1))
     log.close(timeout=2)
     assert log.written == 0 and log.write_dropped == 7
+
+
+def test_answers_still_queued_when_the_writer_gives_up_are_counted_as_lost_with_their_counts(tmp_path):
+    """give_up (closing, the database still unwritable) counts what is left in the queue: an event stands for one
+    answer, a tallied one (event, count) for its count; before, the tallied ones went uncounted."""
+    log = AuditLog(tmp_path / "a.db", "n1", seed=None, window=1.0)
+    log.submit(event(1000.0))
+    log.submit(event(1000.5), 5)
+    writer = _Writer(log)
+    writer.give_up("test")
+    assert log.write_dropped == 6 and log.queue_depth == 0
 
 
 # ---------------------------------------------------------------------------- the real server
