@@ -33,12 +33,17 @@ def thread_cpu(server_pid: int) -> dict[str, float]:
     """Seconds of CPU of the server's processes, by (workers' main threads | the rest: the audit writer threads
     or processes) x (user | kernel)."""
     out = {"loop user": 0.0, "loop kernel": 0.0, "writer user": 0.0, "writer kernel": 0.0}
-    for pid in process_tree(server_pid):
-        if pid == server_pid and len(process_tree(server_pid)) > 1:
+    tree = process_tree(server_pid)
+    for pid in tree:
+        if pid == server_pid and len(tree) > 1:
             continue  # the supervisor: it answers nothing
-        try:  # a worker's audit writer process (audit_writer): all its threads are the writer's
-            writer_process = b"sinkhole.service.audit_child" in Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
+        # a worker's audit writer process (audit_writer), started from audit_child or forked from its worker (a
+        # child of a child of the supervisor): all its threads are the writer's
+        try:
+            parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            writer_process = (b"sinkhole.service.audit_child" in Path(f"/proc/{pid}/cmdline").read_bytes()
+                              or pid != server_pid and parent != server_pid)
+        except (OSError, IndexError, ValueError):
             continue
         for task in Path(f"/proc/{pid}/task").glob("*"):
             try:
