@@ -37,7 +37,6 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from itertools import islice
 from pathlib import Path
-from typing import Protocol
 
 from sinkhole.audit.chain import Chain, default_key_path
 from sinkhole.audit.shipping import Shipper
@@ -57,25 +56,6 @@ _BLOCKED_MODE = frozenset({Action.BLOCKED, Action.CNAME_BLOCKED, Action.IP_BLOCK
 WANTED = {"blocked": _BLOCKED_MODE, "all": frozenset(Action), "none": frozenset()}
 GAP = "gap"  # the action of a row that records lost rows
 _WAKE = object()  # put by close() to wake a writer waiting on an empty queue
-
-
-class EventSource(Protocol):
-    """What the writer takes events from: `_EventQueue`, or a writer process's pipe (AuditLog.run_here)."""
-
-    maxsize: int
-
-    def put_nowait(self, item: object) -> None: ...
-
-    def get(self, timeout: float) -> object: ...
-
-    def get_nowait(self) -> object: ...
-
-    def empty(self) -> bool: ...
-
-    def qsize(self) -> int: ...
-
-    def wait(self, stop: threading.Event, seconds: float) -> None:
-        """The writer backs off: wait `seconds`, or until `stop` is set."""
 
 
 class _EventQueue:
@@ -126,11 +106,6 @@ class _EventQueue:
 
     def qsize(self) -> int:
         return len(self._items)
-
-    def wait(self, stop: threading.Event, seconds: float) -> None:
-        stop.wait(seconds)  # the hot path keeps queueing meanwhile
-
-
 WRITE_BUSY_MS = 2000  # how long one write waits for another connection's lock before it counts as failed
 FINAL_BUSY_MS = 500  # the same while closing
 GAP_MIN_INTERVAL = 1.0  # seconds between gap rows while the database is fine but the queue overflows
@@ -247,7 +222,7 @@ class AuditLog:
         self.retry_cap = 1.0  # seconds between retries, at most
         self.loss_log_interval = 10.0  # seconds between two log lines about lost rows
         self.final_retry = 3.0  # seconds close() keeps retrying a database that cannot be written
-        self._queue: EventSource = _EventQueue(queue_size)
+        self._queue = _EventQueue(queue_size)
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._deadline = float("inf")
@@ -339,7 +314,9 @@ class AuditLog:
         """Write every pending row that can be written within `timeout` seconds, then stop the writer."""
         if self._thread is None:
             return
-        self.stop(timeout)
+        started = time.monotonic()
+        self._deadline = started + max(timeout - 0.5, 0.0)
+        self._stop.set()
         try:
             self._queue.put_nowait(_WAKE)
         except queue.Full:
@@ -349,27 +326,8 @@ class AuditLog:
             log.error("audit writer did not finish within %.0f s; %d rows may be lost", timeout,
                       self._queue.qsize() + self.pending)
         self._thread = None
-        self._close_shipper()
-
-    def stop(self, timeout: float) -> None:
-        """Have the writer write what it holds, and what is queued, within `timeout` seconds, then end."""
-        self._deadline = time.monotonic() + max(timeout - 0.5, 0.0)
-        self._stop.set()
-
-    def run_here(self, events: EventSource) -> None:
-        """The writer's work in the calling thread, not a thread of its own, on what `events` gives, not on the
-        queue `submit` fills: a writer process (sinkhole.service.audit_process) reading its pipe, so that no second
-        thread takes the interpreter's lock from it for every event. `events` has the queue's methods and calls
-        `stop` when no more will come; this returns once what came is written (or given up at the deadline)."""
-        self._queue = events
-        if self.shipper is not None:
-            self.shipper.start()
-        self._run()
-        self._close_shipper()
-
-    def _close_shipper(self) -> None:
         if self.shipper is not None:  # what the writer stored last, then the chains' heads
-            self.shipper.close(max(0.5, min(3.0, self._deadline + 0.5 - time.monotonic())))
+            self.shipper.close(max(0.5, min(3.0, started + timeout - time.monotonic())))
 
     # ------------------------------------------------------------------ writer thread
 
@@ -534,7 +492,7 @@ class _Writer:
         if stopping:
             time.sleep(max(0.0, min(self.delay, a._deadline - time.monotonic())))
         else:
-            a._queue.wait(a._stop, self.delay)  # close() cuts the wait short
+            a._stop.wait(self.delay)  # close() cuts the wait short
         self.delay = min(self.delay * 2, a.retry_cap)
 
     # ---------------------------------------------------------------- writing

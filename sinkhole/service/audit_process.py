@@ -17,13 +17,10 @@ worker keeps appends only:
 
 The writer process is forked when its worker has one thread (a worker at its start: Server.start starts the
 audit log first), else started from the interpreter's file (sinkhole.service.audit_child). It runs the same
-`AuditLog` a server on its own runs (`build.audit_log`: counting window, batches, reopening, gap rows, the HMAC
-chain, shipping), but in its main thread, on the pipe (`_Pipe`, AuditLog.run_here): the writer reads the next
-frame when it has taken what the last one brought, so there is no queue and no second thread in between (a
-reading thread and the writer thread took turns at the interpreter's lock for every event: 39.1 against 28.9
-us of CPU per answer of load (a), bench/threads.py). It reports its counters on a second pipe every
-STATS_INTERVAL seconds and when it stops; a thread of the worker reads them into the attributes that `metrics`
-and the stop line read. It ignores SIGTERM and SIGINT (systemd signals the whole cgroup at stop, a terminal's Ctrl-C the
+`AuditLog` a server on its own runs (`build.audit_log`: queue, counting window, batches, reopening, gap rows,
+the HMAC chain, shipping) on what it reads, and reports its counters on a second pipe every STATS_INTERVAL
+seconds and when it stops; a thread of the worker reads them into the attributes that `metrics` and the stop
+line read. It ignores SIGTERM and SIGINT (systemd signals the whole cgroup at stop, a terminal's Ctrl-C the
 process group): it stops when its worker says so (`close`), or when the pipe ends because the worker died,
 after writing what it holds.
 """
@@ -36,7 +33,6 @@ import gc
 import logging
 import os
 import pickle
-import queue
 import select
 import signal
 import struct
@@ -44,7 +40,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -424,90 +419,9 @@ def report(fd: int, audit: AuditLog, told: list[int], final: bool = False) -> No
     os.write(fd, frame(counters))
 
 
-class _Pipe:
-    """The writer's events in a writer process (AuditLog.run_here): what the worker's frames on `fd` carry, read
-    when the writer asks for more and has none; the pipe, not a queue, holds what the writer has not taken yet, so
-    a slow writer slows its worker's hand-overs (backpressure) without a thread reading ahead of it. The messages
-    that are not events act as they are read: "lost" (the worker's losses, for the next gap row), "mode",
-    and "close" or the end of the pipe (the worker died), which stop the writer once it wrote what it holds."""
-
-    def __init__(self, fd: int, audit: AuditLog, lock: threading.Lock, told: list[int]) -> None:
-        self.fd = fd
-        self.audit = audit
-        self.lock = lock  # held while `told` and the loss it stands for change (report() reads both under it)
-        self.told = told
-        self.maxsize = audit.queue_size
-        self._items: deque[object] = deque()
-        self.ended = False  # "close" or the end of the pipe was read: nothing more comes
-
-    def put_nowait(self, item: object) -> None:
-        """What the log's submit and submit_tally queue, as the frames are read."""
-        self._items.append(item)
-
-    def get(self, timeout: float) -> object:
-        if not self._items:
-            self._read(timeout, 1)
-        return self.get_nowait()
-
-    def get_nowait(self) -> object:
-        if not self._items:
-            self._read(0.0, 1)
-        try:
-            return self._items.popleft()
-        except IndexError:
-            raise queue.Empty from None
-
-    def empty(self) -> bool:
-        return not self._items
-
-    def qsize(self) -> int:
-        return len(self._items)
-
-    def wait(self, stop: threading.Event, seconds: float) -> None:
-        """The writer backing off (its database fails): the pipe is read meanwhile, up to `maxsize` events (as a
-        writer thread's queue holds them), so that the worker's hand-overs are not held up by a pipe nobody reads."""
-        deadline = time.monotonic() + seconds
-        while not stop.is_set() and not self.ended:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return
-            if len(self._items) >= self.maxsize:
-                stop.wait(left)
-                return
-            self._read(min(left, 0.05), self.maxsize)
-
-    def _read(self, timeout: float, want: int) -> None:
-        """Frames, as long as one comes within `timeout` seconds, until `want` events are held or the pipe ends."""
-        audit = self.audit
-        while not self.ended and len(self._items) < want:
-            if not select.select([self.fd], [], [], timeout)[0]:
-                return
-            msg = read_frame(self.fd)
-            if msg is None:  # the worker is gone: write what is held, as a stop would
-                self.ended = True
-                audit.stop(CLOSE_TIMEOUT)
-                return
-            kind = msg[0]
-            if kind == "events":
-                for item in msg[1]:
-                    if len(item) == 2:  # (rows, new) of submit_tally
-                        audit.submit_tally(*item)
-                    else:  # an event's fields, then its count
-                        audit.submit(AuditEvent(*item[:-1]), item[-1])
-            elif kind == "lost":  # (answers, first, last) the worker dropped: the next gap row counts them
-                with self.lock:
-                    self.told[0] += msg[1]
-                    audit.note_dropped(*msg[1:])
-            elif kind == "mode":
-                audit.mode = msg[1]
-            elif kind == "close":
-                self.ended = True
-                audit.stop(msg[1])
-
-
 def serve(events_fd: int, reports_fd: int, make_log: Callable[[Any, Path], AuditLog]) -> None:
     """The writer process's work: write what arrives on events_fd into the log `make_log(settings, database)`
-    builds (build.audit_log, as a server on its own has it), in this thread; report on reports_fd."""
+    builds (build.audit_log, as a server on its own has it); report on reports_fd."""
     first = read_frame(events_fd)
     if first is None:
         return
@@ -515,6 +429,7 @@ def serve(events_fd: int, reports_fd: int, make_log: Callable[[Any, Path], Audit
     logging.getLogger().setLevel(cfg.process.log_level.upper())  # the worker's (a forked child has it already)
     audit = make_log(cfg, db)
     audit.mode = mode
+    audit.start()
     lock = threading.Lock()  # one writer of the reports pipe at a time
     stop = threading.Event()
     told = [0]
@@ -527,9 +442,32 @@ def serve(events_fd: int, reports_fd: int, make_log: Callable[[Any, Path], Audit
     with lock:
         report(reports_fd, audit, told)  # the first: the writer runs
     threading.Thread(target=report_every_interval, name="audit-reports", daemon=True).start()
-    try:
-        audit.run_here(_Pipe(events_fd, audit, lock, told))
-    finally:
-        stop.set()
-        with lock:
-            report(reports_fd, audit, told, final=True)
+    submit, submit_tally, event = audit.submit, audit.submit_tally, AuditEvent
+    timeout = CLOSE_TIMEOUT
+    high = max(1, audit.queue_size // 5)  # events queued here past which the pipe is left to fill (backpressure)
+    while True:
+        while audit.queue_depth > high and audit.writer_alive:
+            time.sleep(0.002)
+        msg = read_frame(events_fd)
+        if msg is None:  # the worker is gone: write what is held, as a stop would
+            break
+        kind = msg[0]
+        if kind == "events":
+            for item in msg[1]:
+                if len(item) == 2:  # (rows, new) of submit_tally
+                    submit_tally(*item)
+                else:  # an event's fields, then its count
+                    submit(event(*item[:-1]), item[-1])
+        elif kind == "lost":  # (answers, first, last) the worker dropped: the next gap row counts them
+            with lock:
+                told[0] += msg[1]
+                audit.note_dropped(*msg[1:])
+        elif kind == "mode":
+            audit.mode = msg[1]
+        elif kind == "close":
+            timeout = msg[1]
+            break
+    audit.close(timeout)
+    stop.set()
+    with lock:
+        report(reports_fd, audit, told, final=True)

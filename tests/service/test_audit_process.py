@@ -5,19 +5,14 @@ a real pipe to a real child process; what cannot reach it is counted and marked 
 from __future__ import annotations
 
 import os
-import queue
 import re
-import select
 import signal
-import threading
 from pathlib import Path
 
 import pytest
 
-from sinkhole.audit.writer import AuditLog
 from sinkhole.service import audit_process
 from sinkhole.service.audit_process import AuditProcess
-from tests.audit.test_count import event
 from tests.audit.test_writer import burst
 from tests.conftest import ask, audit_rows, wait_for
 from tests.service.test_metrics import get, scrape, value
@@ -171,78 +166,3 @@ def test_a_writer_process_behind_slows_the_hand_over_and_loses_nothing(make_serv
     assert audit.waited > 0 and audit.dropped == 0 and audit.lost_here == 0
     assert blocked_sum(db) == n + 12
     assert "audit: the writer process is behind" in caplog.text
-
-
-# ------------------------------------------------------------------ the writer process's pipe, as the writer reads it
-
-
-def fields(e) -> tuple:
-    """An event as AuditProcess.submit hands it over: its fields, then its count."""
-    return (e.time, e.client, e.transport, e.qname, e.qtype, e.action, e.rule, e.category, e.rcode, e.answer,
-            e.policy_version, e.upstream, e.latency_ms, e.group, e.wire, e.source)
-
-
-@pytest.fixture
-def pipe(tmp_path):
-    """(the writer's end as a _Pipe, the worker's end, the log it feeds): a real pipe, a log not started."""
-    r, w = os.pipe()
-    log = AuditLog(tmp_path / "p.db", "n1", seed=None, queue_size=50)
-    told = [0]
-    p = audit_process._Pipe(r, log, threading.Lock(), told)
-    log._queue = p  # as run_here makes it: what the log's submit and submit_tally queue goes to the pipe's items
-    yield p, w, log
-    for fd in (r, w):
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-
-
-def test_the_writer_takes_events_from_the_pipe_as_it_asks_for_them(pipe):
-    """The writer process has no queue of its own and no reading thread: get/get_nowait read the next frame only
-    when what the last one brought is taken, so what the writer has not taken waits in the pipe."""
-    p, w, log = pipe
-    os.write(w, audit_process.frame(("events", [(*fields(event(1000.0 + i)), 1 + i % 2) for i in range(3)])))
-    os.write(w, audit_process.frame(("events", [(*fields(event(2000.0)), 4)])))
-    got = [p.get(timeout=1.0) for _ in range(3)]
-    assert got[0] == event(1000.0) and got[1] == (event(1001.0), 2) and got[2] == event(1002.0)
-    assert select.select([p.fd], [], [], 0)[0], "the second frame is still in the pipe"
-    assert p.get_nowait() == (event(2000.0), 4)
-    with pytest.raises(queue.Empty):
-        p.get_nowait()
-    os.write(w, audit_process.frame(("lost", 7, 1500.0, 1600.0)))
-    os.write(w, audit_process.frame(("mode", "all")))
-    with pytest.raises(queue.Empty):
-        p.get(timeout=0.05)
-    assert p.told == [7] and log.queue_dropped == 7 and log.mode == "all"
-    os.write(w, audit_process.frame(("close", 4.0)))
-    with pytest.raises(queue.Empty):
-        p.get(timeout=0.05)
-    assert p.ended and log._stop.is_set() and p.empty()
-
-
-def test_the_writer_reads_the_pipe_ahead_while_its_database_fails(pipe):
-    """While the writer backs off (its database cannot be written), `wait` reads ahead, up to the log's queue size,
-    so that the worker's hand-overs do not wait on a pipe nobody reads; past that size the rest stays in the pipe."""
-    p, w, log = pipe
-    for f in range(3):
-        os.write(w, audit_process.frame(("events", [(*fields(event(1000.0 + f * 100 + i)), 1) for i in range(30)])))
-    stop = threading.Event()
-    p.wait(stop, 0.3)
-    assert p.qsize() == 60  # two frames: 60 >= queue_size 50
-    assert select.select([p.fd], [], [], 0)[0], "the third frame is still in the pipe"
-    os.close(w)  # the worker is gone: the end of the pipe stops the writer, after what it holds
-    while p.qsize():
-        p.get_nowait()
-    with pytest.raises(queue.Empty):
-        [p.get_nowait() for _ in range(31)]
-    assert p.ended and log._stop.is_set()
-
-
-def test_a_writer_process_writes_in_its_one_thread(make_server, stub):
-    """No thread of its own for the writer in a writer process: its main thread reads the pipe and writes, and the
-    only other thread sends the counters (before, a reading thread handed the writer thread every event through
-    a queue, and the two took turns at the interpreter's lock for each)."""
-    s = make_server(upstream=(stub.address,), audit_writer="process")
-    assert burst(s.host, s.port, 100) == 100
-    assert len(os.listdir(f"/proc/{s.server.audit._proc.pid}/task")) == 2
