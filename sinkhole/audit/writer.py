@@ -279,6 +279,12 @@ class AuditLog:
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         self._thread.start()
 
+    def without_yield(self) -> None:
+        """`submit` no longer yields the interpreter to the writer thread when the queue is past a tenth of its
+        bound (_EventQueue): for a writer process's reading thread (sinkhole.service.audit_process), where no
+        answer waits on the put, and a yield for every event only costs both threads a switch."""
+        self._queue.soft_limit = self._queue.maxsize
+
     def submit(self, event: AuditEvent, count: int = 1) -> None:
         """`count`: identical answers `event` stands for (sinkhole.dns.shortcut tallies the fast path's)."""
         try:

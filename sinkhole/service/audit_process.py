@@ -58,6 +58,7 @@ MAX_OUTBOX = 64 * 2**20  # bytes of frames waiting for room in the pipe; past it
 SOFT_OUTBOX = 2**20
 MAX_WAIT = 1.0
 STALL = 0.5
+GC_THRESHOLD = 50_000  # allocations between two collections of the youngest generation, in the writer process
 STATS_INTERVAL = 0.5  # seconds between two reports of the child's counters
 CLOSE_TIMEOUT = 30.0  # seconds the child has to write what it holds when its pipe ends without a "close"
 START_TIMEOUT = 30.0  # seconds the child has to report that its writer runs
@@ -429,6 +430,12 @@ def serve(events_fd: int, reports_fd: int, make_log: Callable[[Any, Path], Audit
     logging.getLogger().setLevel(cfg.process.log_level.upper())  # the worker's (a forked child has it already)
     audit = make_log(cfg, db)
     audit.mode = mode
+    # this process only writes: its reading thread need not yield to the writer thread, and its garbage (an
+    # event, a key, a row and its MAC input for every answer, hardly any of it in cycles) need not be collected
+    # every 700 allocations. The two together: 25.2 against 27.8 us of CPU an answer, median 23.6 against 27.9
+    # (bench/writer_process.py, 10 interleaved pairs, 9 of them lower)
+    audit.without_yield()
+    gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
     audit.start()
     lock = threading.Lock()  # one writer of the reports pipe at a time
     stop = threading.Event()

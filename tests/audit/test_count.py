@@ -200,6 +200,22 @@ def test_answers_still_queued_when_the_writer_gives_up_are_counted_as_lost_with_
     assert log.write_dropped == 6 and log.queue_depth == 0
 
 
+@pytest.mark.parametrize("yields", [True, False])
+def test_a_put_past_a_tenth_of_the_queue_yields_to_the_writer_unless_told_not_to(tmp_path, monkeypatch, yields):
+    """The hot path's put yields the interpreter once (time.sleep(0)) past a tenth of the queue's bound, so that the
+    writer thread catches up; a writer process's reading thread does not (AuditLog.without_yield). Either way the
+    bound holds: past it, answers are dropped and counted."""
+    slept = []
+    monkeypatch.setattr("sinkhole.audit.writer.time.sleep", slept.append)
+    log = AuditLog(tmp_path / "a.db", "n1", seed=None, queue_size=100)
+    if not yields:
+        log.without_yield()
+    for i in range(110):
+        log.submit(event(1000.0 + i))
+    assert slept == ([0] * 90 if yields else [])
+    assert log.queue_depth == 100 and log.queue_dropped == 10
+
+
 # ---------------------------------------------------------------------------- the real server
 
 
