@@ -432,8 +432,8 @@ def serve(events_fd: int, reports_fd: int, make_log: Callable[[Any, Path], Audit
     audit.mode = mode
     # this process only writes: its reading thread need not yield to the writer thread, and its garbage (an
     # event, a key, a row and its MAC input for every answer, hardly any of it in cycles) need not be collected
-    # every 700 allocations. The two together: 25.2 against 27.8 us of CPU an answer, median 23.6 against 27.9
-    # (bench/writer_process.py, 10 interleaved pairs, 9 of them lower)
+    # every 700 allocations. The two together: 26.1 against 29.0 us of CPU an answer, median 25.4 against 28.2
+    # (bench/writer_process.py, 13 interleaved pairs, 12 of them lower)
     audit.without_yield()
     gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
     audit.start()
