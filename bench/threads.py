@@ -42,7 +42,7 @@ def thread_cpu(server_pid: int) -> dict[str, float]:
         try:
             parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
             writer_process = (b"sinkhole.service.audit_child" in Path(f"/proc/{pid}/cmdline").read_bytes()
-                              or pid != server_pid and parent != server_pid)
+                              or (pid != server_pid and parent != server_pid))
         except (OSError, IndexError, ValueError):
             continue
         for task in Path(f"/proc/{pid}/task").glob("*"):
