@@ -23,7 +23,9 @@ from sinkhole.policy.decide import CANARIES, Group, Policy
 DESCRIPTION = ("qname", "qtype", "action", "rule", "category", "rcode", "answer", "policy_version", "group", "asked",
                "source")
 INF = float("inf")
-MAX_TAGS = 1_000_000  # then numbering goes on, and the writer forgets the oldest half
+# tags made since the last reset, at most: past it, the next batch starts afresh (Shortcuts.check), numbering from 0
+# again, so that the audit log's table of what each tag stands for (AuditLog.submit_tally) stays this size
+MAX_TAGS = 1_000_000
 
 
 class Tags:
@@ -116,7 +118,6 @@ class Shortcuts:
         # a tally row stands for answers within one hand-over: no longer apart than the audit window
         self.flush_interval = min(self.FLUSH_INTERVAL, window) if window > 0 else self.FLUSH_INTERVAL
         self.tags = Tags()
-        self.tagged = 0  # tags handed to the audit log since the last reset
         self.tables: dict[str, fast.Table] = {}
         self.not_admitted: deque[Admission] = deque()  # the guard's answers to packets it refused, oldest first
         self.clients = self._clients()
@@ -178,7 +179,7 @@ class Shortcuts:
         pipeline = self.pipeline
         policy = pipeline.get_policy()  # type: ignore[attr-defined]
         now = (id(policy), policy.version, pipeline.guard, pipeline.answers, pipeline.audit.wanted)  # type: ignore
-        if now != self._following or self.tagged >= MAX_TAGS:
+        if now != self._following or self.tags.next >= MAX_TAGS:
             self.reset()
             self._following = now
 
@@ -189,7 +190,6 @@ class Shortcuts:
             table.blocker = None
         self.tables.clear()
         self.tags = Tags()
-        self.tagged = 0
         self.not_admitted.clear()
         self.clients = self._clients()
 
@@ -226,7 +226,6 @@ class Shortcuts:
         rows = self.tally.take()
         new = self.tags.take_new()
         if new:
-            self.tagged += len(new)
             wires = self.tags.wires
             new = [(tag, d, wires.get(tag)) for tag, d in new]
         if rows or new:

@@ -15,7 +15,7 @@ import dns.rdatatype
 from click.testing import CliRunner
 
 from sinkhole.cli import cli
-from sinkhole.dns import fast
+from sinkhole.dns import fast, shortcut
 from sinkhole.service import metrics
 from tests.conftest import Clock, ask, audit_rows, wait_for
 
@@ -144,3 +144,16 @@ def test_the_fast_paths_answers_are_in_the_audit_log_at_stop(make_server, stub, 
     assert [(r["qname"], r["qtype"], r["count"]) for r in rows] == [("chatgpt.com", "AAAA", 50)]
     assert s.server.audit.written == 50 == s.server.pipeline.counts["blocked"]
     assert dns.rdatatype.AAAA == 28
+
+
+def test_past_max_tags_the_tags_start_again_from_0_and_every_answer_keeps_its_row(make_server, stub, db, monkeypatch):
+    """The audit log keeps what each tag stands for (AuditLog.submit_tally); past MAX_TAGS tags the fast path starts
+    afresh, numbering from 0 again, so that table stays bounded, and a reused number stands for its new answer."""
+    monkeypatch.setattr(shortcut, "MAX_TAGS", 5)
+    s = make_server(upstream=(stub.address,), audit_window=0)
+    names = [f"n{i}.chatgpt.com" for i in range(12)]
+    for i, name in enumerate(names):
+        raw(s, query(name, "A", qid=i))
+    assert s.server.pipeline.shortcuts.tags.next < 5  # started again (a tag a name here)
+    s.stop()
+    assert sorted(r["qname"] for r in audit_rows(db) if r["action"] == "blocked") == sorted(names)
