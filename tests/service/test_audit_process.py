@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import threading
 from pathlib import Path
 
 import pytest
@@ -166,3 +167,61 @@ def test_a_writer_process_behind_slows_the_hand_over_and_loses_nothing(make_serv
     assert audit.waited > 0 and audit.dropped == 0 and audit.lost_here == 0
     assert blocked_sum(db) == n + 12
     assert "audit: the writer process is behind" in caplog.text
+
+
+def policies(pid: int) -> set[int]:
+    """The scheduling policies of the threads of process `pid`."""
+    return {os.sched_getscheduler(int(tid)) for tid in os.listdir(f"/proc/{pid}/task")}
+
+
+def in_a_thread(fn):
+    """fn() in a thread of its own, which then ends (a policy set there leaves this test's threads as they are):
+    its result and that thread's policy afterwards."""
+    out = []
+    t = threading.Thread(target=lambda: out.append((fn(), os.sched_getscheduler(0))))
+    t.start()
+    t.join()
+    return out[0]
+
+
+def test_the_writer_process_idles_unless_its_worker_waits_for_it(make_server, stub, db, monkeypatch):
+    """The writer process runs at SCHED_IDLE, all its threads, so that its bursts of writing never hold a core an
+    answer waits for; while its worker waits for it (backpressure: here as soon as anything waits) its threads
+    have normal priority, and once the pipe has taken all that waited they idle again. Nothing is lost."""
+    if not in_a_thread(audit_process.idle_if_undoable)[0]:
+        pytest.skip("this machine does not let a thread come back from SCHED_IDLE (no CAP_SYS_NICE, RLIMIT_NICE 0)")
+    monkeypatch.setattr(audit_process, "PIPE_SIZE", 4096)
+    monkeypatch.setattr(audit_process, "SOFT_OUTBOX", 0)
+    s = make_server(upstream=(stub.address,), audit_writer="process", audit_window=0)
+    audit = s.server.audit
+    child = audit._proc.pid
+    assert audit._idle and policies(child) == {os.SCHED_IDLE}  # the reading, writing and reporting threads
+    os.kill(child, signal.SIGSTOP)  # it reads nothing: the worker waits for it, and lifts it first
+    try:
+        assert burst(s.host, s.port, 300) == 300
+        assert wait_for(lambda: audit.waited > 0, 5) and audit._outbox_bytes > 0  # the fast path hands over later
+        assert audit._hurried and policies(child) == {os.SCHED_OTHER}
+    finally:
+        os.kill(child, signal.SIGCONT)
+    assert wait_for(lambda: not audit._outbox and policies(child) == {os.SCHED_IDLE}), policies(child)
+    assert not audit._hurried
+    s.stop()
+    assert audit.dropped == 0 and blocked_sum(db) == 300
+
+
+def test_where_idling_could_not_be_undone_the_writer_keeps_normal_priority(monkeypatch):
+    """Back from SCHED_IDLE needs CAP_SYS_NICE or RLIMIT_NICE (a service's user has neither unless given): where
+    it is refused, a writer at SCHED_IDLE could be starved by any busy process and never be hurried, so it is not
+    put there at all."""
+    real = os.sched_setscheduler
+
+    def refuse_normal(pid: int, policy: int, param: os.sched_param) -> None:
+        if policy == os.SCHED_OTHER:
+            raise PermissionError(1, "Operation not permitted")
+        real(pid, policy, param)
+
+    monkeypatch.setattr(os, "sched_setscheduler", refuse_normal)
+    assert in_a_thread(audit_process.idle_if_undoable) == (False, os.SCHED_OTHER)
+    monkeypatch.setattr(os, "sched_setscheduler", real)
+    done, policy = in_a_thread(audit_process.idle_if_undoable)
+    assert policy == (os.SCHED_IDLE if done else os.SCHED_OTHER)
