@@ -262,13 +262,19 @@ def test_one_address_cannot_take_every_connection(page, ca) -> None:
     cap = page.server.blockpage.page.limits.per_address  # type: ignore[union-attr]
     idle = [socket.create_connection((PAGE_HOST, page_port(page)), timeout=10) for _ in range(cap)]
     try:
-        extra = socket.create_connection((PAGE_HOST, page_port(page)), timeout=10)
-        extra.settimeout(10)
         try:
-            assert extra.recv(1) == b""  # closed at once, unread
+            extra = socket.create_connection((PAGE_HOST, page_port(page)), timeout=10)
         except ConnectionResetError:
+            # accepted and reset (SO_LINGER 0) before this thread came back from connect(): on loopback, a busy
+            # machine's timing gives that now and then (seen once in a full run)
             pass
-        extra.close()
+        else:
+            extra.settimeout(10)
+            try:
+                assert extra.recv(1) == b""  # closed at once, unread
+            except ConnectionResetError:
+                pass
+            extra.close()
         resp, _ = fetch(page, "chat.deepseek.com", ca=ca, source="127.0.0.2")  # another client is served
         assert resp.status == 403
     finally:
