@@ -14,8 +14,6 @@ from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 from cpython.unicode cimport PyUnicode_DecodeASCII
 
-cimport cython
-
 import socket as _socket
 
 COMPILED = True
@@ -90,11 +88,6 @@ cdef extern from "<arpa/inet.h>" nogil:
 # ---------------------------------------------------------------------------- the table
 
 
-# not tracked by the cyclic collector: an entry holds bytes, numbers, and for `kind` and `tag` the (action, qtype,
-# transport, group) tuple and the audit tag (shortcut.py), none of which can lead back to an entry; the table's
-# dict of them then is not tracked either. A worker's full collections had walked them all (some 20,000 under
-# load (a)). Whatever is put in `kind` or `tag` must never refer back to the table: such a cycle would never be freed
-@cython.no_gc
 cdef class Entry:
     cdef public bytes tail
     cdef public object kind

@@ -5,7 +5,6 @@ Real UDP sockets on 127.0.0.1, real DNS packets (dnspython builds them); time is
 
 from __future__ import annotations
 
-import gc
 import importlib
 import os
 import select
@@ -88,26 +87,6 @@ def test_a_blocked_reply_answers_the_same_packet_under_any_id(impl: ModuleType) 
     assert table.answer(query("chat.deepseek.com", "AAAA", qid=7), 0.0) is None  # another question: not known
     assert table.answer(b"\x00\x01", 0.0) is None  # shorter than a header
     assert table.hits == 2
-
-
-def test_the_compiled_tables_entries_are_not_the_collectors_to_walk() -> None:
-    """An entry holds bytes, numbers and the (action, qtype, transport, group) tuple of its kind: it can be in no
-    reference cycle, so the compiled Entry is not tracked by the cyclic collector (cython.no_gc), nor then the
-    table's dict of them. A worker's full collections walked some 20,000 entries under load (a); untracked, they
-    are not walked at all. The pure twin's entries are ordinary tracked objects."""
-    impl = _compiled()
-    if impl is None:
-        pytest.skip("the compiled module is not built")
-    table = impl.Table()
-    for i in range(100):
-        packet = query(f"n{i}.chat.deepseek.com")
-        table.put_blocked(packet, reply_for(packet, address="0.0.0.0"), ("blocked", 1, "udp", None), i)
-        packet = query(f"c{i}.example", qid=i)
-        table.put_cached(packet, reply_for(packet), [len(packet) + 8], [300], 0.0, 300.0)
-    entries = next(x for x in gc.get_referents(table) if isinstance(x, dict) and len(x) == 200)
-    assert not any(gc.is_tracked(e) for e in entries.values())
-    assert not gc.is_tracked(entries)
-    assert gc.is_tracked(_fastpure.Entry(b"", None, None))
 
 
 def test_packets_too_big_or_too_small_are_never_put(impl: ModuleType) -> None:
