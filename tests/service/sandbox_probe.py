@@ -220,6 +220,25 @@ def ex_ctypes() -> str:
     return "prctl, malloc_trim, qsort with a Python callback"
 
 
+def ex_priority() -> str:
+    """What the web console does to its threads (web/priority.lower_priority: setpriority on one thread), so that
+    its pages give way to DNS: the thread must end up nicer, not be refused silently."""
+    from sinkhole.web.priority import NICE, lower_priority
+
+    seen: list[int] = []
+
+    def nicer() -> None:
+        before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        lower_priority()
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) - before)
+
+    t = threading.Thread(target=nicer)
+    t.start()
+    t.join()
+    assert seen == [NICE], f"the thread's nice value rose by {seen}, not {NICE} (setpriority refused?)"
+    return f"a console thread made nicer by {NICE} (setpriority)"
+
+
 def ex_http() -> str:
     """httpx over HTTP/1.1 (h11) to a loopback server, sync and on uvloop; an HTTP/2 (h2) handshake."""
     import http.server
@@ -416,8 +435,9 @@ def main() -> int:
         tmp = Path(d)
         steps: list[tuple[str, Callable[[], str]]] = [
             ("uvloop", ex_uvloop), ("sqlite", lambda: ex_sqlite(tmp)), ("ssl", ex_ssl), ("ctypes", ex_ctypes),
-            ("http", ex_http), ("dns", ex_dns), ("metrics", ex_metrics), ("tls", lambda: ex_tls(tmp)),
-            ("aiohttp", ex_aiohttp), ("argon2", ex_argon2), ("sinkhole", lambda: ex_sinkhole(tmp))]
+            ("priority", ex_priority), ("http", ex_http), ("dns", ex_dns), ("metrics", ex_metrics),
+            ("tls", lambda: ex_tls(tmp)), ("aiohttp", ex_aiohttp), ("argon2", ex_argon2),
+            ("sinkhole", lambda: ex_sinkhole(tmp))]
         for name, step in steps:
             try:
                 exercises[name] = "ok: " + step()

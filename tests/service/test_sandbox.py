@@ -51,4 +51,4 @@ def test_every_runtime_dependency_works_with_wx_memory_refused(tmp_path: Path) -
         refused["distributions"])
     assert {"uvloop.loop", "_ssl", "_sqlite3", "_ctypes", "_hashlib", "_asyncio"} <= set(refused["native"])
     assert all(v.startswith("ok: ") for v in refused["exercises"].values()), refused["exercises"]
-    assert len(refused["exercises"]) == 11
+    assert len(refused["exercises"]) == 12
