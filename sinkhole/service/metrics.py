@@ -33,6 +33,7 @@ from prometheus_client.exposition import choose_encoder
 
 from sinkhole.dns import codec
 from sinkhole.dns.upstream import LATENCY_BUCKETS
+from sinkhole.service import heap
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,13 @@ def _rss_bytes() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
+
+
+def _collector() -> dict[str, int]:
+    """The garbage collector's objects frozen (a gauge) and collections per generation (counters): heap.state."""
+    gc = heap.state()
+    young, middle, full = gc["collections"]
+    return {"gc_frozen": gc["frozen"], "gc_young": young, "gc_middle": middle, "gc_full": full}
 
 
 def problems(server: Any) -> list[str]:
@@ -86,7 +94,7 @@ def snapshot(server: Any) -> Snapshot:
                   "queue_dropped": a.queue_dropped, "write_dropped": a.write_dropped, "gaps": a.gaps},
         "policy": {"version": policy.version, "blocks": policy.blocks, "allows": policy.allows,
                    "groups": len(policy.groups)},
-        "process": {"rss": _rss_bytes(), "cpu": usage.ru_utime + usage.ru_stime},
+        "process": {"rss": _rss_bytes(), "cpu": usage.ru_utime + usage.ru_stime, **_collector()},
         "problems": problems(server),
     }
 
@@ -97,7 +105,7 @@ def snapshot(server: Any) -> Snapshot:
 def retire(snap: Snapshot) -> Snapshot:
     """The counters of a process that exited: kept in the sums; its gauges are gone with it."""
     return {**snap, "inflight": 0, "cache": {**snap["cache"], "entries": 0}, "audit": {**snap["audit"], "queue": 0},
-            "process": {"rss": 0, "cpu": snap["process"]["cpu"]}, "problems": [], "retired": True}
+            "process": {**snap["process"], "rss": 0, "gc_frozen": 0}, "problems": [], "retired": True}
 
 
 def merge(snaps: Iterable[Snapshot]) -> Snapshot:
@@ -208,6 +216,14 @@ class Collector:
                                 value=m["process"]["rss"])
         yield CounterMetricFamily("sinkhole_cpu_seconds", "CPU time of every serving process (exited workers "
                                   "included).", value=m["process"]["cpu"])
+        yield GaugeMetricFamily("sinkhole_gc_frozen_objects", "Objects the garbage collector never walks (frozen "
+                                "once a process has started), in every serving process.",
+                                value=m["process"].get("gc_frozen", 0))
+        collections = CounterMetricFamily("sinkhole_gc_collections", "Garbage collections in every serving process "
+                                          "(exited workers included), per generation.", labels=["generation"])
+        for generation, key in (("young", "gc_young"), ("middle", "gc_middle"), ("full", "gc_full")):
+            collections.add_metric([generation], m["process"].get(key, 0))
+        yield collections
 
 
 def _bound(x: float) -> str:

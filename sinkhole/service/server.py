@@ -27,7 +27,7 @@ from sinkhole.dns.listener import Bound as DnsSockets
 from sinkhole.dns.listener import Listener, _Tasks
 from sinkhole.dns.upstream import Upstream
 from sinkhole.policy.decide import Policy
-from sinkhole.service import build, config, control, metrics, systemd
+from sinkhole.service import build, config, control, heap, metrics, systemd
 from sinkhole.service.config import Settings
 from sinkhole.store.db import Store, open_store
 from sinkhole.store.journal import Actor
@@ -467,6 +467,7 @@ async def serve(server: Server, early: Callable[[], bool] = lambda: False,
     if early():
         server.request_stop()
     await server.start()
+    heap.settle()  # as soon as it serves: what start-up built is never walked by the garbage collector again
     if after_start is not None:
         await after_start(server)
     await server.wait()

@@ -163,6 +163,9 @@ def test_workers_counters_add_up_in_the_supervisor(server_process, stub, db):
     assert wait_for(lambda: queries(scrape(port), action="blocked") == n)
     m = scrape(port)
     assert value(m, "sinkhole_processes") == 2
+    # each worker froze what it had built before its first answer (heap.settle): tens of thousands of objects
+    assert value(m, "sinkhole_gc_frozen_objects") > 2 * 1000
+    assert value(m, "sinkhole_gc_collections_total", generation="full") >= 2
     assert wait_for(lambda: value(scrape(port), "sinkhole_audit_rows_written_total") == n)
     chains = sqlite3.connect(db).execute("SELECT count(DISTINCT chain) FROM audit").fetchone()[0]
     assert chains == 2, "both workers answered some of them, so the sum is a real sum"
@@ -174,6 +177,17 @@ def test_workers_counters_add_up_in_the_supervisor(server_process, stub, db):
     for i in range(40):
         dns.query.udp(dns.message.make_query(f"v{i}.chat.deepseek.com", "A"), p.host, port=p.port, timeout=5)
     assert wait_for(lambda: queries(scrape(port), action="blocked") == n + 40)
+    assert p.terminate() == 0
+
+
+def test_a_server_on_its_own_freezes_its_heap_once_started(server_process, stub):
+    p = server_process("--upstream", stub.address, "--workers", "1", "--metrics", "127.0.0.1:0")
+    port = wait_for(lambda: next((int(m.group(1)) for line in p.lines
+                                  if (m := re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", line))), 0))
+    assert wait_for(lambda: get(port, "/healthz") == (200, "ok\n"))
+    m = scrape(port)
+    assert value(m, "sinkhole_gc_frozen_objects") > 1000  # heap.settle, after start: the modules, the policy
+    assert value(m, "sinkhole_gc_collections_total", generation="full") >= 1  # settle's own
     assert p.terminate() == 0
 
 
