@@ -13,7 +13,7 @@ import asyncio
 import sys
 from collections import deque
 
-from sinkhole.dns import answer, codec, fast
+from sinkhole.dns import answer, cache, codec, fast
 from sinkhole.dns.cache import Cache, Entry
 from sinkhole.dns.guard import Admission
 from sinkhole.model import Action, AuditEvent, Outcome, Query, Rule, RuleKind
@@ -207,10 +207,10 @@ class Shortcuts:
         table = self.tables.get(outcome.group or "")
         if table is None or entry is None:
             return
-        if prefetch and entry.prefetch_at == INF:
+        if prefetch and entry[cache.PREFETCH_AT] == INF:
             return
-        table.put_cached(wire, Cache.render(entry, query, entry.stored), entry.ttl_offsets, entry.ttls,
-                         entry.stored, entry.expires, entry.prefetch_at,
+        table.put_cached(wire, Cache.render(entry, query, entry[cache.STORED]), entry[cache.TTL_OFFSETS],
+                         entry[cache.TTLS], entry[cache.STORED], entry[cache.EXPIRES], entry[cache.PREFETCH_AT],
                          (outcome.action._value_, outcome.qtype, "udp", outcome.group), self._tag(wire, outcome))
 
     def _tag(self, wire: bytes, outcome: Outcome) -> int | None:

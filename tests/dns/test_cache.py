@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import gc
 import struct
 
 import dns.edns
@@ -117,6 +118,25 @@ def test_lru_eviction_and_clamps():
     qc, _ = reply_for("c.example.test")
     assert c.lookup(key_of(qc), qc, now + 99) is not None
     assert c.lookup(key_of(qc), qc, now + 100) is None  # clamped to max_ttl
+
+
+def test_entries_are_left_alone_by_the_garbage_collector():
+    """A full cache is most of a worker's long-lived heap: plain tuples, which the collector stops tracking (and
+    walking) once it has seen them, even after a prefetch marked one (a new tuple)."""
+    c = Cache(prefetch=True)
+    keys = []
+    for name in ("a.example.test", "b.example.test"):
+        query, wire = reply_for(name, ttl=100)
+        c.put(key_of(query), query, wire, 0.0)
+        keys.append((key_of(query), query))
+    key, query = keys[0]
+    assert c.lookup(key, query, 95.0)[1] is True  # due: marked, not refreshed again
+    assert c.lookup(key, query, 96.0)[1] is False
+    gc.collect()
+    gc.collect()  # a tuple holding tuples is untracked at the collection after its members were
+    for key, _ in keys:
+        entry = c.entry(key)
+        assert type(entry) is tuple and not gc.is_tracked(entry), entry
 
 
 @pytest.mark.parametrize("kwargs,cached", [
