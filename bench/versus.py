@@ -1,12 +1,13 @@
-"""This checkout's `sinkhole serve` against another checkout's, interleaved, on make bench's loads (a) and (b).
+"""This checkout's `sinkhole serve` against another checkout's, interleaved, on make bench's loads (a)-(d).
 
     .venv/bin/python bench/versus.py --other /path/to/other/.venv/bin/sinkhole [--rounds 3] [--seconds 6]
-        [--loads a,b] [--workers 1] [--log-queries blocked|none] [--env-this K=V ...] [--fixed]
+        [--loads a,b,c,d] [--workers 1] [--log-queries blocked|none] [--env-this K=V ...] [--fixed]
 
 One local Unbound upstream; each server with a fresh database (the shipped lists), audit log on (blocked),
 rate limits off, `--workers N` (1 unless told); dnsperf as bench.py runs it (loopback only, bounded by -l). For
 each round, for each load, for each server: one run; the table shows the median q/s and q/CPU-s (the server's
-process tree) of the rounds and the 1-minute load average at each run (the machine may be shared). At the end each
+process tree) of the rounds and the 1-minute load average at each run (the machine may be shared). Loads (c) and
+(d) get new unique names in every round, the same for both servers. At the end each
 server is stopped and its audit check printed (blocked answers = the sum of the audit rows' counts). Measures,
 asserts nothing.
 """
@@ -58,7 +59,7 @@ def main() -> None:
     need("dnsperf", "unbound")
     work = Path(tempfile.mkdtemp(prefix="sinkhole-versus-"))
     domains = bench.blocked_domains()
-    files = bench.write_inputs(work, domains, args.seconds, 1)
+    files = bench.write_inputs(work, domains, args.seconds, args.rounds)  # (c), (d): new unique names each round
     upstream = Unbound(work, threads=1, extra='  local-data: "example.test. 300 IN AAAA 2001:db8::1"')
     upstream.start()
     assert upstream.proc is not None
@@ -73,12 +74,12 @@ def main() -> None:
     try:
         for s in servers.values():
             s.start()
-        for _ in range(args.rounds):
+        for round_ in range(args.rounds):
             for load in args.loads.split(","):
                 for name, s in servers.items():
                     if load in "bd":
                         bench.warm(s.port, files["b"][0])
-                    res = bench.measure(s, upstream.proc.pid, files[load][0], args.seconds, once=load in "cd")
+                    res = bench.measure(s, upstream.proc.pid, files[load][round_], args.seconds, once=load in "cd")
                     res["loadavg"] = bench.os.getloadavg()[0]
                     results.setdefault((load, name), []).append(res)
                     print(f"  ({load}) {name:6} {res['qps']:>9,.0f} q/s {res['q_per_cpu_s'] or 0:>9,} q/CPU-s "
