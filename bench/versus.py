@@ -59,7 +59,7 @@ def main() -> None:
     need("dnsperf", "unbound")
     work = Path(tempfile.mkdtemp(prefix="sinkhole-versus-"))
     domains = bench.blocked_domains()
-    files = bench.write_inputs(work, domains, args.seconds, args.rounds)  # (c), (d): new unique names each round
+    files = bench.write_inputs(work, domains, args.seconds, max(1, args.rounds))  # (c), (d): new names each round
     upstream = Unbound(work, threads=1, extra='  local-data: "example.test. 300 IN AAAA 2001:db8::1"')
     upstream.start()
     assert upstream.proc is not None
