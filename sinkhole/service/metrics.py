@@ -55,9 +55,9 @@ def _rss_bytes() -> int:
 
 def _collector() -> dict[str, int]:
     """The garbage collector's objects frozen (a gauge) and collections per generation (counters): heap.state."""
-    gc = heap.state()
-    young, middle, full = gc["collections"]
-    return {"gc_frozen": gc["frozen"], "gc_young": young, "gc_middle": middle, "gc_full": full}
+    state = heap.state()
+    young, middle, full = state["collections"]
+    return {"gc_frozen": state["frozen"], "gc_young": young, "gc_middle": middle, "gc_full": full}
 
 
 def problems(server: Any) -> list[str]:

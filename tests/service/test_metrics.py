@@ -163,7 +163,7 @@ def test_workers_counters_add_up_in_the_supervisor(server_process, stub, db):
     assert wait_for(lambda: queries(scrape(port), action="blocked") == n)
     m = scrape(port)
     assert value(m, "sinkhole_processes") == 2
-    # each worker froze what it had built before its first answer (heap.settle): tens of thousands of objects
+    # each worker froze what it had built once it started serving (heap.settle): tens of thousands of objects
     assert value(m, "sinkhole_gc_frozen_objects") > 2 * 1000
     assert value(m, "sinkhole_gc_collections_total", generation="full") >= 2
     assert wait_for(lambda: value(scrape(port), "sinkhole_audit_rows_written_total") == n)
