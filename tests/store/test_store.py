@@ -5,6 +5,7 @@ as one Store: these tests call the methods the rest of sinkhole calls, and read 
 
 from __future__ import annotations
 
+import random
 import sqlite3
 import threading
 from pathlib import Path
@@ -141,6 +142,37 @@ def test_insert_audit_stores_a_batch_whole_and_returns_its_last_seq(store: Store
     assert store.count_log() == n + 1
     assert store.audit_row(last)["qname"] == f"n{n - 1}.example"
     assert store.insert_audit([]) is None
+
+
+def _write_calls() -> int:
+    """The write system calls this process made so far (Linux's /proc/self/io)."""
+    with open("/proc/self/io") as f:
+        return int(next(line for line in f if line.startswith("syscw")).split()[1])
+
+
+@pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="counts write system calls in /proc/self/io (Linux)")
+def test_the_writers_batches_of_names_in_no_order_cost_few_write_calls(store: Store) -> None:
+    """tune_for_writer keeps the statement journals of insert_audit's multi-row INSERTs in memory: in a file,
+    each page a statement changes was a write call, and the rname index takes names in no order, a page a row
+    (6,686 calls for these 5,000 rows, against 926 for the WAL's own writes)."""
+    rnd = random.Random(1)
+    qname, rname = AUDIT_INSERT.index("qname"), AUDIT_INSERT.index("rname")
+
+    def rows(start: int, n: int) -> list[tuple]:
+        out = []
+        for i in range(start, start + n):
+            row = list(audit_row(i, iso(i)))
+            label = f"h{rnd.randrange(10**9)}"
+            row[qname], row[rname] = f"{label}.example", f"example.{label}"
+            out.append(tuple(row))
+        return out
+
+    store.tune_for_writer(64 * 2**20)
+    store.insert_audit(rows(0, 20_000))  # an rname index of some size
+    before = _write_calls()
+    store.insert_audit(rows(20_000, 5000))
+    assert _write_calls() - before < 2500
+    assert store.count_log() == 25_000
 
 
 def test_the_chains_rows_come_from_the_store(store: Store, tmp_path: Path) -> None:
