@@ -70,8 +70,7 @@ def main() -> None:
         user, kernel = after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
         print(f"answers {audit.written:,} in {audit.rows_written:,} rows (window {args.window:g} s, dropped "
               f"{audit.dropped}, {args.names} names): writer process CPU {(user + kernel) * 1e6 / sent:.1f} us an "
-              f"answer (user "
-              f"{user * 1e6 / sent:.1f}, kernel {kernel * 1e6 / sent:.1f}), "
+              f"answer (user {user * 1e6 / sent:.1f}, kernel {kernel * 1e6 / sent:.1f}), "
               f"{(user + kernel) * 1e6 / max(1, audit.rows_written):.1f} us a row; wall {wall:.2f} s")
 
 
