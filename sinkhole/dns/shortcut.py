@@ -22,7 +22,6 @@ from sinkhole.policy.decide import CANARIES, Group, Policy
 # what a tag stands for, in this order
 DESCRIPTION = ("qname", "qtype", "action", "rule", "category", "rcode", "answer", "policy_version", "group", "asked",
                "source")
-INF = float("inf")
 # tags made since the last reset, at most: past it, the next batch starts afresh (Shortcuts.check), numbering from 0
 # again, so that the audit log's table of what each tag stands for (AuditLog.submit_tally) stays this size
 MAX_TAGS = 1_000_000
@@ -207,7 +206,7 @@ class Shortcuts:
         table = self.tables.get(outcome.group or "")
         if table is None or entry is None:
             return
-        if prefetch and entry[cache.PREFETCH_AT] == INF:
+        if prefetch and entry[cache.PREFETCH_AT] == cache.INF:
             return
         table.put_cached(wire, Cache.render(entry, query, entry[cache.STORED]), entry[cache.TTL_OFFSETS],
                          entry[cache.TTLS], entry[cache.STORED], entry[cache.EXPIRES], entry[cache.PREFETCH_AT],
