@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from sinkhole.audit import chain
 from sinkhole.policy.names import reverse_name
 from sinkhole.store.journal import Actor, JournalQueries
-from sinkhole.store.schema import AUDIT_INSERT, iso
+from sinkhole.store.schema import AUDIT_INSERT, RBASE, iso
 
 _N = "coalesce(sum(count), 0)"  # the answers some audit rows stand for (each row is `count` identical ones)
 MAX_RETENTION_DAYS = 36500  # a hundred years: beyond, the cut-off date is out of datetime's range
@@ -102,6 +102,24 @@ def _client_where(client: str, args: dict) -> str:
     # the text of a mapped address varies ('::ffff:10.0.0.1', '::ffff:a00:1'): in_cidr reads it as an address
     return (f"({_cidr_where(str(net), args)} OR (client >= '::ffff:' AND client < '::ffff;'"
             " AND in_cidr(client, :mapped)))")
+
+
+def domain_where(domain: str, args: dict, p: str = "d_") -> str:
+    """The rows of a name and its subdomains, as a range of idx_audit_rbase (schema.RBASE, time, rname): the name's
+    base (its reversed name's first two labels; every name under it has the same), then its reversed name or one
+    under it. A one-label name ('com') is a range of bases. Rows from before schema 4 (no rname) by their qname,
+    through the same index (a NULL base). Parameters go into `args`, named with the prefix `p`."""
+    rdomain = reverse_name(domain)
+    labels = rdomain.split(".")
+    args[f"{p}domain"], args[f"{p}r"] = domain, rdomain
+    if len(labels) >= 2:
+        args[f"{p}base"] = ".".join(labels[:2])
+        base = f"{RBASE} = :{p}base"
+    else:  # 'com', 'com.x', and what sorts between them ('com-x'), which the rname condition leaves out
+        base = f"{RBASE} >= :{p}r AND {RBASE} < :{p}r || '/'"
+    under = f"(rname = :{p}r OR (rname > :{p}r || '.' AND rname < :{p}r || '/'))"
+    old = f"(qname = :{p}domain OR substr(qname, -length(:{p}domain) - 1) = '.' || :{p}domain)"
+    return f"(({base} AND {under}) OR ({RBASE} IS NULL AND {old}))"
 
 
 class AuditQueries(JournalQueries):
@@ -327,13 +345,8 @@ class AuditQueries(JournalQueries):
             args["until"] = until
         if client:
             where.append(_client_where(client, args))
-        if domain:  # the name and its subdomains: a range of the reversed-name index
-            rdomain = reverse_name(domain)
-            where.append("(rname = :rdomain OR (rname > :rdomain || '.' AND rname < :rdomain || '/')"
-                         " OR (rname IS NULL AND (qname = :domain"  # rows from before schema 4
-                         " OR substr(qname, -length(:domain) - 1) = '.' || :domain)))")
-            args["domain"] = domain
-            args["rdomain"] = rdomain
+        if domain:  # the name and its subdomains: a range of the domain index
+            where.append(domain_where(domain, args))
         for column, value in (("action", action), ("grp", group), ("category", category), ("rule", rule)):
             if value:
                 where.append(f"{column} = :{column}")

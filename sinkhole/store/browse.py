@@ -7,8 +7,8 @@ never OFFSET. How the rows are found depends on the filter, so that a page costs
 ten million rows whatever it asks:
 
 - a client address: the (client, time) index, newest first; otherwise the time index, newest first;
-- a name (and subdomains) or a network that matches few rows (at most NARROW, counted on the `rname` or
-  `(client, time)` index with a cap): those rows, sorted;
+- a name (and subdomains) or a network that matches few rows (at most NARROW, counted on the domain index,
+  `(RBASE, time, rname)`, or the `(client, time)` index, with a cap): those rows, sorted;
 - otherwise the ordered index is read back from the cursor in windows of rows (WINDOW, doubling while nothing
   matches), the filter checked on each row, until the page is full, the range ends, or `budget` seconds are
   spent. Then the page says how far back it looked (`searched_to`), and the next page goes on from there: a
@@ -24,8 +24,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from sinkhole.audit import chain as chains
-from sinkhole.policy.names import reverse_name
-from sinkhole.store.audit import client_prefix
+from sinkhole.store.audit import client_prefix, domain_where
 from sinkhole.store.db import Store
 from sinkhole.store.journal import journal_filter
 
@@ -85,10 +84,9 @@ def log_page(store: Store, f: LogFilter, before: tuple[str, int] | None = None, 
 def _narrow(store: Store, f: LogFilter, conds: list[str], args: dict, have: set[str]) -> tuple[str, int] | None:
     """(index, rows) when a name or network filter matches at most NARROW rows through its own index."""
     candidates: list[tuple[str, str, dict]] = []
-    if f.domain and "idx_audit_rname" in have:
-        r = reverse_name(f.domain)
-        candidates.append(("idx_audit_rname", "(rname = :n_r OR (rname > :n_r || '.' AND rname < :n_r || '/'))",
-                           {"n_r": r}))
+    if f.domain and "idx_audit_rbase" in have:
+        extra: dict = {}
+        candidates.append(("idx_audit_rbase", domain_where(f.domain, extra, "n_"), extra))
     if f.client and "/" in f.client and "idx_audit_client_time" in have:
         prefix = client_prefix(f.client)
         if prefix is not None:

@@ -461,7 +461,7 @@ def test_a_database_from_before_counts_migrates_and_its_rows_still_verify(db, op
     conn.close()
     result = verify(db, operator_key)  # opening the store migrates it
     assert result.exit_code == 0, result.output
-    assert sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
+    assert sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 7
     assert [(r["seq"], r["mac"], r["count"]) for r in rows(db)] == [(seq, mac, 1) for seq, mac in before]
     _counted_log(db)
     assert [r["count"] for r in rows(db)] == [1] * 6 + [3, 2, 1]

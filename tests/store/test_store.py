@@ -175,6 +175,86 @@ def test_the_writers_batches_of_names_in_no_order_cost_few_write_calls(store: St
     assert store.count_log() == 25_000
 
 
+def _spread_rows(rnd: random.Random, start: int, n: int, bases: list[str]) -> list[tuple]:
+    """Load (a)'s kind of rows: a random label under one of `bases`, a millisecond apart."""
+    qname, rname = AUDIT_INSERT.index("qname"), AUDIT_INSERT.index("rname")
+    out = []
+    for i in range(start, start + n):
+        row = list(audit_row(i, iso(1_790_000_000 + i / 1000)))
+        name = f"h{rnd.randrange(10**9)}.{rnd.choice(bases)}"
+        row[qname], row[rname] = name, ".".join(reversed(name.split(".")))
+        out.append(tuple(row))
+    return out
+
+
+def _pages_written_by(store: Store, rows: list[tuple]) -> int:
+    """The WAL frames (pages) one insert_audit of `rows` writes: the WAL emptied before it, no automatic checkpoint."""
+    store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    store.insert_audit(rows)
+    return int(store.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1])
+
+
+def test_a_batch_of_names_under_a_few_domains_writes_no_more_pages_as_the_log_grows(store: Store) -> None:
+    """The domain index, idx_audit_rbase (base domain, time, rname), takes a batch of names under a few base domains
+    at the end of a run for each: the pages a batch writes stay the same however long the log. The index on rname
+    it replaces (schema 6) took each name anywhere in the log, a page for nearly every row once the log is long:
+    538 pages for 5000 such rows after 20,000, 1,274 after 100,000, 3,330 after 400,000 (851, 946 and 1,057 here)."""
+    rnd = random.Random(1)
+    bases = [f"site{i}.example" for i in range(150)]
+    store.tune_for_writer(64 * 2**20)
+    store.conn.execute("PRAGMA wal_autocheckpoint=0")
+    store.insert_audit(_spread_rows(rnd, 0, 20_000, bases))
+    short = _pages_written_by(store, _spread_rows(rnd, 20_000, 5000, bases))
+    store.insert_audit(_spread_rows(rnd, 25_000, 75_000, bases))
+    long = _pages_written_by(store, _spread_rows(rnd, 100_000, 5000, bases))
+    assert long < short * 1.3, (short, long)
+    assert store.count_log() == 105_000
+
+
+def test_a_domain_filter_is_a_range_of_the_domain_index(store: Store) -> None:
+    """query_log's and count_log's domain filter: the name and its subdomains, found through idx_audit_rbase (SQLite
+    uses it only when the query writes schema.RBASE as the index does), for names of one, two and more labels."""
+    names = ["deepseek.com", "chat.deepseek.com", "a.chat.deepseek.com", "notdeepseek.com", "deepseek.com.cn",
+             "com", "com-x.net", "chat.deepseek.co", "cn", "x.cn"]
+    rows = []
+    for i, name in enumerate(names):
+        row = dict(zip(AUDIT_INSERT, audit_row(i, iso(i)), strict=True))
+        rows.append(row | {"qname": name, "rname": ".".join(reversed(name.split(".")))})
+    store.insert_audit(rows)
+    for domain, want in (("deepseek.com", {"deepseek.com", "chat.deepseek.com", "a.chat.deepseek.com"}),
+                         ("chat.deepseek.com", {"chat.deepseek.com", "a.chat.deepseek.com"}),
+                         ("com", {"deepseek.com", "chat.deepseek.com", "a.chat.deepseek.com", "notdeepseek.com",
+                                  "com"}),
+                         ("cn", {"deepseek.com.cn", "cn", "x.cn"}), ("example", set())):
+        assert {r["qname"] for r in store.query_log(domain=domain)} == want, domain
+        assert store.count_log(domain=domain) == len(want)
+        where, args = store._log_where(None, None, None, domain, None)
+        plan = " ".join(r[3] for r in store.conn.execute(f"EXPLAIN QUERY PLAN SELECT * FROM audit{where}", args))
+        assert "USING INDEX idx_audit_rbase" in plan and "SCAN audit" not in plan, plan
+
+
+def test_a_database_of_schema_6_gets_the_domain_index_and_finds_the_same_rows(tmp_path: Path) -> None:
+    """The migration to schema 7 drops idx_audit_rname (which every insert paid for) and makes idx_audit_rbase over
+    the rows there; rows from before schema 4 (no rname) are still found by their qname."""
+    path = tmp_path / "old.db"
+    with Store(path) as s:
+        s.insert_audit([audit_row(i, iso(i)) for i in range(3)]  # n0.example .. n2.example: rname NULL
+                       + _spread_rows(random.Random(2), 3, 200, ["deepseek.com", "openai.com"]))
+        want = {d: [r["seq"] for r in s.query_log(domain=d)] for d in ("deepseek.com", "n1.example", "com")}
+    conn = sqlite3.connect(path)
+    conn.execute("DROP INDEX idx_audit_rbase")
+    conn.execute("CREATE INDEX idx_audit_rname ON audit(rname)")
+    conn.execute("PRAGMA user_version=6")
+    conn.commit()
+    conn.close()
+    with Store(path) as s:
+        assert s.conn.execute("PRAGMA user_version").fetchone()[0] == 7
+        indexes = {r[1] for r in s.conn.execute("PRAGMA index_list(audit)")}
+        assert "idx_audit_rbase" in indexes and "idx_audit_rname" not in indexes
+        assert {d: [r["seq"] for r in s.query_log(domain=d)] for d in want} == want
+    assert len(want["deepseek.com"]) > 50 and want["n1.example"] == [2] and len(want["com"]) == 200
+
+
 def test_the_chains_rows_come_from_the_store(store: Store, tmp_path: Path) -> None:
     """What audit.chain walks (it runs no SQL of its own): sealed rows, their heads, the journal."""
     generation, key, _ = chain.ensure_key(store.key_path)
