@@ -499,7 +499,6 @@ def test_journal_user_is_the_os_account_not_the_environment(db):
 
 # ---------------------------------------------------------------------------- log
 
-NOW = datetime.now(UTC).replace(microsecond=0)
 # label, age, client, qname, qtype, action, rule, category
 AUDIT = [
     ("old", timedelta(days=3), "10.1.2.3", "chat.deepseek.com", "A", "blocked", "deepseek.com", "deepseek"),
@@ -577,7 +576,8 @@ def test_log_since_iso_forms(db, audit):
     assert log(db, audit, "--since", plus_two) == ["r3", "r4", "r5", "r6", "r7"], "an offset is honoured"
     naive = (r3 + timedelta(seconds=1)).replace(tzinfo=None).isoformat(timespec="seconds")
     assert log(db, audit, "--since", naive) == ["r4", "r5", "r6", "r7"], "no zone means UTC"
-    day = (NOW - timedelta(days=2)).date().isoformat()
+    # the date two days before the fixture's clock (not NOW's: the two differ by a date when the run passes midnight)
+    day = (datetime.fromisoformat(audit["old"]) + timedelta(days=1)).date().isoformat()
     assert log(db, audit, "--since", day)[0] == "r1"
 
 
