@@ -107,19 +107,28 @@ def _client_where(client: str, args: dict) -> str:
 def domain_where(domain: str, args: dict, p: str = "d_") -> str:
     """The rows of a name and its subdomains, as a range of idx_audit_rbase (schema.RBASE, time, rname): the name's
     base (its reversed name's first two labels; every name under it has the same), then its reversed name or one
-    under it. A one-label name ('com') is a range of bases. Rows from before schema 4 (no rname) by their qname,
-    through the same index (a NULL base). Parameters go into `args`, named with the prefix `p`."""
+    under it. A one-label name ('com') is a range of bases. Every row with a name has its rname (the writer's, the
+    dicts insert_audit takes, and since schema 7 the rows from before schema 4). For one base, SQLite reads the
+    index in time order: the latest rows of a domain are found without sorting all of them. Parameters go into
+    `args`, named with the prefix `p`."""
     rdomain = reverse_name(domain)
     labels = rdomain.split(".")
-    args[f"{p}domain"], args[f"{p}r"] = domain, rdomain
+    args[f"{p}r"] = rdomain
     if len(labels) >= 2:
         args[f"{p}base"] = ".".join(labels[:2])
         base = f"{RBASE} = :{p}base"
     else:  # 'com', 'com.x', and what sorts between them ('com-x'), which the rname condition leaves out
         base = f"{RBASE} >= :{p}r AND {RBASE} < :{p}r || '/'"
-    under = f"(rname = :{p}r OR (rname > :{p}r || '.' AND rname < :{p}r || '/'))"
-    old = f"(qname = :{p}domain OR substr(qname, -length(:{p}domain) - 1) = '.' || :{p}domain)"
-    return f"(({base} AND {under}) OR ({RBASE} IS NULL AND {old}))"
+    return f"({base} AND (rname = :{p}r OR (rname > :{p}r || '.' AND rname < :{p}r || '/')))"
+
+
+def _as_tuple(row: dict) -> tuple:
+    """A row given as a dict, in AUDIT_INSERT order: without a count it stands for one answer; without an rname it
+    gets its qname's (a domain filter finds a row with a name by its rname only: domain_where)."""
+    values = {**row, "count": row.get("count") or 1}
+    if values.get("rname") is None and values.get("qname"):
+        values["rname"] = reverse_name(str(values["qname"]))
+    return tuple(values.get(c) for c in AUDIT_INSERT)
 
 
 class AuditQueries(JournalQueries):
@@ -131,9 +140,8 @@ class AuditQueries(JournalQueries):
         """Rows as dicts with the columns of AUDIT_INSERT, or as tuples in that order (faster), in one
         transaction; returns the seq of the last row (one transaction holds the write lock, so the rows got
         consecutive seqs ending there), None for no rows."""
-        if rows and isinstance(rows[0], dict):  # a dict without a count stands for one answer
-            rows = [tuple((r.get(c) or 1) if c == "count" else r.get(c) for c in AUDIT_INSERT)  # type: ignore
-                    for r in rows]
+        if rows and isinstance(rows[0], dict):
+            rows = [_as_tuple(r) for r in rows]  # type: ignore[arg-type]
         last = None
         with self.db.atomic():
             # many rows per statement: one sqlite3_step (one release of the GIL) for each chunk, where

@@ -20,6 +20,7 @@ import sqlite_utils
 
 from sinkhole import files
 from sinkhole.audit import chain
+from sinkhole.policy.names import reverse_name
 
 DatabaseError = sqlite3.Error  # what any store method raises when SQLite fails (locked, read-only, full, corrupt)
 SCHEMA_VERSION = 7
@@ -263,6 +264,18 @@ class Database:
                               "sha256": str, "fetched_at": str, "rules": int}, pk="category", if_not_exists=True)
 
     def _index_audit_by_base(self) -> None:
+        """Schema 7. Rows written before schema 4 get their rname (verify checks it against the qname; the MAC does
+        not cover it), so that every row with a name is in the index under its base and a domain filter needs no
+        second branch for rows without one, which would keep SQLite from reading the index in time order."""
+        after = 0
+        while True:
+            rows = self.conn.execute("SELECT seq, qname FROM audit WHERE seq > ? AND rname IS NULL AND qname != ''"
+                                     " ORDER BY seq LIMIT 10000", (after,)).fetchall()
+            if not rows:
+                break
+            self.conn.executemany("UPDATE audit SET rname = ? WHERE seq = ?",
+                                  [(reverse_name(str(qname)), seq) for seq, qname in rows])
+            after = rows[-1][0]
         self.conn.execute("DROP INDEX IF EXISTS idx_audit_rname")  # schema 4 to 6
         self.conn.execute(f"CREATE INDEX IF NOT EXISTS idx_audit_rbase ON audit({RBASE}, time, rname)")
 

@@ -233,26 +233,41 @@ def test_a_domain_filter_is_a_range_of_the_domain_index(store: Store) -> None:
         assert "USING INDEX idx_audit_rbase" in plan and "SCAN audit" not in plan, plan
 
 
-def test_a_database_of_schema_6_gets_the_domain_index_and_finds_the_same_rows(tmp_path: Path) -> None:
-    """The migration to schema 7 drops idx_audit_rname (which every insert paid for) and makes idx_audit_rbase over
-    the rows there; rows from before schema 4 (no rname) are still found by their qname."""
+def test_a_database_of_schema_6_gets_the_domain_index_and_its_rows_without_rname_get_one(tmp_path: Path) -> None:
+    """The migration to schema 7 drops idx_audit_rname (which every insert paid for), gives the rows written before
+    schema 4 (no rname) their qname's, and makes idx_audit_rbase over the rows there: a domain filter finds them all,
+    with one range of the index read in time order (the latest rows of a domain without sorting the rest)."""
     path = tmp_path / "old.db"
     with Store(path) as s:
-        s.insert_audit([audit_row(i, iso(i)) for i in range(3)]  # n0.example .. n2.example: rname NULL
+        s.insert_audit([audit_row(i, iso(i)) for i in range(3)]  # n0.example .. n2.example, as tuples: rname NULL
                        + _spread_rows(random.Random(2), 3, 200, ["deepseek.com", "openai.com"]))
-        want = {d: [r["seq"] for r in s.query_log(domain=d)] for d in ("deepseek.com", "n1.example", "com")}
+        names = {r["seq"]: r["qname"] for r in s.query_log()}
     conn = sqlite3.connect(path)
     conn.execute("DROP INDEX idx_audit_rbase")
     conn.execute("CREATE INDEX idx_audit_rname ON audit(rname)")
     conn.execute("PRAGMA user_version=6")
     conn.commit()
+    assert conn.execute("SELECT count(*) FROM audit WHERE rname IS NULL").fetchone()[0] == 3
     conn.close()
     with Store(path) as s:
         assert s.conn.execute("PRAGMA user_version").fetchone()[0] == 7
         indexes = {r[1] for r in s.conn.execute("PRAGMA index_list(audit)")}
         assert "idx_audit_rbase" in indexes and "idx_audit_rname" not in indexes
-        assert {d: [r["seq"] for r in s.query_log(domain=d)] for d in want} == want
-    assert len(want["deepseek.com"]) > 50 and want["n1.example"] == [2] and len(want["com"]) == 200
+        assert s.conn.execute("SELECT rname FROM audit WHERE seq = 2").fetchone()[0] == "example.n1"
+        for domain in ("deepseek.com", "n1.example", "example", "com"):
+            want = sorted(seq for seq, q in names.items() if q == domain or q.endswith("." + domain))
+            assert sorted(r["seq"] for r in s.query_log(domain=domain)) == want and want, domain
+        where, args = s._log_where(None, None, None, "deepseek.com", None)
+        plan = " ".join(r[3] for r in s.conn.execute(
+            f"EXPLAIN QUERY PLAN SELECT * FROM audit{where} ORDER BY time DESC, seq DESC LIMIT 10", args))
+        assert "USING INDEX idx_audit_rbase" in plan and "RIGHT PART OF ORDER BY" in plan, plan
+
+
+def test_a_row_given_as_a_dict_without_rname_gets_its_qnames(store: Store) -> None:
+    store.insert_audit([{"time": iso(0), "qname": "chat.deepseek.com", "action": "blocked"},
+                        {"time": iso(1), "qname": "", "action": "gap"}])
+    assert [(r["rname"], r["count"]) for r in store.query_log()] == [("com.deepseek.chat", 1), (None, 1)]
+    assert [r["seq"] for r in store.query_log(domain="deepseek.com")] == [1]
 
 
 def test_the_chains_rows_come_from_the_store(store: Store, tmp_path: Path) -> None:
