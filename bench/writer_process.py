@@ -1,16 +1,20 @@
 """The audit writer process alone: its CPU per answer for the same stream of hand-overs, from /proc-free rusage.
 
     .venv/bin/python bench/writer_process.py [--answers 200000] [--repeat 1] [--window 1.0] [--names spread|ordered]
+        [--db PATH]
 
 Builds a worker's audit log as `serve` does with its defaults (build.audit_log, own_process: an AuditProcess and its
 forked writer process) on a fresh database in a temporary directory, and hands it --answers blocked answers as the
 fast path does (submit_tally: rows of 100 answers with their new tags, every name new, each asked --repeat times in
 a row), then closes it. The names are load (a)'s kind (`spread`): a label and a number under one of the shipped
-blocked domains, which the rname index takes in no order (a page of it changed for nearly every row); `ordered`
-names (n1.chat.deepseek.com, n2..., as before 2026-12-07) go to its end. Prints the writer process's CPU (user and
-kernel, getrusage of the reaped child, so this process's pickling is not counted) per answer and per row, and the
-wall time. Load (a)'s worst case without dnsperf, the event loops and their noise: for A/B runs of the writer's own
-cost (bench/versus.py measures the whole server). Not a test: nothing is asserted.
+blocked domains, which an index on rname (schema 6) took in no order, a page of it changed for nearly every row,
+and the domain index of schema 7 takes at the end of a run per base domain; `ordered` names (n1.chat.deepseek.com,
+n2..., as before 2026-12-07) go to the end of either. --db: write into that database (and its key file, made if there
+is none) instead of a fresh one, e.g. a copy of a long log, whose size the cost of an index may depend on; its rows
+stay. Prints the writer process's CPU (user and kernel, getrusage of the reaped child, so this process's pickling is
+not counted) per answer and per row, and the wall time. Load (a)'s worst case without dnsperf, the event loops and
+their noise: for A/B runs of the writer's own cost (bench/versus.py measures the whole server). Not a test: nothing
+is asserted.
 """
 
 from __future__ import annotations
@@ -40,11 +44,12 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="answers per name, handed over one after the other")
     ap.add_argument("--window", type=float, default=1.0)
     ap.add_argument("--names", choices=["spread", "ordered"], default="spread")
+    ap.add_argument("--db", type=Path, help="an existing database to write into (a copy: its rows stay)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)  # not the backpressure's warnings
     with tempfile.TemporaryDirectory(prefix="sinkhole-writer-process-") as tmp:
         cfg, _ = config.read(None, env={"SINKHOLE_AUDIT_WINDOW": str(args.window)})
-        audit = build.audit_log(cfg, Path(tmp) / "audit.db", own_process=True)
+        audit = build.audit_log(cfg, args.db or Path(tmp) / "audit.db", own_process=True)
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         audit.start()
         wire = dns.message.make_query("x.chat.deepseek.com", "A").to_wire()
