@@ -30,7 +30,8 @@ def report(env: Env, since: str, until: str | None, output: Path, key_file: Path
     """A self-contained HTML report for a security officer: blocked attempts over time, top clients,
     top services, bypass attempts, client groups, and whether the audit chains verify."""
     since_iso, until_iso = parse_when(since, "--since"), parse_when(until, "--until")
-    assert since_iso is not None
+    if since_iso is None:  # '' or blanks: a report is of a period, which needs a start
+        raise click.BadParameter("empty: give a duration like 7d or an ISO 8601 time", param_hint="--since")
     if key_file is not None and not key_file.is_file():
         raise click.BadParameter(f"{str(key_file)!r}: no such file", param_hint="--key-file")
     env.checked_path()

@@ -158,6 +158,8 @@ def test_an_empty_period_still_makes_a_page(db, tmp_path):
 
 @pytest.mark.parametrize(("args", "option"), [
     (("--since", "last week", "--output", "r.html"), "--since"),
+    (("--since", "", "--output", "r.html"), "--since"),
+    (("--since", " ", "--output", "r.html"), "--since"),
     (("--output", "r.html", "--key-file", "/nonexistent/key"), "--key-file"),
     (("--since", "7d"), "--output"),
 ])
