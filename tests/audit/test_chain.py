@@ -4,6 +4,7 @@ rewrite the past."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import hmac
 import json
 import os
@@ -157,12 +158,20 @@ def test_two_workers_write_two_chains_that_both_verify(server_process, stub, db,
     import dns.query
 
     p = server_process("--upstream", stub.address, "--workers", "2")
+
+    def ask(name: str) -> None:
+        dns.query.udp(dns.message.make_query(name, "A"), p.host, port=p.port, timeout=5)
+
     sent = 0
-    for i in range(600):  # from many source ports: the kernel hands some to each worker (once both are up)
-        dns.query.udp(dns.message.make_query(f"w{i}.chat.deepseek.com", "A"), p.host, port=p.port, timeout=5)
-        sent += 1
-        if sent >= 60 and sent % 20 == 0 and len({r["chain"] for r in audit_rows(db)}) == 2:
-            break
+    # bursts of 20 at once from as many source ports, until both workers have written (the rows come a second or
+    # so after their answers): on a loaded machine 600 queries one at a time all went to the same worker
+    deadline = time.monotonic() + 60
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        while sent < 6000 and time.monotonic() < deadline:
+            list(pool.map(ask, [f"w{sent + i}.chat.deepseek.com" for i in range(20)]))
+            sent += 20
+            if sent >= 60 and len({r["chain"] for r in audit_rows(db)}) == 2:
+                break
     assert p.terminate() == 0
     stored = rows(db)
     assert len(stored) == sent
