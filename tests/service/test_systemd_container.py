@@ -225,7 +225,8 @@ def test_the_watchdog_restarts_the_service_when_a_worker_is_stopped(box: Contain
 def sandbox_properties(box: Container) -> list[str]:
     """The installed unit's [Service] settings that make its sandbox, as systemd-run -p arguments."""
     lifecycle = {"Type", "NotifyAccess", "WatchdogSec", "ExecStart", "ExecReload", "KillSignal", "TimeoutStopSec",
-                 "Restart", "RestartSec", "Environment", "EnvironmentFile", "StateDirectory", "StateDirectoryMode"}
+                 "TimeoutStartSec", "Restart", "RestartSec", "Environment", "EnvironmentFile", "StateDirectory",
+                 "StateDirectoryMode"}
     unit = box.run("cat", "/etc/systemd/system/sinkhole.service").stdout
     section = unit.split("[Service]", 1)[1].split("\n[", 1)[0]
     props = []
