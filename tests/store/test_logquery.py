@@ -136,6 +136,39 @@ def test_cidr_query_is_a_range_of_the_client_index(db, logdb, network):
     assert "idx_audit_client_time (client>? AND client<?)" in plan, plan
 
 
+def _latest_steps(db: Path, client: str, rows: int) -> tuple[list[str], int]:
+    """`rows` rows of `client` (then one of another client) in the log; the latest 3 of `client` as query_log gives
+    them, and the SQLite VM instructions that took, in thousands (a progress handler called every 1,000)."""
+    start = BASE.timestamp()
+    Store(db).insert_audit([row(iso(start + i), client, f"n{i}.chat.deepseek.com") for i in range(rows)]
+                           + [row(iso(start + rows), "10.9.9.9", "last.chat.deepseek.com")])
+    store = Store(db)
+    steps = [0]
+
+    def count() -> int:
+        steps[0] += 1
+        return 0
+
+    try:
+        store.conn.set_progress_handler(count, 1000)
+        names = [r["qname"] for r in store.query_log(client="10.0.0.1", limit=3)]
+    finally:
+        store.close()
+    return names, steps[0]
+
+
+@pytest.mark.parametrize("stored", ["10.0.0.1", "::ffff:10.0.0.1", "::ffff:a00:1"])
+def test_a_clients_latest_rows_are_read_from_the_end_of_its_index_not_sorted(tmp_path, stored):
+    """An IPv4 address, however its rows store it, is read back in time from the (client, time) index: its latest
+    rows cost the same for a client of 200 rows or of 20,000. With the range of every mapped address its rows were
+    sorted whole: the busiest client's latest 100 of a 10-million-row log took 1.36-1.52 s."""
+    few, few_steps = _latest_steps(tmp_path / "few.db", stored, 200)
+    many, many_steps = _latest_steps(tmp_path / "many.db", stored, 20_000)
+    assert few == [f"n{i}.chat.deepseek.com" for i in (197, 198, 199)]
+    assert many == [f"n{i}.chat.deepseek.com" for i in (19_997, 19_998, 19_999)]
+    assert many_steps < few_steps + 5, (few_steps, many_steps)
+
+
 def test_follow_with_until_is_a_usage_error(db, logdb):
     result = run(db, "log", "--follow", "--until", "1h")
     assert result.exit_code == 2
