@@ -5,6 +5,7 @@ every name and behaviour is the same, tests/dns/test_fast.py runs against both).
 (sendmmsg), the reply's ID and tail as two pieces of one message, without copying the tail; a client is
 looked up by its raw address (text is made once per address, not per packet)."""
 
+cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.dict cimport PyDict_GetItem
 from cpython.ref cimport PyObject
@@ -88,6 +89,7 @@ cdef extern from "<arpa/inet.h>" nogil:
 # ---------------------------------------------------------------------------- the table
 
 
+@cython.no_gc
 cdef class Entry:
     cdef public bytes tail
     cdef public object kind
