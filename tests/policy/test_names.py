@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from sinkhole.errors import DomainError
-from sinkhole.policy.names import SuffixTable, is_regex, is_subdomain, normalize
+from sinkhole.policy.names import SuffixTable, is_ip_address, is_regex, is_subdomain, normalize
 
 
 @pytest.mark.parametrize("raw,expected", [
@@ -73,3 +75,28 @@ def test_is_regex_is_the_one_shape_of_a_regex_rule(text, regex):
     """One rule for lists, the CLI, the policy and RPZ export: `//` is regex-shaped (and then refused for its
     empty pattern), never taken for a name or a network."""
     assert is_regex(text) is regex
+
+
+def _ipaddress_reads(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(("text", "address"), [
+    ("192.0.2.1", True), ("0.0.0.0", True), ("::", True), ("::1", True), ("2001:db8::5", True),
+    ("::ffff:192.0.2.1", True), ("64:ff9b::203.0.113.7", True), ("fe80::1%eth0", True), ("FE80::1", True),
+    ("1.2.3", False), ("256.0.0.1", False), ("01.2.3.4", False), ("1.2.3.4.", False), ("", False), ("...", False),
+    ("deepseek.com", False), ("0.0.0.0.example", False), ("a:b", False), ("١٢٣.1.1.1", False), (" 1.2.3.4", False),
+    ("1.2.3.4%x", False), ("localhost", False), ("123", False),
+])
+def test_is_ip_address_is_what_ipaddress_reads(text, address):
+    """The quick refusal of a text with no ':' that is not digits and dots must never refuse an address."""
+    assert is_ip_address(text) is address is _ipaddress_reads(text)
+
+
+@given(st.text(alphabet="0123456789abcdefABCDEF.:%x ", max_size=45) | st.text(max_size=20) | st.ip_addresses().map(str))
+def test_is_ip_address_agrees_with_ipaddress_on_any_text(text):
+    assert is_ip_address(text) == _ipaddress_reads(text)
