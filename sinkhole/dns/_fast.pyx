@@ -89,6 +89,9 @@ cdef extern from "<arpa/inet.h>" nogil:
 # ---------------------------------------------------------------------------- the table
 
 
+# not tracked by the cyclic garbage collector: an entry holds bytes, numbers and tuples of them (its kind is
+# (action, qtype, transport, group name), its tag a number), never a cycle; an object that could refer back to a
+# table must not be put in one (it would never be collected)
 @cython.no_gc
 cdef class Entry:
     cdef public bytes tail
