@@ -46,9 +46,12 @@ class Edns:
     ecs: bytes | None = None  # the data of the client's Client Subnet option (RFC 7871), if it sent one
 
 
-@dataclass(frozen=True, slots=True)
-class Query:
-    """The parts of a client's query that the pipeline needs; `wire` is the packet as received."""
+class Query(NamedTuple):
+    """The parts of a client's query that the pipeline needs; `wire` is the packet as received.
+
+    Immutable, and a tuple rather than a frozen dataclass (as Outcome): one is made for every query the fast path
+    does not answer, 0.25 us against 1.13 (a frozen dataclass's __init__ sets each field through
+    object.__setattr__)."""
 
     wire: bytes
     id: int
