@@ -107,7 +107,6 @@ def test_a_full_table_drops_its_oldest_eighth(impl: ModuleType) -> None:
     assert [table.answer(p, 0.0) is not None for p in packets] == [False] * 3 + [True] * 14
 
 
-
 def test_the_compiled_tables_entries_are_not_walked_by_the_cyclic_garbage_collector() -> None:
     """An entry holds bytes, numbers, and tuples of them (its kind, offsets and TTLs): it is never in a reference
     cycle, so the compiled Entry is not tracked by the cyclic collector. Tracked, the tens of thousands a worker
@@ -125,6 +124,7 @@ def test_the_compiled_tables_entries_are_not_walked_by_the_cyclic_garbage_collec
     entry = table.lookup(query("n7.chat.deepseek.com")[2:], 0.0)
     assert entry is not None and entry.tag == 7 and not gc.is_tracked(entry)
     assert not any(type(o) is compiled.Entry for o in gc.get_objects())
+
 
 def test_a_cached_reply_ages_its_ttls_by_whole_seconds_and_expires(impl: ModuleType) -> None:
     table = impl.Table()

@@ -140,8 +140,6 @@ def _latest_steps(db: Path, client: str, rows: int) -> tuple[list[str], int]:
     """`rows` rows of `client` (then one of another client) in the log; the latest 3 of `client` as query_log gives
     them, and the SQLite VM instructions that took, in thousands (a progress handler called every 1,000)."""
     start = BASE.timestamp()
-    Store(db).insert_audit([row(iso(start + i), client, f"n{i}.chat.deepseek.com") for i in range(rows)]
-                           + [row(iso(start + rows), "10.9.9.9", "last.chat.deepseek.com")])
     store = Store(db)
     steps = [0]
 
@@ -150,6 +148,8 @@ def _latest_steps(db: Path, client: str, rows: int) -> tuple[list[str], int]:
         return 0
 
     try:
+        store.insert_audit([row(iso(start + i), client, f"n{i}.chat.deepseek.com") for i in range(rows)]
+                           + [row(iso(start + rows), "10.9.9.9", "last.chat.deepseek.com")])
         store.conn.set_progress_handler(count, 1000)
         names = [r["qname"] for r in store.query_log(client="10.0.0.1", limit=3)]
     finally:
