@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sinkhole.errors import DomainError
-from sinkhole.policy.names import SuffixTable, is_ip_address, is_regex, is_subdomain, normalize
+from sinkhole.policy.names import SuffixTable, _normalize_labels, is_ip_address, is_regex, is_subdomain, normalize
 
 
 @pytest.mark.parametrize("raw,expected", [
@@ -100,3 +100,25 @@ def test_is_ip_address_is_what_ipaddress_reads(text, address):
 @given(st.text(alphabet="0123456789abcdefABCDEF.:%x ", max_size=45) | st.text(max_size=20) | st.ip_addresses().map(str))
 def test_is_ip_address_agrees_with_ipaddress_on_any_text(text):
     assert is_ip_address(text) == _ipaddress_reads(text)
+
+
+def _outcome(f, text: str) -> str | tuple[str, str]:
+    try:
+        return f(text)
+    except DomainError as exc:
+        return ("error", str(exc))
+
+
+@given(st.text(alphabet="aZ09_-.\u3002\u00dfxn \t", max_size=80)
+       | st.lists(st.text(alphabet="abc-_9", min_size=0, max_size=70), min_size=1, max_size=6).map(".".join)
+       | st.text(max_size=30))
+def test_a_plain_name_is_checked_at_once_as_label_by_label(text):
+    """normalize's one regular expression for plain ASCII names gives what the label-by-label check gives, the
+    same name or the same error, whatever the text (case, trailing dot, empty or long labels, over 253)."""
+    assert _outcome(normalize, text) == _outcome(_normalize_labels, text)
+
+
+@pytest.mark.parametrize("text", ["a" * 63 + ".example", ".".join(["a" * 63] * 4)[:253], ".".join(["a" * 63] * 4),
+                                  "A.B.", "a..b", "a.", "-.x", "_dmarc.example", "x" * 64])
+def test_a_plain_name_at_the_bounds_is_checked_as_label_by_label(text):
+    assert _outcome(normalize, text) == _outcome(_normalize_labels, text)
