@@ -150,9 +150,11 @@ def detect_format(text: str, progress: Advance = None) -> str:
         line = raw.strip()
         if not line or line[0] in "#;":
             continue
-        first = line.split()[0]
+        fields = line.split()
+        first = fields[0]
         address = is_ip_address(first.split("%")[0])
-        if _RPZ_DIRECTIVE.match(line) or (not address and _looks_like_record(line)):
+        # a record is an owner and a type at least: a line of one field (a plain list's) is none
+        if _RPZ_DIRECTIVE.match(line) or (not address and len(fields) > 1 and _looks_like_record(line)):
             found = "rpz"
             break
         if line[0] in "![" or line.startswith(("||", "@@")) or is_regex(first):

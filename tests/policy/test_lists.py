@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
+from hypothesis import given
+from hypothesis import strategies as st
 
 from sinkhole.cli import cli
 from sinkhole.errors import ListFormatError
@@ -155,6 +157,13 @@ def test_detect_format_reports_its_progress_as_it_looks_and_every_line_in_all():
     rpz = "$TTL 60\n" + text  # an RPZ directive ends the look at once: the rest is reported whole
     assert lists.detect_format(rpz, steps.append) == "rpz"
     assert steps == [lists.line_count(rpz)]
+
+
+@given(st.text(min_size=1, max_size=40).filter(lambda t: len(t.split()) == 1))
+def test_a_line_of_one_field_is_never_a_record(line):
+    """detect_format asks _looks_like_record only of lines of two fields or more (a plain list's lines are one):
+    a record is an owner, then its type, so one field never is one, whatever it holds."""
+    assert not lists._looks_like_record(line.strip())
 
 
 def test_parse_looks_for_the_format_only_when_asked_to(monkeypatch):
